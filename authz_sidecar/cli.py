@@ -1,0 +1,191 @@
+"""The ``authz-sidecar`` command: ``serve`` runs a sidecar, ``validate`` checks a policy directory.
+
+Every flag can also be set as ``AUTHZ_<FLAG>`` in the environment (``--policy-dir`` ->
+``AUTHZ_POLICY_DIR``); a flag wins over the variable. Errors are one line on stderr and a
+non-zero exit, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+from authz_sidecar import __version__
+from authz_sidecar.config import Settings, validate
+from authz_sidecar.errors import AuthzError
+from authz_sidecar.identity import SOURCES
+
+EXIT_USAGE = 2
+EXIT_ERROR = 1
+_DEFAULTS = Settings()
+
+
+def _env(flag: str) -> str:
+    return "AUTHZ_" + flag.lstrip("-").replace("-", "_").upper()
+
+
+def _split(value: str) -> tuple[str, ...]:
+    return tuple(v.strip() for v in value.split(",") if v.strip())
+
+
+def _add(parser: argparse.ArgumentParser, flag: str, *, help: str, kind: str = "str", **kw: Any) -> None:
+    """Add a flag whose default comes from AUTHZ_<FLAG>, then from Settings."""
+    dest = flag.lstrip("-").replace("-", "_")
+    env_value = os.environ.get(_env(flag))
+    default = getattr(_DEFAULTS, dest, None) if dest in {f.name for f in fields(Settings)} else kw.pop("default", None)
+    if env_value is not None:
+        default = env_value
+    suffix = f" [env {_env(flag)}]"
+    parser.add_argument(flag, dest=dest, default=default, help=help + suffix, metavar=kw.pop("metavar", None), **kw)
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="authz-sidecar", description="Envoy ext_authz sidecar with shadow sets.")
+    parser.add_argument("--version", action="version", version=f"authz-sidecar {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the sidecar")
+    _add(serve, "--listen", help="gRPC address (host:port or unix:///path)")
+    _add(serve, "--http", help="ops HTTP address for /metrics /healthz /readyz /status")
+    _add(serve, "--service", help="this service's name (selects its catalog's route table)")
+    _add(serve, "--region", help="this sidecar's region (selects canary weights)")
+    _add(serve, "--etcd", help="comma-separated etcd endpoints")
+    _add(serve, "--prefix", help="etcd key prefix")
+    _add(serve, "--catalog", help="an extra catalog file", metavar="FILE")
+    _add(serve, "--policy-dir", help="directory with active.yaml, shadows/, catalog.yaml", metavar="DIR")
+    _add(serve, "--poll-interval", help="seconds between policy directory checks")
+    _add(serve, "--identity", help=f"identity sources in order, comma-separated ({', '.join(SOURCES)})")
+    _add(serve, "--jwt-authn-payload-key", help="key Envoy's jwt_authn payload_in_metadata names (default: any)")
+    _add(serve, "--principal-claim", help="JWT claim that names the principal")
+    _add(serve, "--jwks-file", help="JWKS file for verifying bearer tokens here", metavar="FILE")
+    _add(serve, "--jwt-issuers", help="accepted issuers, comma-separated")
+    _add(serve, "--jwt-audiences", help="accepted audiences, comma-separated")
+    _add(serve, "--jwt-algorithms", help="allowed signing algorithms, comma-separated")
+    _add(serve, "--dev-principal-header", help="DEVELOPMENT ONLY: trust this header as the principal")
+    _add(serve, "--stickiness", help="canary stickiness key: principal or request_id")
+    _add(serve, "--grace", help="seconds to let in-flight RPCs finish on SIGTERM")
+    _add(serve, "--log-level", help="debug, info, warning or error")
+
+    check = sub.add_parser("validate", help="validate a policy directory and print what it would serve")
+    _add(check, "--policy-dir", help="directory to validate", metavar="DIR")
+    _add(check, "--service", help="this service's name")
+    _add(check, "--region", help="region whose canary weights to show")
+    _add(check, "--catalog", help="an extra catalog file", metavar="FILE")
+    return parser
+
+
+def _as_tuple(value: Any) -> tuple[str, ...]:
+    return value if isinstance(value, tuple) else _split(str(value))
+
+
+def _path(value: Any) -> Path | None:
+    return Path(value) if value not in (None, "") else None
+
+
+def settings_from(ns: argparse.Namespace) -> Settings:
+    """Convert parsed flags (strings from the command line or environment) into Settings."""
+
+    def num(name: str) -> float:
+        raw = getattr(ns, name)
+        try:
+            return float(raw)
+        except (TypeError, ValueError):
+            raise AuthzError(f"--{name.replace('_', '-')}: {raw!r} is not a number") from None
+
+    return validate(
+        Settings(
+            listen=ns.listen,
+            http=ns.http,
+            service=ns.service or "",
+            region=ns.region or "",
+            etcd=_as_tuple(ns.etcd),
+            prefix=ns.prefix,
+            catalog=_path(ns.catalog),
+            policy_dir=_path(ns.policy_dir),
+            poll_interval=num("poll_interval"),
+            identity=_as_tuple(ns.identity),
+            jwt_authn_payload_key=ns.jwt_authn_payload_key or "",
+            principal_claim=ns.principal_claim,
+            jwks_file=_path(ns.jwks_file),
+            jwt_issuers=_as_tuple(ns.jwt_issuers),
+            jwt_audiences=_as_tuple(ns.jwt_audiences),
+            jwt_algorithms=_as_tuple(ns.jwt_algorithms),
+            dev_principal_header=ns.dev_principal_header or "",
+            stickiness=ns.stickiness,
+            grace=num("grace"),
+            log_level=ns.log_level,
+        )
+    )
+
+
+def _serve(ns: argparse.Namespace) -> int:
+    from authz_sidecar import logs
+    from authz_sidecar.server import serve
+
+    settings = settings_from(ns)
+    try:
+        logs.configure(settings.log_level)
+    except ValueError as exc:
+        raise AuthzError(f"--log-level: {exc}") from None
+    try:
+        import uvloop
+
+        uvloop.run(serve(settings))
+    except ImportError:
+        asyncio.run(serve(settings))
+    return 0
+
+
+def _validate(ns: argparse.Namespace) -> int:
+    from authz_sidecar.sources.files import FilePolicySource
+
+    if not ns.policy_dir:
+        raise AuthzError("--policy-dir is required")
+    source = FilePolicySource(
+        Path(ns.policy_dir),
+        service=ns.service or "",
+        region=ns.region or "",
+        extra_catalogs=(Path(ns.catalog),) if ns.catalog else (),
+    )
+    snapshot = source.load()
+    print(
+        json.dumps(
+            {
+                "active_version": snapshot.active_version,
+                "principals": len(snapshot.active.principals()),
+                "handles": len(snapshot.handles),
+                "routes": len(snapshot.routes),
+                "shadows": {
+                    s.version: {"weight_here": s.weight_bp / 100, "predicted_impact": len(s.impact)}
+                    for s in snapshot.shadows
+                },
+            },
+            indent=2,
+        )
+    )
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _build_parser()
+    ns = parser.parse_args(argv)
+    try:
+        if ns.command == "serve":
+            return _serve(ns)
+        return _validate(ns)
+    except AuthzError as exc:
+        print(f"authz-sidecar: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

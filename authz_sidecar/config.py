@@ -1,0 +1,89 @@
+"""One typed, frozen configuration for ``serve``: defaults < AUTHZ_* environment < flags.
+
+Validation is separate from construction (:func:`validate`), so the CLI can report every problem as
+one clear line before anything binds a port.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from authz_sidecar.errors import ConfigError
+from authz_sidecar.identity import SOURCES
+
+STICKINESS = ("principal", "request_id")
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    listen: str = "127.0.0.1:9191"
+    http: str = "127.0.0.1:9464"
+    service: str = ""
+    region: str = "local"
+    etcd: tuple[str, ...] = ()
+    prefix: str = "/authz"
+    catalog: Path | None = None
+    policy_dir: Path | None = None
+    poll_interval: float = 0.5
+    # Empty: derived from what is configured (jwt_authn, jwt when a JWKS is given, mtls, header when named).
+    identity: tuple[str, ...] = ()
+    jwt_authn_payload_key: str = ""
+    principal_claim: str = "sub"
+    jwks_file: Path | None = None
+    jwt_issuers: tuple[str, ...] = ()
+    jwt_audiences: tuple[str, ...] = ()
+    jwt_algorithms: tuple[str, ...] = ("RS256", "PS256", "ES256", "EdDSA")
+    dev_principal_header: str = ""
+    stickiness: str = "principal"
+    grace: float = 5.0
+    log_level: str = "info"
+
+    def identity_sources(self) -> tuple[str, ...]:
+        if self.identity:
+            return self.identity
+        derived = ["jwt_authn"]
+        if self.jwks_file:
+            derived.append("jwt")
+        derived.append("mtls")
+        if self.dev_principal_header:
+            derived.append("header")
+        return tuple(derived)
+
+
+def parse_address(value: str, flag: str) -> tuple[str, int] | str:
+    """``host:port`` -> (host, port); ``unix:///path`` -> the unix target string."""
+    if value.startswith("unix:"):
+        if len(value) <= len("unix:"):
+            raise ConfigError(f"{flag}: {value!r} has no socket path")
+        return value
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(f"{flag}: {value!r} is not host:port or unix:///path")
+    return host.strip("[]"), int(port)
+
+
+def validate(settings: Settings) -> Settings:
+    """Raise ConfigError on the first inconsistent setting; return the settings unchanged otherwise."""
+    parse_address(settings.listen, "--listen")
+    parse_address(settings.http, "--http")
+    if settings.policy_dir is None and not settings.etcd:
+        raise ConfigError("no policy source: give --policy-dir DIR (or AUTHZ_POLICY_DIR)")
+    if settings.etcd:
+        raise ConfigError("--etcd is not available in this build yet; use --policy-dir")
+    if settings.policy_dir is not None and not settings.policy_dir.is_dir():
+        raise ConfigError(f"--policy-dir {settings.policy_dir}: not a directory")
+    for name in settings.identity_sources():
+        if name not in SOURCES:
+            raise ConfigError(f"--identity: unknown source {name!r} (expected: {', '.join(SOURCES)})")
+    if "header" in settings.identity_sources() and not settings.dev_principal_header:
+        raise ConfigError("--identity header needs --dev-principal-header NAME (development only)")
+    if "jwt" in settings.identity_sources() and settings.jwks_file is None:
+        raise ConfigError("--identity jwt needs --jwks-file FILE")
+    if any(a.lower() == "none" for a in settings.jwt_algorithms):
+        raise ConfigError("--jwt-algorithms: 'none' is never accepted")
+    if settings.stickiness not in STICKINESS:
+        raise ConfigError(f"--stickiness must be one of {', '.join(STICKINESS)}, not {settings.stickiness!r}")
+    if settings.grace < 0 or settings.poll_interval <= 0:
+        raise ConfigError("--grace must be >= 0 and --poll-interval > 0")
+    return settings

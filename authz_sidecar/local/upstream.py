@@ -1,0 +1,47 @@
+"""The demo upstream: answers every request with what it received, so a person (or a test) can see
+which permission set decided (the x-authz-* headers the sidecar added)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+class EchoHandler(BaseHTTPRequestHandler):
+    server_version = "things-demo/1"
+
+    def _answer(self) -> None:
+        length = int(self.headers.get("content-length") or 0)
+        if length:
+            self.rfile.read(length)
+        body = json.dumps(
+            {
+                "service": "things",
+                "method": self.command,
+                "path": self.path,
+                "decided_by": self.headers.get("x-authz-decided-by"),
+                "set_version": self.headers.get("x-authz-set-version"),
+            }
+        ).encode()
+        self.send_response(200)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    do_GET = do_PUT = do_DELETE = do_POST = do_PATCH = _answer  # noqa: N815 - http.server's naming
+
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - signature from the base class
+        pass
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="demo upstream for authz-sidecar")
+    parser.add_argument("--port", type=int, required=True)
+    args = parser.parse_args()
+    ThreadingHTTPServer(("127.0.0.1", args.port), EchoHandler).serve_forever()
+
+
+if __name__ == "__main__":
+    main()

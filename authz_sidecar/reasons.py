@@ -1,0 +1,46 @@
+"""Reason codes: one enum feeds the log field, the metric label, the response header and the body.
+
+Every deny carries exactly one reason, so an operator can count, grep and alert on the same string
+everywhere. The HTTP status each reason maps to is part of the code, not decided at the edge.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class Reason(StrEnum):
+    ALLOWED = "allowed"
+    # The request carried no identity any configured source accepts (401).
+    NO_IDENTITY = "no_identity"
+    # A credential was presented but failed verification; never falls back to a weaker source (401).
+    INVALID_TOKEN = "invalid_token"
+    # The principal has no grant at all in the deciding set (403).
+    UNKNOWN_PRINCIPAL = "unknown_principal"
+    # The principal is known but none of its grants carries the handle for this scope (403).
+    MISSING_PERMISSION = "missing_permission"
+    # Neither the route's context_extensions nor the catalog's route table names a handle (403).
+    UNMAPPED_ROUTE = "unmapped_route"
+    # The request lacks the attributes a decision needs, or they are unusable (400).
+    MALFORMED_REQUEST = "malformed_request"
+    # No valid snapshot has been loaded yet, or it is older than --max-staleness (503).
+    NO_SNAPSHOT = "no_snapshot"
+    # An unexpected fault inside the sidecar; the request is denied, never allowed (500).
+    INTERNAL_ERROR = "internal_error"
+
+    @property
+    def http_status(self) -> int:
+        return _HTTP_STATUS[self]
+
+
+_HTTP_STATUS: dict[Reason, int] = {
+    Reason.ALLOWED: 200,
+    Reason.NO_IDENTITY: 401,
+    Reason.INVALID_TOKEN: 401,
+    Reason.UNKNOWN_PRINCIPAL: 403,
+    Reason.MISSING_PERMISSION: 403,
+    Reason.UNMAPPED_ROUTE: 403,
+    Reason.MALFORMED_REQUEST: 400,
+    Reason.NO_SNAPSHOT: 503,
+    Reason.INTERNAL_ERROR: 500,
+}

@@ -1,0 +1,191 @@
+"""Assemble and run one sidecar: gRPC (ext_authz, health, reflection, the app API) and ops HTTP.
+
+Readiness follows data: health is NOT_SERVING until the first valid snapshot is installed. On
+SIGTERM or SIGINT the sidecar turns health to NOT_SERVING, stops accepting new RPCs, lets RPCs in
+flight finish for ``--grace`` seconds, then stops its policy source and ops endpoint.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import time
+from typing import Any
+
+import grpc
+import structlog
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from authz_sidecar._proto.envoy.service.auth.v3 import external_auth_pb2 as pb
+from authz_sidecar._proto.envoy.service.auth.v3 import external_auth_pb2_grpc as pb_grpc
+from authz_sidecar.appapi import AppAuthzServicer
+from authz_sidecar.config import Settings, parse_address
+from authz_sidecar.extauthz import CheckHandler
+from authz_sidecar.identity import build_identifier
+from authz_sidecar.metrics import Metrics
+from authz_sidecar.opshttp import OpsHttp
+from authz_sidecar.snapshot import Snapshot
+from authz_sidecar.sources.base import PolicySource
+from authz_sidecar.sources.files import FilePolicySource
+from authz_sidecar.state import SnapshotStore
+from authz_sidecar.tokens import TokenVerifier
+from authz_sidecar.v1 import authz_pb2, authz_pb2_grpc
+
+log = structlog.get_logger("authz_sidecar.server")
+AUTHORIZATION_SERVICE = pb.DESCRIPTOR.services_by_name["Authorization"].full_name
+APP_SERVICE = authz_pb2.DESCRIPTOR.services_by_name["Authz"].full_name
+
+
+class AuthorizationServicer(pb_grpc.AuthorizationServicer):
+    """grpc.aio front of the CheckHandler; the handler itself never awaits."""
+
+    def __init__(self, handler: CheckHandler) -> None:
+        self._check = handler.check
+
+    async def Check(
+        self, request: pb.CheckRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> pb.CheckResponse:
+        return self._check(request)
+
+
+def build_source(settings: Settings) -> PolicySource:
+    assert settings.policy_dir is not None  # validate() guarantees a source
+    extra = (settings.catalog,) if settings.catalog else ()
+    return FilePolicySource(
+        settings.policy_dir,
+        service=settings.service,
+        region=settings.region,
+        extra_catalogs=extra,
+        interval=settings.poll_interval,
+    )
+
+
+class Sidecar:
+    def __init__(self, settings: Settings, source: PolicySource | None = None) -> None:
+        self.settings = settings
+        self.store = SnapshotStore()
+        self.metrics = Metrics(self.store)
+        verifier = None
+        if settings.jwks_file is not None:
+            verifier = TokenVerifier.from_file(
+                settings.jwks_file,
+                algorithms=settings.jwt_algorithms,
+                issuers=settings.jwt_issuers,
+                audiences=settings.jwt_audiences,
+                principal_claim=settings.principal_claim,
+            )
+        identifier = build_identifier(
+            settings.identity_sources(),
+            jwt_authn_payload_key=settings.jwt_authn_payload_key,
+            principal_claim=settings.principal_claim,
+            verifier=verifier,
+            dev_header=settings.dev_principal_header or None,
+        )
+        self.identity_sources = identifier.names
+        self.handler = CheckHandler(self.store, identifier, self.metrics, stickiness=settings.stickiness)
+        self.source = source if source is not None else build_source(settings)
+        self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
+        self.grpc_port = 0
+        self.http_port = 0
+        self._server: grpc.aio.Server | None = None
+        self._http: asyncio.Server | None = None
+        self._source_task: asyncio.Task[None] | None = None
+        self._started_at = time.time()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.store.on_install(self._snapshot_installed)
+
+    def _snapshot_installed(self, _snapshot: Snapshot) -> None:
+        task = asyncio.get_running_loop().create_task(self._set_health(health_pb2.HealthCheckResponse.SERVING))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _set_health(self, status: int) -> None:
+        for name in ("", AUTHORIZATION_SERVICE, APP_SERVICE):
+            await self.health.set(name, status)
+
+    def _status_extra(self) -> dict[str, Any]:
+        return {
+            "service": self.settings.service,
+            "listen": self.settings.listen,
+            "identity_sources": list(self.identity_sources),
+            "policy_source": self.source.describe(),
+            "uptime_seconds": round(time.time() - self._started_at, 3),
+        }
+
+    async def start(self) -> None:
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        pb_grpc.add_AuthorizationServicer_to_server(  # type: ignore[no-untyped-call]
+            AuthorizationServicer(self.handler), server
+        )
+        authz_pb2_grpc.add_AuthzServicer_to_server(  # type: ignore[no-untyped-call]
+            AppAuthzServicer(self.store, self.metrics), server
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            (AUTHORIZATION_SERVICE, APP_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        )
+        listen = parse_address(self.settings.listen, "--listen")
+        target = listen if isinstance(listen, str) else f"{listen[0]}:{listen[1]}"
+        self.grpc_port = server.add_insecure_port(target)
+        await server.start()
+        self._server = server
+        ops = OpsHttp(self.store, self.metrics, self._status_extra)
+        self._http = await ops.start(parse_address(self.settings.http, "--http"))
+        sockets = self._http.sockets
+        self.http_port = sockets[0].getsockname()[1] if sockets and not isinstance(sockets[0].getsockname(), str) else 0
+        self._source_task = asyncio.create_task(self.source.run(self.store), name="policy-source")
+        log.info(
+            "sidecar_started",
+            grpc=self.settings.listen,
+            grpc_port=self.grpc_port,
+            http=self.settings.http,
+            http_port=self.http_port,
+            source=self.source.describe(),
+            region=self.settings.region,
+            identity_sources=list(self.identity_sources),
+        )
+
+    async def stop(self, grace: float | None = None) -> None:
+        grace = self.settings.grace if grace is None else grace
+        log.info("sidecar_stopping", grace_seconds=grace)
+        await self.health.enter_graceful_shutdown()
+        if self._server is not None:
+            await self._server.stop(grace)
+        if self._source_task is not None:
+            self._source_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._source_task
+        if self._http is not None:
+            self._http.close()
+            await self._http.wait_closed()
+        log.info("sidecar_stopped")
+
+    async def wait(self) -> None:
+        """Run until the gRPC server ends or the policy source fails unexpectedly."""
+        assert self._server is not None and self._source_task is not None
+        await asyncio.wait(
+            [asyncio.ensure_future(self._server.wait_for_termination()), self._source_task],
+            return_when=asyncio.FIRST_COMPLETED,
+        )
+        if self._source_task.done() and not self._source_task.cancelled() and self._source_task.exception():
+            raise self._source_task.exception()  # type: ignore[misc]
+
+
+async def serve(settings: Settings) -> None:
+    sidecar = Sidecar(settings)
+    await sidecar.start()
+    loop = asyncio.get_running_loop()
+    stopping = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+    waiter = asyncio.ensure_future(sidecar.wait())
+    stop_waiter = asyncio.ensure_future(stopping.wait())
+    await asyncio.wait([waiter, stop_waiter], return_when=asyncio.FIRST_COMPLETED)
+    await sidecar.stop()
+    for task in (waiter, stop_waiter):
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task

@@ -1,0 +1,136 @@
+"""The snapshot: everything one sidecar decides with, built and validated as a whole, then swapped in.
+
+A snapshot is immutable. A policy source (files, etcd) parses documents and calls
+:func:`build_snapshot`; only when every cross-document rule holds does the result replace the
+serving snapshot, so a half-written change or a bad document can never decide a request. The
+rules checked here: every handle a set uses is in some catalog; shadow versions are unique and
+differ from the active version; per region, live shadows' weights sum to at most 100.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+from authz_sidecar.documents import Catalog, PermissionSet, Rollout, ShadowSet
+from authz_sidecar.engine import CompiledSet, compile_set, impact
+from authz_sidecar.errors import DocumentError
+from authz_sidecar.routes import RouteTable
+
+
+@dataclass(frozen=True, slots=True)
+class ShadowView:
+    """A live shadow as this sidecar sees it: compiled, with its rollout resolved for our region."""
+
+    compiled: CompiledSet
+    rollout: Rollout
+    # This region's canary weight in basis points (percent * 100), 0 when not canaried here.
+    weight_bp: int
+    # (principal, handle, scope) triples the change is predicted to alter; scope None = unscoped.
+    impact: frozenset[tuple[str, str, str | None]]
+
+    @property
+    def version(self) -> str:
+        return self.compiled.meta.version
+
+    def is_tester(self, principal: str) -> bool:
+        return not self.rollout.testers or principal in self.rollout.testers
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    active: CompiledSet
+    shadows: tuple[ShadowView, ...]
+    by_version: Mapping[str, ShadowView]
+    # Shadows with a weight in this region, in version order: the canary walk's input.
+    canaries: tuple[ShadowView, ...]
+    routes: RouteTable
+    handles: frozenset[str]
+    catalogs: tuple[Catalog, ...]
+    region: str
+    revision: int = 0
+    source: str = ""
+    built_at: float = field(default_factory=time.time)
+
+    @property
+    def active_version(self) -> str:
+        return self.active.meta.version
+
+
+def version_key(version: str) -> tuple[tuple[int, int | str], ...]:
+    """Natural order: v2 before v10, 1.9 before 1.10."""
+    return tuple((0, int(p)) if p.isdigit() else (1, p) for p in re.split(r"(\d+)", version) if p)
+
+
+def _check_handles(permissions: PermissionSet, known: frozenset[str], document: str) -> None:
+    unknown = sorted(permissions.handles() - known)
+    if unknown:
+        raise DocumentError(
+            f"handles not in any catalog: {', '.join(unknown)} (register them in the owning service's catalog)",
+            document=document,
+            field="roles",
+            value=unknown,
+        )
+
+
+def build_snapshot(
+    active: PermissionSet,
+    shadows: Iterable[ShadowSet],
+    catalogs: Iterable[Catalog],
+    *,
+    service: str = "",
+    region: str = "",
+    revision: int = 0,
+    source: str = "",
+) -> Snapshot:
+    """Validate the documents together and compile them; raise DocumentError on the first problem."""
+    catalogs = tuple(catalogs)
+    known = frozenset(h for c in catalogs for h in c.handles())
+    if not active.meta.version:
+        raise DocumentError("the active set needs a version", document="active", field="version", value=None)
+    _check_handles(active, known, f"active set {active.version}")
+    compiled_active = compile_set(active)
+    views: list[ShadowView] = []
+    totals: dict[str, int] = {}
+    seen = {active.version}
+    for shadow in sorted(shadows, key=lambda s: version_key(s.version)):
+        document = f"shadow set {shadow.version}"
+        if shadow.version in seen:
+            raise DocumentError(
+                f"version {shadow.version!r} is used twice", document=document, field="version", value=shadow.version
+            )
+        seen.add(shadow.version)
+        _check_handles(shadow.permissions, known, document)
+        for r, w in shadow.rollout.weights.items():
+            totals[r] = totals.get(r, 0) + w
+            if totals[r] > 100:
+                raise DocumentError(
+                    f"canary weights in region {r!r} sum to {totals[r]} (over 100)",
+                    document=document,
+                    field=f"weights.{r}",
+                    value=w,
+                )
+        compiled = compile_set(shadow.permissions)
+        views.append(
+            ShadowView(
+                compiled=compiled,
+                rollout=shadow.rollout,
+                weight_bp=shadow.rollout.weights.get(region, 0) * 100,
+                impact=impact(compiled_active, compiled),
+            )
+        )
+    own = [c for c in catalogs if c.service == service] if service else list(catalogs)
+    return Snapshot(
+        active=compiled_active,
+        shadows=tuple(views),
+        by_version={v.version: v for v in views},
+        canaries=tuple(v for v in views if v.weight_bp > 0),
+        routes=RouteTable(r for c in own for r in c.routes),
+        handles=known,
+        catalogs=catalogs,
+        region=region,
+        revision=revision,
+        source=source,
+    )
