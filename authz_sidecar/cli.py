@@ -35,7 +35,7 @@ def _split(value: str) -> tuple[str, ...]:
     return tuple(v.strip() for v in value.split(",") if v.strip())
 
 
-def _add(parser: argparse.ArgumentParser, flag: str, *, help: str, kind: str = "str", **kw: Any) -> None:
+def _add(parser: argparse.ArgumentParser, flag: str, *, text: str, **kw: Any) -> None:
     """Add a flag whose default comes from AUTHZ_<FLAG>, then from Settings."""
     dest = flag.lstrip("-").replace("-", "_")
     env_value = os.environ.get(_env(flag))
@@ -43,7 +43,7 @@ def _add(parser: argparse.ArgumentParser, flag: str, *, help: str, kind: str = "
     if env_value is not None:
         default = env_value
     suffix = f" [env {_env(flag)}]"
-    parser.add_argument(flag, dest=dest, default=default, help=help + suffix, metavar=kw.pop("metavar", None), **kw)
+    parser.add_argument(flag, dest=dest, default=default, help=text + suffix, metavar=kw.pop("metavar", None), **kw)
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -52,32 +52,32 @@ def _build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run the sidecar")
-    _add(serve, "--listen", help="gRPC address (host:port or unix:///path)")
-    _add(serve, "--http", help="ops HTTP address for /metrics /healthz /readyz /status")
-    _add(serve, "--service", help="this service's name (selects its catalog's route table)")
-    _add(serve, "--region", help="this sidecar's region (selects canary weights)")
-    _add(serve, "--etcd", help="comma-separated etcd endpoints")
-    _add(serve, "--prefix", help="etcd key prefix")
-    _add(serve, "--catalog", help="an extra catalog file", metavar="FILE")
-    _add(serve, "--policy-dir", help="directory with active.yaml, shadows/, catalog.yaml", metavar="DIR")
-    _add(serve, "--poll-interval", help="seconds between policy directory checks")
-    _add(serve, "--identity", help=f"identity sources in order, comma-separated ({', '.join(SOURCES)})")
-    _add(serve, "--jwt-authn-payload-key", help="key Envoy's jwt_authn payload_in_metadata names (default: any)")
-    _add(serve, "--principal-claim", help="JWT claim that names the principal")
-    _add(serve, "--jwks-file", help="JWKS file for verifying bearer tokens here", metavar="FILE")
-    _add(serve, "--jwt-issuers", help="accepted issuers, comma-separated")
-    _add(serve, "--jwt-audiences", help="accepted audiences, comma-separated")
-    _add(serve, "--jwt-algorithms", help="allowed signing algorithms, comma-separated")
-    _add(serve, "--dev-principal-header", help="DEVELOPMENT ONLY: trust this header as the principal")
-    _add(serve, "--stickiness", help="canary stickiness key: principal or request_id")
-    _add(serve, "--grace", help="seconds to let in-flight RPCs finish on SIGTERM")
-    _add(serve, "--log-level", help="debug, info, warning or error")
+    _add(serve, "--listen", text="gRPC address (host:port or unix:///path)")
+    _add(serve, "--http", text="ops HTTP address for /metrics /healthz /readyz /status")
+    _add(serve, "--service", text="this service's name (selects its catalog's route table)")
+    _add(serve, "--region", text="this sidecar's region (selects canary weights)")
+    _add(serve, "--etcd", text="comma-separated etcd endpoints")
+    _add(serve, "--prefix", text="etcd key prefix")
+    _add(serve, "--catalog", text="an extra catalog file", metavar="FILE")
+    _add(serve, "--policy-dir", text="directory with active.yaml, shadows/, catalog.yaml", metavar="DIR")
+    _add(serve, "--poll-interval", text="seconds between policy directory checks")
+    _add(serve, "--identity", text=f"identity sources in order, comma-separated ({', '.join(SOURCES)})")
+    _add(serve, "--jwt-authn-payload-key", text="key Envoy's jwt_authn payload_in_metadata names (default: any)")
+    _add(serve, "--principal-claim", text="JWT claim that names the principal")
+    _add(serve, "--jwks-file", text="JWKS file for verifying bearer tokens here", metavar="FILE")
+    _add(serve, "--jwt-issuers", text="accepted issuers, comma-separated")
+    _add(serve, "--jwt-audiences", text="accepted audiences, comma-separated")
+    _add(serve, "--jwt-algorithms", text="allowed signing algorithms, comma-separated")
+    _add(serve, "--dev-principal-header", text="DEVELOPMENT ONLY: trust this header as the principal")
+    _add(serve, "--stickiness", text="canary stickiness key: principal or request_id")
+    _add(serve, "--grace", text="seconds to let in-flight RPCs finish on SIGTERM")
+    _add(serve, "--log-level", text="debug, info, warning or error")
 
     check = sub.add_parser("validate", help="validate a policy directory and print what it would serve")
-    _add(check, "--policy-dir", help="directory to validate", metavar="DIR")
-    _add(check, "--service", help="this service's name")
-    _add(check, "--region", help="region whose canary weights to show")
-    _add(check, "--catalog", help="an extra catalog file", metavar="FILE")
+    _add(check, "--policy-dir", text="directory to validate", metavar="DIR")
+    _add(check, "--service", text="this service's name")
+    _add(check, "--region", text="region whose canary weights to show")
+    _add(check, "--catalog", text="an extra catalog file", metavar="FILE")
     return parser
 
 

@@ -60,7 +60,7 @@ def load_document(text: str | bytes, document: str) -> Any:
         except UnicodeDecodeError as exc:
             raise DocumentError(f"not UTF-8 ({exc.reason} at byte {exc.start})", document=document) from None
     try:
-        return yaml.load(text, Loader=_StrictLoader)
+        return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
     except DocumentError as exc:
         raise DocumentError(str(exc), document=document, field=exc.field, value=exc.value) from None
     except yaml.YAMLError as exc:

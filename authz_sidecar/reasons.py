@@ -14,7 +14,7 @@ class Reason(StrEnum):
     # The request carried no identity any configured source accepts (401).
     NO_IDENTITY = "no_identity"
     # A credential was presented but failed verification; never falls back to a weaker source (401).
-    INVALID_TOKEN = "invalid_token"
+    INVALID_TOKEN = "invalid_token"  # noqa: S105 - a reason code, not a secret
     # The principal has no grant at all in the deciding set (403).
     UNKNOWN_PRINCIPAL = "unknown_principal"
     # The principal is known but none of its grants carries the handle for this scope (403).

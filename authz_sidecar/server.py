@@ -22,6 +22,7 @@ from authz_sidecar._proto.envoy.service.auth.v3 import external_auth_pb2 as pb
 from authz_sidecar._proto.envoy.service.auth.v3 import external_auth_pb2_grpc as pb_grpc
 from authz_sidecar.appapi import AppAuthzServicer
 from authz_sidecar.config import Settings, parse_address
+from authz_sidecar.errors import ConfigError
 from authz_sidecar.extauthz import CheckHandler
 from authz_sidecar.identity import build_identifier
 from authz_sidecar.metrics import Metrics
@@ -51,7 +52,8 @@ class AuthorizationServicer(pb_grpc.AuthorizationServicer):
 
 
 def build_source(settings: Settings) -> PolicySource:
-    assert settings.policy_dir is not None  # validate() guarantees a source
+    if settings.policy_dir is None:
+        raise ConfigError("no policy source: give --policy-dir DIR")
     extra = (settings.catalog,) if settings.catalog else ()
     return FilePolicySource(
         settings.policy_dir,
@@ -165,7 +167,8 @@ class Sidecar:
 
     async def wait(self) -> None:
         """Run until the gRPC server ends or the policy source fails unexpectedly."""
-        assert self._server is not None and self._source_task is not None
+        if self._server is None or self._source_task is None:
+            raise RuntimeError("Sidecar.wait() before start()")
         await asyncio.wait(
             [asyncio.ensure_future(self._server.wait_for_termination()), self._source_task],
             return_when=asyncio.FIRST_COMPLETED,

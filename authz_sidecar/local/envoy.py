@@ -36,10 +36,13 @@ def start(config: Path, log_dir: Path, name: str = "envoy", concurrency: int = 1
         name,
         [
             binary("envoy"),
-            "-c", str(config),
-            "--concurrency", str(concurrency),
+            "-c",
+            str(config),
+            "--concurrency",
+            str(concurrency),
             "--disable-hot-restart",
-            "--log-level", "warn",
+            "--log-level",
+            "warn",
         ],
         log_dir,
     )

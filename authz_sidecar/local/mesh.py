@@ -63,9 +63,14 @@ class Mesh:
         }
         jwks = self.issuer.write_jwks(self.workdir / "jwks.json")
         try:
-            upstream = self._spawn(
-                "upstream", [sys.executable, "-m", "authz_sidecar.local.upstream", "--port", str(self.ports["upstream"])]
-            )
+            upstream_argv = [
+                sys.executable,
+                "-m",
+                "authz_sidecar.local.upstream",
+                "--port",
+                str(self.ports["upstream"]),
+            ]
+            upstream = self._spawn("upstream", upstream_argv)
             wait_for_port(self.ports["upstream"], upstream)
             self.start_sidecar()
             config = envoy.render(
@@ -98,15 +103,26 @@ class Mesh:
         sidecar = self._spawn(
             "sidecar",
             [
-                sys.executable, "-m", "authz_sidecar", "serve",
-                "--listen", f"{LOOPBACK}:{self.ports['grpc']}",
-                "--http", f"{LOOPBACK}:{self.ports['http']}",
-                "--policy-dir", str(self.policy_dir),
-                "--service", "things",
-                "--region", self.region,
-                "--jwt-authn-payload-key", "jwt_payload",
-                "--poll-interval", "0.2",
-                "--grace", "1",
+                sys.executable,
+                "-m",
+                "authz_sidecar",
+                "serve",
+                "--listen",
+                f"{LOOPBACK}:{self.ports['grpc']}",
+                "--http",
+                f"{LOOPBACK}:{self.ports['http']}",
+                "--policy-dir",
+                str(self.policy_dir),
+                "--service",
+                "things",
+                "--region",
+                self.region,
+                "--jwt-authn-payload-key",
+                "jwt_payload",
+                "--poll-interval",
+                "0.2",
+                "--grace",
+                "1",
                 *self.sidecar_args,
             ],
         )
@@ -138,12 +154,18 @@ class Mesh:
             return err.code, {k.lower(): v for k, v in err.headers.items()}, err.read()
 
 
-DEMO = (
+DEMO: tuple[tuple[str, str, str, str | None, dict[str, str], int], ...] = (
     # (what it shows, method, path, principal, extra headers, expected status)
     ("alice (owner) reads a thing: allowed by the active set v1", "GET", "/things/42", "alice", {}, 200),
     ("dave (viewer) edits a thing: denied by v1 (v2 would allow: a mismatch)", "PUT", "/things/42", "dave", {}, 403),
-    ("dave, a tester, picks shadow v2 by header: v2 makes him an editor", "PUT", "/things/42", "dave",
-     {"x-authz-shadow-version": "v2"}, 200),
+    (
+        "dave, a tester, picks shadow v2 by header: v2 makes him an editor",
+        "PUT",
+        "/things/42",
+        "dave",
+        {"x-authz-shadow-version": "v2"},
+        200,
+    ),
     ("bob falls in v2's 10% us-east canary: v2 decides for him", "PUT", "/things/42", "bob", {}, 200),
     ("no token at all: 401", "GET", "/things/42", None, {}, 401),
     ("a route the catalog does not map: denied", "GET", "/admin", "alice", {}, 403),
@@ -209,7 +231,7 @@ def main() -> int:
     try:
         print("what the mesh answers:")
         ok = demonstrate(mesh)
-        status = json.loads(urllib.request.urlopen(f"http://{LOOPBACK}:{mesh.ports['http']}/status").read())  # noqa: S310
+        status = json.loads(urllib.request.urlopen(f"http://{LOOPBACK}:{mesh.ports['http']}/status").read())
         print(f"sidecar: active {status['active_version']}, shadows {[s['version'] for s in status['shadows']]}")
         if args.check:
             return 0 if ok else 1

@@ -1,0 +1,88 @@
+"""The command line: one clear line and a non-zero exit on error; AUTHZ_* variables; graceful SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from authz_sidecar.local.processes import Process, free_port, wait_for_http
+
+from .conftest import write_policy
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "authz_sidecar", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env={**os.environ, **(env or {})},
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["serve"], "no policy source"),
+        (["serve", "--policy-dir", "/nonexistent"], "not a directory"),
+        (["serve", "--policy-dir", ".", "--listen", "nowhere"], "--listen"),
+        (["serve", "--policy-dir", ".", "--identity", "magic"], "unknown source"),
+        (["serve", "--policy-dir", ".", "--identity", "header"], "--dev-principal-header"),
+        (["serve", "--policy-dir", ".", "--jwt-algorithms", "none"], "never accepted"),
+        (["serve", "--policy-dir", ".", "--grace", "soon"], "not a number"),
+        (["validate", "--policy-dir", "/nonexistent"], "file not found"),
+    ],
+)
+def test_errors_are_one_line_on_stderr(args: list[str], needle: str) -> None:
+    result = run_cli(*args)
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("authz-sidecar: ") and needle in lines[0], result.stderr
+
+
+def test_validate_reports_what_would_serve(tmp_path: Path) -> None:
+    from .conftest import shadow
+
+    policy = write_policy(tmp_path / "p", shadows=[shadow("v2", weights={"us-east": 10})])
+    result = run_cli("validate", "--policy-dir", str(policy), "--region", "us-east")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["active_version"] == "v1" and report["shadows"]["v2"]["weight_here"] == 10
+
+
+def test_environment_configures_serve_and_sigterm_drains(tmp_path: Path) -> None:
+    """AUTHZ_* variables stand in for flags; SIGTERM stops the sidecar with exit code 0."""
+    policy = write_policy(tmp_path / "p")
+    grpc_port, http_port = free_port(), free_port()
+    proc = Process(
+        "sidecar-env",
+        [sys.executable, "-m", "authz_sidecar", "serve"],
+        tmp_path,
+        env={
+            "AUTHZ_POLICY_DIR": str(policy),
+            "AUTHZ_LISTEN": f"127.0.0.1:{grpc_port}",
+            "AUTHZ_HTTP": f"127.0.0.1:{http_port}",
+            "AUTHZ_REGION": "eu-west",
+            "AUTHZ_SERVICE": "things",
+            "AUTHZ_GRACE": "1",
+        },
+    )
+    try:
+        wait_for_http(f"http://127.0.0.1:{http_port}/readyz", proc)
+        status = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{http_port}/status").read())
+        assert status["region"] == "eu-west" and status["service"] == "things"
+        assert status["listen"] == f"127.0.0.1:{grpc_port}"
+        os.kill(proc.pid, signal.SIGTERM)
+        assert proc.popen.wait(timeout=15) == 0
+        log = proc.log_path.read_text()
+        assert '"event": "sidecar_stopping"' in log and '"event": "sidecar_stopped"' in log
+    finally:
+        proc.stop()

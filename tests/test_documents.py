@@ -1,0 +1,159 @@
+"""Documents are refused with an error that names the field and the value, or parsed exactly."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from authz_sidecar.documents import load_document, parse_catalog, parse_permission_set, parse_shadow
+from authz_sidecar.errors import DocumentError
+from authz_sidecar.snapshot import build_snapshot
+
+from .conftest import ACTIVE, CATALOG, shadow
+
+
+def test_issue_example_set_parses() -> None:
+    """The permission set from the issue parses, with scope and metadata kept."""
+    doc = load_document(
+        """
+version: v7
+request_id: CR-9
+roles:
+  viewer: [things:view]
+  editor: [things:view, things:edit]
+grants:
+  - {principal: alice, roles: [editor]}
+  - {principal: bob, roles: [viewer], scope: "account:acme"}
+""",
+        "set.yaml",
+    )
+    ps = parse_permission_set(doc, "set.yaml")
+    assert ps.version == "v7"
+    assert ps.meta.request_id == "CR-9"
+    assert ps.grants[1].scope == "account:acme"
+    assert ps.roles["editor"] == ("things:view", "things:edit")
+
+
+def test_json_is_accepted() -> None:
+    """JSON documents parse the same as YAML ones."""
+    doc = load_document(
+        '{"version": "v1", "roles": {"r": ["a:b"]}, "grants": [{"principal": "p", "roles": ["r"]}]}', "x"
+    )
+    assert parse_permission_set(doc, "x").grants[0].principal == "p"
+
+
+@pytest.mark.parametrize(
+    ("handle", "needle"),
+    [
+        ("things:*", "wildcards"),
+        ("*", "wildcards"),
+        ("things:manage", "magic"),
+        ("all:view", "magic"),
+        ("things:edit:any", "magic"),
+        ("Things:View", "not a handle"),
+        ("things", "not a handle"),
+        ("things:view:a:b", "not a handle"),
+        ("things::view", "not a handle"),
+        (42, "must be a string"),
+    ],
+)
+def test_bad_handles_are_refused_naming_field_and_value(handle: Any, needle: str) -> None:
+    """Malformed handles, wildcards and magic words are refused with the field path and the value."""
+    with pytest.raises(DocumentError) as err:
+        parse_permission_set({"roles": {"r": ["things:view", handle]}, "grants": []}, "set.yaml")
+    assert needle in str(err.value)
+    assert err.value.field == "roles.r[1]"
+    assert err.value.value == handle
+    assert "set.yaml" in str(err.value)
+
+
+def test_duplicate_keys_are_refused() -> None:
+    """A duplicated key would silently drop one value; it is an error instead."""
+    with pytest.raises(DocumentError, match="duplicate key 'viewer'"):
+        load_document("roles:\n  viewer: [a:b]\n  viewer: [a:c]\n", "dup.yaml")
+
+
+def test_unknown_field_is_refused() -> None:
+    """A misspelt field is an error, not ignored."""
+    with pytest.raises(DocumentError, match="unknown field 'grant'") as err:
+        parse_permission_set({"roles": {}, "grant": []}, "typo.yaml")
+    assert err.value.field == "grant"
+
+
+def test_grant_of_unknown_role_is_refused() -> None:
+    with pytest.raises(DocumentError, match="unknown role 'admin'") as err:
+        parse_permission_set({"roles": {"viewer": ["a:b"]}, "grants": [{"principal": "x", "roles": ["admin"]}]}, "s")
+    assert err.value.field == "grants[0].roles[0]"
+
+
+@pytest.mark.parametrize("scope", ["account:*", "account", "account:all", "", "a b:c"])
+def test_bad_scopes_are_refused(scope: str) -> None:
+    with pytest.raises(DocumentError, match="not a scope"):
+        parse_permission_set(
+            {"roles": {"r": ["a:b"]}, "grants": [{"principal": "x", "roles": ["r"], "scope": scope}]}, "s"
+        )
+
+
+@pytest.mark.parametrize("weight", [-1, 101, 12.5, True, "10"])
+def test_weights_outside_0_100_are_refused(weight: Any) -> None:
+    with pytest.raises(DocumentError, match=r"outside 0\.\.100") as err:
+        parse_shadow(shadow("v2", weights={"us-east": weight}), "v2.yaml")
+    assert err.value.field == "weights.us-east"
+
+
+def test_weights_over_100_per_region_are_refused() -> None:
+    """Two shadows whose weights in one region sum over 100 cannot be served together."""
+    catalog = parse_catalog(CATALOG, "catalog")
+    a = parse_shadow(shadow("v2", weights={"us-east": 60}), "v2")
+    b = parse_shadow(shadow("v3", weights={"us-east": 50, "eu-west": 50}), "v3")
+    with pytest.raises(DocumentError, match="sum to 110"):
+        build_snapshot(parse_permission_set(ACTIVE, "active"), [a, b], [catalog])
+
+
+def test_handles_absent_from_catalog_are_refused_and_listed() -> None:
+    """Typos are caught before they ship: every unknown handle is listed."""
+    doc = {"version": "v1", "roles": {"r": ["things:veiw", "things:edit", "things:delet"]}, "grants": []}
+    with pytest.raises(DocumentError) as err:
+        build_snapshot(parse_permission_set(doc, "active"), [], [parse_catalog(CATALOG, "catalog")])
+    assert "things:delet, things:veiw" in str(err.value)
+
+
+def test_shadow_needs_version_and_valid_state() -> None:
+    doc = shadow("v2")
+    del doc["version"]
+    with pytest.raises(DocumentError, match="needs a version"):
+        parse_shadow(doc, "s")
+    with pytest.raises(DocumentError, match="state 'promoted'"):
+        parse_shadow({**shadow("v2"), "state": "promoted"}, "s")
+
+
+def test_catalog_rules() -> None:
+    """Routes must use the catalog's own handles, a real method and a well-formed template."""
+    ok = parse_catalog(CATALOG, "c")
+    assert len(ok.routes) == 4
+    bad_method = {**CATALOG, "routes": [{"method": "ANY", "path": "/x", "permission": "things:view"}]}
+    with pytest.raises(DocumentError, match="method 'ANY'"):
+        parse_catalog(bad_method, "c")
+    foreign = {**CATALOG, "routes": [{"method": "GET", "path": "/x", "permission": "other:view"}]}
+    with pytest.raises(DocumentError, match="not among this catalog's permissions"):
+        parse_catalog(foreign, "c")
+    bad_path = {**CATALOG, "routes": [{"method": "GET", "path": "x/{id", "permission": "things:view"}]}
+    with pytest.raises(DocumentError, match="not a path template"):
+        parse_catalog(bad_path, "c")
+    bad_scope = {
+        **CATALOG,
+        "routes": [{"method": "GET", "path": "/a/{id}", "permission": "things:view", "scope": "account:{acct}"}],
+    }
+    with pytest.raises(DocumentError, match="'acct'"):
+        parse_catalog(bad_scope, "c")
+
+
+def test_non_utf8_document_is_refused() -> None:
+    with pytest.raises(DocumentError, match="not UTF-8"):
+        load_document(b"roles: {r: [\xff]}", "bin.yaml")
+
+
+def test_invalid_yaml_is_refused() -> None:
+    with pytest.raises(DocumentError, match="not valid YAML"):
+        load_document("roles: [unclosed", "bad.yaml")

@@ -1,0 +1,124 @@
+"""The model's rules as properties: additive, order-free, scoped, and free of wildcards."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from authz_sidecar.documents import Grant, PermissionSet, parse_permission_set
+from authz_sidecar.engine import compile_set, impact
+from authz_sidecar.errors import DocumentError
+from authz_sidecar.reasons import Reason
+
+HANDLES = ["a:view", "a:edit", "b:view", "b:edit:locked", "c:run"]
+PRINCIPALS = ["p0", "p1", "p2", "p3"]
+SCOPES = [None, "account:x", "account:y"]
+ROLE_NAMES = ["r0", "r1", "r2", "r3"]
+
+roles_st = st.fixed_dictionaries(
+    {name: st.lists(st.sampled_from(HANDLES), min_size=1, max_size=4, unique=True) for name in ROLE_NAMES}
+)
+grant_st = st.builds(
+    Grant,
+    principal=st.sampled_from(PRINCIPALS),
+    roles=st.lists(st.sampled_from(ROLE_NAMES), min_size=1, max_size=3, unique=True).map(tuple),
+    scope=st.sampled_from(SCOPES),
+)
+
+
+def make(roles: dict[str, list[str]], grants: list[Grant]) -> PermissionSet:
+    return PermissionSet(roles={k: tuple(v) for k, v in roles.items()}, grants=tuple(grants))
+
+
+def decisions(ps: PermissionSet) -> dict[tuple[str, str, str | None], bool]:
+    compiled = compile_set(ps)
+    return {
+        (p, h, s): compiled.decide(p, h, s) is Reason.ALLOWED
+        for p in [*PRINCIPALS, "stranger"]
+        for h in HANDLES
+        for s in SCOPES
+    }
+
+
+@given(roles_st, st.lists(grant_st, max_size=8), grant_st)
+def test_adding_a_grant_never_removes_a_permission(
+    roles: dict[str, list[str]], grants: list[Grant], extra: Grant
+) -> None:
+    before = decisions(make(roles, grants))
+    after = decisions(make(roles, [*grants, extra]))
+    assert all(after[key] for key, allowed in before.items() if allowed)
+
+
+@given(roles_st, st.lists(grant_st, max_size=8), st.randoms(use_true_random=False))
+def test_order_of_roles_and_grants_never_changes_a_decision(
+    roles: dict[str, list[str]], grants: list[Grant], rnd: random.Random
+) -> None:
+    shuffled_roles = dict(rnd.sample(list(roles.items()), len(roles)))
+    shuffled_roles = {k: rnd.sample(v, len(v)) for k, v in shuffled_roles.items()}
+    shuffled_grants = [
+        Grant(g.principal, tuple(rnd.sample(g.roles, len(g.roles))), g.scope) for g in rnd.sample(grants, len(grants))
+    ]
+    assert decisions(make(roles, grants)) == decisions(make(shuffled_roles, shuffled_grants))
+
+
+@given(roles_st, st.lists(grant_st, max_size=8))
+def test_scoped_grant_applies_only_in_its_scope(roles: dict[str, list[str]], grants: list[Grant]) -> None:
+    """Allowed without a scope implies an unscoped grant, which then allows in every scope."""
+    result = decisions(make(roles, grants))
+    for (p, h, s), allowed in result.items():
+        if s is None and allowed:
+            assert all(result[(p, h, other)] for other in SCOPES)
+    scoped_only = [g for g in grants if g.scope is not None]
+    only = decisions(make(roles, scoped_only))
+    assert not any(allowed for (_p, _h, s), allowed in only.items() if s is None)
+
+
+@given(roles_st, st.lists(grant_st, max_size=6), st.lists(grant_st, max_size=6))
+def test_impact_is_exactly_the_changed_decisions(roles: dict[str, list[str]], a: list[Grant], b: list[Grant]) -> None:
+    """A request whose answer differs between two sets is always in the predicted impact."""
+    before, after = make(roles, a), make(roles, b)
+    predicted = impact(compile_set(before), compile_set(after))
+    da, db = decisions(before), decisions(after)
+    for (p, h, s), allowed in da.items():
+        if allowed != db[(p, h, s)]:
+            assert (p, h, None) in predicted or (p, h, s) in predicted
+
+
+def test_unknown_principal_and_missing_permission_are_distinct_reasons() -> None:
+    compiled = compile_set(
+        make({"r0": ["a:view"], "r1": ["a:edit"], "r2": ["c:run"], "r3": ["a:view"]}, [Grant("p0", ("r0",))])
+    )
+    assert compiled.decide("p0", "a:view", None) is Reason.ALLOWED
+    assert compiled.decide("p0", "a:edit", None) is Reason.MISSING_PERMISSION
+    assert compiled.decide("nobody", "a:view", None) is Reason.UNKNOWN_PRINCIPAL
+
+
+segment = st.from_regex(r"[a-z][a-z0-9_-]{0,8}", fullmatch=True)
+magic = st.sampled_from(["*", "all", "any", "manage", "x*", "*y"])
+
+
+@settings(max_examples=200)
+@given(
+    st.lists(st.one_of(segment, magic), min_size=1, max_size=3).filter(
+        lambda parts: any(p in {"*", "all", "any", "manage"} or "*" in p for p in parts)
+    )
+)
+def test_no_wildcard_or_magic_word_is_ever_accepted(parts: list[str]) -> None:
+    handle = ":".join(parts)
+    with pytest.raises(DocumentError):
+        parse_permission_set({"roles": {"r": [handle]}, "grants": []}, "s")
+
+
+@given(magic)
+def test_no_magic_scope_or_principal_is_accepted(word: str) -> None:
+    """A grant cannot cover "every account" or "every principal" by a keyword."""
+    with pytest.raises(DocumentError, match="not a scope"):
+        parse_permission_set(
+            {"roles": {"r": ["a:b"]}, "grants": [{"principal": "p", "roles": ["r"], "scope": f"account:{word}"}]}, "s"
+        )
+    if "*" not in word or word == "*":
+        with pytest.raises(DocumentError, match="not a principal"):
+            parse_permission_set({"roles": {"r": ["a:b"]}, "grants": [{"principal": word, "roles": ["r"]}]}, "s")
