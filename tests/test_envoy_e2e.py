@@ -255,3 +255,19 @@ def test_check_request_from_real_envoy_round_trips(tmp_path: Path) -> None:
         proxy.stop()
         upstream.stop()
         server.stop(0)
+
+
+def test_make_run_demonstration(tmp_path: Path) -> None:
+    """What `make run` starts and shows (allow, deny, shadow by header, canary, 401, unmapped) works."""
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-m", "authz_sidecar.local.mesh", "--check", "--workdir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.count("[ok ]") == 6 and "[BAD]" not in result.stdout
