@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help venv run test lint typecheck pytest protos check-protos clean
+.PHONY: help venv run test lint typecheck pytest bench bench-quick bench-deps protos check-protos clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -22,7 +22,7 @@ venv: $(STAMP) ## create .venv with the sidecar, Envoy, etcd and the test tools
 run: $(STAMP) ## run a local mesh: demo upstream + authz-sidecar + Envoy (Ctrl-C stops it)
 	$(BIN)/python -m authz_sidecar.local.mesh
 
-test: lint typecheck pytest ## everything CI runs: ruff, mypy, the whole test suite
+test: lint typecheck pytest bench-quick ## everything CI runs: ruff, mypy, the test suite, the benchmark's quick mode
 
 lint: $(STAMP) ## ruff lint and format check
 	$(BIN)/ruff check authz_sidecar tests tools
@@ -33,6 +33,18 @@ typecheck: $(STAMP) ## mypy --strict on authz_sidecar/
 
 pytest: $(STAMP) ## the test suite (unit, gRPC, real Envoy)
 	$(BIN)/pytest $(PYTEST_ARGS)
+
+bench-deps: ## install h2load (Debian's nghttp2-client) if it is missing
+	@command -v h2load >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nghttp2-client >/dev/null; \
+	  else echo "bench: h2load is missing; install nghttp2-client (Debian/Ubuntu) or nghttp2 (Homebrew)" >&2; exit 2; fi; }
+
+bench: $(STAMP) bench-deps ## the benchmark: the sidecar beside Envoy's floor, RBAC and bare Python servers (~3 min)
+	$(BIN)/python -m authz_sidecar.bench
+
+bench-quick: $(STAMP) bench-deps ## the benchmark in quick mode (1 s per point): checks every row ran and answered right
+	$(BIN)/python -m authz_sidecar.bench --quick
 
 protos: $(STAMP) ## regenerate the modules compiled from protos/
 	$(BIN)/python tools/gen_protos.py

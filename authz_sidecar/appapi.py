@@ -7,17 +7,15 @@ snapshot, selection and dark launch as Envoy's Check. Malformed input is an answ
 
 from __future__ import annotations
 
-import grpc
-
 from authz_sidecar.documents import HANDLE_RE
 from authz_sidecar.evaluation import evaluate
 from authz_sidecar.metrics import Metrics
 from authz_sidecar.reasons import Reason
 from authz_sidecar.state import SnapshotStore
-from authz_sidecar.v1 import authz_pb2, authz_pb2_grpc
+from authz_sidecar.v1 import authz_pb2
 
 
-class AppAuthzServicer(authz_pb2_grpc.AuthzServicer):
+class AppAuthzServicer:
     def __init__(self, store: SnapshotStore, metrics: Metrics) -> None:
         self._store = store
         self._metrics = metrics
@@ -50,8 +48,3 @@ class AppAuthzServicer(authz_pb2_grpc.AuthzServicer):
                 for o in ev.observed
             ],
         )
-
-    async def Check(
-        self, request: authz_pb2.CheckRequest, context: grpc.aio.ServicerContext[object, object]
-    ) -> authz_pb2.CheckResponse:
-        return self.decide(request)

@@ -71,6 +71,8 @@ def _build_parser() -> argparse.ArgumentParser:
     _add(serve, "--dev-principal-header", text="DEVELOPMENT ONLY: trust this header as the principal")
     _add(serve, "--stickiness", text="canary stickiness key: principal or request_id")
     _add(serve, "--grace", text="seconds to let in-flight RPCs finish on SIGTERM")
+    _add(serve, "--server-model", text="how Check is served: aio (grpc.aio) or threads (grpc.server + pool)")
+    _add(serve, "--workers", text="worker threads for --server-model threads (default: the number of cores)")
     _add(serve, "--log-level", text="debug, info, warning or error")
 
     check = sub.add_parser("validate", help="validate a policy directory and print what it would serve")
@@ -120,6 +122,8 @@ def settings_from(ns: argparse.Namespace) -> Settings:
             dev_principal_header=ns.dev_principal_header or "",
             stickiness=ns.stickiness,
             grace=num("grace"),
+            server_model=ns.server_model,
+            workers=int(num("workers")),
             log_level=ns.log_level,
         )
     )

@@ -6,7 +6,8 @@ one clear line before anything binds a port.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from authz_sidecar.errors import ConfigError
@@ -37,6 +38,10 @@ class Settings:
     dev_principal_header: str = ""
     stickiness: str = "principal"
     grace: float = 5.0
+    # How Check is served. The thread pool measured fastest here (docs/performance.md): the handler never
+    # blocks, so a pool as large as the machine has cores keeps the GIL busy without contending for it.
+    server_model: str = "threads"
+    workers: int = field(default_factory=lambda: os.cpu_count() or 2)
     log_level: str = "info"
 
     def identity_sources(self) -> tuple[str, ...]:
@@ -84,6 +89,10 @@ def validate(settings: Settings) -> Settings:
         raise ConfigError("--jwt-algorithms: 'none' is never accepted")
     if settings.stickiness not in STICKINESS:
         raise ConfigError(f"--stickiness must be one of {', '.join(STICKINESS)}, not {settings.stickiness!r}")
+    if settings.server_model not in ("aio", "threads"):
+        raise ConfigError(f"--server-model must be aio or threads, not {settings.server_model!r}")
+    if settings.workers < 1:
+        raise ConfigError("--workers must be at least 1")
     if settings.grace < 0 or settings.poll_interval <= 0:
         raise ConfigError("--grace must be >= 0 and --poll-interval > 0")
     return settings

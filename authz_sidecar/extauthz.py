@@ -15,6 +15,7 @@ from __future__ import annotations
 import time
 
 import structlog
+from google.protobuf.message import DecodeError
 
 from authz_sidecar._proto.envoy.service.auth.v3 import external_auth_pb2 as pb
 from authz_sidecar.errors import IdentityError
@@ -22,13 +23,17 @@ from authz_sidecar.evaluation import Evaluation, evaluate
 from authz_sidecar.identity import Identifier, RequestIdentityInputs
 from authz_sidecar.metrics import Metrics
 from authz_sidecar.reasons import Reason
-from authz_sidecar.responses import ResponseCache
-from authz_sidecar.routes import PathError, normalise_path
+from authz_sidecar.responses import Rendered, ResponseCache
+from authz_sidecar.routes import PathError
+from authz_sidecar.snapshot import Snapshot
 from authz_sidecar.state import SnapshotStore
 
 SHADOW_HEADER = "x-authz-shadow-version"
 MAX_SHADOW_HEADER = 128
+# Distinct (principal, permission, scope, shadow header) answers kept per snapshot.
+MEMO_LIMIT = 65_536
 log = structlog.get_logger("authz_sidecar.check")
+_parse = pb.CheckRequest.FromString
 
 
 class CheckHandler:
@@ -47,8 +52,28 @@ class CheckHandler:
         self._metrics = metrics
         self._responses = ResponseCache()
         self._by_request_id = stickiness == "request_id"
+        self._memo: dict[tuple[str, str, str | None, str | None], tuple[Evaluation, Rendered]] = {}
+        self._memo_for: Snapshot | None = None
 
     def check(self, request: pb.CheckRequest) -> pb.CheckResponse:
+        """Decide one CheckRequest message; for in-process callers and tests."""
+        return self._guarded(request).message
+
+    def check_wire(self, raw: bytes) -> bytes:
+        """Decide serialised CheckRequest bytes and return serialised CheckResponse bytes.
+
+        The server path: the request is parsed once here, and the response bytes were built when
+        that response was first needed, so nothing is serialised per request. Bytes that do not
+        parse are a malformed request (400), not an RPC error.
+        """
+        try:
+            request = _parse(raw)
+        except DecodeError:
+            self._metrics.refusal(Reason.MALFORMED_REQUEST)
+            return self._responses.deny(Reason.MALFORMED_REQUEST).wire
+        return self._guarded(request).wire
+
+    def _guarded(self, request: pb.CheckRequest) -> Rendered:
         started = time.perf_counter()
         try:
             return self._check(request)
@@ -60,11 +85,11 @@ class CheckHandler:
         finally:
             self._metrics.latency.observe(time.perf_counter() - started)
 
-    def _refuse(self, reason: Reason, permission: str | None = None) -> pb.CheckResponse:
+    def _refuse(self, reason: Reason, permission: str | None = None) -> Rendered:
         self._metrics.refusal(reason)
         return self._responses.deny(reason, permission)
 
-    def _check(self, request: pb.CheckRequest) -> pb.CheckResponse:
+    def _check(self, request: pb.CheckRequest) -> Rendered:
         snapshot = self._store.snapshot
         if snapshot is None:
             return self._refuse(Reason.NO_SNAPSHOT)
@@ -90,10 +115,9 @@ class CheckHandler:
         scope = extensions.get("scope") or None
         if not handle:
             try:
-                path = normalise_path(http.path)
+                match = snapshot.routes.resolve(http.method, http.path)
             except PathError:
                 return self._refuse(Reason.MALFORMED_REQUEST)
-            match = snapshot.routes.match(http.method, path)
             if match is None:
                 return self._refuse(Reason.UNMAPPED_ROUTE)
             handle = match.permission
@@ -102,13 +126,40 @@ class CheckHandler:
         shadow = headers.get(SHADOW_HEADER)
         if shadow is not None and len(shadow) > MAX_SHADOW_HEADER:
             shadow = shadow[:MAX_SHADOW_HEADER]
-        key = (http.id or principal) if self._by_request_id else principal
-        evaluation = evaluate(snapshot, principal, handle, scope, shadow_header=shadow, stickiness_key=key)
+        if self._by_request_id and snapshot.canaries:
+            # The answer depends on the request id: nothing to reuse.
+            evaluation = evaluate(
+                snapshot, principal, handle, scope, shadow_header=shadow, stickiness_key=http.id or principal
+            )
+            rendered = self._render(evaluation, handle)
+        else:
+            evaluation, rendered = self._memoised(snapshot, principal, handle, scope, shadow)
         self._record(evaluation, principal, handle, scope, http.id)
-        # render
+        return rendered
+
+    def _render(self, evaluation: Evaluation, handle: str) -> Rendered:
         if evaluation.allowed:
             return self._responses.allow(evaluation.decided_by, evaluation.enforced.meta.version, evaluation.selection)
         return self._responses.deny(evaluation.reason, handle)
+
+    def _memoised(
+        self, snapshot: Snapshot, principal: str, handle: str, scope: str | None, shadow: str | None
+    ) -> tuple[Evaluation, Rendered]:
+        """evaluate() is a pure function of the snapshot and these four values (when the canary key
+        is the principal), so its result and rendering are reused until the snapshot changes."""
+        memo = self._memo
+        if self._memo_for is not snapshot:
+            memo = self._memo = {}
+            self._memo_for = snapshot
+        key = (principal, handle, scope, shadow)
+        found = memo.get(key)
+        if found is None:
+            evaluation = evaluate(snapshot, principal, handle, scope, shadow_header=shadow, stickiness_key=principal)
+            found = (evaluation, self._render(evaluation, handle))
+            if len(memo) >= MEMO_LIMIT:
+                memo.clear()
+            memo[key] = found
+        return found
 
     def _record(self, evaluation: Evaluation, principal: str, handle: str, scope: str | None, request_id: str) -> None:
         self._metrics.decision(evaluation)

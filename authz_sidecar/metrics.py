@@ -1,15 +1,22 @@
-"""Prometheus metrics (prefix ``authz_``), one registry per sidecar so tests can run several.
+"""Prometheus metrics (prefix ``authz_``), counted on the hot path without locks.
 
-Label children are resolved once and cached by their label tuple: ``labels()`` costs a lock and a
-dict walk, and a Check should pay one dict lookup per counter instead.
+A Check counts into plain dicts keyed by label tuples and a fixed-bucket histogram; a collector turns
+them into Prometheus families only when /metrics is scraped. prometheus_client's own Counter takes a
+lock per increment, and a decision with three observed shadows would take five of them; here it is
+a few dict operations. Under the GIL each dict operation is atomic; in the threaded server model
+two threads can race on one read-modify-write and lose an increment, which a counter of decisions
+can afford and an answer never depends on.
 """
 
 from __future__ import annotations
 
 import time
-from typing import Any
+from bisect import bisect_left
+from collections.abc import Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from authz_sidecar.evaluation import Evaluation
 from authz_sidecar.reasons import Reason
@@ -19,35 +26,76 @@ from authz_sidecar.state import SnapshotStore
 LATENCY_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1)
 
 
+class LatencyHistogram:
+    """Fixed buckets, counted without a lock."""
+
+    __slots__ = ("bounds", "count", "counts", "total")
+
+    def __init__(self, bounds: tuple[float, ...] = LATENCY_BUCKETS) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
+        self.total = 0.0
+        self.count = 0
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect_left(self.bounds, seconds)] += 1
+        self.total += seconds
+        self.count += 1
+
+    def buckets(self) -> list[tuple[str, float]]:
+        out, running = [], 0
+        for bound, n in zip((*self.bounds, float("inf")), list(self.counts), strict=True):
+            running += n
+            out.append(("+Inf" if bound == float("inf") else repr(bound), float(running)))
+        return out
+
+
+class _HotPathCollector(Collector):
+    def __init__(self, metrics: Metrics) -> None:
+        self._m = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        m = self._m
+        decisions = CounterMetricFamily(
+            "authz_decisions",
+            "Check decisions by the set that decided, the answer, how the set was selected and the reason.",
+            labels=["decided_by", "decision", "selection", "reason"],
+        )
+        for labels, n in dict(m.decisions).items():
+            decisions.add_metric(list(labels), n)
+        yield decisions
+        observed = CounterMetricFamily(
+            "authz_shadow_evaluations", "Evaluations of each observed set beside the enforced one.", labels=["version"]
+        )
+        for version, n in dict(m.observations).items():
+            observed.add_metric([version], n)
+        yield observed
+        mismatches = CounterMetricFamily(
+            "authz_mismatches",
+            "Observed sets that disagreed with the enforced set, by observed version, whether the change "
+            "predicted it, and direction (enforced -> observed).",
+            labels=["version", "kind", "direction"],
+        )
+        for mismatch_labels, n in dict(m.mismatches).items():
+            mismatches.add_metric(list(mismatch_labels), n)
+        yield mismatches
+        latency = HistogramMetricFamily(
+            "authz_check_duration_seconds", "Time spent deciding one Check inside the sidecar."
+        )
+        latency.add_metric([], m.latency.buckets(), m.latency.total)
+        yield latency
+
+
 class Metrics:
     def __init__(self, store: SnapshotStore) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self._decisions = Counter(
-            "authz_decisions_total",
-            "Check decisions by the set that decided, the answer, how the set was selected and the reason.",
-            ["decided_by", "decision", "selection", "reason"],
-            registry=r,
-        )
-        self._mismatches = Counter(
-            "authz_mismatches_total",
-            "Observed sets that disagreed with the enforced set, by observed version, "
-            "whether the change predicted it, and direction (enforced -> observed).",
-            ["version", "kind", "direction"],
-            registry=r,
-        )
-        self._observations = Counter(
-            "authz_shadow_evaluations_total",
-            "Evaluations of each observed set beside the enforced one.",
-            ["version"],
-            registry=r,
-        )
-        self.latency = Histogram(
-            "authz_check_duration_seconds",
-            "Time spent deciding one Check inside the sidecar.",
-            buckets=LATENCY_BUCKETS,
-            registry=r,
-        )
+        self.decisions: dict[tuple[str, str, str, str], int] = {}
+        self.observations: dict[str, int] = {}
+        self.mismatches: dict[tuple[str, str, str], int] = {}
+        self.latency = LatencyHistogram()
+        r.register(_HotPathCollector(self))
+        # Rare events keep prometheus_client's own types.
         self.invalid_documents = Counter(
             "authz_invalid_documents_total",
             "Policy updates refused because a document was invalid; the last good snapshot kept serving.",
@@ -67,7 +115,6 @@ class Metrics:
             ["active_version"],
             registry=r,
         )
-        self._children: dict[tuple[Any, ...], Any] = {}
         store.on_install(self.snapshot_installed)
         store.on_reject(lambda _error: self.invalid_documents.inc())
 
@@ -77,35 +124,31 @@ class Metrics:
         self._info.clear()
         self._info.labels(snapshot.active_version).set(1)
 
-    def _child(self, metric: Any, *labels: str) -> Any:
-        key = (id(metric), *labels)
-        child = self._children.get(key)
-        if child is None:
-            child = self._children[key] = metric.labels(*labels)
-        return child
-
     def decision(self, evaluation: Evaluation) -> None:
         allowed = evaluation.allowed
-        self._child(
-            self._decisions,
+        key = (
             evaluation.decided_by,
             "allow" if allowed else "deny",
-            evaluation.selection,
-            evaluation.reason,
-        ).inc()
+            evaluation.selection.value,
+            evaluation.reason.value,
+        )
+        decisions = self.decisions
+        decisions[key] = decisions.get(key, 0) + 1
+        observations = self.observations
         for obs in evaluation.observed:
-            self._child(self._observations, obs.version).inc()
+            observations[obs.version] = observations.get(obs.version, 0) + 1
             if obs.mismatch:
-                self._child(
-                    self._mismatches,
+                mkey = (
                     obs.version,
                     "expected" if obs.expected else "unexpected",
                     "allow_to_deny" if allowed else "deny_to_allow",
-                ).inc()
+                )
+                self.mismatches[mkey] = self.mismatches.get(mkey, 0) + 1
 
     def refusal(self, reason: Reason) -> None:
         """A deny decided before any set was consulted (no identity, unmapped, malformed...)."""
-        self._child(self._decisions, "none", "deny", "none", reason).inc()
+        key = ("none", "deny", "none", reason.value)
+        self.decisions[key] = self.decisions.get(key, 0) + 1
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

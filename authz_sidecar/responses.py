@@ -9,6 +9,7 @@ any the client sent, so a client cannot forge ``x-authz-decided-by`` to the upst
 from __future__ import annotations
 
 import json
+from typing import NamedTuple
 
 from google.protobuf.struct_pb2 import Struct
 from google.rpc import code_pb2, status_pb2
@@ -45,32 +46,46 @@ def deny_body(reason: Reason, permission: str | None) -> str:
     return json.dumps(body, separators=(",", ":"))
 
 
+class Rendered(NamedTuple):
+    """A response as a message (for in-process callers and tests) and as wire bytes (for the server,
+    which then serialises nothing per request)."""
+
+    message: pb.CheckResponse
+    wire: bytes
+
+
+def _rendered(message: pb.CheckResponse) -> Rendered:
+    return Rendered(message, message.SerializeToString())
+
+
 class ResponseCache:
     __slots__ = ("_allow", "_deny")
 
     def __init__(self) -> None:
-        self._allow: dict[tuple[str, str, str], pb.CheckResponse] = {}
-        self._deny: dict[tuple[Reason, str | None], pb.CheckResponse] = {}
+        self._allow: dict[tuple[str, str, str], Rendered] = {}
+        self._deny: dict[tuple[Reason, str | None], Rendered] = {}
 
-    def allow(self, decided_by: str, version: str, selection: str) -> pb.CheckResponse:
+    def allow(self, decided_by: str, version: str, selection: str) -> Rendered:
         key = (decided_by, version, selection)
         response = self._allow.get(key)
         if response is None:
             metadata = Struct()
             metadata.update({"decided_by": decided_by, "set_version": version, "selection": selection})
-            response = pb.CheckResponse(
-                status=status_pb2.Status(code=code_pb2.OK),
-                ok_response=pb.OkHttpResponse(
-                    headers=[_header(DECIDED_BY_HEADER, decided_by), _header(SET_VERSION_HEADER, version)]
-                ),
-                dynamic_metadata=metadata,
+            response = _rendered(
+                pb.CheckResponse(
+                    status=status_pb2.Status(code=code_pb2.OK),
+                    ok_response=pb.OkHttpResponse(
+                        headers=[_header(DECIDED_BY_HEADER, decided_by), _header(SET_VERSION_HEADER, version)]
+                    ),
+                    dynamic_metadata=metadata,
+                )
             )
             if len(self._allow) >= _CACHE_LIMIT:
                 self._allow.clear()
             self._allow[key] = response
         return response
 
-    def deny(self, reason: Reason, permission: str | None = None) -> pb.CheckResponse:
+    def deny(self, reason: Reason, permission: str | None = None) -> Rendered:
         key = (reason, permission)
         response = self._deny.get(key)
         if response is None:
@@ -78,13 +93,15 @@ class ResponseCache:
             headers = [_header("content-type", "application/json"), _header(REASON_HEADER, reason.value)]
             if status == 401:
                 headers.append(_header("www-authenticate", 'Bearer realm="authz-sidecar"'))
-            response = pb.CheckResponse(
-                status=status_pb2.Status(code=_RPC_CODE[status], message=reason.value),
-                denied_response=pb.DeniedHttpResponse(
-                    status=http_status_pb2.HttpStatus(code=status),  # type: ignore[arg-type]
-                    headers=headers,
-                    body=deny_body(reason, permission),
-                ),
+            response = _rendered(
+                pb.CheckResponse(
+                    status=status_pb2.Status(code=_RPC_CODE[status], message=reason.value),
+                    denied_response=pb.DeniedHttpResponse(
+                        status=http_status_pb2.HttpStatus(code=status),  # type: ignore[arg-type]
+                        headers=headers,
+                        body=deny_body(reason, permission),
+                    ),
+                )
             )
             if len(self._deny) >= _CACHE_LIMIT:
                 self._deny.clear()

@@ -68,10 +68,15 @@ class _Template:
     scope: str | None
 
 
-class RouteTable:
-    """Routes of one service, compiled for matching. Immutable once built."""
+_CACHE_LIMIT = 16_384
+_MALFORMED = object()
 
-    __slots__ = ("_exact", "_templates")
+
+class RouteTable:
+    """Routes of one service, compiled for matching. Immutable once built, apart from a bounded
+    cache of raw paths already resolved (a pure function of the path, so it can never be stale)."""
+
+    __slots__ = ("_cache", "_exact", "_templates")
 
     def __init__(self, routes: Iterable[RouteSpec]) -> None:
         exact: dict[tuple[str, str], RouteMatch] = {}
@@ -95,6 +100,26 @@ class RouteTable:
             bucket.sort(key=lambda t: tuple(s is None for s in t.segments))
         self._exact = exact
         self._templates = {k: tuple(v) for k, v in templates.items()}
+        self._cache: dict[tuple[str, str], object] = {}
+
+    def resolve(self, method: str, raw_path: str) -> RouteMatch | None:
+        """Normalise a request target and match it; raise PathError when it is unsafe.
+
+        The query string never affects the answer, so it is dropped before the cache lookup.
+        """
+        key = (method, raw_path.partition("?")[0])
+        found = self._cache.get(key)
+        if found is None:
+            try:
+                found = self.match(method, normalise_path(key[1]))
+            except PathError:
+                found = _MALFORMED
+            if len(self._cache) >= _CACHE_LIMIT:
+                self._cache.clear()
+            self._cache[key] = found
+        if found is _MALFORMED:
+            raise PathError("unsafe path")
+        return found  # type: ignore[return-value]
 
     def match(self, method: str, path: str) -> RouteMatch | None:
         """Match an already normalised path; fill the scope template from the captured parameters."""

@@ -13,17 +13,13 @@ import signal
 import time
 from typing import Any
 
-import grpc
 import structlog
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
-from authz_sidecar._proto.envoy.service.auth.v3 import external_auth_pb2 as pb
-from authz_sidecar._proto.envoy.service.auth.v3 import external_auth_pb2_grpc as pb_grpc
 from authz_sidecar.appapi import AppAuthzServicer
 from authz_sidecar.config import Settings, parse_address
 from authz_sidecar.errors import ConfigError
 from authz_sidecar.extauthz import CheckHandler
+from authz_sidecar.grpcfront import GrpcFront
 from authz_sidecar.identity import build_identifier
 from authz_sidecar.metrics import Metrics
 from authz_sidecar.opshttp import OpsHttp
@@ -32,23 +28,8 @@ from authz_sidecar.sources.base import PolicySource
 from authz_sidecar.sources.files import FilePolicySource
 from authz_sidecar.state import SnapshotStore
 from authz_sidecar.tokens import TokenVerifier
-from authz_sidecar.v1 import authz_pb2, authz_pb2_grpc
 
 log = structlog.get_logger("authz_sidecar.server")
-AUTHORIZATION_SERVICE = pb.DESCRIPTOR.services_by_name["Authorization"].full_name
-APP_SERVICE = authz_pb2.DESCRIPTOR.services_by_name["Authz"].full_name
-
-
-class AuthorizationServicer(pb_grpc.AuthorizationServicer):
-    """grpc.aio front of the CheckHandler; the handler itself never awaits."""
-
-    def __init__(self, handler: CheckHandler) -> None:
-        self._check = handler.check
-
-    async def Check(
-        self, request: pb.CheckRequest, context: grpc.aio.ServicerContext[object, object]
-    ) -> pb.CheckResponse:
-        return self._check(request)
 
 
 def build_source(settings: Settings) -> PolicySource:
@@ -88,10 +69,12 @@ class Sidecar:
         self.identity_sources = identifier.names
         self.handler = CheckHandler(self.store, identifier, self.metrics, stickiness=settings.stickiness)
         self.source = source if source is not None else build_source(settings)
-        self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
+        self.front = GrpcFront(
+            settings.server_model, self.handler, AppAuthzServicer(self.store, self.metrics), settings.workers
+        )
         self.grpc_port = 0
         self.http_port = 0
-        self._server: grpc.aio.Server | None = None
+        self._started = False
         self._http: asyncio.Server | None = None
         self._source_task: asyncio.Task[None] | None = None
         self._started_at = time.time()
@@ -99,13 +82,9 @@ class Sidecar:
         self.store.on_install(self._snapshot_installed)
 
     def _snapshot_installed(self, _snapshot: Snapshot) -> None:
-        task = asyncio.get_running_loop().create_task(self._set_health(health_pb2.HealthCheckResponse.SERVING))
+        task = asyncio.get_running_loop().create_task(self.front.set_serving(True))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-
-    async def _set_health(self, status: int) -> None:
-        for name in ("", AUTHORIZATION_SERVICE, APP_SERVICE):
-            await self.health.set(name, status)
 
     def _status_extra(self) -> dict[str, Any]:
         return {
@@ -117,23 +96,8 @@ class Sidecar:
         }
 
     async def start(self) -> None:
-        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
-        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-        pb_grpc.add_AuthorizationServicer_to_server(  # type: ignore[no-untyped-call]
-            AuthorizationServicer(self.handler), server
-        )
-        authz_pb2_grpc.add_AuthzServicer_to_server(  # type: ignore[no-untyped-call]
-            AppAuthzServicer(self.store, self.metrics), server
-        )
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        reflection.enable_server_reflection(
-            (AUTHORIZATION_SERVICE, APP_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server
-        )
-        listen = parse_address(self.settings.listen, "--listen")
-        target = listen if isinstance(listen, str) else f"{listen[0]}:{listen[1]}"
-        self.grpc_port = server.add_insecure_port(target)
-        await server.start()
-        self._server = server
+        self.grpc_port = await self.front.start(parse_address(self.settings.listen, "--listen"))
+        self._started = True
         ops = OpsHttp(self.store, self.metrics, self._status_extra)
         self._http = await ops.start(parse_address(self.settings.http, "--http"))
         sockets = self._http.sockets
@@ -143,6 +107,7 @@ class Sidecar:
             "sidecar_started",
             grpc=self.settings.listen,
             grpc_port=self.grpc_port,
+            server_model=self.front.model,
             http=self.settings.http,
             http_port=self.http_port,
             source=self.source.describe(),
@@ -153,9 +118,8 @@ class Sidecar:
     async def stop(self, grace: float | None = None) -> None:
         grace = self.settings.grace if grace is None else grace
         log.info("sidecar_stopping", grace_seconds=grace)
-        await self.health.enter_graceful_shutdown()
-        if self._server is not None:
-            await self._server.stop(grace)
+        if self._started:
+            await self.front.stop(grace)
         if self._source_task is not None:
             self._source_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -167,10 +131,10 @@ class Sidecar:
 
     async def wait(self) -> None:
         """Run until the gRPC server ends or the policy source fails unexpectedly."""
-        if self._server is None or self._source_task is None:
+        if not self._started or self._source_task is None:
             raise RuntimeError("Sidecar.wait() before start()")
         await asyncio.wait(
-            [asyncio.ensure_future(self._server.wait_for_termination()), self._source_task],
+            [asyncio.ensure_future(self.front.wait()), self._source_task],
             return_when=asyncio.FIRST_COMPLETED,
         )
         if self._source_task.done() and not self._source_task.cancelled() and self._source_task.exception():

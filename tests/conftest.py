@@ -155,8 +155,11 @@ def sidecar_settings(policy: Path, **overrides: Any) -> Settings:
     return Settings(**values)
 
 
-@pytest.fixture
-def running(policy_dir: Path, tmp_path: Path, issuer: DemoIssuer) -> Iterator[RunningSidecar]:
+@pytest.fixture(params=["aio", "threads"])
+def running(
+    request: pytest.FixtureRequest, policy_dir: Path, tmp_path: Path, issuer: DemoIssuer
+) -> Iterator[RunningSidecar]:
+    """A sidecar with the test policy, once per server model."""
     jwks = issuer.write_jwks(tmp_path / "jwks.json")
     side = RunningSidecar(
         sidecar_settings(
@@ -165,6 +168,7 @@ def running(policy_dir: Path, tmp_path: Path, issuer: DemoIssuer) -> Iterator[Ru
             jwt_audiences=("things",),
             jwt_issuers=(issuer.issuer,),
             identity=("jwt_authn", "jwt", "mtls"),
+            server_model=request.param,
         )
     )
     try:

@@ -196,7 +196,7 @@ class _Recorder:
 
     def __init__(self) -> None:
         self.requests: list[bytes] = []
-        self.allow = ResponseCache().allow("active", "v1", "default").SerializeToString()
+        self.allow = ResponseCache().allow("active", "v1", "default").wire
         self.event = threading.Event()
 
     def handle(self, raw: bytes, _context: grpc.ServicerContext) -> bytes:

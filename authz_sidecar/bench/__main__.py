@@ -1,0 +1,107 @@
+"""``python -m authz_sidecar.bench [--quick]``: measure, print the table, write bench/results/*.json."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from authz_sidecar.bench import h2load
+from authz_sidecar.bench.run import Bench, Point, Row, machine_facts, to_json
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+FASTEST_GRPC = "fastest bare gRPC"
+
+
+def _fmt_point(p: Point | None) -> str:
+    if p is None:
+        return f"{'-':>9} {'-':>8} {'-':>8}"
+    return f"{p.rps:>9,.0f} {p.p50_us:>8.0f} {p.p99_us:>8.0f}"
+
+
+def _point(row: Row, streams: int) -> Point | None:
+    return next((p for p in row.points if p.streams == streams), None)
+
+
+def baseline_rps(rows: list[Row], row: Row, streams: int) -> float | None:
+    if row.baseline is None:
+        return None
+    if row.baseline == FASTEST_GRPC:
+        candidates = [r for r in rows if r.name.startswith("Envoy + ext_authz gRPC -> bare")]
+    else:
+        candidates = [r for r in rows if r.name == row.baseline]
+    values = [p.rps for r in candidates if (p := _point(r, streams)) is not None]
+    return max(values) if values else None
+
+
+def table(bench: Bench) -> str:
+    lines = [
+        f"{'configuration':<58} {'1 stream: rps':>14} {'p50us':>6} {'p99us':>6}   {'16 streams: rps':>15}"
+        f" {'p50us':>6} {'p99us':>6}   ratio@1 ratio@16  cpu us/req (16)",
+    ]
+    for row in bench.rows:
+        one, sixteen = _point(row, 1), _point(row, 16)
+        ratios = []
+        for streams, point in ((1, one), (16, sixteen)):
+            base = baseline_rps(bench.rows, row, streams)
+            ratios.append(f"{point.rps / base:>6.2f}x" if point and base else f"{'':>7}")
+        cpu = ", ".join(f"{k} {v:.0f}" for k, v in (sixteen.cpu_us_per_request if sixteen else {}).items())
+        lines.append(f"{row.name:<58} {_fmt_point(one)}   {_fmt_point(sixteen):>31}   {ratios[0]}  {ratios[1]}  {cpu}")
+    lines.append("ratios: each sidecar row against its baseline row in this same run (rps / baseline rps)")
+    for row in bench.rows:
+        if row.baseline:
+            lines.append(f"  {row.name}  vs  {row.baseline}")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="one second per point (CI): checks, not numbers")
+    parser.add_argument("--seconds", type=float, default=None, help="seconds per point (default 5, quick 1)")
+    parser.add_argument("--out", type=Path, default=REPO_ROOT / "bench" / "results")
+    args = parser.parse_args()
+    seconds = args.seconds or (1.0 if args.quick else 5.0)
+    try:
+        h2load.find()
+    except h2load.H2loadMissingError as exc:
+        print(f"bench: {exc}", file=sys.stderr)
+        return 2
+    with tempfile.TemporaryDirectory(prefix="authz-bench-") as tmp:
+        bench = Bench(Path(tmp), seconds)
+        print(f"benchmark: {seconds:g}s per point, h2load on loopback, Envoy --concurrency 1")
+        bench.add(Row("Envoy, no authorization (floor)", None), bench.row_envoy("floor"))
+        bench.add(Row("Envoy + RBAC filter (jwt_authn, rules + shadow rules)", None), bench.row_envoy("rbac"))
+        bench.add(Row("Envoy + ext_authz gRPC -> bare grpc.aio allow-all", None), bench.row_bare("grpc-aio", "grpc"))
+        bench.add(
+            Row("Envoy + ext_authz gRPC -> bare grpc.server threads", None), bench.row_bare("grpc-threads", "grpc")
+        )
+        bench.add(
+            Row("Envoy + ext_authz gRPC -> authz-sidecar (default: threads)", FASTEST_GRPC),
+            bench.row_sidecar("grpc"),
+        )
+        bench.add(
+            Row("Envoy + ext_authz gRPC -> authz-sidecar (grpc.aio + uvloop)", FASTEST_GRPC),
+            bench.row_sidecar("grpc", "--server-model", "aio"),
+        )
+        bench.add(Row("Envoy + ext_authz HTTP -> bare asyncio HTTP allow-all", None), bench.row_bare("http", "http"))
+        bench.add(Row("Check called directly (in-process, parse+decide+render)", None), bench.row_direct)
+        facts = machine_facts()
+    print()
+    print(table(bench))
+    args.out.mkdir(parents=True, exist_ok=True)
+    out = args.out / f"bench-{time.strftime('%Y%m%dT%H%M%S')}{'-quick' if args.quick else ''}.json"
+    out.write_text(json.dumps(to_json(bench, facts), indent=2))
+    print(f"\nwritten: {out.relative_to(REPO_ROOT) if out.is_relative_to(REPO_ROOT) else out}")
+    if bench.errors:
+        print("\nbenchmark FAILED: answers other than the expected ones were measured:", file=sys.stderr)
+        for error in bench.errors:
+            print(f"  {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,267 @@
+"""The benchmark run: start each configuration, load it with h2load, and report ratios.
+
+Every number in one report is measured in the same run on the same machine, so the ratios (the
+sidecar against Envoy's floor, Envoy's RBAC filter and the bare Python servers) are what to read;
+absolute numbers move with the machine. Nothing here asserts a time.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from authz_sidecar.bench import envoyconf, h2load
+from authz_sidecar.local import envoy
+from authz_sidecar.local.processes import LOOPBACK, Process, binary, free_port, wait_for_http, wait_for_port
+from authz_sidecar.local.tokens import DemoIssuer
+
+ALLOWED, DENIED = "alice", "mallory-viewer"
+SHADOWS = ("v2", "v3", "v4")
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def bench_policy(directory: Path) -> Path:
+    """An active set and three live shadows, so every Check decides once and observes three times."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "shadows").mkdir(exist_ok=True)
+    catalog = {
+        "service": "things",
+        "permissions": [{"handle": "things:view"}, {"handle": "things:edit"}],
+        "routes": [
+            {"method": "GET", "path": "/things/{id}", "permission": "things:view"},
+            {"method": "PUT", "path": "/things/{id}", "permission": "things:edit"},
+        ],
+    }
+    roles = {"viewer": ["things:view"], "editor": ["things:view", "things:edit"]}
+    grants = [{"principal": ALLOWED, "roles": ["editor"]}, {"principal": DENIED, "roles": ["viewer"]}]
+    grants += [{"principal": f"user-{i}", "roles": ["viewer"]} for i in range(1000)]
+    (directory / "catalog.yaml").write_text(yaml.safe_dump(catalog))
+    (directory / "active.yaml").write_text(yaml.safe_dump({"version": "v1", "roles": roles, "grants": grants}))
+    for version in SHADOWS:
+        doc = {"version": version, "parent": "v1", "roles": roles, "grants": grants, "weights": {"bench": 0}}
+        (directory / "shadows" / f"{version}.yaml").write_text(yaml.safe_dump(doc))
+    return directory
+
+
+def cpu_seconds(pid: int) -> float:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+@dataclass
+class Point:
+    streams: int
+    rps: float
+    p50_us: float
+    p99_us: float
+    requests: int
+    statuses: dict[int, int]
+    cpu_us_per_request: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class Row:
+    name: str
+    baseline: str | None
+    points: list[Point] = field(default_factory=list)
+    note: str = ""
+
+
+class Bench:
+    def __init__(self, workdir: Path, seconds: float, streams: tuple[int, ...] = (1, 16)) -> None:
+        self.workdir = workdir
+        self.seconds = seconds
+        self.streams = streams
+        self.issuer = DemoIssuer()
+        self.jwks = self.issuer.write_jwks(workdir / "jwks.json")
+        self.policy = bench_policy(workdir / "policy")
+        self.rows: list[Row] = []
+        self.errors: list[str] = []
+
+    # --- processes ---------------------------------------------------------------------------
+
+    @contextmanager
+    def envoy(self, kind: str, authz_port: int = 0) -> Iterator[tuple[int, Process]]:
+        listen, admin = free_port(), free_port()
+        config = envoyconf.write(
+            envoyconf.build(
+                kind,
+                listen=listen,
+                admin=admin,
+                jwks=self.jwks,
+                authz_port=authz_port,
+                principals=[ALLOWED, "bob", "carol"],
+            ),
+            self.workdir / f"envoy-{kind}.json",
+        )
+        proc = envoy.start(config, self.workdir, name=f"envoy-{kind}")
+        try:
+            wait_for_http(f"http://{LOOPBACK}:{admin}/ready", proc)
+            yield listen, proc
+        finally:
+            proc.stop()
+
+    @contextmanager
+    def server(self, name: str, argv: list[str], port: int, ready_url: str | None = None) -> Iterator[Process]:
+        proc = Process(name, argv, self.workdir, env={"PYTHONUNBUFFERED": "1"})
+        try:
+            if ready_url:
+                wait_for_http(ready_url, proc)
+            else:
+                wait_for_port(port, proc)
+            yield proc
+        finally:
+            proc.stop()
+
+    def sidecar_argv(self, grpc_port: int, http_port: int, *extra: str) -> list[str]:
+        return [
+            sys.executable,
+            "-m",
+            "authz_sidecar",
+            "serve",
+            "--listen",
+            f"{LOOPBACK}:{grpc_port}",
+            "--http",
+            f"{LOOPBACK}:{http_port}",
+            "--policy-dir",
+            str(self.policy),
+            "--service",
+            "things",
+            "--region",
+            "bench",
+            "--jwt-authn-payload-key",
+            "jwt_payload",
+            "--log-level",
+            "warning",
+            *extra,
+        ]
+
+    # --- measuring ---------------------------------------------------------------------------
+
+    def measure(
+        self, row: Row, url: str, processes: dict[str, Process], expect: int = 200, principal: str = ALLOWED
+    ) -> None:
+        headers = {"authorization": f"Bearer {self.issuer.token(principal)}"}
+        for streams in self.streams:
+            before = {name: cpu_seconds(p.pid) for name, p in processes.items()}
+            result = h2load.run(url, streams=streams, seconds=self.seconds, headers=headers)
+            after = {name: cpu_seconds(p.pid) for name, p in processes.items()}
+            cpu = {name: (after[name] - before[name]) / max(result.requests, 1) * 1e6 for name in processes}
+            point = Point(streams, result.rps, result.p50_us, result.p99_us, result.requests, result.statuses, cpu)
+            row.points.append(point)
+            unexpected = {s: n for s, n in result.statuses.items() if s != expect}
+            if unexpected or result.requests == 0:
+                self.errors.append(f"{row.name} @{streams}: expected only {expect}, got {result.statuses}")
+
+    def check_answers(self, row: Row, url: str) -> None:
+        """Before loading a sidecar row: one allowed and one denied request must be answered as such."""
+        import urllib.error
+        import urllib.request
+
+        for principal, want in ((ALLOWED, 200), (DENIED, 403)):
+            req = urllib.request.Request(  # noqa: S310 - loopback
+                url.replace("/things/1", "/things/1"),
+                method="PUT" if principal == DENIED else "GET",
+                headers={"authorization": f"Bearer {self.issuer.token(principal)}"},
+            )
+            try:
+                with urllib.request.urlopen(req, timeout=5) as response:  # noqa: S310
+                    got = response.status
+            except urllib.error.HTTPError as err:
+                got = err.code
+            if got != want:
+                self.errors.append(f"{row.name}: {principal} expected {want}, got {got}")
+
+    def add(self, row: Row, body: Callable[[Row], None]) -> None:
+        print(f"  measuring {row.name} ...", flush=True)
+        try:
+            body(row)
+        except Exception as exc:  # a row that cannot run is reported, and fails the run
+            self.errors.append(f"{row.name}: {exc}")
+        self.rows.append(row)
+
+    # --- rows --------------------------------------------------------------------------------
+
+    def row_envoy(self, kind: str) -> Callable[[Row], None]:
+        def body(row: Row) -> None:
+            with self.envoy(kind) as (listen, proxy):
+                self.measure(row, f"http://{LOOPBACK}:{listen}/things/1", {"envoy": proxy})
+
+        return body
+
+    def row_bare(self, kind: str, envoy_kind: str) -> Callable[[Row], None]:
+        def body(row: Row) -> None:
+            port = free_port()
+            argv = [sys.executable, "-m", "authz_sidecar.bench.baselines", kind, "--port", str(port)]
+            with self.server(kind, argv, port) as server, self.envoy(envoy_kind, port) as (listen, proxy):
+                self.measure(row, f"http://{LOOPBACK}:{listen}/things/1", {"envoy": proxy, "server": server})
+
+        return body
+
+    def row_sidecar(self, envoy_kind: str, *extra: str) -> Callable[[Row], None]:
+        def body(row: Row) -> None:
+            grpc_port, http_port, authz_http = free_port(), free_port(), free_port()
+            argv = self.sidecar_argv(grpc_port, http_port, *extra)
+            port = grpc_port
+            if envoy_kind == "http":
+                argv += ["--http-authz", f"{LOOPBACK}:{authz_http}"]
+                port = authz_http
+            ready = f"http://{LOOPBACK}:{http_port}/readyz"
+            with self.server("sidecar", argv, port, ready) as server, self.envoy(envoy_kind, port) as (listen, proxy):
+                url = f"http://{LOOPBACK}:{listen}/things/1"
+                self.check_answers(row, url)
+                self.measure(row, url, {"envoy": proxy, "server": server})
+
+        return body
+
+    def row_direct(self, row: Row) -> None:
+        """Check called in-process: the sidecar's own cost per decision, without gRPC or Envoy."""
+        from authz_sidecar.bench.direct import direct_check_rate
+
+        rps, p50, p99, n = direct_check_rate(self.policy, self.seconds, ALLOWED)
+        row.points.append(Point(1, rps, p50, p99, n, {200: n}))
+
+
+def _version_of(argv: list[str]) -> str:
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)  # noqa: S603
+    return (done.stdout or done.stderr).strip()
+
+
+def machine_facts() -> dict[str, Any]:
+    import grpc
+
+    cpu = ""
+    with suppress(OSError, StopIteration):
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        cpu = next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
+    return {
+        "cores": os.cpu_count(),
+        "cpu": cpu,
+        "python": platform.python_version(),
+        "grpcio": grpc.__version__,
+        "envoy": _version_of([binary("envoy"), "--version"]).rsplit(":", 1)[-1].strip(),
+        "h2load": _version_of([h2load.find(), "--version"]),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def to_json(bench: Bench, facts: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "machine": facts,
+        "seconds_per_point": bench.seconds,
+        "rows": [asdict(r) for r in bench.rows],
+        "errors": bench.errors,
+    }
