@@ -68,6 +68,8 @@ def _build_parser() -> argparse.ArgumentParser:
     _add(serve, "--jwt-issuers", text="accepted issuers, comma-separated")
     _add(serve, "--jwt-audiences", text="accepted audiences, comma-separated")
     _add(serve, "--jwt-algorithms", text="allowed signing algorithms, comma-separated")
+    _add(serve, "--payload-header", text="header carrying jwt_authn's forwarded payload (identity payload_header)")
+    _add(serve, "--http-authz", text="also serve ext_authz's HTTP variant on this address (host:port)")
     _add(serve, "--dev-principal-header", text="DEVELOPMENT ONLY: trust this header as the principal")
     _add(serve, "--stickiness", text="canary stickiness key: principal or request_id")
     _add(serve, "--grace", text="seconds to let in-flight RPCs finish on SIGTERM")
@@ -120,6 +122,8 @@ def settings_from(ns: argparse.Namespace) -> Settings:
             jwt_audiences=_as_tuple(ns.jwt_audiences),
             jwt_algorithms=_as_tuple(ns.jwt_algorithms),
             dev_principal_header=ns.dev_principal_header or "",
+            payload_header=ns.payload_header,
+            http_authz=ns.http_authz or "",
             stickiness=ns.stickiness,
             grace=num("grace"),
             server_model=ns.server_model,

@@ -36,6 +36,9 @@ class Settings:
     jwt_audiences: tuple[str, ...] = ()
     jwt_algorithms: tuple[str, ...] = ("RS256", "PS256", "ES256", "EdDSA")
     dev_principal_header: str = ""
+    payload_header: str = "x-jwt-payload"
+    # Address of the HTTP variant of ext_authz; empty: not served.
+    http_authz: str = ""
     stickiness: str = "principal"
     grace: float = 5.0
     # How Check is served. The thread pool measured fastest here (docs/performance.md): the handler never
@@ -72,6 +75,8 @@ def validate(settings: Settings) -> Settings:
     """Raise ConfigError on the first inconsistent setting; return the settings unchanged otherwise."""
     parse_address(settings.listen, "--listen")
     parse_address(settings.http, "--http")
+    if settings.http_authz:
+        parse_address(settings.http_authz, "--http-authz")
     if settings.policy_dir is None and not settings.etcd:
         raise ConfigError("no policy source: give --policy-dir DIR (or AUTHZ_POLICY_DIR)")
     if settings.etcd:

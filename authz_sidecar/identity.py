@@ -7,6 +7,9 @@ Sources (DESIGN section 4), each a function over plain request values:
   when no key is configured, whichever payload is there).
 - ``jwt``: a bearer token in the Authorization header, verified here against a local JWKS.
 - ``mtls``: the peer's certificate identity as Envoy reports it (``source.principal``, SPIFFE).
+- ``payload_header``: the verified payload Envoy's jwt_authn forwards (``forward_payload_header``,
+  base64url JSON), for the HTTP ext_authz front, which receives no dynamic metadata. Trust it only
+  when Envoy's jwt_authn requires a valid token on every route (so the header is always Envoy's).
 - ``header``: a plain header, trusted as-is. Only for local development, only when named.
 
 Rule: the first source that finds a credential decides. A credential that is present but invalid
@@ -15,6 +18,8 @@ denies (401) rather than falling through to a later, possibly weaker source.
 
 from __future__ import annotations
 
+import base64
+import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -23,7 +28,9 @@ from authz_sidecar.errors import ConfigError, IdentityError
 from authz_sidecar.tokens import TokenVerifier
 
 JWT_AUTHN_NAMESPACE = "envoy.filters.http.jwt_authn"
-SOURCES = ("jwt_authn", "jwt", "mtls", "header")
+SOURCES = ("jwt_authn", "jwt", "mtls", "payload_header", "header")
+DEFAULT_PAYLOAD_HEADER = "x-jwt-payload"
+_CACHE_LIMIT = 10_000
 MAX_PRINCIPAL_LEN = 512
 
 
@@ -79,6 +86,32 @@ def bearer_source(verifier: TokenVerifier, header: str = "authorization") -> Sou
     return read
 
 
+def payload_header_source(name: str, claim: str) -> Source:
+    """Decode a base64url JSON payload header; decoded values are cached, since clients repeat them."""
+    cache: dict[str, str] = {}
+
+    def read(inputs: RequestIdentityInputs) -> str | None:
+        value = inputs.headers.get(name)
+        if not value:
+            return None
+        principal = cache.get(value)
+        if principal is None:
+            try:
+                payload = json.loads(base64.urlsafe_b64decode(value + "=" * (-len(value) % 4)))
+            except (ValueError, TypeError):
+                raise IdentityError(f"{name} is not base64url JSON") from None
+            claimed = payload.get(claim) if isinstance(payload, dict) else None
+            if not isinstance(claimed, str) or not claimed:
+                raise IdentityError(f"{name} has no string {claim!r} claim")
+            principal = _checked(claimed, "payload_header")
+            if len(cache) >= _CACHE_LIMIT:
+                cache.clear()
+            cache[value] = principal
+        return principal
+
+    return read
+
+
 def mtls_source(inputs: RequestIdentityInputs) -> str | None:
     return _checked(inputs.peer_principal, "mtls") if inputs.peer_principal else None
 
@@ -118,6 +151,7 @@ def build_identifier(
     principal_claim: str = "sub",
     verifier: TokenVerifier | None = None,
     dev_header: str | None = None,
+    payload_header: str = DEFAULT_PAYLOAD_HEADER,
 ) -> Identifier:
     """Assemble the sources named in `names`, refusing ones whose settings are missing."""
     sources: list[tuple[str, Source]] = []
@@ -130,6 +164,8 @@ def build_identifier(
             sources.append((name, bearer_source(verifier)))
         elif name == "mtls":
             sources.append((name, mtls_source))
+        elif name == "payload_header":
+            sources.append((name, payload_header_source(payload_header.lower(), principal_claim)))
         elif name == "header":
             if not dev_header:
                 raise ConfigError("identity source 'header' needs --dev-principal-header (development only)")

@@ -17,9 +17,11 @@ import structlog
 
 from authz_sidecar.appapi import AppAuthzServicer
 from authz_sidecar.config import Settings, parse_address
+from authz_sidecar.decider import Decider
 from authz_sidecar.errors import ConfigError
 from authz_sidecar.extauthz import CheckHandler
 from authz_sidecar.grpcfront import GrpcFront
+from authz_sidecar.httpauthz import HttpAuthz
 from authz_sidecar.identity import build_identifier
 from authz_sidecar.metrics import Metrics
 from authz_sidecar.opshttp import OpsHttp
@@ -65,9 +67,13 @@ class Sidecar:
             principal_claim=settings.principal_claim,
             verifier=verifier,
             dev_header=settings.dev_principal_header or None,
+            payload_header=settings.payload_header,
         )
         self.identity_sources = identifier.names
-        self.handler = CheckHandler(self.store, identifier, self.metrics, stickiness=settings.stickiness)
+        self.decider = Decider(self.store, identifier, self.metrics, stickiness=settings.stickiness)
+        self.handler = CheckHandler(self.decider, self.metrics)
+        self.http_authz = HttpAuthz(self.decider, self.metrics) if settings.http_authz else None
+        self.http_authz_port = 0
         self.source = source if source is not None else build_source(settings)
         self.front = GrpcFront(
             settings.server_model, self.handler, AppAuthzServicer(self.store, self.metrics), settings.workers
@@ -98,6 +104,8 @@ class Sidecar:
     async def start(self) -> None:
         self.grpc_port = await self.front.start(parse_address(self.settings.listen, "--listen"))
         self._started = True
+        if self.http_authz is not None:
+            self.http_authz_port = await self.http_authz.start(parse_address(self.settings.http_authz, "--http-authz"))
         ops = OpsHttp(self.store, self.metrics, self._status_extra)
         self._http = await ops.start(parse_address(self.settings.http, "--http"))
         sockets = self._http.sockets
@@ -108,6 +116,7 @@ class Sidecar:
             grpc=self.settings.listen,
             grpc_port=self.grpc_port,
             server_model=self.front.model,
+            http_authz=self.settings.http_authz or None,
             http=self.settings.http,
             http_port=self.http_port,
             source=self.source.describe(),
@@ -120,6 +129,8 @@ class Sidecar:
         log.info("sidecar_stopping", grace_seconds=grace)
         if self._started:
             await self.front.stop(grace)
+        if self.http_authz is not None:
+            await self.http_authz.stop()
         if self._source_task is not None:
             self._source_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -87,6 +87,13 @@ def main() -> int:
             bench.row_sidecar("grpc", "--server-model", "aio"),
         )
         bench.add(Row("Envoy + ext_authz HTTP -> bare asyncio HTTP allow-all", None), bench.row_bare("http", "http"))
+        bench.add(
+            Row(
+                "Envoy + ext_authz HTTP -> authz-sidecar --http-authz",
+                "Envoy + ext_authz HTTP -> bare asyncio HTTP allow-all",
+            ),
+            bench.row_sidecar("http"),
+        )
         bench.add(Row("Check called directly (in-process, parse+decide+render)", None), bench.row_direct)
         facts = machine_facts()
     print()

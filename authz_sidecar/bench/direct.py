@@ -8,6 +8,7 @@ from pathlib import Path
 from google.protobuf.struct_pb2 import Struct
 
 from authz_sidecar._proto.envoy.service.auth.v3 import external_auth_pb2 as pb
+from authz_sidecar.decider import Decider
 from authz_sidecar.extauthz import CheckHandler
 from authz_sidecar.identity import JWT_AUTHN_NAMESPACE, build_identifier
 from authz_sidecar.metrics import Metrics
@@ -39,7 +40,9 @@ def sample_request(principal: str) -> pb.CheckRequest:
 def direct_check_rate(policy: Path, seconds: float, principal: str) -> tuple[float, float, float, int]:
     store = SnapshotStore()
     store.install(FilePolicySource(policy, service="things", region="bench").load())
-    handler = CheckHandler(store, build_identifier(["jwt_authn"], jwt_authn_payload_key="jwt_payload"), Metrics(store))
+    metrics = Metrics(store)
+    identifier = build_identifier(["jwt_authn"], jwt_authn_payload_key="jwt_payload")
+    handler = CheckHandler(Decider(store, identifier, metrics), metrics)
     raw = sample_request(principal).SerializeToString()
     parse = pb.CheckRequest.FromString
     check = handler.check

@@ -43,7 +43,7 @@ def _cluster(name: str, port: int, http2: bool) -> dict[str, Any]:
     return cluster
 
 
-def _jwt_authn(jwks: Path) -> dict[str, Any]:
+def _jwt_authn(jwks: Path, forward_payload: bool) -> dict[str, Any]:
     return {
         "name": "envoy.filters.http.jwt_authn",
         "typed_config": {
@@ -53,6 +53,8 @@ def _jwt_authn(jwks: Path) -> dict[str, Any]:
                     "issuer": DEMO_ISSUER,
                     "local_jwks": {"filename": str(jwks)},
                     "payload_in_metadata": "jwt_payload",
+                    # The HTTP variant receives no dynamic metadata: the payload travels in a header.
+                    **({"forward_payload_header": "x-jwt-payload"} if forward_payload else {}),
                 }
             },
             "rules": [{"match": {"prefix": "/"}, "requires": {"provider_name": "demo"}}],
@@ -120,6 +122,7 @@ def _ext_authz_http() -> dict[str, Any]:
                             {"exact": "authorization"},
                             {"exact": "x-authz-shadow-version"},
                             {"exact": "x-request-id"},
+                            {"exact": "x-jwt-payload"},
                         ]
                     }
                 },
@@ -136,7 +139,7 @@ def build(
     filters: list[dict[str, Any]] = []
     clusters: list[dict[str, Any]] = []
     if kind != "floor":
-        filters.append(_jwt_authn(jwks))
+        filters.append(_jwt_authn(jwks, forward_payload=kind == "http"))
     if kind == "rbac":
         filters.append(_rbac(principals or ["alice"]))
     elif kind == "grpc":

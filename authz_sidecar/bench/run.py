@@ -217,7 +217,7 @@ class Bench:
             argv = self.sidecar_argv(grpc_port, http_port, *extra)
             port = grpc_port
             if envoy_kind == "http":
-                argv += ["--http-authz", f"{LOOPBACK}:{authz_http}"]
+                argv += ["--http-authz", f"{LOOPBACK}:{authz_http}", "--identity", "jwt_authn,payload_header"]
                 port = authz_http
             ready = f"http://{LOOPBACK}:{http_port}/readyz"
             with self.server("sidecar", argv, port, ready) as server, self.envoy(envoy_kind, port) as (listen, proxy):

@@ -1,0 +1,157 @@
+"""The decision path over plain request values, shared by every front (gRPC ext_authz, HTTP ext_authz).
+
+identify -> required permission -> select set -> decide -> observe others -> count.
+
+Each front parses its own wire format into these values and renders the Outcome back; everything
+between is here, once. Rules:
+
+- Fail closed: no snapshot, no identity, an unmapped route or an unsafe path all deny with a reason.
+- A credential that is present but invalid denies; it never falls through to a weaker source.
+- evaluate() is a pure function of the snapshot and (principal, permission, scope, shadow header)
+  when the canary key is the principal, so its results are reused until the snapshot changes.
+- No I/O, no awaits, no locks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+
+from authz_sidecar.errors import IdentityError
+from authz_sidecar.evaluation import Evaluation, evaluate
+from authz_sidecar.identity import Identifier, RequestIdentityInputs
+from authz_sidecar.metrics import Metrics
+from authz_sidecar.reasons import Reason
+from authz_sidecar.routes import PathError
+from authz_sidecar.snapshot import Snapshot
+from authz_sidecar.state import SnapshotStore
+
+SHADOW_HEADER = "x-authz-shadow-version"
+MAX_SHADOW_HEADER = 128
+# Distinct (principal, permission, scope, shadow header) answers kept per snapshot.
+MEMO_LIMIT = 65_536
+_NO_EXTENSIONS: Mapping[str, str] = {}
+log = structlog.get_logger("authz_sidecar.check")
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What a front renders: the reason, the evaluation when a set was consulted, the permission."""
+
+    reason: Reason
+    evaluation: Evaluation | None = None
+    permission: str | None = None
+
+    @property
+    def allowed(self) -> bool:
+        return self.reason is Reason.ALLOWED
+
+
+_REFUSALS = {reason: Outcome(reason) for reason in Reason}
+
+
+class Decider:
+    def __init__(
+        self, store: SnapshotStore, identifier: Identifier, metrics: Metrics, *, stickiness: str = "principal"
+    ) -> None:
+        self._store = store
+        self._identifier = identifier
+        self._metrics = metrics
+        self._by_request_id = stickiness == "request_id"
+        self._memo: dict[tuple[str, str, str | None, str | None], Outcome] = {}
+        self._memo_for: Snapshot | None = None
+
+    def refuse(self, reason: Reason) -> Outcome:
+        self._metrics.refusal(reason)
+        return _REFUSALS[reason]
+
+    def decide(
+        self,
+        method: str,
+        path: str,
+        headers: Mapping[str, str],
+        *,
+        filter_metadata: Mapping[str, Any] = _NO_EXTENSIONS,
+        peer_principal: str = "",
+        extensions: Mapping[str, str] = _NO_EXTENSIONS,
+        request_id: str = "",
+    ) -> Outcome:
+        snapshot = self._store.snapshot
+        if snapshot is None:
+            return self.refuse(Reason.NO_SNAPSHOT)
+        # identify
+        try:
+            principal = self._identifier.identify(RequestIdentityInputs(headers, filter_metadata, peer_principal))
+        except IdentityError as exc:
+            log.info("identity_rejected", error=str(exc), request_id=request_id)
+            return self.refuse(Reason.INVALID_TOKEN)
+        if principal is None:
+            return self.refuse(Reason.NO_IDENTITY)
+        # required permission: the route's own setting first, then the service's route table.
+        handle = extensions.get("permission")
+        scope = extensions.get("scope") or None
+        if not handle:
+            try:
+                match = snapshot.routes.resolve(method, path)
+            except PathError:
+                return self.refuse(Reason.MALFORMED_REQUEST)
+            if match is None:
+                return self.refuse(Reason.UNMAPPED_ROUTE)
+            handle = match.permission
+            scope = scope or match.scope
+        # select, decide, observe
+        shadow = headers.get(SHADOW_HEADER)
+        if shadow is not None and len(shadow) > MAX_SHADOW_HEADER:
+            shadow = shadow[:MAX_SHADOW_HEADER]
+        if self._by_request_id and snapshot.canaries:
+            # The answer depends on the request id: nothing to reuse.
+            ev = evaluate(
+                snapshot, principal, handle, scope, shadow_header=shadow, stickiness_key=request_id or principal
+            )
+            outcome = Outcome(ev.reason, ev, handle)
+        else:
+            outcome = self._memoised(snapshot, principal, handle, scope, shadow)
+        self._record(outcome, principal, scope, request_id)
+        return outcome
+
+    def _memoised(
+        self, snapshot: Snapshot, principal: str, handle: str, scope: str | None, shadow: str | None
+    ) -> Outcome:
+        memo = self._memo
+        if self._memo_for is not snapshot:
+            memo = self._memo = {}
+            self._memo_for = snapshot
+        key = (principal, handle, scope, shadow)
+        found = memo.get(key)
+        if found is None:
+            ev = evaluate(snapshot, principal, handle, scope, shadow_header=shadow, stickiness_key=principal)
+            found = Outcome(ev.reason, ev, handle)
+            if len(memo) >= MEMO_LIMIT:
+                memo.clear()
+            memo[key] = found
+        return found
+
+    def _record(self, outcome: Outcome, principal: str, scope: str | None, request_id: str) -> None:
+        evaluation = outcome.evaluation
+        if evaluation is None:
+            return
+        self._metrics.decision(evaluation)
+        if evaluation.mismatch:
+            log.warning(
+                "shadow_mismatch",
+                principal=principal,
+                permission=outcome.permission,
+                scope=scope,
+                request_id=request_id,
+                decision="allow" if evaluation.allowed else "deny",
+                enforced_version=evaluation.enforced.meta.version,
+                selection=evaluation.selection.value,
+                observed={
+                    o.version: {"decision": "allow" if o.allowed else "deny", "expected": o.expected}
+                    for o in evaluation.observed
+                    if o.mismatch
+                },
+            )
