@@ -11,6 +11,7 @@ are checked where the documents meet, in :mod:`authz_sidecar.snapshot`.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -52,13 +53,35 @@ def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool
 _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
 
 
+def _json_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result = dict(pairs)
+    if len(result) != len(pairs):
+        seen: set[str] = set()
+        for key, _value in pairs:
+            if key in seen:
+                raise DocumentError(f"duplicate key {key!r}", field=key, value=key)
+            seen.add(key)
+    return result
+
+
 def load_document(text: str | bytes, document: str) -> Any:
-    """Parse YAML or JSON text (JSON is read as YAML) with duplicate keys refused."""
+    """Parse JSON or YAML text with duplicate keys refused.
+
+    Text that starts with '{' is parsed as JSON by the C json module: large generated documents
+    (a million grants) are written as JSON, and PyYAML would take minutes over them.
+    """
     if isinstance(text, bytes):
         try:
             text = text.decode("utf-8")
         except UnicodeDecodeError as exc:
             raise DocumentError(f"not UTF-8 ({exc.reason} at byte {exc.start})", document=document) from None
+    if text.lstrip().startswith("{"):
+        try:
+            return json.loads(text, object_pairs_hook=_json_object)
+        except DocumentError as exc:
+            raise DocumentError(str(exc), document=document, field=exc.field, value=exc.value) from None
+        except ValueError as exc:
+            raise DocumentError(f"not valid JSON: {exc}", document=document) from None
     try:
         return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
     except DocumentError as exc:
@@ -185,17 +208,21 @@ def check_scope(value: Any, document: str, where: str) -> str:
     return value
 
 
+def _is_principal(value: Any) -> bool:
+    return (
+        type(value) is str
+        and 0 < len(value) <= MAX_PRINCIPAL_LEN
+        and value.isprintable()
+        and not value[0].isspace()
+        and not value[-1].isspace()
+        and value not in MAGIC_WORDS
+    )
+
+
 def check_principal(value: Any, document: str, where: str) -> str:
-    if (
-        not isinstance(value, str)
-        or not value.strip()
-        or value != value.strip()
-        or len(value) > MAX_PRINCIPAL_LEN
-        or any(ord(c) < 32 for c in value)
-        or value in MAGIC_WORDS
-    ):
+    if not _is_principal(value):
         raise DocumentError(f"{value!r} is not a principal", document=document, field=where, value=value)
-    return value
+    return value  # type: ignore[no-any-return]
 
 
 def check_version(value: Any, document: str, where: str = "version") -> str:
@@ -233,6 +260,8 @@ def _string(value: Any, document: str, where: str) -> str:
 
 
 def _only(data: Mapping[Any, Any], allowed: frozenset[str], document: str, where: str = "") -> None:
+    if data.keys() <= allowed:
+        return
     unknown = sorted(str(k) for k in data if k not in allowed)
     if unknown:
         prefix = f"{where}." if where else ""
@@ -282,27 +311,52 @@ def parse_permission_set(data: Any, document: str, *, extra_fields: frozenset[st
             check_handle(h, document, f"{where}[{i}]") for i, h in enumerate(_sequence(handles_raw, document, where))
         )
         roles[name] = tuple(dict.fromkeys(handles))
+    return PermissionSet(
+        roles=roles, grants=_grants(data.get("grants", []), roles, document), meta=_metadata(data, document)
+    )
+
+
+def _grants(grants_raw: Any, roles: Mapping[str, tuple[str, ...]], document: str) -> tuple[Grant, ...]:
+    """Grants, checked with a fast path for the common, valid shape (a set may hold a million), and
+    the field path of a problem worked out only when there is one."""
     grants: list[Grant] = []
-    for i, item in enumerate(_sequence(data.get("grants", []), document, "grants")):
-        where = f"grants[{i}]"
-        raw = _mapping(item, document, where)
-        _only(raw, _GRANT_FIELDS, document, where)
-        principal = check_principal(raw.get("principal"), document, f"{where}.principal")
-        role_names = tuple(_sequence(raw.get("roles", []), document, f"{where}.roles"))
-        if not role_names:
-            raise DocumentError("a grant needs at least one role", document=document, field=f"{where}.roles", value=[])
-        for j, role in enumerate(role_names):
-            if role not in roles:
-                raise DocumentError(
-                    f"grant of unknown role {role!r} (roles defined: {', '.join(sorted(roles)) or 'none'})",
-                    document=document,
-                    field=f"{where}.roles[{j}]",
-                    value=role,
-                )
-        scope_raw = raw.get("scope")
-        scope = None if scope_raw is None else check_scope(scope_raw, document, f"{where}.scope")
-        grants.append(Grant(principal=principal, roles=role_names, scope=scope))
-    return PermissionSet(roles=roles, grants=tuple(grants), meta=_metadata(data, document))
+    known_roles = roles.keys()
+    role_lists: dict[tuple[str, ...], tuple[str, ...]] = {}
+    scopes: dict[str, str] = {}
+    for i, raw in enumerate(_sequence(grants_raw, document, "grants")):
+        if type(raw) is not dict or not raw.keys() <= _GRANT_FIELDS:
+            _only(_mapping(raw, document, f"grants[{i}]"), _GRANT_FIELDS, document, f"grants[{i}]")
+        principal = raw.get("principal")
+        if not _is_principal(principal):
+            check_principal(principal, document, f"grants[{i}].principal")
+        names = raw.get("roles")
+        if type(names) is not list or not names or not known_roles >= set(names):
+            _check_grant_roles(names, known_roles, document, f"grants[{i}].roles")
+        key = tuple(names)
+        role_names = role_lists.setdefault(key, key)  # one tuple per distinct combination
+        scope = raw.get("scope")
+        if scope is not None:
+            checked = scopes.get(scope)
+            if checked is None:
+                checked = scopes[scope] = check_scope(scope, document, f"grants[{i}].scope")
+            scope = checked
+        grants.append(Grant(principal, role_names, scope))
+    return tuple(grants)
+
+
+def _check_grant_roles(names: Any, known: Any, document: str, where: str) -> None:
+    """Raise the precise error for a grant's roles (only called when they are not plainly valid)."""
+    role_names = tuple(_sequence(names if names is not None else [], document, where))
+    if not role_names:
+        raise DocumentError("a grant needs at least one role", document=document, field=where, value=[])
+    for j, role in enumerate(role_names):
+        if role not in known:
+            raise DocumentError(
+                f"grant of unknown role {role!r} (roles defined: {', '.join(sorted(known)) or 'none'})",
+                document=document,
+                field=f"{where}[{j}]",
+                value=role,
+            )
 
 
 def parse_rollout(data: Mapping[Any, Any], document: str) -> Rollout:

@@ -25,12 +25,14 @@ _EMPTY: frozenset[str] = frozenset()
 
 @dataclass(frozen=True, slots=True)
 class CompiledSet:
-    """One permission set, ready to decide. Immutable; shared by every request that reads it."""
+    """One permission set, ready to decide. Immutable; shared by every request that reads it.
+
+    It keeps no reference to the parsed document, so a snapshot of a million grants holds only the
+    compiled dicts (the strings inside are shared with nothing else)."""
 
     meta: Metadata
     unscoped: dict[str, frozenset[str]]
     scoped: dict[str, dict[str, frozenset[str]]]
-    document: PermissionSet
 
     @property
     def version(self) -> str:
@@ -62,28 +64,32 @@ class CompiledSet:
 
 def compile_set(permissions: PermissionSet) -> CompiledSet:
     """Fold grants into per-principal frozensets; the order of roles and grants cannot matter."""
-    unscoped: dict[str, set[str]] = {}
-    scoped: dict[str, dict[str, set[str]]] = {}
-    for grant in permissions.grants:
-        handles = {h for role in grant.roles for h in permissions.roles[role]}
-        if grant.scope is None:
-            unscoped.setdefault(grant.principal, set()).update(handles)
-        else:
-            scoped.setdefault(grant.principal, {}).setdefault(grant.scope, set()).update(handles)
-    # Share one frozenset object between principals with identical handle sets: with many grants most
-    # principals hold one of a few role combinations, and this keeps memory per grant small.
+    # One frozenset object per distinct handle set, shared by every principal that holds it: with many
+    # grants most principals hold one of a few role combinations, which keeps memory per grant small.
     interned: dict[frozenset[str], frozenset[str]] = {}
+    by_roles: dict[tuple[str, ...], frozenset[str]] = {}
 
-    def intern(handles: set[str]) -> frozenset[str]:
-        frozen = frozenset(handles)
-        return interned.setdefault(frozen, frozen)
+    def intern(handles: frozenset[str]) -> frozenset[str]:
+        return interned.setdefault(handles, handles)
 
-    return CompiledSet(
-        meta=permissions.meta,
-        unscoped={p: intern(h) for p, h in unscoped.items()},
-        scoped={p: {s: intern(h) for s, h in by_scope.items()} for p, by_scope in scoped.items()},
-        document=permissions,
-    )
+    def handles_of(roles: tuple[str, ...]) -> frozenset[str]:
+        found = by_roles.get(roles)
+        if found is None:
+            found = by_roles[roles] = intern(frozenset(h for role in roles for h in permissions.roles[role]))
+        return found
+
+    unscoped: dict[str, frozenset[str]] = {}
+    scoped: dict[str, dict[str, frozenset[str]]] = {}
+    for grant in permissions.grants:
+        handles = handles_of(grant.roles)
+        if grant.scope is None:
+            held = unscoped.get(grant.principal)
+            unscoped[grant.principal] = handles if held is None else intern(held | handles)
+        else:
+            per_scope = scoped.setdefault(grant.principal, {})
+            held = per_scope.get(grant.scope)
+            per_scope[grant.scope] = handles if held is None else intern(held | handles)
+    return CompiledSet(meta=permissions.meta, unscoped=unscoped, scoped=scoped)
 
 
 def impact(active: CompiledSet, proposed: CompiledSet) -> frozenset[tuple[str, str, str | None]]:

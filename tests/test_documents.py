@@ -157,3 +157,33 @@ def test_non_utf8_document_is_refused() -> None:
 def test_invalid_yaml_is_refused() -> None:
     with pytest.raises(DocumentError, match="not valid YAML"):
         load_document("roles: [unclosed", "bad.yaml")
+
+
+def test_json_duplicate_keys_are_refused() -> None:
+    """JSON takes the fast parser, and still refuses duplicated keys."""
+    with pytest.raises(DocumentError, match="duplicate key 'roles'"):
+        load_document('{"roles": {}, "roles": {}}', "dup.json")
+    with pytest.raises(DocumentError, match="not valid JSON"):
+        load_document('{"roles": ', "cut.json")
+
+
+def test_grant_errors_name_their_field() -> None:
+    """The fast path for valid grants still reports the exact field of an invalid one."""
+    doc = {
+        "roles": {"r": ["a:b"]},
+        "grants": [{"principal": "ok", "roles": ["r"]}, {"principal": " x", "roles": ["r"]}],
+    }
+    with pytest.raises(DocumentError) as err:
+        parse_permission_set(doc, "s")
+    assert err.value.field == "grants[1].principal"
+    doc["grants"][1] = {"principal": "x", "roles": "r"}
+    with pytest.raises(DocumentError) as err:
+        parse_permission_set(doc, "s")
+    assert err.value.field == "grants[1].roles"
+    doc["grants"][1] = {"principal": "x", "roles": []}
+    with pytest.raises(DocumentError, match="at least one role"):
+        parse_permission_set(doc, "s")
+    doc["grants"][1] = {"principal": "x", "roles": ["r"], "extra": 1}
+    with pytest.raises(DocumentError, match="unknown field 'extra'") as err:
+        parse_permission_set(doc, "s")
+    assert err.value.field == "grants[1].extra"
