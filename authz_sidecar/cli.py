@@ -42,6 +42,8 @@ def _add(parser: argparse.ArgumentParser, flag: str, *, text: str, **kw: Any) ->
     default = getattr(_DEFAULTS, dest, None) if dest in {f.name for f in fields(Settings)} else kw.pop("default", None)
     if env_value is not None:
         default = env_value
+    elif isinstance(default, tuple):
+        default = ",".join(default)
     suffix = f" [env {_env(flag)}]"
     parser.add_argument(flag, dest=dest, default=default, help=text + suffix, metavar=kw.pop("metavar", None), **kw)
 
@@ -51,7 +53,7 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"authz-sidecar {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    serve = sub.add_parser("serve", help="run the sidecar")
+    serve = sub.add_parser("serve", help="run the sidecar", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     _add(serve, "--listen", text="gRPC address (host:port or unix:///path)")
     _add(serve, "--http", text="ops HTTP address for /metrics /healthz /readyz /status")
     _add(serve, "--service", text="this service's name (selects its catalog's route table)")
@@ -61,7 +63,11 @@ def _build_parser() -> argparse.ArgumentParser:
     _add(serve, "--catalog", text="an extra catalog file", metavar="FILE")
     _add(serve, "--policy-dir", text="directory with active.yaml, shadows/, catalog.yaml", metavar="DIR")
     _add(serve, "--poll-interval", text="seconds between policy directory checks")
-    _add(serve, "--identity", text=f"identity sources in order, comma-separated ({', '.join(SOURCES)})")
+    _add(
+        serve,
+        "--identity",
+        text=f"identity sources in order, comma-separated ({', '.join(SOURCES)}); empty: derived from the settings",
+    )
     _add(serve, "--jwt-authn-payload-key", text="key Envoy's jwt_authn payload_in_metadata names (default: any)")
     _add(serve, "--principal-claim", text="JWT claim that names the principal")
     _add(serve, "--jwks-file", text="JWKS file for verifying bearer tokens here", metavar="FILE")
@@ -74,7 +80,7 @@ def _build_parser() -> argparse.ArgumentParser:
     _add(serve, "--stickiness", text="canary stickiness key: principal or request_id")
     _add(serve, "--grace", text="seconds to let in-flight RPCs finish on SIGTERM")
     _add(serve, "--server-model", text="how Check is served: aio (grpc.aio) or threads (grpc.server + pool)")
-    _add(serve, "--workers", text="worker threads for --server-model threads (default: the number of cores)")
+    _add(serve, "--workers", text="worker threads for --server-model threads (the number of cores unless set)")
     _add(serve, "--log-level", text="debug, info, warning or error")
 
     check = sub.add_parser("validate", help="validate a policy directory and print what it would serve")
