@@ -7,7 +7,10 @@ import json
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+
+import structlog
 
 from authz_sidecar.bench import h2load, scale
 from authz_sidecar.bench.run import Bench, Point, Row, machine_facts, to_json
@@ -61,9 +64,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="one second per point (CI): checks, not numbers")
     parser.add_argument("--seconds", type=float, default=None, help="seconds per point (default 5, quick 1)")
+    parser.add_argument("--rounds", type=int, default=None, help="rounds per point, median kept (default 3, quick 1)")
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "bench" / "results")
     args = parser.parse_args()
-    seconds = args.seconds or (1.0 if args.quick else 5.0)
+    seconds = args.seconds or (1.0 if args.quick else 4.0)
+    rounds = args.rounds or (1 if args.quick else 3)
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(30))  # warnings and up
     try:
         h2load.find()
     except h2load.H2loadMissingError as exc:
@@ -71,30 +77,26 @@ def main() -> int:
         return 2
     with tempfile.TemporaryDirectory(prefix="authz-bench-") as tmp:
         bench = Bench(Path(tmp), seconds)
-        print(f"benchmark: {seconds:g}s per point, h2load on loopback, Envoy --concurrency 1")
-        bench.add(Row("Envoy, no authorization (floor)", None), bench.row_envoy("floor"))
-        bench.add(Row("Envoy + RBAC filter (jwt_authn, rules + shadow rules)", None), bench.row_envoy("rbac"))
-        bench.add(Row("Envoy + ext_authz gRPC -> bare grpc.aio allow-all", None), bench.row_bare("grpc-aio", "grpc"))
-        bench.add(
-            Row("Envoy + ext_authz gRPC -> bare grpc.server threads", None), bench.row_bare("grpc-threads", "grpc")
-        )
-        bench.add(
-            Row("Envoy + ext_authz gRPC -> authz-sidecar (default: threads)", FASTEST_GRPC),
-            bench.row_sidecar("grpc"),
-        )
-        bench.add(
-            Row("Envoy + ext_authz gRPC -> authz-sidecar (grpc.aio + uvloop)", FASTEST_GRPC),
-            bench.row_sidecar("grpc", "--server-model", "aio"),
-        )
-        bench.add(Row("Envoy + ext_authz HTTP -> bare asyncio HTTP allow-all", None), bench.row_bare("http", "http"))
-        bench.add(
-            Row(
-                "Envoy + ext_authz HTTP -> authz-sidecar --http-authz",
-                "Envoy + ext_authz HTTP -> bare asyncio HTTP allow-all",
+        print(f"benchmark: {rounds} x {seconds:g}s per point (median kept), h2load on loopback, Envoy --concurrency 1")
+        http_bare = "Envoy + ext_authz HTTP -> bare asyncio HTTP allow-all"
+        plan: list[tuple[Row, Callable[[Row], None]]] = [
+            (Row("Envoy, no authorization (floor)", None), bench.row_envoy("floor")),
+            (Row("Envoy + RBAC filter (jwt_authn, rules + shadow rules)", None), bench.row_envoy("rbac")),
+            (Row("Envoy + ext_authz gRPC -> bare grpc.aio allow-all", None), bench.row_bare("grpc-aio", "grpc")),
+            (Row("Envoy + ext_authz gRPC -> bare grpc.server threads", None), bench.row_bare("grpc-threads", "grpc")),
+            (
+                Row("Envoy + ext_authz gRPC -> authz-sidecar (default: threads)", FASTEST_GRPC),
+                bench.row_sidecar("grpc"),
             ),
-            bench.row_sidecar("http"),
-        )
-        bench.add(Row("Check called directly (in-process, parse+decide+render)", None), bench.row_direct)
+            (
+                Row("Envoy + ext_authz gRPC -> authz-sidecar (grpc.aio + uvloop)", FASTEST_GRPC),
+                bench.row_sidecar("grpc", "--server-model", "aio"),
+            ),
+            (Row(http_bare, None), bench.row_bare("http", "http")),
+            (Row("Envoy + ext_authz HTTP -> authz-sidecar --http-authz", http_bare), bench.row_sidecar("http")),
+            (Row("Check called directly (in-process, parse+decide+render)", None), bench.row_direct),
+        ]
+        bench.run(plan, rounds)
         facts = machine_facts()
     sizes = [100, 10_000, 100_000] if args.quick else [100, 10_000, 1_000_000]
     print(f"  measuring scale at {', '.join(f'{s:,}' for s in sizes)} grants ...", flush=True)

@@ -77,7 +77,7 @@ class Row:
     name: str
     baseline: str | None
     points: list[Point] = field(default_factory=list)
-    note: str = ""
+    rounds: list[Point] = field(default_factory=list)
 
 
 class Bench:
@@ -185,13 +185,26 @@ class Bench:
             if got != want:
                 self.errors.append(f"{row.name}: {principal} expected {want}, got {got}")
 
-    def add(self, row: Row, body: Callable[[Row], None]) -> None:
-        print(f"  measuring {row.name} ...", flush=True)
-        try:
-            body(row)
-        except Exception as exc:  # a row that cannot run is reported, and fails the run
-            self.errors.append(f"{row.name}: {exc}")
-        self.rows.append(row)
+    def run(self, plan: list[tuple[Row, Callable[[Row], None]]], rounds: int) -> None:
+        """Measure every row `rounds` times, interleaved, and keep each point's median round.
+
+        Interleaving spreads a slow spell of the machine over all rows instead of one, and the
+        median discards a single disturbed round; both make the ratios steadier than the rates.
+        """
+        for number in range(1, rounds + 1):
+            for row, body in plan:
+                print(f"  round {number}/{rounds}: {row.name} ...", flush=True)
+                try:
+                    body(row)
+                except Exception as exc:  # a row that cannot run is reported, and fails the run
+                    self.errors.append(f"{row.name}: {exc}")
+        for row, _body in plan:
+            row.rounds = row.points
+            row.points = []
+            for streams in sorted({p.streams for p in row.rounds}):
+                measured = sorted((p for p in row.rounds if p.streams == streams), key=lambda p: p.rps)
+                row.points.append(measured[len(measured) // 2])
+            self.rows.append(row)
 
     # --- rows --------------------------------------------------------------------------------
 
