@@ -22,7 +22,7 @@ venv: $(STAMP) ## create .venv with the sidecar, Envoy, etcd and the test tools
 run: $(STAMP) ## run a local mesh: demo upstream + authz-sidecar + Envoy (Ctrl-C stops it)
 	$(BIN)/python -m authz_sidecar.local.mesh
 
-test: lint typecheck pytest bench-quick ## everything CI runs: ruff, mypy, the test suite, the benchmark's quick mode
+test: lint typecheck bench-quick pytest ## everything CI runs: ruff, mypy, the benchmark's quick mode, the test suite
 
 lint: $(STAMP) ## ruff lint and format check
 	$(BIN)/ruff check authz_sidecar tests tools
