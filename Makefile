@@ -40,7 +40,7 @@ bench-deps: ## install h2load (Debian's nghttp2-client) if it is missing
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nghttp2-client >/dev/null; \
 	  else echo "bench: h2load is missing; install nghttp2-client (Debian/Ubuntu) or nghttp2 (Homebrew)" >&2; exit 2; fi; }
 
-bench: $(STAMP) bench-deps ## the benchmark: the sidecar beside Envoy's floor, RBAC and bare Python servers (~3 min)
+bench: $(STAMP) bench-deps ## the benchmark: the sidecar beside Envoy's floor, RBAC and bare Python servers (~8 min)
 	$(BIN)/python -m authz_sidecar.bench
 
 bench-quick: $(STAMP) bench-deps ## the benchmark in quick mode (1 s per point): checks every row ran and answered right
