@@ -75,6 +75,38 @@ def _check_handles(permissions: PermissionSet, known: frozenset[str], document: 
         )
 
 
+class CompileCache:
+    """Compiled sets and predicted impacts kept between snapshots, keyed by the document object.
+
+    Documents are immutable, so a source that hands the same PermissionSet object again (a file
+    that did not change; an etcd version, which never changes) gets the same CompiledSet back and
+    a rebuild compiles only what changed. Entries hold their document, so an id is never reused
+    while it is a key; :meth:`retain` drops what the latest snapshot no longer uses.
+    """
+
+    def __init__(self) -> None:
+        self._sets: dict[int, tuple[PermissionSet, CompiledSet]] = {}
+        self._impacts: dict[tuple[int, int], frozenset[tuple[str, str, str | None]]] = {}
+
+    def compiled(self, permissions: PermissionSet) -> CompiledSet:
+        entry = self._sets.get(id(permissions))
+        if entry is None:
+            entry = self._sets[id(permissions)] = (permissions, compile_set(permissions))
+        return entry[1]
+
+    def impact(self, active: PermissionSet, shadow: PermissionSet) -> frozenset[tuple[str, str, str | None]]:
+        key = (id(active), id(shadow))
+        found = self._impacts.get(key)
+        if found is None:
+            found = self._impacts[key] = impact(self.compiled(active), self.compiled(shadow))
+        return found
+
+    def retain(self, used: Iterable[PermissionSet]) -> None:
+        keep = {id(p) for p in used}
+        self._sets = {k: v for k, v in self._sets.items() if k in keep}
+        self._impacts = {k: v for k, v in self._impacts.items() if k[0] in keep and k[1] in keep}
+
+
 def build_snapshot(
     active: PermissionSet,
     shadows: Iterable[ShadowSet],
@@ -84,6 +116,7 @@ def build_snapshot(
     region: str = "",
     revision: int = 0,
     source: str = "",
+    cache: CompileCache | None = None,
 ) -> Snapshot:
     """Validate the documents together and compile them; raise DocumentError on the first problem."""
     catalogs = tuple(catalogs)
@@ -91,7 +124,8 @@ def build_snapshot(
     if not active.meta.version:
         raise DocumentError("the active set needs a version", document="active", field="version", value=None)
     _check_handles(active, known, f"active set {active.version}")
-    compiled_active = compile_set(active)
+    cache = cache if cache is not None else CompileCache()
+    compiled_active = cache.compiled(active)
     views: list[ShadowView] = []
     totals: dict[str, int] = {}
     seen = {active.version}
@@ -112,13 +146,12 @@ def build_snapshot(
                     field=f"weights.{r}",
                     value=w,
                 )
-        compiled = compile_set(shadow.permissions)
         views.append(
             ShadowView(
-                compiled=compiled,
+                compiled=cache.compiled(shadow.permissions),
                 rollout=shadow.rollout,
                 weight_bp=shadow.rollout.weights.get(region, 0) * 100,
-                impact=impact(compiled_active, compiled),
+                impact=cache.impact(active, shadow.permissions),
             )
         )
     own = [c for c in catalogs if c.service == service] if service else list(catalogs)

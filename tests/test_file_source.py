@@ -69,3 +69,25 @@ def test_reload_bad_file_and_recovery(tmp_path: Path) -> None:
         assert store.snapshot.active_version == "v1b"
     finally:
         side.close()
+
+
+def test_unchanged_sets_are_not_compiled_again(tmp_path: Path) -> None:
+    """A change to one shadow recompiles that shadow only; the active set's compiled form is reused."""
+    from authz_sidecar.sources.files import FilePolicySource
+
+    policy = write_policy(tmp_path / "p", shadows=[shadow("v2"), shadow("v3")])
+    source = FilePolicySource(policy, service="things")
+    first = source.load()
+    write_atomically(policy / "shadows" / "v3.yaml", yaml.safe_dump(shadow("v3", testers=["qa-bot"])))
+    second = source.load()
+    assert second.active is first.active
+    assert second.by_version["v2"].compiled is first.by_version["v2"].compiled
+    assert second.by_version["v2"].impact is first.by_version["v2"].impact
+    assert second.by_version["v3"].compiled is not first.by_version["v3"].compiled
+    assert second.by_version["v3"].rollout.testers == frozenset({"qa-bot"})
+    # Changing the active set recompiles it and every impact against it.
+    write_atomically(policy / "active.yaml", yaml.safe_dump({**ACTIVE, "version": "v1b"}))
+    third = source.load()
+    assert third.active is not second.active and third.active_version == "v1b"
+    assert third.by_version["v2"].compiled is second.by_version["v2"].compiled
+    assert third.by_version["v2"].impact is not second.by_version["v2"].impact

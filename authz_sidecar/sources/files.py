@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import asyncio
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
 from authz_sidecar.documents import (
     Catalog,
@@ -28,10 +30,11 @@ from authz_sidecar.documents import (
     parse_shadow,
 )
 from authz_sidecar.errors import DocumentError
-from authz_sidecar.snapshot import Snapshot, build_snapshot
+from authz_sidecar.snapshot import CompileCache, Snapshot, build_snapshot
 from authz_sidecar.state import SnapshotStore
 
 _PATTERNS = ("*.yaml", "*.yml", "*.json")
+_Doc = TypeVar("_Doc")
 
 
 def _files(directory: Path) -> list[Path]:
@@ -54,6 +57,8 @@ class FilePolicySource:
         self.extra_catalogs = extra_catalogs
         self.interval = interval
         self._generation = 0
+        self._documents: dict[Path, tuple[tuple[int, int, int], object]] = {}
+        self._compiled = CompileCache()
 
     def describe(self) -> str:
         return f"files:{self.directory}"
@@ -88,19 +93,36 @@ class FilePolicySource:
             raise DocumentError(f"cannot read: {exc.strerror}", document=str(path)) from None
         return load_document(data, str(path))
 
+    def _parsed(self, path: Path, parse: Callable[[Any, str], _Doc]) -> _Doc:
+        """Parse a file, or return the object parsed last time if the file has not changed since.
+
+        Returning the same object lets the CompileCache skip compiling it again."""
+        try:
+            st = path.stat()
+            stamp = (st.st_size, st.st_mtime_ns, st.st_ino)
+        except OSError:
+            stamp = None
+        cached = self._documents.get(path)
+        if stamp is not None and cached is not None and cached[0] == stamp:
+            return cached[1]  # type: ignore[return-value]
+        document = parse(self._read(path), str(path))
+        if stamp is not None:
+            self._documents[path] = (stamp, document)
+        return document
+
     def load(self) -> Snapshot:
         """Read and validate every file; raise DocumentError naming the first bad one."""
         d = self.directory
-        active = parse_permission_set(self._read(d / "active.yaml"), str(d / "active.yaml"))
+        active = self._parsed(d / "active.yaml", parse_permission_set)
         if not active.meta.version:
             raise DocumentError("the active set needs a version", document=str(d / "active.yaml"), field="version")
-        shadows: list[ShadowSet] = [parse_shadow(self._read(p), str(p)) for p in _files(d / "shadows")]
+        shadows: list[ShadowSet] = [self._parsed(p, parse_shadow) for p in _files(d / "shadows")]
         catalog_paths = [d / "catalog.yaml", *_files(d / "catalogs"), *self.extra_catalogs]
         catalogs: list[Catalog] = [parse_catalog(self._read(p), str(p)) for p in catalog_paths if p.exists()]
         if not catalogs:
             raise DocumentError("no catalog: expected catalog.yaml", document=str(d))
         self._generation += 1
-        return build_snapshot(
+        snapshot = build_snapshot(
             active,
             shadows,
             catalogs,
@@ -108,7 +130,12 @@ class FilePolicySource:
             region=self.region,
             revision=self._generation,
             source=self.describe(),
+            cache=self._compiled,
         )
+        self._compiled.retain([active, *(s.permissions for s in shadows)])
+        live = {d / "active.yaml", *_files(d / "shadows")}
+        self._documents = {p: v for p, v in self._documents.items() if p in live}
+        return snapshot
 
     async def run(self, store: SnapshotStore) -> None:
         seen: tuple[tuple[str, int, int, int], ...] | None = None
