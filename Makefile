@@ -34,11 +34,11 @@ typecheck: $(STAMP) ## mypy --strict on authz_sidecar/
 pytest: $(STAMP) ## the test suite (unit, gRPC, real Envoy)
 	$(BIN)/pytest $(PYTEST_ARGS)
 
-bench-deps: ## install h2load (Debian's nghttp2-client) if it is missing
-	@command -v h2load >/dev/null || { \
+bench-deps: ## install h2load and nghttpd (Debian's nghttp2-client, nghttp2-server) if missing
+	@{ command -v h2load && { command -v nghttpd || test -x /usr/sbin/nghttpd; }; } >/dev/null || { \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nghttp2-client >/dev/null; \
-	  else echo "bench: h2load is missing; install nghttp2-client (Debian/Ubuntu) or nghttp2 (Homebrew)" >&2; exit 2; fi; }
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nghttp2-client nghttp2-server >/dev/null; \
+	  else echo "bench: h2load/nghttpd missing; install nghttp2-client and nghttp2-server (Debian/Ubuntu)" >&2; exit 2; fi; }
 
 bench: $(STAMP) bench-deps ## the benchmark: the sidecar beside Envoy's floor, RBAC and bare Python servers (~8 min)
 	$(BIN)/python -m authz_sidecar.bench

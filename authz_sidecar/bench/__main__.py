@@ -17,6 +17,7 @@ from authz_sidecar.bench.run import Bench, Point, Row, machine_facts, to_json
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 FASTEST_GRPC = "fastest bare gRPC"
+NGHTTPD = "Envoy + ext_authz HTTP/2 -> nghttpd (C) allow"
 
 
 def _fmt_point(p: Point | None) -> str:
@@ -93,7 +94,8 @@ def main() -> int:
                 bench.row_sidecar("grpc", "--server-model", "aio"),
             ),
             (Row(http_bare, None), bench.row_bare("http", "http")),
-            (Row("Envoy + ext_authz HTTP -> authz-sidecar --http-authz", http_bare), bench.row_sidecar("http")),
+            (Row(NGHTTPD, None), bench.row_nghttpd),
+            (Row("Envoy + ext_authz HTTP -> authz-sidecar --http-authz", NGHTTPD), bench.row_sidecar("http")),
             (Row("Check called directly (in-process, parse+decide+render)", None), bench.row_direct),
         ]
         bench.run(plan, rounds)

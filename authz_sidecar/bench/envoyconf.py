@@ -133,9 +133,17 @@ def _ext_authz_http() -> dict[str, Any]:
 
 
 def build(
-    kind: str, *, listen: int, admin: int, jwks: Path, authz_port: int = 0, principals: list[str] | None = None
+    kind: str,
+    *,
+    listen: int,
+    admin: int,
+    jwks: Path,
+    authz_port: int = 0,
+    principals: list[str] | None = None,
+    authz_http2: bool = False,
 ) -> dict[str, Any]:
-    """kind: floor | rbac | grpc | http. grpc/http point ext_authz at authz_port."""
+    """kind: floor | rbac | grpc | http. grpc/http point ext_authz at authz_port; `authz_http2` makes the
+    HTTP variant speak HTTP/2 to it (for nghttpd, which serves nothing else)."""
     filters: list[dict[str, Any]] = []
     clusters: list[dict[str, Any]] = []
     if kind != "floor":
@@ -147,7 +155,7 @@ def build(
         clusters.append(_cluster("authz", authz_port, http2=True))
     elif kind == "http":
         filters.append(_ext_authz_http())
-        clusters.append(_cluster("authz", authz_port, http2=False))
+        clusters.append(_cluster("authz", authz_port, http2=authz_http2))
     elif kind != "floor":
         raise ValueError(f"unknown Envoy variant {kind!r}")
     filters.append(

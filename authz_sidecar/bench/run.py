@@ -94,7 +94,7 @@ class Bench:
     # --- processes ---------------------------------------------------------------------------
 
     @contextmanager
-    def envoy(self, kind: str, authz_port: int = 0) -> Iterator[tuple[int, Process]]:
+    def envoy(self, kind: str, authz_port: int = 0, authz_http2: bool = False) -> Iterator[tuple[int, Process]]:
         listen, admin = free_port(), free_port()
         config = envoyconf.write(
             envoyconf.build(
@@ -104,6 +104,7 @@ class Bench:
                 jwks=self.jwks,
                 authz_port=authz_port,
                 principals=[ALLOWED, "bob", "carol"],
+                authz_http2=authz_http2,
             ),
             self.workdir / f"envoy-{kind}.json",
         )
@@ -224,6 +225,17 @@ class Bench:
 
         return body
 
+    def row_nghttpd(self, row: Row) -> None:
+        """A C HTTP/2 server as the HTTP authorization service: it answers 200 with a file for
+        /things/1, so through Envoy it allows like the bare servers do, at C speed."""
+        docroot = self.workdir / "htdocs"
+        (docroot / "things").mkdir(parents=True, exist_ok=True)
+        (docroot / "things" / "1").write_text("")
+        port = free_port()
+        argv = [nghttpd_binary(), "--no-tls", "-d", str(docroot), str(port)]
+        with self.server("nghttpd", argv, port) as server, self.envoy("http", port, authz_http2=True) as (listen, px):
+            self.measure(row, f"http://{LOOPBACK}:{listen}/things/1", {"envoy": px, "server": server})
+
     def row_sidecar(self, envoy_kind: str, *extra: str) -> Callable[[Row], None]:
         def body(row: Row) -> None:
             grpc_port, http_port, authz_http = free_port(), free_port(), free_port()
@@ -246,6 +258,15 @@ class Bench:
 
         rps, p50, p99, n = direct_check_rate(self.policy, self.seconds, ALLOWED)
         row.points.append(Point(1, rps, p50, p99, n, {200: n}))
+
+
+def nghttpd_binary() -> str:
+    import shutil
+
+    for candidate in (shutil.which("nghttpd"), "/usr/sbin/nghttpd"):
+        if candidate and Path(candidate).exists():
+            return candidate
+    raise FileNotFoundError("nghttpd not found: install Debian's nghttp2-server (make bench-deps does, as root)")
 
 
 def _version_of(argv: list[str]) -> str:
