@@ -15,7 +15,8 @@ import json
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from functools import partial
+from typing import Any, NamedTuple
 
 import yaml
 
@@ -93,8 +94,10 @@ def load_document(text: str | bytes, document: str) -> Any:
 # --- values -------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class Grant:
+class Grant(NamedTuple):
+    """A named tuple rather than a dataclass: a set can hold a million, and building a tuple is
+    several times cheaper than a frozen dataclass."""
+
     principal: str
     roles: tuple[str, ...]
     # None: the grant applies in every scope. A string: only in that scope.
@@ -317,31 +320,65 @@ def parse_permission_set(data: Any, document: str, *, extra_fields: frozenset[st
 
 
 def _grants(grants_raw: Any, roles: Mapping[str, tuple[str, ...]], document: str) -> tuple[Grant, ...]:
-    """Grants, checked with a fast path for the common, valid shape (a set may hold a million), and
-    the field path of a problem worked out only when there is one."""
-    grants: list[Grant] = []
+    """Grants, checked with a fast path for the common, valid shape (a set may hold a million): each
+    distinct role combination and scope is checked once, principals in bulk after the loop, and the
+    field path of a problem is worked out only when there is one."""
+    rows = _sequence(grants_raw, document, "grants")
     known_roles = roles.keys()
-    role_lists: dict[tuple[str, ...], tuple[str, ...]] = {}
-    scopes: dict[str, str] = {}
-    for i, raw in enumerate(_sequence(grants_raw, document, "grants")):
+    role_lists: dict[tuple[str, ...], tuple[str, ...]] = {}  # checked combinations, one tuple each
+    scopes: dict[str, str] = {}  # checked scopes, one string each
+    principals: list[Any] = []
+    grants: list[Grant] = []
+    add_principal = principals.append
+    add = grants.append
+    new_grant = partial(tuple.__new__, Grant)  # skips the named tuple's Python-level __new__
+    for i, raw in enumerate(rows):
         if type(raw) is not dict or not raw.keys() <= _GRANT_FIELDS:
             _only(_mapping(raw, document, f"grants[{i}]"), _GRANT_FIELDS, document, f"grants[{i}]")
         principal = raw.get("principal")
-        if not _is_principal(principal):
-            check_principal(principal, document, f"grants[{i}].principal")
+        add_principal(principal)
         names = raw.get("roles")
-        if type(names) is not list or not names or not known_roles >= set(names):
+        try:
+            role_names = role_lists.get(tuple(names)) if type(names) is list else None
+        except TypeError:  # an unhashable role name; the check below says what is wrong
+            role_names = None
+        if role_names is None:
             _check_grant_roles(names, known_roles, document, f"grants[{i}].roles")
-        key = tuple(names)
-        role_names = role_lists.setdefault(key, key)  # one tuple per distinct combination
+            role_names = role_lists[tuple(names)] = tuple(names)
         scope = raw.get("scope")
         if scope is not None:
-            checked = scopes.get(scope)
+            checked = scopes.get(scope) if type(scope) is str else None
             if checked is None:
                 checked = scopes[scope] = check_scope(scope, document, f"grants[{i}].scope")
             scope = checked
-        grants.append(Grant(principal, role_names, scope))
+        add(new_grant((principal, role_names, scope)))
+    _check_principals(principals, document)
     return tuple(grants)
+
+
+def _check_principals(principals: list[Any], document: str) -> None:
+    """Check every grant's principal with a few passes in C; name the first bad one if any is.
+
+    A principal is printable, so the only whitespace it can hold is the ASCII space, and it may not
+    start or end with one: joined with newlines, that is a space next to a newline or at an end."""
+    try:
+        lines = "\n".join(principals)
+    except TypeError:  # something that is not a string
+        valid = False
+    else:
+        valid = (
+            lines.count("\n") == len(principals) - 1  # no principal holds a newline of its own
+            and lines.replace("\n", "").isprintable()
+            and " \n" not in lines
+            and "\n " not in lines
+            and not lines.startswith(" ")
+            and not lines.endswith(" ")
+            and (not principals or (min(map(len, principals)) > 0 and max(map(len, principals)) <= MAX_PRINCIPAL_LEN))
+            and MAGIC_WORDS.isdisjoint(principals)
+        )
+    if not valid:
+        for i, principal in enumerate(principals):
+            check_principal(principal, document, f"grants[{i}].principal")
 
 
 def _check_grant_roles(names: Any, known: Any, document: str, where: str) -> None:
@@ -350,7 +387,7 @@ def _check_grant_roles(names: Any, known: Any, document: str, where: str) -> Non
     if not role_names:
         raise DocumentError("a grant needs at least one role", document=document, field=where, value=[])
     for j, role in enumerate(role_names):
-        if role not in known:
+        if not isinstance(role, str) or role not in known:
             raise DocumentError(
                 f"grant of unknown role {role!r} (roles defined: {', '.join(sorted(known)) or 'none'})",
                 document=document,

@@ -187,3 +187,30 @@ def test_grant_errors_name_their_field() -> None:
     with pytest.raises(DocumentError, match="unknown field 'extra'") as err:
         parse_permission_set(doc, "s")
     assert err.value.field == "grants[1].extra"
+
+
+@pytest.mark.parametrize(
+    "principal",
+    ["", " x", "x ", "a\nb", "a\tb", "x" * 513, "*", "all", 7, None, ["x"], "a\u00a0"],
+)
+def test_every_bad_principal_is_refused_by_the_bulk_check(principal: object) -> None:
+    """Principals are checked in bulk after the loop; each kind of bad one is still found and named."""
+    doc = {
+        "roles": {"r": ["a:b"]},
+        "grants": [
+            {"principal": "ok", "roles": ["r"]},
+            {"principal": principal, "roles": ["r"]},
+            {"principal": "z", "roles": ["r"]},
+        ],
+    }
+    with pytest.raises(DocumentError) as err:
+        parse_permission_set(doc, "s")
+    assert err.value.field == "grants[1].principal"
+
+
+def test_good_principals_with_inner_spaces_and_unicode_pass() -> None:
+    doc = {
+        "roles": {"r": ["a:b"]},
+        "grants": [{"principal": p, "roles": ["r"]} for p in ("a b", "é", "x" * 512, "svc:a/b")],
+    }
+    assert [g.principal for g in parse_permission_set(doc, "s").grants] == ["a b", "é", "x" * 512, "svc:a/b"]

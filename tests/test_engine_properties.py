@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from authz_sidecar.documents import Grant, PermissionSet, parse_permission_set
-from authz_sidecar.engine import compile_set, impact
+from authz_sidecar.engine import Interner, compile_set, impact
 from authz_sidecar.errors import DocumentError
 from authz_sidecar.reasons import Reason
 
@@ -78,13 +78,20 @@ def test_scoped_grant_applies_only_in_its_scope(roles: dict[str, list[str]], gra
 
 @given(roles_st, st.lists(grant_st, max_size=6), st.lists(grant_st, max_size=6))
 def test_impact_is_exactly_the_changed_decisions(roles: dict[str, list[str]], a: list[Grant], b: list[Grant]) -> None:
-    """A request whose answer differs between two sets is always in the predicted impact."""
+    """A request whose answer differs between two sets is in the predicted impact, and every
+    predicted triple is an answer that differs (compiled with separate or shared interners)."""
     before, after = make(roles, a), make(roles, b)
+    shared = Interner()
     predicted = impact(compile_set(before), compile_set(after))
+    assert impact(compile_set(before, shared), compile_set(after, shared)) == predicted
     da, db = decisions(before), decisions(after)
     for (p, h, s), allowed in da.items():
         if allowed != db[(p, h, s)]:
             assert (p, h, None) in predicted or (p, h, s) in predicted
+    compiled_before, compiled_after = compile_set(before), compile_set(after)
+    for p, h, s in predicted:
+        was = compiled_before.decide(p, h, s) is Reason.ALLOWED
+        assert was != (compiled_after.decide(p, h, s) is Reason.ALLOWED)
 
 
 def test_unknown_principal_and_missing_permission_are_distinct_reasons() -> None:

@@ -30,7 +30,7 @@ from authz_sidecar.documents import (
     parse_shadow,
 )
 from authz_sidecar.errors import DocumentError
-from authz_sidecar.snapshot import CompileCache, Snapshot, build_snapshot
+from authz_sidecar.snapshot import CompileCache, Snapshot, build_snapshot, paused_gc
 from authz_sidecar.state import SnapshotStore
 
 _PATTERNS = ("*.yaml", "*.yml", "*.json")
@@ -112,6 +112,10 @@ class FilePolicySource:
 
     def load(self) -> Snapshot:
         """Read and validate every file; raise DocumentError naming the first bad one."""
+        with paused_gc():
+            return self._load()
+
+    def _load(self) -> Snapshot:
         d = self.directory
         active = self._parsed(d / "active.yaml", parse_permission_set)
         if not active.meta.version:
