@@ -48,6 +48,16 @@ def _add(parser: argparse.ArgumentParser, flag: str, *, text: str, **kw: Any) ->
     parser.add_argument(flag, dest=dest, default=default, help=text + suffix, metavar=kw.pop("metavar", None), **kw)
 
 
+def _add_etcd_flags(parser: argparse.ArgumentParser) -> None:
+    _add(parser, "--etcd-ca", text="CA bundle for etcd over TLS", metavar="FILE")
+    _add(parser, "--etcd-cert", text="client certificate for etcd", metavar="FILE")
+    _add(parser, "--etcd-key", text="client certificate's key", metavar="FILE")
+    _add(parser, "--etcd-server-name", text="name the etcd certificates carry, if not the endpoint's host")
+    _add(parser, "--etcd-user", text="etcd user (with --etcd-password, better set in the environment)")
+    _add(parser, "--etcd-password", text="etcd password")
+    _add(parser, "--etcd-timeout", text="seconds each etcd request may take")
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="authz-sidecar", description="Envoy ext_authz sidecar with shadow sets.")
     parser.add_argument("--version", action="version", version=f"authz-sidecar {__version__}")
@@ -60,6 +70,12 @@ def _build_parser() -> argparse.ArgumentParser:
     _add(serve, "--region", text="this sidecar's region (selects canary weights)")
     _add(serve, "--etcd", text="comma-separated etcd endpoints")
     _add(serve, "--prefix", text="etcd key prefix")
+    _add_etcd_flags(serve)
+    _add(serve, "--etcd-liveness", text="seconds a watch may stay silent before it is reopened")
+    _add(
+        serve, "--cache-file", text="disk copy of the last good snapshot; empty: ~/.cache/authz-sidecar/..., off: none"
+    )
+    _add(serve, "--max-staleness", text="deny everything after this many seconds without etcd; 0: never")
     _add(serve, "--catalog", text="an extra catalog file", metavar="FILE")
     _add(serve, "--policy-dir", text="directory with active.yaml, shadows/, catalog.yaml", metavar="DIR")
     _add(serve, "--poll-interval", text="seconds between policy directory checks")
@@ -82,6 +98,10 @@ def _build_parser() -> argparse.ArgumentParser:
     _add(serve, "--server-model", text="how Check is served: aio (grpc.aio) or threads (grpc.server + pool)")
     _add(serve, "--workers", text="worker threads for --server-model threads (the number of cores unless set)")
     _add(serve, "--log-level", text="debug, info, warning or error")
+
+    from authz_sidecar import ctl
+
+    ctl.add_parser(sub, _add, _add_etcd_flags)
 
     check = sub.add_parser("validate", help="validate a policy directory and print what it would serve")
     _add(check, "--policy-dir", text="directory to validate", metavar="DIR")
@@ -117,6 +137,16 @@ def settings_from(ns: argparse.Namespace) -> Settings:
             region=ns.region or "",
             etcd=_as_tuple(ns.etcd),
             prefix=ns.prefix,
+            etcd_ca=_path(ns.etcd_ca),
+            etcd_cert=_path(ns.etcd_cert),
+            etcd_key=_path(ns.etcd_key),
+            etcd_server_name=ns.etcd_server_name or "",
+            etcd_user=ns.etcd_user or "",
+            etcd_password=ns.etcd_password or "",
+            etcd_timeout=num("etcd_timeout"),
+            etcd_liveness=num("etcd_liveness"),
+            cache_file=ns.cache_file or "",
+            max_staleness=num("max_staleness"),
             catalog=_path(ns.catalog),
             policy_dir=_path(ns.policy_dir),
             poll_interval=num("poll_interval"),
@@ -157,6 +187,28 @@ def _serve(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _ctl(ns: argparse.Namespace) -> int:
+    from authz_sidecar import ctl
+
+    def num(raw: Any) -> float:
+        try:
+            return float(raw)
+        except (TypeError, ValueError):
+            raise AuthzError(f"--etcd-timeout: {raw!r} is not a number") from None
+
+    options = Settings(
+        etcd=_as_tuple(ns.etcd),
+        etcd_ca=_path(ns.etcd_ca),
+        etcd_cert=_path(ns.etcd_cert),
+        etcd_key=_path(ns.etcd_key),
+        etcd_server_name=ns.etcd_server_name or "",
+        etcd_user=ns.etcd_user or "",
+        etcd_password=ns.etcd_password or "",
+        etcd_timeout=num(ns.etcd_timeout),
+    ).etcd_options()
+    return ctl.run(ns, options)
+
+
 def _validate(ns: argparse.Namespace) -> int:
     from authz_sidecar.sources.files import FilePolicySource
 
@@ -193,6 +245,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if ns.command == "serve":
             return _serve(ns)
+        if ns.command == "ctl":
+            return _ctl(ns)
         return _validate(ns)
     except AuthzError as exc:
         print(f"authz-sidecar: {exc}", file=sys.stderr)

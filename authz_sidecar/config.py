@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from authz_sidecar.errors import ConfigError
+from authz_sidecar.etcd.client import EtcdOptions
+from authz_sidecar.etcd.layout import normalise_prefix
 from authz_sidecar.identity import SOURCES
 
 STICKINESS = ("principal", "request_id")
@@ -24,6 +26,19 @@ class Settings:
     region: str = "local"
     etcd: tuple[str, ...] = ()
     prefix: str = "/authz"
+    etcd_ca: Path | None = None
+    etcd_cert: Path | None = None
+    etcd_key: Path | None = None
+    etcd_server_name: str = ""
+    etcd_user: str = ""
+    etcd_password: str = ""
+    etcd_timeout: float = 5.0
+    # A watch silent this long (progress is asked for every third of it) is reopened.
+    etcd_liveness: float = 5.0
+    # Where the keys of the last good snapshot are kept; empty: derived (see cache_path), "off": none.
+    cache_file: str = ""
+    # Seconds without a word from etcd after which every Check denies; 0: never (the default).
+    max_staleness: float = 0.0
     catalog: Path | None = None
     policy_dir: Path | None = None
     poll_interval: float = 0.5
@@ -46,6 +61,29 @@ class Settings:
     server_model: str = "threads"
     workers: int = field(default_factory=lambda: os.cpu_count() or 2)
     log_level: str = "info"
+
+    def etcd_options(self) -> EtcdOptions:
+        return EtcdOptions(
+            endpoints=self.etcd,
+            ca_file=self.etcd_ca,
+            cert_file=self.etcd_cert,
+            key_file=self.etcd_key,
+            server_name=self.etcd_server_name,
+            user=self.etcd_user,
+            password=self.etcd_password,
+            timeout=self.etcd_timeout,
+        )
+
+    def cache_path(self) -> Path | None:
+        """The disk copy of the last good snapshot: one file per service and prefix, under
+        $XDG_CACHE_HOME (or ~/.cache) unless --cache-file says where, or 'off'."""
+        if self.cache_file == "off":
+            return None
+        if self.cache_file:
+            return Path(self.cache_file)
+        base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+        name = f"{self.service or 'sidecar'}{self.prefix.rstrip('/').replace('/', '_')}.json"
+        return base / "authz-sidecar" / name
 
     def identity_sources(self) -> tuple[str, ...]:
         if self.identity:
@@ -79,8 +117,16 @@ def validate(settings: Settings) -> Settings:
         parse_address(settings.http_authz, "--http-authz")
     if settings.policy_dir is None and not settings.etcd:
         raise ConfigError("no policy source: give --policy-dir DIR (or AUTHZ_POLICY_DIR)")
+    if settings.etcd and settings.policy_dir is not None:
+        raise ConfigError("give one policy source: --etcd or --policy-dir, not both")
     if settings.etcd:
-        raise ConfigError("--etcd is not available in this build yet; use --policy-dir")
+        settings.etcd_options().validate()
+        try:
+            normalise_prefix(settings.prefix)
+        except ValueError as exc:
+            raise ConfigError(f"--prefix: {exc}") from None
+        if settings.etcd_liveness <= 0 or settings.max_staleness < 0:
+            raise ConfigError("--etcd-liveness must be > 0 and --max-staleness >= 0")
     if settings.policy_dir is not None and not settings.policy_dir.is_dir():
         raise ConfigError(f"--policy-dir {settings.policy_dir}: not a directory")
     for name in settings.identity_sources():

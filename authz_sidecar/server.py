@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import signal
 import time
+from collections.abc import Coroutine
 from typing import Any
 
 import structlog
@@ -35,8 +36,19 @@ log = structlog.get_logger("authz_sidecar.server")
 
 
 def build_source(settings: Settings) -> PolicySource:
+    if settings.etcd:
+        from authz_sidecar.sources.etcd import EtcdPolicySource
+
+        return EtcdPolicySource(
+            settings.etcd_options(),
+            prefix=settings.prefix,
+            service=settings.service,
+            region=settings.region,
+            cache_file=settings.cache_path(),
+            liveness=settings.etcd_liveness,
+        )
     if settings.policy_dir is None:
-        raise ConfigError("no policy source: give --policy-dir DIR")
+        raise ConfigError("no policy source: give --etcd HOST:PORT or --policy-dir DIR")
     extra = (settings.catalog,) if settings.catalog else ()
     return FilePolicySource(
         settings.policy_dir,
@@ -86,11 +98,24 @@ class Sidecar:
         self._started_at = time.time()
         self._tasks: set[asyncio.Task[Any]] = set()
         self.store.on_install(self._snapshot_installed)
+        self.store.on_serving(self._serving_changed)
 
     def _snapshot_installed(self, _snapshot: Snapshot) -> None:
-        task = asyncio.get_running_loop().create_task(self.front.set_serving(True))
+        self._serving_changed(True)
+
+    def _serving_changed(self, serving: bool) -> None:
+        self._spawn(self.front.set_serving(serving))
+
+    def _spawn(self, coroutine: Coroutine[Any, Any, Any]) -> None:
+        task = asyncio.get_running_loop().create_task(coroutine)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    async def _enforce_max_staleness(self) -> None:
+        limit = self.settings.max_staleness
+        while True:
+            await asyncio.sleep(min(1.0, limit / 4))
+            self.store.enforce_max_staleness(limit)
 
     def _status_extra(self) -> dict[str, Any]:
         return {
@@ -111,6 +136,8 @@ class Sidecar:
         sockets = self._http.sockets
         self.http_port = sockets[0].getsockname()[1] if sockets and not isinstance(sockets[0].getsockname(), str) else 0
         self._source_task = asyncio.create_task(self.source.run(self.store), name="policy-source")
+        if self.settings.max_staleness > 0:
+            self._spawn(self._enforce_max_staleness())
         log.info(
             "sidecar_started",
             grpc=self.settings.listen,
@@ -131,10 +158,11 @@ class Sidecar:
             await self.front.stop(grace)
         if self.http_authz is not None:
             await self.http_authz.stop()
-        if self._source_task is not None:
-            self._source_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._source_task
+        for task in [self._source_task, *self._tasks]:
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         if self._http is not None:
             self._http.close()
             await self._http.wait_closed()

@@ -4,7 +4,10 @@ Readers take ``store.snapshot`` (one attribute load, no lock): a new snapshot is
 replacing the reference, so a Check sees either the old snapshot or the new one, never a mix.
 Sources call :meth:`SnapshotStore.install` with a snapshot they built and validated, or
 :meth:`SnapshotStore.reject` with why they could not, which keeps the last good snapshot serving
-and records the failure for /status, metrics and logs.
+and records the failure for /status, metrics and logs. A source that talks to a remote store
+calls :meth:`SnapshotStore.heard` whenever it hears from it, so staleness is visible, and with
+``--max-staleness`` the snapshot is withheld (every Check denies, health NOT_SERVING) while the
+source has been silent too long, and served again the moment it is heard.
 """
 
 from __future__ import annotations
@@ -29,8 +32,17 @@ class SnapshotStore:
         self.last_error_at: float | None = None
         self.invalid_documents = 0
         self.swaps = 0
+        # Served from a copy kept on disk, not (yet) confirmed by the source.
+        self.stale = False
+        # time.monotonic() of the last word from the source; starts at creation so that a sidecar
+        # that never reaches its source counts as silent since it started.
+        self.last_contact = time.monotonic()
+        self.contacted = False
+        # The snapshot held back while the source is silent past --max-staleness.
+        self.withheld: Snapshot | None = None
         self._listeners: list[Listener] = []
         self._rejection_listeners: list[Callable[[str], None]] = []
+        self._serving_listeners: list[Callable[[bool], None]] = []
 
     def on_install(self, listener: Listener) -> None:
         self._listeners.append(listener)
@@ -38,8 +50,14 @@ class SnapshotStore:
     def on_reject(self, listener: Callable[[str], None]) -> None:
         self._rejection_listeners.append(listener)
 
-    def install(self, snapshot: Snapshot) -> None:
+    def on_serving(self, listener: Callable[[bool], None]) -> None:
+        """Told False when the snapshot is withheld for staleness and True when it is served again."""
+        self._serving_listeners.append(listener)
+
+    def install(self, snapshot: Snapshot, *, stale: bool = False) -> None:
+        self.withheld = None
         self.snapshot = snapshot
+        self.stale = stale
         self.swaps += 1
         self.last_error = None
         log.info(
@@ -48,9 +66,33 @@ class SnapshotStore:
             shadows=[s.version for s in snapshot.shadows],
             revision=snapshot.revision,
             source=snapshot.source,
+            stale=stale,
         )
         for listener in self._listeners:
             listener(snapshot)
+
+    def heard(self) -> None:
+        """The source heard from its store just now (a listing, a change, a progress report)."""
+        self.last_contact = time.monotonic()
+        self.contacted = True
+        if self.withheld is not None:
+            self.snapshot, self.withheld = self.withheld, None
+            log.warning("snapshot_served_again", active_version=self.snapshot.active_version)
+            for listener in self._serving_listeners:
+                listener(True)
+
+    def silence(self) -> float:
+        """Seconds since the source was last heard from."""
+        return time.monotonic() - self.last_contact
+
+    def enforce_max_staleness(self, max_staleness: float) -> None:
+        """Withhold the snapshot if the source has been silent for longer than `max_staleness`."""
+        if self.snapshot is None or self.silence() <= max_staleness:
+            return
+        self.withheld, self.snapshot = self.snapshot, None
+        log.error("snapshot_withheld", silent_seconds=round(self.silence(), 3), max_staleness=max_staleness)
+        for listener in self._serving_listeners:
+            listener(False)
 
     def reject(self, error: str) -> None:
         self.invalid_documents += 1
@@ -62,10 +104,10 @@ class SnapshotStore:
             listener(error)
 
     def status(self) -> dict[str, Any]:
-        snap = self.snapshot
+        snap = self.snapshot if self.snapshot is not None else self.withheld
         now = time.time()
         return {
-            "ready": snap is not None,
+            "ready": self.snapshot is not None,
             "active_version": snap.active_version if snap else None,
             "shadows": [
                 {
@@ -85,6 +127,10 @@ class SnapshotStore:
             "source": snap.source if snap else None,
             "routes": len(snap.routes) if snap else 0,
             "snapshot_age_seconds": round(now - snap.built_at, 3) if snap else None,
+            "stale": self.stale,
+            "withheld_for_staleness": self.withheld is not None,
+            "source_silent_seconds": round(self.silence(), 3),
+            "source_contacted": self.contacted,
             "swaps": self.swaps,
             "invalid_documents": self.invalid_documents,
             "last_error": self.last_error,

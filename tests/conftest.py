@@ -140,7 +140,7 @@ class RunningSidecar:
         self.loop.close()
 
 
-def sidecar_settings(policy: Path, **overrides: Any) -> Settings:
+def sidecar_settings(policy: Path | None, **overrides: Any) -> Settings:
     values: dict[str, Any] = {
         "listen": "127.0.0.1:0",
         "http": "127.0.0.1:0",

@@ -66,6 +66,15 @@ class Process:
         except OSError:
             return ""
 
+    def kill(self) -> int | None:
+        """SIGKILL: a crash, as far as everyone else can tell."""
+        if self.alive():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGKILL)
+            self.popen.wait(timeout=10)
+        self._log.close()
+        return self.popen.returncode
+
     def stop(self, timeout: float = 10.0) -> int | None:
         """SIGTERM, wait, then SIGKILL; returns the exit code."""
         if self.alive():
