@@ -19,13 +19,17 @@ import structlog
 from authz_sidecar.appapi import AppAuthzServicer
 from authz_sidecar.config import Settings, parse_address
 from authz_sidecar.decider import Decider
+from authz_sidecar.documents import Catalog, load_document, parse_catalog
 from authz_sidecar.errors import ConfigError
+from authz_sidecar.etcd.client import Etcd
+from authz_sidecar.etcd.store import PolicyStore
 from authz_sidecar.extauthz import CheckHandler
 from authz_sidecar.grpcfront import GrpcFront
 from authz_sidecar.httpauthz import HttpAuthz
 from authz_sidecar.identity import build_identifier
 from authz_sidecar.metrics import Metrics
 from authz_sidecar.opshttp import OpsHttp
+from authz_sidecar.registry import Registrar, RegistryService
 from authz_sidecar.snapshot import Snapshot
 from authz_sidecar.sources.base import PolicySource
 from authz_sidecar.sources.files import FilePolicySource
@@ -87,8 +91,16 @@ class Sidecar:
         self.http_authz = HttpAuthz(self.decider, self.metrics) if settings.http_authz else None
         self.http_authz_port = 0
         self.source = source if source is not None else build_source(settings)
+        # The registry's own etcd client (the policy source keeps its own), made on start.
+        self.etcd: Etcd | None = None
+        self.registry = RegistryService(None, settings.service)
+        self.registrar: Registrar | None = None
         self.front = GrpcFront(
-            settings.server_model, self.handler, AppAuthzServicer(self.store, self.metrics), settings.workers
+            settings.server_model,
+            self.handler,
+            AppAuthzServicer(self.store, self.metrics),
+            self.registry,
+            settings.workers,
         )
         self.grpc_port = 0
         self.http_port = 0
@@ -123,10 +135,30 @@ class Sidecar:
             "listen": self.settings.listen,
             "identity_sources": list(self.identity_sources),
             "policy_source": self.source.describe(),
+            "registration": self.registrar.status() if self.registrar else None,
             "uptime_seconds": round(time.time() - self._started_at, 3),
         }
 
+    def _own_catalog(self) -> Catalog | None:
+        """The --catalog this sidecar registers (etcd source only; the file source reads it)."""
+        path = self.settings.catalog
+        if not self.settings.etcd or path is None:
+            return None
+        try:
+            catalog = parse_catalog(load_document(path.read_bytes(), str(path)), str(path))
+        except OSError as exc:
+            raise ConfigError(f"--catalog {path}: {exc.strerror}") from None
+        if self.settings.service and catalog.service != self.settings.service:
+            raise ConfigError(f"--catalog {path} is the catalog of {catalog.service!r}, not of --service")
+        return catalog
+
     async def start(self) -> None:
+        catalog = self._own_catalog()
+        if self.settings.etcd:
+            self.etcd = Etcd(self.settings.etcd_options())
+            self.registry.store = PolicyStore(self.etcd, self.settings.prefix)
+            if catalog is not None:
+                self.registrar = Registrar(self.registry.store, catalog)
         self.grpc_port = await self.front.start(parse_address(self.settings.listen, "--listen"))
         self._started = True
         if self.http_authz is not None:
@@ -138,6 +170,8 @@ class Sidecar:
         self._source_task = asyncio.create_task(self.source.run(self.store), name="policy-source")
         if self.settings.max_staleness > 0:
             self._spawn(self._enforce_max_staleness())
+        if self.registrar is not None:
+            self._spawn(self.registrar.run())
         log.info(
             "sidecar_started",
             grpc=self.settings.listen,
@@ -166,6 +200,8 @@ class Sidecar:
         if self._http is not None:
             self._http.close()
             await self._http.wait_closed()
+        if self.etcd is not None:
+            await self.etcd.close()
         log.info("sidecar_stopped")
 
     async def wait(self) -> None:

@@ -39,7 +39,9 @@ def generate(out: Path) -> None:
         raise SystemExit("protoc failed")
     # Every directory from `out` down to a generated module is a regular package, so that
     # setuptools ships it and imports never depend on namespace-package lookup.
-    for directory, _dirs, files in os.walk(out):
+    # Only the tree protoc wrote into: `out` may be the repository, whose .venv holds other
+    # packages' generated modules that must not be touched.
+    for directory, _dirs, files in os.walk(out / "authz_sidecar"):
         if any(f.endswith(SUFFIXES) for f in files):
             package = Path(directory)
             while package != out:

@@ -217,8 +217,14 @@ class EtcdPolicySource:
         return f"etcd:{','.join(self.options.endpoints)}{self.layout.prefix}"
 
     async def run(self, store: SnapshotStore) -> None:
-        async with Etcd(self.options) as etcd:
-            await self._follow(etcd, store)
+        try:
+            async with Etcd(self.options) as etcd:
+                await self._follow(etcd, store)
+        finally:
+            # Let a disk copy being written finish: it is replaced atomically, but a sidecar that
+            # stops right after a change should leave that change on disk.
+            if self._save_task is not None and not self._save_task.done():
+                await asyncio.wait([self._save_task], timeout=5)
 
     async def _follow(self, etcd: Etcd, store: SnapshotStore) -> None:
         delay = 0.1

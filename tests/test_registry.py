@@ -1,0 +1,129 @@
+"""Services register their own permissions at run time: on start, and through the Registry API."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from authz_sidecar.local.etcd import EtcdCluster
+from authz_sidecar.v1 import registry_pb2, registry_pb2_grpc
+
+from .conftest import CATALOG
+from .etcd_helpers import ctl, decision, etcd_sidecar, unique_prefix, wait_for, write_json
+from .test_etcd_source import status
+
+
+@pytest.fixture(scope="module")
+def etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdCluster]:
+    cluster = EtcdCluster(tmp_path_factory.mktemp("etcd")).start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+def registered(endpoints: str, prefix: str, capsys: pytest.CaptureFixture[str], *args: str) -> dict:  # type: ignore[type-arg]
+    capsys.readouterr()
+    assert ctl(endpoints, prefix, "registry", "get", *args, "--json") == 0
+    return json.loads(capsys.readouterr().out)  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize("model", ["aio", "threads"])
+def test_registry_put_get_list_and_refusals(
+    etcd: EtcdCluster, tmp_path: Path, capsys: pytest.CaptureFixture[str], model: str
+) -> None:
+    prefix = unique_prefix()
+    catalog = write_json(tmp_path / "catalog.json", CATALOG)
+    other = write_json(tmp_path / "other.json", {"service": "billing", "permissions": [{"handle": "billing:pay"}]})
+    assert ctl(etcd.endpoints, prefix, "registry", "put", "--file", other) == 0
+    side = etcd_sidecar(etcd.endpoints, prefix, tmp_path, catalog=Path(catalog), server_model=model)
+    try:
+        wait_for(lambda: status(side)["registration"]["registered"], what="the registration")
+        stub = registry_pb2_grpc.RegistryStub(side.channel)
+        put = stub.PutPermission(
+            registry_pb2.PutPermissionRequest(service="things", handle="things:archive", description="Archive"),
+            timeout=10,
+        )
+        assert (put.service, put.handle) == ("things", "things:archive")
+        got = stub.GetPermission(registry_pb2.GetPermissionRequest(handle="things:archive"), timeout=10)
+        assert (got.service, got.handle, got.description) == ("things", "things:archive", "Archive")
+        listed = stub.ListPermissions(registry_pb2.ListPermissionsRequest(service="things"), timeout=10)
+        assert {p.handle for p in listed.permissions} == {p["handle"] for p in CATALOG["permissions"]} | {
+            "things:archive"
+        }
+        assert len(stub.ListPermissions(registry_pb2.ListPermissionsRequest(), timeout=10).permissions) == 5
+        refusals = [
+            (registry_pb2.PutPermissionRequest(service="billing", handle="billing:refund"), "PERMISSION_DENIED"),
+            (registry_pb2.PutPermissionRequest(service="things", handle="billing:pay"), "ALREADY_EXISTS"),
+            (registry_pb2.PutPermissionRequest(service="things", handle="things:*"), "INVALID_ARGUMENT"),
+        ]
+        for request, code in refusals:
+            with pytest.raises(grpc.RpcError) as err:
+                stub.PutPermission(request, timeout=10)
+            assert err.value.code().name == code  # type: ignore[attr-defined]
+        with pytest.raises(grpc.RpcError) as err:
+            stub.GetPermission(registry_pb2.GetPermissionRequest(handle="things:nope"), timeout=10)
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND  # type: ignore[attr-defined]
+        # There is no Delete.
+        delete = side.channel.unary_unary("/authz_sidecar.v1.Registry/DeletePermission")
+        with pytest.raises(grpc.RpcError) as err:
+            delete(b"", timeout=10)
+        assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED  # type: ignore[attr-defined]
+        assert "billing:refund" not in str(registered(etcd.endpoints, prefix, capsys))
+    finally:
+        side.close()
+
+
+def test_registration_waits_for_etcd_then_lands(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cluster = EtcdCluster(tmp_path / "etcd")
+    prefix = unique_prefix()
+    catalog = write_json(tmp_path / "catalog.json", CATALOG)
+    side = etcd_sidecar(cluster.endpoints, prefix, tmp_path, catalog=Path(catalog))
+    try:
+        wait_for(lambda: status(side)["registration"]["attempts"] >= 2, what="retries while etcd is down")
+        assert decision(side, "alice") == 503 and not status(side)["ready"]
+        cluster.start()
+        wait_for(lambda: status(side)["registration"]["registered"], timeout=20, what="the retried registration")
+        assert ctl(cluster.endpoints, prefix, "init", "--file", write_json(tmp_path / "a.json", _active())) == 0
+        side.wait_ready(timeout=10)
+        assert decision(side, "alice") == 200
+        assert {p["handle"] for p in registered(cluster.endpoints, prefix, capsys)["permissions"]} >= {"things:view"}
+    finally:
+        side.close()
+        cluster.stop()
+
+
+def _active() -> dict:  # type: ignore[type-arg]
+    from .conftest import ACTIVE
+
+    return ACTIVE
+
+
+def test_a_changed_catalog_reaches_every_sidecar_of_the_service(etcd: EtcdCluster, tmp_path: Path) -> None:
+    prefix = unique_prefix()
+    catalog = write_json(tmp_path / "catalog.json", CATALOG)
+    assert ctl(etcd.endpoints, prefix, "registry", "put", "--file", catalog) == 0
+    assert ctl(etcd.endpoints, prefix, "init", "--file", write_json(tmp_path / "a.json", _active())) == 0
+    sides = [etcd_sidecar(etcd.endpoints, prefix, tmp_path / f"s{i}", catalog=Path(catalog)) for i in range(2)]
+    try:
+        for side in sides:
+            side.wait_ready()
+            assert decision(side, "bob", "GET", "/things/1/history") == 403  # unmapped route
+        # The service ships a new route (and the permission it needs): one registration, both follow.
+        changed = {
+            **CATALOG,
+            "routes": [
+                *CATALOG["routes"],
+                {"method": "GET", "path": "/things/{id}/history", "permission": "things:view"},
+            ],
+        }
+        assert ctl(etcd.endpoints, prefix, "registry", "put", "--file", write_json(tmp_path / "c2.json", changed)) == 0
+        for side in sides:
+            wait_for(lambda side=side: decision(side, "bob", "GET", "/things/1/history") == 200, what="the new route")
+    finally:
+        for side in sides:
+            side.close()
