@@ -28,6 +28,8 @@ Listener = Callable[[Snapshot], None]
 class SnapshotStore:
     def __init__(self) -> None:
         self.snapshot: Snapshot | None = None
+        # time.time() of the last install: from then on, Checks see that snapshot.
+        self.installed_at: float | None = None
         self.last_error: str | None = None
         self.last_error_at: float | None = None
         self.invalid_documents = 0
@@ -57,6 +59,7 @@ class SnapshotStore:
     def install(self, snapshot: Snapshot, *, stale: bool = False) -> None:
         self.withheld = None
         self.snapshot = snapshot
+        self.installed_at = time.time()
         self.stale = stale
         self.swaps += 1
         self.last_error = None
@@ -127,6 +130,7 @@ class SnapshotStore:
             "source": snap.source if snap else None,
             "routes": len(snap.routes) if snap else 0,
             "snapshot_age_seconds": round(now - snap.built_at, 3) if snap else None,
+            "installed_at": self.installed_at,
             "stale": self.stale,
             "withheld_for_staleness": self.withheld is not None,
             "source_silent_seconds": round(self.silence(), 3),

@@ -191,6 +191,66 @@ def test_sidecar_stopped_means_envoy_denies(mesh: Mesh) -> None:
         time.sleep(0.1)
 
 
+def test_ctl_write_changes_decisions_through_envoy(mesh: Mesh, capsys: pytest.CaptureFixture[str]) -> None:
+    """A write made with the ctl command changes what Envoy lets through; then 100 writes through
+    the control plane's store, each timed from the write to the changed answer through Envoy."""
+    import asyncio
+    import subprocess
+    import sys
+
+    from authz_sidecar.etcd.client import Etcd, EtcdOptions
+    from authz_sidecar.etcd.store import PolicyStore
+
+    user = next(u for u in CANARY_USERS if stable_bucket(u, "v2") < 1000)  # in v2's 10% canary
+    token = {"authorization": f"Bearer {mesh.issuer.token(user)}"}
+    conn = http.client.HTTPConnection(LOOPBACK, mesh.ports["envoy"], timeout=5)
+
+    def answer() -> int:
+        conn.request("PUT", "/things/1", headers=token)
+        response = conn.getresponse()
+        response.read()
+        return response.status
+
+    def ctl(*args: str) -> None:
+        argv = [sys.executable, "-m", "authz_sidecar", "ctl", *args, "--etcd", mesh.etcd_endpoints]
+        subprocess.run(argv, check=True, capture_output=True, timeout=30)  # noqa: S603 - our own CLI
+
+    def wait_for(want: int) -> float:
+        started = time.perf_counter()
+        while answer() != want:
+            assert time.perf_counter() - started < 10, f"Envoy never answered {want}"
+        return time.perf_counter() - started
+
+    async def flip(times: int) -> list[float]:
+        took = []
+        async with Etcd(EtcdOptions(endpoints=(mesh.etcd_endpoints,))) as etcd:
+            store = PolicyStore(etcd)
+            for i in range(times):
+                weight, want = (0, 403) if i % 2 == 0 else (10, 200)
+                started = time.perf_counter()
+                await store.canary("v2", {"us-east": weight})
+                wait_for(want)
+                took.append(time.perf_counter() - started)
+        return took
+
+    try:
+        assert answer() == 200
+        ctl("canary", "v2", "--weight", "us-east=0")  # the real CLI, as an operator types it
+        wait_for(403)
+        ctl("canary", "v2", "--weight", "us-east=10")
+        wait_for(200)
+        took = sorted(asyncio.run(flip(100)))
+        assert answer() == 200  # left as it was found: 10% in us-east
+    finally:
+        conn.close()
+    with capsys.disabled():
+        print(
+            f"\n  etcd write (ctl's store) -> changed answer through Envoy, n={len(took)}: "
+            f"p50 {took[len(took) // 2] * 1e3:.1f} ms, p99 {took[int(len(took) * 0.99) - 1] * 1e3:.1f} ms, "
+            f"max {took[-1] * 1e3:.1f} ms"
+        )
+
+
 class _Recorder:
     """A raw gRPC server that keeps the exact bytes Envoy sends and allows everything."""
 

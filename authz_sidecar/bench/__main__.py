@@ -12,7 +12,7 @@ from pathlib import Path
 
 import structlog
 
-from authz_sidecar.bench import h2load, scale
+from authz_sidecar.bench import h2load, propagation, scale
 from authz_sidecar.bench.run import Bench, Point, Row, machine_facts, to_json
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -103,13 +103,18 @@ def main() -> int:
     sizes = [100, 10_000, 100_000] if args.quick else [100, 10_000, 1_000_000]
     print(f"  measuring scale at {', '.join(f'{s:,}' for s in sizes)} grants ...", flush=True)
     scaled = scale.run(sizes)
+    sidecars, changes = (3, 10) if args.quick else (10, 100)
+    print(f"  measuring propagation over {sidecars} sidecars x {changes} changes ...", flush=True)
+    propagated = propagation.run(sidecars, changes)
     print()
     print(table(bench))
     print()
     print(scale.table(scaled))
+    print()
+    print(propagation.table(propagated))
     args.out.mkdir(parents=True, exist_ok=True)
     out = args.out / f"bench-{time.strftime('%Y%m%dT%H%M%S')}{'-quick' if args.quick else ''}.json"
-    out.write_text(json.dumps({**to_json(bench, facts), "scale": scaled}, indent=2))
+    out.write_text(json.dumps({**to_json(bench, facts), "scale": scaled, "propagation": propagated}, indent=2))
     print(f"\nwritten: {out.relative_to(REPO_ROOT) if out.is_relative_to(REPO_ROOT) else out}")
     if bench.errors:
         print("\nbenchmark FAILED: answers other than the expected ones were measured:", file=sys.stderr)

@@ -77,6 +77,8 @@ class PolicyStore:
     def __init__(self, etcd: Etcd, prefix: str = layout.DEFAULT_PREFIX) -> None:
         self.etcd = etcd
         self.layout = Layout(layout.normalise_prefix(prefix))
+        # etcd's revision after this store's last successful pointer change.
+        self.last_revision = 0
 
     # --- reading -------------------------------------------------------------------------------
 
@@ -146,6 +148,7 @@ class PolicyStore:
         response = await self.etcd.call(kv.txn, compares, ops)
         if not response.succeeded:
             raise ConflictError("the live pointers changed while this command ran; run it again")
+        self.last_revision = response.header.revision
 
     async def init(self, permissions: PermissionSet, document: bytes) -> None:
         """Make `permissions` the first active set. Refused once any active set exists."""

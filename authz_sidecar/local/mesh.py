@@ -1,15 +1,18 @@
-"""``make run``: a local mesh of real processes: the demo upstream, authz-sidecar and Envoy.
+"""``make run``: a local mesh of real processes: etcd, the demo upstream, authz-sidecar and Envoy.
 
-It seeds the sidecar with examples/policy (an active set v1 and a shadow v2), mints demo tokens
-that Envoy's jwt_authn verifies, shows one allowed request, one denied and one decided by the
-shadow picked with its header, prints the curl commands to try more, and runs until Ctrl-C.
-``--check`` exits after the demonstration (non-zero if any answer was not the expected one).
+It seeds etcd from examples/policy with the control plane's own commands (the catalog, the
+active set v1 with ``ctl init``, the shadow v2 with ``ctl propose``), starts the sidecar on etcd
+(it registers its catalog itself), mints demo tokens that Envoy's jwt_authn verifies, shows one
+allowed request, one denied and one decided by the shadow picked with its header, prints the curl
+and ctl commands to try more, and runs until Ctrl-C. ``--check`` exits after the demonstration
+(non-zero if any answer was not the expected one).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import io
 import json
 import os
 import shutil
@@ -22,8 +25,13 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+import yaml
+
+from authz_sidecar import cli
 from authz_sidecar.local import envoy
+from authz_sidecar.local.etcd import EtcdCluster
 from authz_sidecar.local.processes import LOOPBACK, Process, free_port, wait_for_http, wait_for_port
 from authz_sidecar.local.tokens import DEMO_ISSUER, DemoIssuer
 
@@ -51,6 +59,33 @@ class Mesh:
     processes: list[Process] = field(default_factory=list)
     issuer: DemoIssuer = field(default_factory=DemoIssuer)
     sidecar_args: tuple[str, ...] = ()
+    etcd: EtcdCluster | None = None
+
+    @property
+    def etcd_endpoints(self) -> str:
+        if self.etcd is None:
+            raise RuntimeError("the mesh is not started")
+        return self.etcd.endpoints
+
+    def ctl(self, *args: str) -> dict[str, Any]:
+        """Run ``authz-sidecar ctl ... --json`` against the mesh's etcd; return what it printed."""
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            code = cli.main(["ctl", *args, "--etcd", self.etcd_endpoints, "--json"])
+        if code != 0:
+            raise RuntimeError(f"ctl {' '.join(args)} failed (exit {code})")
+        return json.loads(out.getvalue())  # type: ignore[no-any-return]
+
+    def seed(self) -> None:
+        """etcd gets the example policy the way an operator would write it."""
+        d = self.policy_dir
+        self.ctl("registry", "put", "--file", str(d / "catalog.yaml"))
+        self.ctl("init", "--file", str(d / "active.yaml"))
+        for path in sorted((d / "shadows").glob("*.yaml")):
+            meta = yaml.safe_load(path.read_text())
+            request_id = str(meta.get("request_id") or path.stem)
+            reason = str(meta.get("reason") or "example shadow")
+            self.ctl("propose", "--file", str(path), "--request-id", request_id, "--reason", reason)
 
     def start(self, *, preferred: bool = True) -> None:
         pick = port_or_free if preferred else (lambda _p: free_port())
@@ -63,6 +98,8 @@ class Mesh:
         }
         jwks = self.issuer.write_jwks(self.workdir / "jwks.json")
         try:
+            self.etcd = EtcdCluster(self.workdir / "etcd").start()
+            self.seed()
             upstream_argv = [
                 sys.executable,
                 "-m",
@@ -111,16 +148,18 @@ class Mesh:
                 f"{LOOPBACK}:{self.ports['grpc']}",
                 "--http",
                 f"{LOOPBACK}:{self.ports['http']}",
-                "--policy-dir",
-                str(self.policy_dir),
+                "--etcd",
+                self.etcd_endpoints,
+                "--catalog",
+                str(self.policy_dir / "catalog.yaml"),
+                "--cache-file",
+                str(self.workdir / "snapshot-cache.json"),
                 "--service",
                 "things",
                 "--region",
                 self.region,
                 "--jwt-authn-payload-key",
                 "jwt_payload",
-                "--poll-interval",
-                "0.2",
                 "--grace",
                 "1",
                 *self.sidecar_args,
@@ -135,6 +174,8 @@ class Mesh:
     def stop(self) -> None:
         for proc in reversed(self.processes):
             proc.stop()
+        if self.etcd is not None:
+            self.etcd.stop()
 
     def url(self, path: str) -> str:
         return f"http://{LOOPBACK}:{self.ports['envoy']}{path}"
@@ -189,6 +230,7 @@ def instructions(mesh: Mesh) -> str:
     env_file.write_text("".join(f"{p.upper().replace('-', '_')}={t}\n" for p, t in tokens.items()))
     base = mesh.url("")
     http = f"http://{LOOPBACK}:{mesh.ports['http']}"
+    etcd = mesh.etcd_endpoints
     return f"""
 Local mesh is up (Ctrl-C stops it). Envoy: {base}   sidecar status: {http}/status
 Tokens (valid 12 h) are in {env_file}:  set -a; . {env_file}; set +a
@@ -202,8 +244,12 @@ Tokens (valid 12 h) are in {env_file}:  set -a; . {env_file}; set +a
   curl -i {base}/things/1                                                     # 401: no identity
   curl -s {http}/metrics | grep authz_                                        # decisions, mismatches
 
-Edit {mesh.policy_dir}/active.yaml or shadows/*.yaml: the sidecar reloads within a second, and a
-broken file keeps the last good set serving (see /status). Logs: {mesh.workdir}/*.log
+The sets live in etcd ({mesh.etcd_endpoints}); change them with the control plane (venv's bin/):
+  authz-sidecar ctl status --etcd {etcd}                            # what is active and live
+  authz-sidecar ctl canary v2 --weight us-east=100 --etcd {etcd}    # v2 decides for everyone here
+  authz-sidecar ctl registry get --etcd {etcd}                      # the registered permissions
+Every sidecar follows within milliseconds; a bad document keeps the last good set serving (see
+/status). Logs: {mesh.workdir}/*.log
 """
 
 
