@@ -15,6 +15,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import grpc
 from etcd3aio.errors import EtcdError
 
 from authz_sidecar.documents import (
@@ -200,6 +201,8 @@ def run(ns: argparse.Namespace, options: EtcdOptions) -> int:
                 return result
             except EtcdError as exc:
                 raise AuthzError(f"etcd at {etcd.endpoints}: {exc}") from None
+            except grpc.aio.AioRpcError as exc:  # what etcd3aio does not map (e.g. auth required)
+                raise AuthzError(f"etcd at {etcd.endpoints}: {exc.code().name}: {exc.details()}") from None
             except TimeoutError:
                 raise AuthzError(f"etcd at {etcd.endpoints}: no answer within {options.timeout:g} s") from None
 

@@ -103,7 +103,7 @@ class RegistryService:
     async def _catalogs(self) -> list[Catalog]:
         try:
             return await self._store().catalogs()
-        except (EtcdError, TimeoutError) as exc:
+        except (EtcdError, grpc.aio.AioRpcError, TimeoutError) as exc:
             raise RegistryError(grpc.StatusCode.UNAVAILABLE, f"etcd: {exc}") from None
 
     async def get(self, request: registry_pb2.GetPermissionRequest) -> registry_pb2.RegisteredPermission:
@@ -147,7 +147,7 @@ class RegistryService:
 
         try:
             await store.update_catalog(self.service, add)
-        except (EtcdError, ConflictError, TimeoutError) as exc:
+        except (EtcdError, ConflictError, grpc.aio.AioRpcError, TimeoutError) as exc:
             raise RegistryError(grpc.StatusCode.UNAVAILABLE, f"etcd: {exc}") from None
         log.info("permission_registered", service=self.service, handle=request.handle)
         return _registered(self.service, permission)

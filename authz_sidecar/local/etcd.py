@@ -9,14 +9,34 @@ from __future__ import annotations
 
 import os
 import signal
+from dataclasses import dataclass
 from pathlib import Path
 
-from authz_sidecar.local.processes import LOOPBACK, Process, binary, free_port, wait_for_http
+from authz_sidecar.local.processes import LOOPBACK, Process, binary, free_port, wait_for_http, wait_for_port
+
+
+@dataclass(frozen=True)
+class ServerTls:
+    """Serve clients over TLS and require a client certificate signed by `ca`."""
+
+    ca: Path
+    cert: Path
+    key: Path
 
 
 class EtcdMember:
-    def __init__(self, name: str, data_dir: Path, log_dir: Path, *, client_port: int = 0, peer_port: int = 0) -> None:
+    def __init__(
+        self,
+        name: str,
+        data_dir: Path,
+        log_dir: Path,
+        *,
+        client_port: int = 0,
+        peer_port: int = 0,
+        tls: ServerTls | None = None,
+    ) -> None:
         self.name = name
+        self.tls = tls
         self.data_dir = data_dir
         self.log_dir = log_dir
         self.client_port = client_port or free_port()
@@ -32,12 +52,24 @@ class EtcdMember:
         return f"http://{LOOPBACK}:{self.peer_port}"
 
     def argv(self, initial_cluster: str, state: str) -> list[str]:
+        scheme = "https" if self.tls else "http"
+        tls = (
+            [
+                f"--cert-file={self.tls.cert}",
+                f"--key-file={self.tls.key}",
+                f"--trusted-ca-file={self.tls.ca}",
+                "--client-cert-auth",
+            ]
+            if self.tls
+            else []
+        )
         return [
             binary("etcd"),
             f"--name={self.name}",
             f"--data-dir={self.data_dir}",
-            f"--listen-client-urls=http://{self.endpoint}",
-            f"--advertise-client-urls=http://{self.endpoint}",
+            f"--listen-client-urls={scheme}://{self.endpoint}",
+            f"--advertise-client-urls={scheme}://{self.endpoint}",
+            *tls,
             f"--listen-peer-urls={self.peer_url}",
             f"--initial-advertise-peer-urls={self.peer_url}",
             f"--initial-cluster={initial_cluster}",
@@ -53,7 +85,10 @@ class EtcdMember:
         self.process = Process(self.name, self.argv(initial_cluster, state), self.log_dir)
 
     def wait_healthy(self, timeout: float = 30.0) -> None:
-        wait_for_http(f"http://{self.endpoint}/health", self.process, timeout=timeout)
+        if self.tls:  # /health would need our client certificate; a listening port will do
+            wait_for_port(self.client_port, self.process, timeout=timeout)
+        else:
+            wait_for_http(f"http://{self.endpoint}/health", self.process, timeout=timeout)
 
     def stop(self) -> None:
         if self.process is not None:
@@ -78,11 +113,9 @@ class EtcdMember:
 class EtcdCluster:
     """`size` members on loopback; ``endpoints`` is what --etcd takes."""
 
-    def __init__(self, base_dir: Path, size: int = 1) -> None:
+    def __init__(self, base_dir: Path, size: int = 1, *, tls: ServerTls | None = None) -> None:
         base_dir.mkdir(parents=True, exist_ok=True)
-        self.members = [
-            EtcdMember(f"etcd{i}", base_dir / f"etcd{i}.data", base_dir, client_port=0) for i in range(size)
-        ]
+        self.members = [EtcdMember(f"etcd{i}", base_dir / f"etcd{i}.data", base_dir, tls=tls) for i in range(size)]
 
     @property
     def initial_cluster(self) -> str:
