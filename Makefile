@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help venv run test lint typecheck pytest bench bench-quick bench-deps protos check-protos clean
+.PHONY: help venv run test lint typecheck pytest bench bench-quick profile bench-deps protos check-protos clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -40,8 +40,11 @@ bench-deps: ## install h2load and nghttpd (Debian's nghttp2-client, nghttp2-serv
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nghttp2-client nghttp2-server >/dev/null; \
 	  else echo "bench: h2load/nghttpd missing; install nghttp2-client and nghttp2-server (Debian/Ubuntu)" >&2; exit 2; fi; }
 
-bench: $(STAMP) bench-deps ## the benchmark: the sidecar beside Envoy's floor, RBAC and bare Python servers (~8 min)
+bench: $(STAMP) bench-deps ## the benchmark: Envoy's floor, RBAC, bare servers, the sidecar, scale, propagation (~10 min)
 	$(BIN)/python -m authz_sidecar.bench
+
+profile: $(STAMP) bench-deps ## py-spy on the sidecar and the bare gRPC server under load: where the CPU goes
+	$(BIN)/python -m authz_sidecar.bench.profile
 
 bench-quick: $(STAMP) bench-deps ## the benchmark in quick mode (1 s per point): checks every row ran and answered right
 	$(BIN)/python -m authz_sidecar.bench --quick

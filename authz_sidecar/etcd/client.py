@@ -189,7 +189,8 @@ class Etcd:
         return KeyValue(_key(kv.key), kv.value, kv.mod_revision)
 
     async def watch(self, prefix: str, start_revision: int, liveness: float) -> AsyncIterator[tuple[int, list[Change]]]:
-        """Yield (revision, changes) from `start_revision` on; (revision, []) is a progress report.
+        """Yield (revision, changes) from `start_revision` on; (revision, []) is a progress report
+        (everything up to `revision` has been delivered), (0, []) only proves the stream is alive.
 
         Raises CompactedError when `start_revision` is no longer available and WatchLostError when the
         stream ends, is cancelled, loses its leader, or is silent for `liveness` seconds although a
@@ -240,7 +241,10 @@ class Etcd:
                 if response.fragment:
                     continue
                 changes, pending = pending, []
-                yield response.header.revision, changes
+                # The creation response carries the store's current revision, but events from
+                # start_revision up to it may still be on their way: it proves the stream is alive,
+                # not that the caller has seen everything up to that revision.
+                yield (0 if response.created else response.header.revision), changes
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
                 self._token = None
