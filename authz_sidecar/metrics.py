@@ -109,6 +109,20 @@ class Metrics:
         age.set_function(lambda: time.time() - store.snapshot.built_at if store.snapshot else float("nan"))
         ready = Gauge("authz_ready", "1 once a valid snapshot is serving.", registry=r)
         ready.set_function(lambda: 1.0 if store.snapshot else 0.0)
+        silent = Gauge(
+            "authz_source_silent_seconds",
+            "Seconds since the policy source last heard from its store (etcd: a listing, a change, a progress report).",
+            registry=r,
+        )
+        silent.set_function(store.silence)
+        stale = Gauge("authz_snapshot_stale", "1 while serving the disk copy, not yet confirmed by etcd.", registry=r)
+        stale.set_function(lambda: 1.0 if store.stale and store.snapshot else 0.0)
+        withheld = Gauge(
+            "authz_snapshot_withheld",
+            "1 while the snapshot is withheld because the source was silent longer than --max-staleness.",
+            registry=r,
+        )
+        withheld.set_function(lambda: 1.0 if store.withheld is not None else 0.0)
         self._info = Gauge(
             "authz_snapshot_info",
             "The serving snapshot's active version (value is always 1).",

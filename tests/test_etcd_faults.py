@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -39,6 +40,12 @@ def cluster(tmp_path: Path) -> Iterator[EtcdCluster]:
         yield cluster.start()
     finally:
         cluster.stop()
+
+
+def metrics(side) -> str:  # type: ignore[no-untyped-def]
+    url = f"http://127.0.0.1:{side.sidecar.http_port}/metrics"
+    with urllib.request.urlopen(url, timeout=5) as response:
+        return response.read().decode()  # type: ignore[no-any-return]
 
 
 def canary(endpoints: str, prefix: str, weight: int) -> None:
@@ -101,6 +108,7 @@ def test_restarted_while_etcd_is_down_serves_the_disk_copy_marked_stale(member: 
         side.wait_ready(timeout=10)
         st = status(side)
         assert st["stale"] is True and st["active_version"] == "v1"
+        assert "authz_snapshot_stale 1.0" in metrics(side)
         assert decision(side, "alice") == 200 and decision(side, "bob") == 403
         member.restart(member.members[0])
         wait_for(lambda: status(side)["stale"] is False, timeout=15, what="a fresh listing")
@@ -120,6 +128,8 @@ def test_max_staleness_denies_while_etcd_is_silent_and_serves_again(member: Etcd
         member.members[0].kill()
         wait_for(lambda: decision(side, "alice") == 503, timeout=10, what="denying when stale")
         assert health(side) == health_pb2.HealthCheckResponse.NOT_SERVING
+        assert "authz_snapshot_withheld 1.0" in metrics(side)
+        assert status(side)["withheld_for_staleness"] is True
         member.restart(member.members[0])
         wait_for(lambda: decision(side, "alice") == 200, timeout=15, what="serving again")
     finally:
