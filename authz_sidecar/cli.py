@@ -119,15 +119,30 @@ def _path(value: Any) -> Path | None:
     return Path(value) if value not in (None, "") else None
 
 
+def _number(ns: argparse.Namespace, name: str) -> float:
+    raw = getattr(ns, name)
+    try:
+        return float(raw)
+    except (TypeError, ValueError):
+        raise AuthzError(f"--{name.replace('_', '-')}: {raw!r} is not a number") from None
+
+
+def _etcd_settings(ns: argparse.Namespace) -> dict[str, Any]:
+    """The etcd connection flags, shared by serve and ctl."""
+    return {
+        "etcd": _as_tuple(ns.etcd),
+        "etcd_ca": _path(ns.etcd_ca),
+        "etcd_cert": _path(ns.etcd_cert),
+        "etcd_key": _path(ns.etcd_key),
+        "etcd_server_name": ns.etcd_server_name or "",
+        "etcd_user": ns.etcd_user or "",
+        "etcd_password": ns.etcd_password or "",
+        "etcd_timeout": _number(ns, "etcd_timeout"),
+    }
+
+
 def settings_from(ns: argparse.Namespace) -> Settings:
     """Convert parsed flags (strings from the command line or environment) into Settings."""
-
-    def num(name: str) -> float:
-        raw = getattr(ns, name)
-        try:
-            return float(raw)
-        except (TypeError, ValueError):
-            raise AuthzError(f"--{name.replace('_', '-')}: {raw!r} is not a number") from None
 
     return validate(
         Settings(
@@ -135,21 +150,14 @@ def settings_from(ns: argparse.Namespace) -> Settings:
             http=ns.http,
             service=ns.service or "",
             region=ns.region or "",
-            etcd=_as_tuple(ns.etcd),
+            **_etcd_settings(ns),
             prefix=ns.prefix,
-            etcd_ca=_path(ns.etcd_ca),
-            etcd_cert=_path(ns.etcd_cert),
-            etcd_key=_path(ns.etcd_key),
-            etcd_server_name=ns.etcd_server_name or "",
-            etcd_user=ns.etcd_user or "",
-            etcd_password=ns.etcd_password or "",
-            etcd_timeout=num("etcd_timeout"),
-            etcd_liveness=num("etcd_liveness"),
+            etcd_liveness=_number(ns, "etcd_liveness"),
             cache_file=ns.cache_file or "",
-            max_staleness=num("max_staleness"),
+            max_staleness=_number(ns, "max_staleness"),
             catalog=_path(ns.catalog),
             policy_dir=_path(ns.policy_dir),
-            poll_interval=num("poll_interval"),
+            poll_interval=_number(ns, "poll_interval"),
             identity=_as_tuple(ns.identity),
             jwt_authn_payload_key=ns.jwt_authn_payload_key or "",
             principal_claim=ns.principal_claim,
@@ -161,9 +169,9 @@ def settings_from(ns: argparse.Namespace) -> Settings:
             payload_header=ns.payload_header,
             http_authz=ns.http_authz or "",
             stickiness=ns.stickiness,
-            grace=num("grace"),
+            grace=_number(ns, "grace"),
             server_model=ns.server_model,
-            workers=int(num("workers")),
+            workers=int(_number(ns, "workers")),
             log_level=ns.log_level,
         )
     )
@@ -190,23 +198,7 @@ def _serve(ns: argparse.Namespace) -> int:
 def _ctl(ns: argparse.Namespace) -> int:
     from authz_sidecar import ctl
 
-    def num(raw: Any) -> float:
-        try:
-            return float(raw)
-        except (TypeError, ValueError):
-            raise AuthzError(f"--etcd-timeout: {raw!r} is not a number") from None
-
-    options = Settings(
-        etcd=_as_tuple(ns.etcd),
-        etcd_ca=_path(ns.etcd_ca),
-        etcd_cert=_path(ns.etcd_cert),
-        etcd_key=_path(ns.etcd_key),
-        etcd_server_name=ns.etcd_server_name or "",
-        etcd_user=ns.etcd_user or "",
-        etcd_password=ns.etcd_password or "",
-        etcd_timeout=num(ns.etcd_timeout),
-    ).etcd_options()
-    return ctl.run(ns, options)
+    return ctl.run(ns, Settings(**_etcd_settings(ns)).etcd_options())
 
 
 def _validate(ns: argparse.Namespace) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 import threading
 from collections.abc import Iterator
 from concurrent.futures import Future
@@ -11,11 +12,17 @@ from typing import Any
 
 import grpc
 import pytest
+import structlog
 import yaml
 
 from authz_sidecar.config import Settings
+from authz_sidecar.local.etcd import EtcdCluster
 from authz_sidecar.local.tokens import DemoIssuer
 from authz_sidecar.server import Sidecar
+
+# Sidecars run inside the test process; their logs go to stderr so that what a CLI prints on stdout
+# (ctl --json) can be read back whole.
+structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))
 
 CATALOG: dict[str, Any] = {
     "service": "things",
@@ -98,6 +105,17 @@ def write_policy(
 @pytest.fixture
 def policy_dir(tmp_path: Path) -> Path:
     return write_policy(tmp_path / "policy", shadows=[shadow("v2", testers=["bob", "qa-bot"])])
+
+
+@pytest.fixture(scope="session")
+def etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdCluster]:
+    """One real etcd member for every test that only reads and writes (each uses its own prefix);
+    tests that kill, pause or compact start members of their own."""
+    cluster = EtcdCluster(tmp_path_factory.mktemp("etcd")).start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
 
 
 @pytest.fixture(scope="session")

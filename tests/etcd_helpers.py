@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import time
 import uuid
@@ -22,6 +24,14 @@ def unique_prefix() -> str:
 def ctl(endpoints: str, prefix: str, *args: str) -> int:
     """Run `authz-sidecar ctl ...` in this process, as an operator would from a shell."""
     return cli.main(["ctl", *args, "--etcd", endpoints, "--prefix", prefix, "--etcd-timeout", "3"])
+
+
+def ctl_json(endpoints: str, prefix: str, *args: str) -> Any:
+    """`ctl ... --json`, its output parsed (and kept apart from the logs of sidecars in this process)."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert ctl(endpoints, prefix, *args, "--json") == 0
+    return json.loads(out.getvalue())
 
 
 def write_json(path: Path, data: dict[str, Any]) -> str:

@@ -52,6 +52,16 @@ def canary(endpoints: str, prefix: str, weight: int) -> None:
     assert ctl(endpoints, prefix, "canary", "v2", "--weight", f"us-east={weight}") == 0
 
 
+def seeded(member: EtcdCluster, tmp: Path, *, with_shadow: bool = True) -> str:
+    """Start the member, write a catalog and v1 (and shadow v2, 0% canary) under a fresh prefix."""
+    member.start()
+    prefix = unique_prefix()
+    seed(member.endpoints, prefix, tmp)
+    if with_shadow:
+        propose(member.endpoints, prefix, tmp)
+    return prefix
+
+
 def propose(endpoints: str, prefix: str, tmp: Path) -> None:
     path = write_json(tmp / "v2.json", shadow("v2"))
     assert ctl(endpoints, prefix, "propose", "--file", path, "--request-id", "CR-2", "--reason", "bob edits") == 0
@@ -73,10 +83,7 @@ def test_etcd_down_at_start_then_up(member: EtcdCluster, tmp_path: Path) -> None
 
 
 def test_killed_etcd_decisions_go_on_and_later_writes_are_seen(member: EtcdCluster, tmp_path: Path) -> None:
-    member.start()
-    prefix = unique_prefix()
-    seed(member.endpoints, prefix, tmp_path)
-    propose(member.endpoints, prefix, tmp_path)
+    prefix = seeded(member, tmp_path)
     side = etcd_sidecar(member.endpoints, prefix, tmp_path)
     try:
         side.wait_ready()
@@ -93,9 +100,7 @@ def test_killed_etcd_decisions_go_on_and_later_writes_are_seen(member: EtcdClust
 
 
 def test_restarted_while_etcd_is_down_serves_the_disk_copy_marked_stale(member: EtcdCluster, tmp_path: Path) -> None:
-    member.start()
-    prefix = unique_prefix()
-    seed(member.endpoints, prefix, tmp_path)
+    prefix = seeded(member, tmp_path, with_shadow=False)
     side = etcd_sidecar(member.endpoints, prefix, tmp_path)
     try:
         side.wait_ready()
@@ -117,9 +122,7 @@ def test_restarted_while_etcd_is_down_serves_the_disk_copy_marked_stale(member: 
 
 
 def test_max_staleness_denies_while_etcd_is_silent_and_serves_again(member: EtcdCluster, tmp_path: Path) -> None:
-    member.start()
-    prefix = unique_prefix()
-    seed(member.endpoints, prefix, tmp_path)
+    prefix = seeded(member, tmp_path, with_shadow=False)
     side = etcd_sidecar(member.endpoints, prefix, tmp_path, max_staleness=1.0, etcd_liveness=0.6)
     try:
         side.wait_ready()
@@ -137,10 +140,7 @@ def test_max_staleness_denies_while_etcd_is_silent_and_serves_again(member: Etcd
 
 
 def test_paused_etcd_is_noticed_within_the_liveness_window(member: EtcdCluster, tmp_path: Path) -> None:
-    member.start()
-    prefix = unique_prefix()
-    seed(member.endpoints, prefix, tmp_path)
-    propose(member.endpoints, prefix, tmp_path)
+    prefix = seeded(member, tmp_path)
     side = etcd_sidecar(member.endpoints, prefix, tmp_path, etcd_liveness=1.0)
     try:
         side.wait_ready()
@@ -158,10 +158,7 @@ def test_paused_etcd_is_noticed_within_the_liveness_window(member: EtcdCluster, 
 
 
 def test_compacted_resume_revision_lists_again(member: EtcdCluster, tmp_path: Path) -> None:
-    member.start()
-    prefix = unique_prefix()
-    seed(member.endpoints, prefix, tmp_path)
-    propose(member.endpoints, prefix, tmp_path)
+    prefix = seeded(member, tmp_path)
     side = etcd_sidecar(member.endpoints, prefix, tmp_path)
     try:
         side.wait_ready()

@@ -10,7 +10,6 @@ import json
 import statistics
 import time
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,18 +23,13 @@ from .conftest import RunningSidecar, shadow
 from .etcd_helpers import ctl, decision, etcd_sidecar, seed, unique_prefix, wait_for, write_json
 
 
-@pytest.fixture(scope="module")
-def etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdCluster]:
-    cluster = EtcdCluster(tmp_path_factory.mktemp("etcd")).start()
-    try:
-        yield cluster
-    finally:
-        cluster.stop()
-
-
 def status(side: RunningSidecar) -> dict[str, Any]:
     with urllib.request.urlopen(f"http://127.0.0.1:{side.sidecar.http_port}/status", timeout=5) as r:
-        return json.loads(r.read())  # type: ignore[no-any-return]
+        body = r.read()
+    try:
+        return json.loads(body)  # type: ignore[no-any-return]
+    except ValueError:
+        raise AssertionError(f"/status on port {side.sidecar.http_port} answered {body[:300]!r}") from None
 
 
 def health(side: RunningSidecar) -> int:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -13,29 +11,16 @@ from authz_sidecar.local.etcd import EtcdCluster
 from authz_sidecar.v1 import registry_pb2, registry_pb2_grpc
 
 from .conftest import CATALOG
-from .etcd_helpers import ctl, decision, etcd_sidecar, unique_prefix, wait_for, write_json
+from .etcd_helpers import ctl, ctl_json, decision, etcd_sidecar, unique_prefix, wait_for, write_json
 from .test_etcd_source import status
 
 
-@pytest.fixture(scope="module")
-def etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdCluster]:
-    cluster = EtcdCluster(tmp_path_factory.mktemp("etcd")).start()
-    try:
-        yield cluster
-    finally:
-        cluster.stop()
-
-
-def registered(endpoints: str, prefix: str, capsys: pytest.CaptureFixture[str], *args: str) -> dict:  # type: ignore[type-arg]
-    capsys.readouterr()
-    assert ctl(endpoints, prefix, "registry", "get", *args, "--json") == 0
-    return json.loads(capsys.readouterr().out)  # type: ignore[no-any-return]
+def registered(endpoints: str, prefix: str, *args: str) -> dict:  # type: ignore[type-arg]
+    return ctl_json(endpoints, prefix, "registry", "get", *args)  # type: ignore[no-any-return]
 
 
 @pytest.mark.parametrize("model", ["aio", "threads"])
-def test_registry_put_get_list_and_refusals(
-    etcd: EtcdCluster, tmp_path: Path, capsys: pytest.CaptureFixture[str], model: str
-) -> None:
+def test_registry_put_get_list_and_refusals(etcd: EtcdCluster, tmp_path: Path, model: str) -> None:
     prefix = unique_prefix()
     catalog = write_json(tmp_path / "catalog.json", CATALOG)
     other = write_json(tmp_path / "other.json", {"service": "billing", "permissions": [{"handle": "billing:pay"}]})
@@ -73,12 +58,12 @@ def test_registry_put_get_list_and_refusals(
         with pytest.raises(grpc.RpcError) as err:
             delete(b"", timeout=10)
         assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED  # type: ignore[attr-defined]
-        assert "billing:refund" not in str(registered(etcd.endpoints, prefix, capsys))
+        assert "billing:refund" not in str(registered(etcd.endpoints, prefix))
     finally:
         side.close()
 
 
-def test_registration_waits_for_etcd_then_lands(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_registration_waits_for_etcd_then_lands(tmp_path: Path) -> None:
     cluster = EtcdCluster(tmp_path / "etcd")
     prefix = unique_prefix()
     catalog = write_json(tmp_path / "catalog.json", CATALOG)
@@ -91,7 +76,7 @@ def test_registration_waits_for_etcd_then_lands(tmp_path: Path, capsys: pytest.C
         assert ctl(cluster.endpoints, prefix, "init", "--file", write_json(tmp_path / "a.json", _active())) == 0
         side.wait_ready(timeout=10)
         assert decision(side, "alice") == 200
-        assert {p["handle"] for p in registered(cluster.endpoints, prefix, capsys)["permissions"]} >= {"things:view"}
+        assert {p["handle"] for p in registered(cluster.endpoints, prefix)["permissions"]} >= {"things:view"}
     finally:
         side.close()
         cluster.stop()
