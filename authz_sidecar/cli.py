@@ -76,7 +76,12 @@ def _build_parser() -> argparse.ArgumentParser:
         serve, "--cache-file", text="disk copy of the last good snapshot; empty: ~/.cache/authz-sidecar/..., off: none"
     )
     _add(serve, "--max-staleness", text="deny everything after this many seconds without etcd; 0: never")
-    _add(serve, "--catalog", text="an extra catalog file", metavar="FILE")
+    _add(
+        serve,
+        "--catalog",
+        text="this service's catalog: registered in etcd on start (--etcd), or read beside --policy-dir",
+        metavar="FILE",
+    )
     _add(serve, "--policy-dir", text="directory with active.yaml, shadows/, catalog.yaml", metavar="DIR")
     _add(serve, "--poll-interval", text="seconds between policy directory checks")
     _add(
