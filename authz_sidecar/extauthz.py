@@ -21,6 +21,7 @@ from authz_sidecar.decider import Decider, Outcome
 from authz_sidecar.metrics import Metrics
 from authz_sidecar.reasons import Reason
 from authz_sidecar.responses import Rendered, ResponseCache
+from authz_sidecar.tracing import CheckTracer, trace
 
 log = structlog.get_logger("authz_sidecar.check")
 _parse = pb.CheckRequest.FromString
@@ -29,9 +30,10 @@ _parse = pb.CheckRequest.FromString
 class CheckHandler:
     """Decides ext_authz CheckRequests; a plain function, whatever the server model."""
 
-    def __init__(self, decider: Decider, metrics: Metrics) -> None:
+    def __init__(self, decider: Decider, metrics: Metrics, tracer: CheckTracer | None = None) -> None:
         self._decider = decider
         self._metrics = metrics
+        self._tracer = tracer
         self._responses = ResponseCache()
 
     def check(self, request: pb.CheckRequest) -> pb.CheckResponse:
@@ -52,14 +54,19 @@ class CheckHandler:
 
     def _guarded(self, request: pb.CheckRequest) -> Rendered:
         started = time.perf_counter()
+        start_ns = time.time_ns() if self._tracer is not None else 0
         try:
-            return self._render(self._outcome(request))
+            outcome = self._outcome(request)
         except Exception:
             # Fail closed on any fault, and say so loudly: this is a bug, not a policy outcome.
             log.exception("check_failed")
-            return self._render(self._decider.refuse(Reason.INTERNAL_ERROR))
-        finally:
-            self._metrics.latency.observe(time.perf_counter() - started)
+            outcome = self._decider.refuse(Reason.INTERNAL_ERROR)
+        rendered = self._render(outcome)
+        self._metrics.latency.observe(time.perf_counter() - started)
+        if self._tracer is not None:
+            http = request.attributes.request.http if request.attributes.request.HasField("http") else None
+            trace(self._tracer, http.headers if http is not None else None, outcome, start_ns)
+        return rendered
 
     def _outcome(self, request: pb.CheckRequest) -> Outcome:
         attrs = request.attributes

@@ -24,6 +24,7 @@ from authz_sidecar.decider import Decider, Outcome
 from authz_sidecar.metrics import Metrics
 from authz_sidecar.reasons import Reason
 from authz_sidecar.responses import DECIDED_BY_HEADER, REASON_HEADER, SET_VERSION_HEADER, deny_body
+from authz_sidecar.tracing import CheckTracer, trace
 
 log = structlog.get_logger("authz_sidecar.httpauthz")
 _STATUS_TEXT = {
@@ -125,9 +126,10 @@ class _AuthzProtocol(asyncio.Protocol):
 
 
 class HttpAuthz:
-    def __init__(self, decider: Decider, metrics: Metrics) -> None:
+    def __init__(self, decider: Decider, metrics: Metrics, tracer: CheckTracer | None = None) -> None:
         self._decider = decider
         self._metrics = metrics
+        self._tracer = tracer
         self._responses = HttpResponses()
         self._server: asyncio.Server | None = None
         self.connections: set[asyncio.Transport] = set()
@@ -135,14 +137,17 @@ class HttpAuthz:
 
     def answer(self, method: str, target: str, headers: dict[str, str]) -> bytes:
         started = time.perf_counter()
+        start_ns = time.time_ns() if self._tracer is not None else 0
         try:
             outcome = self._decider.decide(method, target, headers, request_id=headers.get("x-request-id", ""))
-            return self._responses.render(outcome)
         except Exception:
             log.exception("check_failed")
-            return self._responses.render(self._decider.refuse(Reason.INTERNAL_ERROR))
-        finally:
-            self._metrics.latency.observe(time.perf_counter() - started)
+            outcome = self._decider.refuse(Reason.INTERNAL_ERROR)
+        answer = self._responses.render(outcome)
+        self._metrics.latency.observe(time.perf_counter() - started)
+        if self._tracer is not None:
+            trace(self._tracer, headers, outcome, start_ns)
+        return answer
 
     async def start(self, address: tuple[str, int] | str) -> int:
         loop = asyncio.get_running_loop()

@@ -16,6 +16,7 @@ from typing import Any
 
 import structlog
 
+from authz_sidecar import tracing
 from authz_sidecar.appapi import AppAuthzServicer
 from authz_sidecar.config import Settings, parse_address
 from authz_sidecar.decider import Decider
@@ -87,8 +88,9 @@ class Sidecar:
         )
         self.identity_sources = identifier.names
         self.decider = Decider(self.store, identifier, self.metrics, stickiness=settings.stickiness)
-        self.handler = CheckHandler(self.decider, self.metrics)
-        self.http_authz = HttpAuthz(self.decider, self.metrics) if settings.http_authz else None
+        self.tracer = tracing.build(self.store, settings.region)
+        self.handler = CheckHandler(self.decider, self.metrics, self.tracer)
+        self.http_authz = HttpAuthz(self.decider, self.metrics, self.tracer) if settings.http_authz else None
         self.http_authz_port = 0
         self.source = source if source is not None else build_source(settings)
         # The registry's own etcd client (the policy source keeps its own), made on start.
@@ -183,6 +185,7 @@ class Sidecar:
             source=self.source.describe(),
             region=self.settings.region,
             identity_sources=list(self.identity_sources),
+            tracing=self.tracer is not None,
         )
 
     async def stop(self, grace: float | None = None) -> None:
@@ -202,6 +205,8 @@ class Sidecar:
             await self._http.wait_closed()
         if self.etcd is not None:
             await self.etcd.close()
+        if self.tracer is not None:
+            await asyncio.to_thread(self.tracer.shutdown)
         log.info("sidecar_stopped")
 
     async def wait(self) -> None:

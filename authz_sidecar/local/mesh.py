@@ -59,6 +59,8 @@ class Mesh:
     processes: list[Process] = field(default_factory=list)
     issuer: DemoIssuer = field(default_factory=DemoIssuer)
     sidecar_args: tuple[str, ...] = ()
+    # An OTLP/gRPC collector (host, port): the sidecar and Envoy send their spans there.
+    collector: tuple[str, int] | None = None
     etcd: EtcdCluster | None = None
 
     @property
@@ -123,6 +125,8 @@ class Mesh:
                 },
                 self.workdir / "envoy.yaml",
             )
+            if self.collector is not None:
+                envoy.with_tracing(config, self.collector)
             proxy = envoy.start(config, self.workdir)
             self.processes.append(proxy)
             wait_for_port(self.ports["envoy"], proxy)
@@ -132,7 +136,12 @@ class Mesh:
             raise
 
     def _spawn(self, name: str, argv: list[str]) -> Process:
-        proc = Process(name, argv, self.workdir, env={"PYTHONUNBUFFERED": "1"})
+        env = {"PYTHONUNBUFFERED": "1"}
+        if name == "sidecar" and self.collector is not None:
+            env["OTEL_EXPORTER_OTLP_ENDPOINT"] = f"http://{self.collector[0]}:{self.collector[1]}"
+            env["OTEL_SERVICE_NAME"] = "authz-sidecar"
+            env["OTEL_BSP_SCHEDULE_DELAY"] = "200"
+        proc = Process(name, argv, self.workdir, env=env)
         self.processes.append(proc)
         return proc
 
