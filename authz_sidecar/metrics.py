@@ -70,6 +70,15 @@ class _HotPathCollector(Collector):
         for version, n in dict(m.observations).items():
             observed.add_metric([version], n)
         yield observed
+        per_set = CounterMetricFamily(
+            "authz_set_decisions",
+            "What each live set answered, by kind (active or shadow), version, answer, and whether that "
+            "answer was enforced (the deciding set) or only observed.",
+            labels=["kind", "version", "decision", "enforced"],
+        )
+        for set_labels, n in dict(m.set_decisions).items():
+            per_set.add_metric(list(set_labels), n)
+        yield per_set
         mismatches = CounterMetricFamily(
             "authz_mismatches",
             "Observed sets that disagreed with the enforced set, by observed version, whether the change "
@@ -93,6 +102,7 @@ class Metrics:
         self.decisions: dict[tuple[str, str, str, str], int] = {}
         self.observations: dict[str, int] = {}
         self.mismatches: dict[tuple[str, str, str], int] = {}
+        self.set_decisions: dict[tuple[str, str, str, str], int] = {}
         self.latency = LatencyHistogram()
         r.register(_HotPathCollector(self))
         # Rare events keep prometheus_client's own types.
@@ -115,6 +125,12 @@ class Metrics:
             registry=r,
         )
         silent.set_function(store.silence)
+        connected = Gauge(
+            "authz_source_connected",
+            "1 while the policy source is connected to its store (etcd: a watch stream is open).",
+            registry=r,
+        )
+        connected.set_function(lambda: 1.0 if store.source_state == "connected" else 0.0)
         stale = Gauge("authz_snapshot_stale", "1 while serving the disk copy, not yet confirmed by etcd.", registry=r)
         stale.set_function(lambda: 1.0 if store.stale and store.snapshot else 0.0)
         withheld = Gauge(
@@ -148,9 +164,19 @@ class Metrics:
         )
         decisions = self.decisions
         decisions[key] = decisions.get(key, 0) + 1
+        per_set = self.set_decisions
+        set_key = (
+            "shadow" if evaluation.decided_by == "shadow" else "active",
+            evaluation.enforced.meta.version,
+            key[1],
+            "true",
+        )
+        per_set[set_key] = per_set.get(set_key, 0) + 1
         observations = self.observations
         for obs in evaluation.observed:
             observations[obs.version] = observations.get(obs.version, 0) + 1
+            obs_key = ("shadow" if obs.shadow else "active", obs.version, "allow" if obs.allowed else "deny", "false")
+            per_set[obs_key] = per_set.get(obs_key, 0) + 1
             if obs.mismatch:
                 mkey = (
                     obs.version,

@@ -40,6 +40,9 @@ class SnapshotStore:
         # that never reaches its source counts as silent since it started.
         self.last_contact = time.monotonic()
         self.contacted = False
+        # What the source says of its connection: "connected", "connecting" or "unreachable" (etcd),
+        # "local" (files, which have no connection to lose).
+        self.source_state = "connecting"
         # The snapshot held back while the source is silent past --max-staleness.
         self.withheld: Snapshot | None = None
         self._listeners: list[Listener] = []
@@ -135,6 +138,7 @@ class SnapshotStore:
             "withheld_for_staleness": self.withheld is not None,
             "source_silent_seconds": round(self.silence(), 3),
             "source_contacted": self.contacted,
+            "source_state": self.source_state,
             "swaps": self.swaps,
             "invalid_documents": self.invalid_documents,
             "last_error": self.last_error,

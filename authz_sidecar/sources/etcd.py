@@ -238,6 +238,7 @@ class EtcdPolicySource:
                     await self._rebuild(store)
                 async for revision, changes in etcd.watch(self.layout.root, self.revision + 1, self.liveness):
                     store.heard()
+                    store.source_state = "connected"
                     delay = 0.1
                     if not changes:
                         self.revision = max(self.revision, revision)
@@ -258,6 +259,7 @@ class EtcdPolicySource:
                 continue
             except (WatchLostError, EtcdError, grpc.aio.AioRpcError, TimeoutError, OSError) as exc:
                 self.reconnects += 1
+                store.source_state = "unreachable"
                 log.warning(
                     "etcd_unreachable",
                     error=str(exc) or type(exc).__name__,

@@ -142,9 +142,11 @@ class FilePolicySource:
         return snapshot
 
     async def run(self, store: SnapshotStore) -> None:
+        store.source_state = "local"
         seen: tuple[tuple[str, int, int, int], ...] | None = None
         while True:
             current = await asyncio.to_thread(self.fingerprint)
+            store.heard()  # the directory answered: nothing to be stale about
             if current != seen:
                 seen = current
                 # Parse off the loop so Checks keep flowing; install on it, where listeners live.
