@@ -103,6 +103,7 @@ def _build_parser() -> argparse.ArgumentParser:
     _add(serve, "--server-model", text="how Check is served: aio (grpc.aio) or threads (grpc.server + pool)")
     _add(serve, "--workers", text="worker threads for --server-model threads (the number of cores unless set)")
     _add(serve, "--log-level", text="debug, info, warning or error")
+    _add(serve, "--log-decisions", text="share of decisions logged (0..1); mismatches are always logged")
 
     from authz_sidecar import ctl
 
@@ -178,6 +179,7 @@ def settings_from(ns: argparse.Namespace) -> Settings:
             server_model=ns.server_model,
             workers=int(_number(ns, "workers")),
             log_level=ns.log_level,
+            log_decisions=_number(ns, "log_decisions"),
         )
     )
 

@@ -61,6 +61,8 @@ class Settings:
     server_model: str = "threads"
     workers: int = field(default_factory=lambda: os.cpu_count() or 2)
     log_level: str = "info"
+    # Share of decisions logged as "decision" events; mismatches are always logged.
+    log_decisions: float = 0.01
 
     def etcd_options(self) -> EtcdOptions:
         return EtcdOptions(
@@ -142,6 +144,8 @@ def validate(settings: Settings) -> Settings:
         raise ConfigError(f"--stickiness must be one of {', '.join(STICKINESS)}, not {settings.stickiness!r}")
     if settings.server_model not in ("aio", "threads"):
         raise ConfigError(f"--server-model must be aio or threads, not {settings.server_model!r}")
+    if not 0.0 <= settings.log_decisions <= 1.0:
+        raise ConfigError("--log-decisions is a share of decisions, between 0 and 1")
     if settings.workers < 1:
         raise ConfigError("--workers must be at least 1")
     if settings.grace < 0 or settings.poll_interval <= 0:

@@ -14,6 +14,7 @@ between is here, once. Rules:
 
 from __future__ import annotations
 
+import random
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -55,9 +56,17 @@ _REFUSALS = {reason: Outcome(reason) for reason in Reason}
 
 class Decider:
     def __init__(
-        self, store: SnapshotStore, identifier: Identifier, metrics: Metrics, *, stickiness: str = "principal"
+        self,
+        store: SnapshotStore,
+        identifier: Identifier,
+        metrics: Metrics,
+        *,
+        stickiness: str = "principal",
+        log_decisions: float = 0.0,
     ) -> None:
         self._store = store
+        # Share of decisions logged as "decision" events (mismatches are always logged).
+        self._log_rate = log_decisions
         self._identifier = identifier
         self._metrics = metrics
         self._by_request_id = stickiness == "request_id"
@@ -139,9 +148,22 @@ class Decider:
         if evaluation is None:
             return
         self._metrics.decision(evaluation)
+        if self._log_rate and random.random() < self._log_rate:  # noqa: S311 - sampling, not a secret
+            log.info(
+                "decision",
+                principal=principal,
+                permission=outcome.permission,
+                scope=scope,
+                request_id=request_id,
+                decision="allow" if evaluation.allowed else "deny",
+                reason=evaluation.reason.value,
+                decided_by=evaluation.decided_by,
+                enforced_version=evaluation.enforced.meta.version,
+                selection=evaluation.selection.value,
+            )
         if evaluation.mismatch:
             log.warning(
-                "shadow_mismatch",
+                "mismatch",
                 principal=principal,
                 permission=outcome.permission,
                 scope=scope,

@@ -59,14 +59,20 @@ class Registrar:
                 # Full jitter: anywhere between 0 and the capped exponential step.
                 delay = random.uniform(0, min(self.cap, self.base * 2 ** min(self.attempts, 16)))  # noqa: S311
                 log.warning(
-                    "registration_retry", attempt=self.attempts, retry_in=round(delay, 2), error=self.last_error
+                    "registration",
+                    result="retrying",
+                    service=self.catalog.service,
+                    attempt=self.attempts,
+                    retry_in=round(delay, 2),
+                    error=self.last_error,
                 )
                 await asyncio.sleep(delay)
                 continue
             self.registered_at = time.time()
             self.last_error = None
             log.info(
-                "catalog_registered",
+                "registration",
+                result="registered",
                 service=self.catalog.service,
                 permissions=len(self.catalog.permissions),
                 routes=len(self.catalog.routes),

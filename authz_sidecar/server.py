@@ -87,7 +87,13 @@ class Sidecar:
             payload_header=settings.payload_header,
         )
         self.identity_sources = identifier.names
-        self.decider = Decider(self.store, identifier, self.metrics, stickiness=settings.stickiness)
+        self.decider = Decider(
+            self.store,
+            identifier,
+            self.metrics,
+            stickiness=settings.stickiness,
+            log_decisions=settings.log_decisions,
+        )
         self.tracer = tracing.build(self.store, settings.region)
         self.handler = CheckHandler(self.decider, self.metrics, self.tracer)
         self.http_authz = HttpAuthz(self.decider, self.metrics, self.tracer) if settings.http_authz else None

@@ -67,7 +67,7 @@ class SnapshotStore:
         self.swaps += 1
         self.last_error = None
         log.info(
-            "snapshot_installed",
+            "snapshot_swapped",
             active_version=snapshot.active_version,
             shadows=[s.version for s in snapshot.shadows],
             revision=snapshot.revision,
@@ -105,7 +105,7 @@ class SnapshotStore:
         self.last_error = error
         self.last_error_at = time.time()
         serving = self.snapshot.active_version if self.snapshot else None
-        log.error("snapshot_rejected", error=error, serving_version=serving)
+        log.error("document_invalid", error=error, serving_version=serving)
         for listener in self._rejection_listeners:
             listener(error)
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from authz_sidecar.local.processes import Process, free_port, wait_for_http
+from authz_sidecar.local.tokens import DemoIssuer
 
 from .conftest import write_policy
 
@@ -86,3 +87,42 @@ def test_environment_configures_serve_and_sigterm_drains(tmp_path: Path) -> None
         assert '"event": "sidecar_stopping"' in log and '"event": "sidecar_stopped"' in log
     finally:
         proc.stop()
+
+
+def test_logs_are_json_lines_with_sampled_decisions_mismatches_and_no_secrets(
+    tmp_path: Path, issuer: DemoIssuer
+) -> None:
+    """--log-decisions 1 logs every decision; mismatches are always logged; no token in any line."""
+    import grpc
+
+    from authz_sidecar._proto.envoy.service.auth.v3 import external_auth_pb2_grpc as pb_grpc
+
+    from .conftest import shadow
+    from .test_check_grpc import request, status_of
+
+    policy = write_policy(tmp_path / "p", shadows=[shadow("v2")])
+    jwks = issuer.write_jwks(tmp_path / "jwks.json")
+    grpc_port, http_port = free_port(), free_port()
+    argv = [
+        sys.executable, "-m", "authz_sidecar", "serve", "--policy-dir", str(policy), "--service", "things",
+        "--listen", f"127.0.0.1:{grpc_port}", "--http", f"127.0.0.1:{http_port}", "--log-decisions", "1",
+        "--jwks-file", str(jwks), "--jwt-issuers", issuer.issuer, "--jwt-audiences", "things", "--grace", "1",
+    ]  # fmt: skip
+    proc = Process("sidecar-logs", argv, tmp_path)
+    token = issuer.token("bob")
+    try:
+        wait_for_http(f"http://127.0.0.1:{http_port}/readyz", proc)
+        with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+            stub = pb_grpc.AuthorizationStub(channel)
+            for method in ("GET", "PUT"):  # GET: allowed, no mismatch; PUT: v1 denies, v2 would allow
+                reply = stub.Check(request("/things/1", method, {"authorization": f"Bearer {token}"}), timeout=5)
+                assert status_of(reply) == (200 if method == "GET" else 403)
+    finally:
+        proc.stop()
+    text = proc.log_path.read_text()
+    events = [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+    names = [e["event"] for e in events]
+    assert "snapshot_swapped" in names and names.count("decision") == 2 and names.count("mismatch") == 1
+    mismatch = next(e for e in events if e["event"] == "mismatch")
+    assert mismatch["principal"] == "bob" and mismatch["observed"]["v2"]["decision"] == "allow"
+    assert token not in text and token.split(".")[2] not in text
