@@ -18,6 +18,10 @@ from authz_sidecar.bench.run import Bench, Point, Row, machine_facts, to_json
 REPO_ROOT = Path(__file__).resolve().parents[2]
 FASTEST_GRPC = "fastest bare gRPC"
 NGHTTPD = "Envoy + ext_authz HTTP/2 -> nghttpd (C) allow"
+SIDECAR_GRPC = "Envoy + ext_authz gRPC -> authz-sidecar (default: threads)"
+# The same sidecar with tracing on, against it with tracing off (metrics are always on).
+TRACED_100 = "Envoy + ext_authz gRPC -> authz-sidecar, tracing 100%"
+TRACED_1 = "Envoy + ext_authz gRPC -> authz-sidecar, tracing 1%"
 
 
 def _fmt_point(p: Point | None) -> str:
@@ -86,9 +90,11 @@ def main() -> int:
             (Row("Envoy + ext_authz gRPC -> bare grpc.aio allow-all", None), bench.row_bare("grpc-aio", "grpc")),
             (Row("Envoy + ext_authz gRPC -> bare grpc.server threads", None), bench.row_bare("grpc-threads", "grpc")),
             (
-                Row("Envoy + ext_authz gRPC -> authz-sidecar (default: threads)", FASTEST_GRPC),
+                Row(SIDECAR_GRPC, FASTEST_GRPC),
                 bench.row_sidecar("grpc"),
             ),
+            (Row(TRACED_100, SIDECAR_GRPC), bench.row_sidecar_traced(1.0)),
+            (Row(TRACED_1, SIDECAR_GRPC), bench.row_sidecar_traced(0.01)),
             (
                 Row("Envoy + ext_authz gRPC -> authz-sidecar (grpc.aio + uvloop)", FASTEST_GRPC),
                 bench.row_sidecar("grpc", "--server-model", "aio"),

@@ -116,8 +116,10 @@ class Bench:
             proc.stop()
 
     @contextmanager
-    def server(self, name: str, argv: list[str], port: int, ready_url: str | None = None) -> Iterator[Process]:
-        proc = Process(name, argv, self.workdir, env={"PYTHONUNBUFFERED": "1"})
+    def server(
+        self, name: str, argv: list[str], port: int, ready_url: str | None = None, env: dict[str, str] | None = None
+    ) -> Iterator[Process]:
+        proc = Process(name, argv, self.workdir, env={"PYTHONUNBUFFERED": "1", **(env or {})})
         try:
             if ready_url:
                 wait_for_http(ready_url, proc)
@@ -236,7 +238,29 @@ class Bench:
         with self.server("nghttpd", argv, port) as server, self.envoy("http", port, authz_http2=True) as (listen, px):
             self.measure(row, f"http://{LOOPBACK}:{listen}/things/1", {"envoy": px, "server": server})
 
-    def row_sidecar(self, envoy_kind: str, *extra: str) -> Callable[[Row], None]:
+    def row_sidecar_traced(self, ratio: float) -> Callable[[Row], None]:
+        """The default sidecar with tracing on, sampling `ratio` of the requests (h2load sends no
+        trace headers, so each Check is a root and the ratio sampler decides), exporting to a real
+        OTLP/gRPC collector process. A row whose collector received no span failed."""
+
+        def body(row: Row) -> None:
+            port = free_port()
+            argv = [sys.executable, "-m", "authz_sidecar.bench.collector", "--port", str(port)]
+            env = {
+                "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://{LOOPBACK}:{port}",
+                "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
+                "OTEL_TRACES_SAMPLER_ARG": str(ratio),
+            }
+            with self.server("collector", argv, port) as collector:
+                self.row_sidecar("grpc", env=env)(row)
+                collector.stop()
+                received = collector.log_path.read_text()
+            if "spans received: 0" in received or "spans received" not in received:
+                self.errors.append(f"{row.name}: the collector received no spans ({received.strip()[-80:]})")
+
+        return body
+
+    def row_sidecar(self, envoy_kind: str, *extra: str, env: dict[str, str] | None = None) -> Callable[[Row], None]:
         def body(row: Row) -> None:
             grpc_port, http_port, authz_http = free_port(), free_port(), free_port()
             argv = self.sidecar_argv(grpc_port, http_port, *extra)
@@ -245,7 +269,10 @@ class Bench:
                 argv += ["--http-authz", f"{LOOPBACK}:{authz_http}", "--identity", "jwt_authn,payload_header"]
                 port = authz_http
             ready = f"http://{LOOPBACK}:{http_port}/readyz"
-            with self.server("sidecar", argv, port, ready) as server, self.envoy(envoy_kind, port) as (listen, proxy):
+            with (
+                self.server("sidecar", argv, port, ready, env) as server,
+                self.envoy(envoy_kind, port) as (listen, proxy),
+            ):
                 url = f"http://{LOOPBACK}:{listen}/things/1"
                 self.check_answers(row, url)
                 self.measure(row, url, {"envoy": proxy, "server": server})
