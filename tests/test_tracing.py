@@ -160,3 +160,50 @@ def _wait_envoy(receiver: OtlpReceiver, trace_id: str, timeout: float = 10.0):  
             return found[0]
         time.sleep(0.05)
     raise TimeoutError(f"no span from Envoy in trace {trace_id}")
+
+
+def test_trace_context_from_w3c_and_b3_headers_and_garbage() -> None:
+    t, s = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+    w3c = tracing.parent_from({"traceparent": f"00-{t}-{s}-01", "tracestate": "vendor=x"})
+    assert w3c == tracing.Parent(int(t, 16), int(s, 16), True, "vendor=x")
+    assert tracing.parent_from({"traceparent": f"00-{t}-{s}-00"}).sampled is False  # type: ignore[union-attr]
+    assert tracing.parent_from({"b3": f"{t}-{s}-0"}).sampled is False  # type: ignore[union-attr]
+    assert tracing.parent_from({"b3": f"{t[16:]}-{s}"}).trace_id == int(t[16:], 16)  # type: ignore[union-attr]
+    multi = {"x-b3-traceid": t, "x-b3-spanid": s, "x-b3-sampled": "1"}
+    assert tracing.parent_from(multi) == tracing.Parent(int(t, 16), int(s, 16), True)
+    for bad in (
+        {"traceparent": "00-xyz-abc-01"},
+        {"traceparent": f"00-{'0' * 32}-{s}-01"},  # all-zero trace id is invalid
+        {"traceparent": f"ff-{t}-{s}-01"},
+        {"b3": "0"},  # "deny" in B3 single: no parent
+        {"x-b3-traceid": t},
+    ):
+        assert tracing.parent_from(bad) is None, bad
+
+
+def test_samplers_follow_the_spec() -> None:
+    parent = tracing.Parent(1, 2, sampled=False)
+    env = {"OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0.25"}
+    sampler = tracing.Sampler.from_env(env)
+    assert sampler.sampled(5, parent) is False  # the parent decided
+    ids_ = [secrets.randbits(128) for _ in range(20_000)]
+    share = sum(sampler.sampled(i, None) for i in ids_) / len(ids_)
+    assert 0.22 < share < 0.28
+    assert tracing.Sampler.from_env({"OTEL_TRACES_SAMPLER": "always_off"}).sampled(5, None) is False
+    assert tracing.Sampler.from_env({}).sampled(5, parent) is False  # parentbased_always_on
+    assert tracing.Sampler.from_env({}).sampled(5, None) is True
+
+
+def test_spans_encoded_by_hand_are_valid_otlp() -> None:
+    from opentelemetry.proto.trace.v1 import trace_pb2
+
+    parent = tracing.Parent(0xABC, 0xDEF, True, "k=v")
+    attributes = tracing.encode_attributes({"authz.decision": "allow", "authz.mismatch": True})
+    span = trace_pb2.Span.FromString(tracing.encode_span((0xABC, 0x123, parent, 10, 20, attributes)))
+    assert span.name == "authz.check" and span.kind == trace_pb2.Span.SPAN_KIND_SERVER
+    assert span.trace_id.hex() == f"{0xABC:032x}" and span.parent_span_id.hex() == f"{0xDEF:016x}"
+    assert (span.start_time_unix_nano, span.end_time_unix_nano, span.trace_state) == (10, 20, "k=v")
+    assert {a.key: (a.value.string_value or a.value.bool_value) for a in span.attributes} == {
+        "authz.decision": "allow",
+        "authz.mismatch": True,
+    }
