@@ -76,6 +76,7 @@ def _build_parser() -> argparse.ArgumentParser:
         serve, "--cache-file", text="disk copy of the last good snapshot; empty: ~/.cache/authz-sidecar/..., off: none"
     )
     _add(serve, "--max-staleness", text="deny everything after this many seconds without etcd; 0: never")
+    _add(serve, "--report-interval", text="seconds between this sidecar's shadow reports in etcd")
     _add(
         serve,
         "--catalog",
@@ -161,6 +162,7 @@ def settings_from(ns: argparse.Namespace) -> Settings:
             etcd_liveness=_number(ns, "etcd_liveness"),
             cache_file=ns.cache_file or "",
             max_staleness=_number(ns, "max_staleness"),
+            report_interval=_number(ns, "report_interval"),
             catalog=_path(ns.catalog),
             policy_dir=_path(ns.policy_dir),
             poll_interval=_number(ns, "poll_interval"),

@@ -39,6 +39,8 @@ class Settings:
     cache_file: str = ""
     # Seconds without a word from etcd after which every Check denies; 0: never (the default).
     max_staleness: float = 0.0
+    # Seconds between shadow reports written to etcd (each lives three of these).
+    report_interval: float = 2.0
     catalog: Path | None = None
     policy_dir: Path | None = None
     poll_interval: float = 0.5
@@ -127,6 +129,8 @@ def validate(settings: Settings) -> Settings:
             normalise_prefix(settings.prefix)
         except ValueError as exc:
             raise ConfigError(f"--prefix: {exc}") from None
+        if settings.report_interval <= 0:
+            raise ConfigError("--report-interval must be > 0")
         if settings.etcd_liveness <= 0 or settings.max_staleness < 0:
             raise ConfigError("--etcd-liveness must be > 0 and --max-staleness >= 0")
     if settings.policy_dir is not None and not settings.policy_dir.is_dir():

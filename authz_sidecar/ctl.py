@@ -29,6 +29,7 @@ from authz_sidecar.documents import (
     parse_permission_set,
     parse_shadow,
 )
+from authz_sidecar.engine import compile_set, impact
 from authz_sidecar.errors import AuthzError, DocumentError
 from authz_sidecar.etcd import layout
 from authz_sidecar.etcd.client import Etcd, EtcdOptions
@@ -113,6 +114,39 @@ async def cmd_status(store: PolicyStore, _ns: argparse.Namespace) -> dict[str, A
     }
 
 
+async def cmd_report(store: PolicyStore, ns: argparse.Namespace) -> dict[str, Any]:
+    """Sum every sidecar's report of a live shadow, and how much of its predicted impact was hit."""
+    pointers = await store.pointers()
+    if ns.version not in pointers.shadows or pointers.active is None:
+        live = ", ".join(sorted(pointers.shadows)) or "none"
+        raise StoreError(f"{ns.version!r} is not a live shadow (live: {live})")
+    _revision, kvs = await store.etcd.list_prefix(f"{store.layout.prefix}/reports/{ns.version}/")
+    reports = [json.loads(kv.value) for kv in kvs]
+    mismatches: dict[str, int] = {}
+    exercised: set[tuple[str, str, str | None]] = set()
+    for report in reports:
+        for kind, n in report.get("mismatches", {}).items():
+            mismatches[kind] = mismatches.get(kind, 0) + n
+        exercised.update((p, h, s) for p, h, s in report.get("exercised", []))
+    sets = []
+    for version in (pointers.active, ns.version):
+        document = await store.document(version)
+        sets.append(compile_set(parse_permission_set(load_document(document, version), version)))
+    predicted = impact(sets[0], sets[1])
+    hit = exercised & predicted
+    never = sorted({h for _p, h, _s in predicted} - {h for _p, h, _s in hit})
+    return {
+        "version": ns.version,
+        "sidecars": sorted(r.get("sidecar", "?") for r in reports),
+        "evaluations": sum(r.get("evaluations", 0) for r in reports),
+        "mismatches": dict(sorted(mismatches.items())),
+        "predicted_impact": len(predicted),
+        "exercised": len(hit),
+        "coverage": round(len(hit) / len(predicted), 4) if predicted else 1.0,
+        "handles_never_exercised": never,
+    }
+
+
 async def cmd_registry_get(store: PolicyStore, ns: argparse.Namespace) -> dict[str, Any]:
     catalogs = [c for c in await store.catalogs() if not ns.service or c.service == ns.service]
     found = [
@@ -172,6 +206,8 @@ def add_parser(
     canary.add_argument("version")
     canary.add_argument("--weight", action="append", default=[], metavar="REGION=PERCENT", help="repeatable")
     command("status", "what is active and live", cmd_status)
+    report = command("report", "a shadow's traffic over every sidecar: evaluations, mismatches, coverage", cmd_report)
+    report.add_argument("version")
     registry = commands.add_parser("registry", help="the permission registry")
     registry_commands = registry.add_subparsers(dest="registry_command", required=True)
     get = command("get", "show registered permissions", cmd_registry_get, registry_commands)

@@ -26,6 +26,7 @@ from authz_sidecar.evaluation import Evaluation, evaluate
 from authz_sidecar.identity import Identifier, RequestIdentityInputs
 from authz_sidecar.metrics import Metrics
 from authz_sidecar.reasons import Reason
+from authz_sidecar.reports import ShadowReports
 from authz_sidecar.routes import PathError
 from authz_sidecar.snapshot import Snapshot
 from authz_sidecar.state import SnapshotStore
@@ -63,8 +64,10 @@ class Decider:
         *,
         stickiness: str = "principal",
         log_decisions: float = 0.0,
+        reports: ShadowReports | None = None,
     ) -> None:
         self._store = store
+        self._reports = reports
         # Share of decisions logged as "decision" events (mismatches are always logged).
         self._log_rate = log_decisions
         self._identifier = identifier
@@ -123,7 +126,7 @@ class Decider:
             outcome = Outcome(ev.reason, ev, handle)
         else:
             outcome = self._memoised(snapshot, principal, handle, scope, shadow)
-        self._record(outcome, principal, scope, request_id)
+        self._record(snapshot, outcome, principal, scope, request_id)
         return outcome
 
     def _memoised(
@@ -143,11 +146,13 @@ class Decider:
             memo[key] = found
         return found
 
-    def _record(self, outcome: Outcome, principal: str, scope: str | None, request_id: str) -> None:
+    def _record(self, snapshot: Snapshot, outcome: Outcome, principal: str, scope: str | None, request_id: str) -> None:
         evaluation = outcome.evaluation
         if evaluation is None:
             return
         self._metrics.decision(evaluation)
+        if self._reports is not None and snapshot.shadows:
+            self._reports.observe(snapshot, evaluation, principal, outcome.permission or "", scope)
         if self._log_rate and random.random() < self._log_rate:  # noqa: S311 - sampling, not a secret
             log.info(
                 "decision",

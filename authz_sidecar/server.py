@@ -31,6 +31,7 @@ from authz_sidecar.identity import build_identifier
 from authz_sidecar.metrics import Metrics
 from authz_sidecar.opshttp import OpsHttp
 from authz_sidecar.registry import Registrar, RegistryService
+from authz_sidecar.reports import ReportPublisher, ShadowReports, sidecar_id
 from authz_sidecar.snapshot import Snapshot
 from authz_sidecar.sources.base import PolicySource
 from authz_sidecar.sources.files import FilePolicySource
@@ -87,12 +88,15 @@ class Sidecar:
             payload_header=settings.payload_header,
         )
         self.identity_sources = identifier.names
+        self.reports = ShadowReports()
+        self.store.on_install(lambda snapshot: self.reports.retain({v.version for v in snapshot.shadows}))
         self.decider = Decider(
             self.store,
             identifier,
             self.metrics,
             stickiness=settings.stickiness,
             log_decisions=settings.log_decisions,
+            reports=self.reports,
         )
         self.tracer = tracing.build(self.store, settings.region)
         self.handler = CheckHandler(self.decider, self.metrics, self.tracer)
@@ -103,6 +107,7 @@ class Sidecar:
         self.etcd: Etcd | None = None
         self.registry = RegistryService(None, settings.service)
         self.registrar: Registrar | None = None
+        self.publisher: ReportPublisher | None = None
         self.front = GrpcFront(
             settings.server_model,
             self.handler,
@@ -167,6 +172,14 @@ class Sidecar:
             self.registry.store = PolicyStore(self.etcd, self.settings.prefix)
             if catalog is not None:
                 self.registrar = Registrar(self.registry.store, catalog)
+            self.publisher = ReportPublisher(
+                self.etcd,
+                self.registry.store.layout,
+                self.reports,
+                sidecar_id(self.settings.service),
+                region=self.settings.region,
+                interval=self.settings.report_interval,
+            )
         self.grpc_port = await self.front.start(parse_address(self.settings.listen, "--listen"))
         self._started = True
         if self.http_authz is not None:
@@ -180,6 +193,8 @@ class Sidecar:
             self._spawn(self._enforce_max_staleness())
         if self.registrar is not None:
             self._spawn(self.registrar.run())
+        if self.publisher is not None:
+            self._spawn(self.publisher.run())
         log.info(
             "sidecar_started",
             grpc=self.settings.listen,

@@ -30,6 +30,7 @@ from etcd3aio.auth import AuthService
 from etcd3aio.connections import ConnectionManager
 from etcd3aio.errors import EtcdError, EtcdUnauthenticatedError
 from etcd3aio.kv import KVService, prefix_range_end
+from etcd3aio.lease import LeaseService
 
 from authz_sidecar.errors import ConfigError
 
@@ -136,6 +137,7 @@ class Etcd:
         # inside the call's deadline; longer outages are the callers' business.
         self.kv = KVService(self._channel, max_attempts=5)
         self._auth = AuthService(self._channel, max_attempts=5)
+        self.lease = LeaseService(self._channel, max_attempts=5)
         self._watch = WatchStub(self._channel)
         self._token: str | None = None
 
@@ -162,6 +164,7 @@ class Etcd:
         response = await self._auth.authenticate(self.options.user, self.options.password, timeout=self.options.timeout)
         self._token = response.token
         self.kv.set_token(self._token)
+        self.lease.set_token(self._token)
 
     async def call(self, operation: Any, *args: Any, **kwargs: Any) -> Any:
         """Run one KV call with the deadline; authenticate first, and once more if the token expired."""
