@@ -29,7 +29,7 @@ from authz_sidecar.documents import (
     parse_permission_set,
     parse_shadow,
 )
-from authz_sidecar.engine import compile_set, impact
+from authz_sidecar.engine import compile_set, declared, impact
 from authz_sidecar.errors import AuthzError, DocumentError
 from authz_sidecar.etcd import layout
 from authz_sidecar.etcd.client import Etcd, EtcdOptions
@@ -128,11 +128,11 @@ async def cmd_report(store: PolicyStore, ns: argparse.Namespace) -> dict[str, An
         for kind, n in report.get("mismatches", {}).items():
             mismatches[kind] = mismatches.get(kind, 0) + n
         exercised.update((p, h, s) for p, h, s in report.get("exercised", []))
-    sets = []
-    for version in (pointers.active, ns.version):
-        document = await store.document(version)
-        sets.append(compile_set(parse_permission_set(load_document(document, version), version)))
-    predicted = impact(sets[0], sets[1])
+    active, shadow = [
+        parse_permission_set(load_document(await store.document(v), v), v) for v in (pointers.active, ns.version)
+    ]
+    # Predicted from what the proposal declared it changes, as the sidecars predict it.
+    predicted = impact(compile_set(active), compile_set(declared(active, shadow)))
     hit = exercised & predicted
     never = sorted({h for _p, h, _s in predicted} - {h for _p, h, _s in hit})
     return {

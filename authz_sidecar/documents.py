@@ -115,10 +115,25 @@ class Metadata:
 
 
 @dataclass(frozen=True, slots=True)
+class DeclaredChange:
+    """One change a proposal says it makes, applied to the active set to predict its impact: a
+    role's handles added or removed, or roles granted to or revoked from a principal (unscoped)."""
+
+    role: str = ""
+    add: tuple[str, ...] = ()
+    remove: tuple[str, ...] = ()
+    principal: str = ""
+    grant: tuple[str, ...] = ()
+    revoke: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class PermissionSet:
     roles: Mapping[str, tuple[str, ...]]
     grants: tuple[Grant, ...]
     meta: Metadata = field(default_factory=Metadata)
+    # What a proposal declares it changes against its parent; empty: every difference is intended.
+    changes: tuple[DeclaredChange, ...] = ()
 
     @property
     def version(self) -> str:
@@ -279,7 +294,8 @@ def _only(data: Mapping[Any, Any], allowed: frozenset[str], document: str, where
 # --- documents -----------------------------------------------------------------------------------
 
 _META_FIELDS = frozenset({"version", "request_id", "parent", "author", "reason", "created_at"})
-_SET_FIELDS = frozenset({"roles", "grants"}) | _META_FIELDS
+_SET_FIELDS = frozenset({"roles", "grants", "changes"}) | _META_FIELDS
+_CHANGE_FIELDS = frozenset({"role", "add", "remove", "principal", "grant", "revoke"})
 _ROLLOUT_FIELDS = frozenset({"weights", "testers", "state"})
 _GRANT_FIELDS = frozenset({"principal", "roles", "scope"})
 
@@ -315,8 +331,51 @@ def parse_permission_set(data: Any, document: str, *, extra_fields: frozenset[st
         )
         roles[name] = tuple(dict.fromkeys(handles))
     return PermissionSet(
-        roles=roles, grants=_grants(data.get("grants", []), roles, document), meta=_metadata(data, document)
+        roles=roles,
+        grants=_grants(data.get("grants", []), roles, document),
+        meta=_metadata(data, document),
+        changes=_changes(data.get("changes", []), document),
     )
+
+
+def _changes(raw: Any, document: str) -> tuple[DeclaredChange, ...]:
+    """`changes`: what a proposal says it does, one role or one principal per entry."""
+    changes = []
+    for i, item in enumerate(_sequence(raw or [], document, "changes")):
+        where = f"changes[{i}]"
+        entry = _mapping(item, document, where)
+        _only(entry, _CHANGE_FIELDS, document, where)
+
+        def names(key: str, check: Any, entry: Mapping[Any, Any] = entry, where: str = where) -> tuple[str, ...]:
+            values = _sequence(entry.get(key, []) or [], document, f"{where}.{key}")
+            return tuple(check(v, document, f"{where}.{key}[{j}]") for j, v in enumerate(values))
+
+        def role_name(value: Any, document: str, at: str) -> str:
+            if not isinstance(value, str) or not ROLE_RE.match(value):
+                raise DocumentError(f"{value!r} is not a role name", document=document, field=at, value=value)
+            return value
+
+        role, principal = entry.get("role"), entry.get("principal")
+        if (role is None) == (principal is None):
+            raise DocumentError("a change names exactly one of role or principal", document=document, field=where)
+        if role is not None:
+            if set(entry) & {"grant", "revoke"}:
+                raise DocumentError("a role change adds or removes handles", document=document, field=where)
+            change = DeclaredChange(
+                role=role_name(role, document, f"{where}.role"),
+                add=names("add", check_handle),
+                remove=names("remove", check_handle),
+            )
+        else:
+            if set(entry) & {"add", "remove"}:
+                raise DocumentError("a principal change grants or revokes roles", document=document, field=where)
+            change = DeclaredChange(
+                principal=check_principal(principal, document, f"{where}.principal"),
+                grant=names("grant", role_name),
+                revoke=names("revoke", role_name),
+            )
+        changes.append(change)
+    return tuple(changes)
 
 
 def dump_permission_set(permissions: PermissionSet) -> bytes:
@@ -328,7 +387,13 @@ def dump_permission_set(permissions: PermissionSet) -> bytes:
         for g in permissions.grants
     ]
     roles = {name: list(handles) for name, handles in permissions.roles.items()}
-    return json.dumps({**meta, "roles": roles, "grants": grants}, ensure_ascii=False, separators=(",", ":")).encode()
+    body: dict[str, Any] = {**meta, "roles": roles, "grants": grants}
+    if permissions.changes:
+        body["changes"] = [
+            {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(c).items() if v}
+            for c in permissions.changes
+        ]
+    return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
 
 
 def _grants(grants_raw: Any, roles: Mapping[str, tuple[str, ...]], document: str) -> tuple[Grant, ...]:

@@ -19,7 +19,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from itertools import chain
 
-from authz_sidecar.documents import Metadata, PermissionSet
+from authz_sidecar.documents import Grant, Metadata, PermissionSet
 from authz_sidecar.reasons import Reason
 
 _EMPTY: frozenset[str] = frozenset()
@@ -142,3 +142,36 @@ def impact(active: CompiledSet, proposed: CompiledSet) -> frozenset[tuple[str, s
         new = proposed.scoped.get((principal, scope), _EMPTY) | proposed.unscoped.get(principal, _EMPTY)
         changed.update((principal, h, scope) for h in old ^ new)
     return frozenset(changed)
+
+
+def declared(active: PermissionSet, proposal: PermissionSet) -> PermissionSet:
+    """The active set with only the changes `proposal` declares applied: what the proposer meant.
+
+    Its impact against the active set is the predicted impact; a disagreement the real proposal
+    shows beyond it is unexpected (a role edited by mistake, a grant lost in a copy). Without
+    declared changes the proposal itself is what was meant.
+    """
+    if not proposal.changes:
+        return proposal
+    roles = {name: list(handles) for name, handles in active.roles.items()}
+    grants = list(active.grants)
+    for change in proposal.changes:
+        if change.role:
+            held = [h for h in roles.get(change.role, []) if h not in change.remove]
+            roles[change.role] = held + [h for h in change.add if h not in held]
+        else:
+            revoked = set(change.revoke)
+            kept = []
+            for grant in grants:
+                if grant.principal == change.principal and grant.scope is None and revoked & set(grant.roles):
+                    remaining = tuple(r for r in grant.roles if r not in revoked)
+                    if remaining:
+                        kept.append(Grant(grant.principal, remaining, None))
+                else:
+                    kept.append(grant)
+            grants = kept
+            if change.grant:
+                grants.append(Grant(change.principal, change.grant, None))
+    known = set(roles)
+    grants = [g for g in grants if set(g.roles) <= known]
+    return PermissionSet(roles={k: tuple(v) for k, v in roles.items()}, grants=tuple(grants), meta=proposal.meta)

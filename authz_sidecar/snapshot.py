@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from authz_sidecar.documents import Catalog, PermissionSet, Rollout, ShadowSet
-from authz_sidecar.engine import CompiledSet, Interner, compile_set, impact
+from authz_sidecar.engine import CompiledSet, Interner, compile_set, declared, impact
 from authz_sidecar.errors import DocumentError
 from authz_sidecar.routes import RouteTable
 
@@ -119,7 +119,10 @@ class CompileCache:
         key = (id(active), id(shadow))
         found = self._impacts.get(key)
         if found is None:
-            found = self._impacts[key] = impact(self.compiled(active), self.compiled(shadow))
+            # Predicted from what the proposal declares it changes, when it declares anything.
+            intended = declared(active, shadow)
+            compiled = self.compiled(shadow) if intended is shadow else compile_set(intended, self._interner)
+            found = self._impacts[key] = impact(self.compiled(active), compiled)
         return found
 
     def retain(self, used: Iterable[PermissionSet]) -> None:

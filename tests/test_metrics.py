@@ -1,0 +1,109 @@
+"""Dashboards read /metrics: counters move with requests, and a shadow's mismatches are split into
+those its proposal declared and those it did not (a role edited by mistake)."""
+
+from __future__ import annotations
+
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from authz_sidecar.documents import DocumentError, parse_permission_set
+from authz_sidecar.engine import compile_set, declared, impact
+
+from .conftest import CATALOG, RunningSidecar, sidecar_settings, write_policy
+from .test_check_grpc import check, request, status_of
+
+ROLES = {
+    "viewer": ["things:view"],
+    "editor": ["things:view", "things:edit"],
+    "admin": ["things:view", "things:edit", "things:delete"],
+}
+ACTIVE = {
+    "version": "v1",
+    "roles": ROLES,
+    "grants": [
+        {"principal": "ed", "roles": ["editor"]},
+        {"principal": "ada", "roles": ["admin"]},
+        {"principal": "vic", "roles": ["viewer"]},
+    ],
+}
+# v2 means to take things:edit from admins, and by mistake takes it from editors too.
+V2 = {
+    **ACTIVE,
+    "version": "v2",
+    "parent": "v1",
+    "roles": {**ROLES, "editor": ["things:view"], "admin": ["things:view", "things:delete"]},
+    "changes": [{"role": "admin", "remove": ["things:edit"]}],
+    "weights": {"us-east": 0},
+}
+
+
+@pytest.fixture
+def side(tmp_path: Path) -> Iterator[RunningSidecar]:
+    policy = write_policy(tmp_path / "p", active=ACTIVE, shadows=[V2], catalog=CATALOG)
+    running = RunningSidecar(sidecar_settings(policy, identity=("header",), dev_principal_header="x-user"))
+    try:
+        running.wait_ready()
+        yield running
+    finally:
+        running.close()
+
+
+def scrape(side: RunningSidecar) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{side.sidecar.http_port}/metrics").read().decode()
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def moved(before: dict, after: dict, name: str, **labels: str) -> float:  # type: ignore[type-arg]
+    key = (name, tuple(sorted(labels.items())))
+    return after.get(key, 0.0) - before.get(key, 0.0)
+
+
+def test_expected_and_unexpected_mismatches_are_counted_apart(side: RunningSidecar) -> None:
+    before = scrape(side)
+    for principal in ("ada", "ada", "ed"):
+        assert status_of(check(side, request("/things/1", "PUT", headers={"x-user": principal}))) == 200
+    assert status_of(check(side, request("/things/1", "GET", headers={"x-user": "vic"}))) == 200
+    after = scrape(side)
+    mismatches = "authz_mismatches_total"
+    assert moved(before, after, mismatches, version="v2", kind="expected", direction="allow_to_deny") == 2
+    assert moved(before, after, mismatches, version="v2", kind="unexpected", direction="allow_to_deny") == 1
+    decisions = "authz_set_decisions_total"
+    assert moved(before, after, decisions, kind="active", version="v1", decision="allow", enforced="true") == 4
+    assert moved(before, after, decisions, kind="shadow", version="v2", decision="deny", enforced="false") == 3
+    assert moved(before, after, "authz_check_duration_seconds_count") == 4
+
+
+def test_declared_changes_predict_the_impact() -> None:
+    active, v2 = parse_permission_set(ACTIVE, "v1"), parse_permission_set(V2, "v2", extra_fields=frozenset({"weights"}))
+    predicted = impact(compile_set(active), compile_set(declared(active, v2)))
+    actual = impact(compile_set(active), compile_set(v2))
+    assert predicted == {("ada", "things:edit", None)}
+    assert actual == {("ada", "things:edit", None), ("ed", "things:edit", None)}
+    grant = {**ACTIVE, "changes": [{"principal": "vic", "grant": ["editor"], "revoke": ["viewer"]}]}
+    assert impact(compile_set(active), compile_set(declared(active, parse_permission_set(grant, "g")))) == {
+        ("vic", "things:edit", None)
+    }
+    for bad in (
+        [{"role": "admin", "principal": "x"}],
+        [{"role": "admin", "grant": ["viewer"]}],
+        [{"principal": "x", "add": ["things:view"]}],
+        [{"role": "admin", "remove": ["things:*"]}],
+        [{"role": "admin", "bogus": 1}],
+    ):
+        with pytest.raises(DocumentError):
+            parse_permission_set({**ACTIVE, "changes": bad}, "bad")
+
+
+def test_declared_changes_survive_the_trip_through_etcds_canonical_json() -> None:
+    from authz_sidecar.documents import dump_permission_set, load_document
+
+    v2 = parse_permission_set(V2, "v2", extra_fields=frozenset({"weights"}))
+    assert parse_permission_set(load_document(dump_permission_set(v2), "x"), "x") == v2
