@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from authz_sidecar import tracing
+from authz_sidecar.selection import stable_bucket
 
 from .conftest import RunningSidecar, shadow, sidecar_settings, write_policy
 from .otlp import OtlpReceiver
@@ -122,7 +123,8 @@ def test_a_request_through_envoy_is_one_trace_with_envoy_and_the_sidecar(
     from authz_sidecar.local.envoy import validate
     from authz_sidecar.local.mesh import Mesh
 
-    policy = write_policy(tmp_path / "policy", shadows=[shadow("v2", testers=["qa-bot"])])
+    policy = write_policy(tmp_path / "policy", shadows=[shadow("v2", testers=["qa-bot"], weights={"us-east": 10})])
+    canaried = next(f"user-{i}" for i in range(1000) if stable_bucket(f"user-{i}", "v2") < 1000)
     mesh = Mesh(workdir=tmp_path, policy_dir=policy, region="us-east", collector=("127.0.0.1", receiver.port))
     mesh.start(preferred=False)
     try:
@@ -131,14 +133,17 @@ def test_a_request_through_envoy_is_one_trace_with_envoy_and_the_sidecar(
         for principal, extra, decided_by in (
             ("alice", {}, "active"),
             ("qa-bot", {"x-authz-shadow-version": "v2"}, "shadow"),
+            (canaried, {}, "shadow"),
         ):
             trace_id, parent = ids()
             headers = {"traceparent": f"00-{trace_id}-{parent}-01", **extra}
             status, _h, _b = mesh.request("GET", "/things/1", principal, headers)
-            assert status == 200
+            assert status == (200 if principal != canaried else 403)  # the canaried user has no grant
             span = receiver.wait_for(trace_id)
             assert span.service == "authz-sidecar" and span.parent_span_id == parent
             assert span.attributes["authz.decided_by"] == decided_by
+            if principal == canaried:
+                assert span.attributes["authz.selection"] == "canary"
             assert span.attributes["authz.permission"] == "things:view"
             traces.append(trace_id)
             print(f"\n  trace {trace_id}: {span.name} {json.dumps(span.attributes, sort_keys=True)}")
