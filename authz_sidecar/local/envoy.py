@@ -13,6 +13,7 @@ from authz_sidecar.local.processes import Process, binary
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TEMPLATE = REPO_ROOT / "envoy" / "sidecar.yaml"
+TRACING = REPO_ROOT / "envoy" / "tracing.yaml"
 
 
 def render(values: Mapping[str, object], out: Path, template: Path = TEMPLATE) -> Path:
@@ -22,49 +23,17 @@ def render(values: Mapping[str, object], out: Path, template: Path = TEMPLATE) -
     return out
 
 
-def with_tracing(config: Path, collector: tuple[str, int], service_name: str = "envoy") -> Path:
-    """Add Envoy's OpenTelemetry tracer, exporting over OTLP/gRPC to `collector` (Jaeger takes OTLP
-    on 4317): Envoy's spans then sit in the same traces as the sidecar's ``authz.check`` spans.
-    Kept out of the template so that a mesh without a collector does not trace at all."""
+def with_tracing(config: Path, collector: tuple[str, int], fragment: Path = TRACING) -> Path:
+    """Merge envoy/tracing.yaml into a rendered config: Envoy's OpenTelemetry tracer, exporting over
+    OTLP/gRPC to `collector`, so Envoy's spans sit in the same traces as the sidecar's
+    ``authz.check`` spans. Kept out of the main template so a mesh without a collector does not
+    trace at all."""
+    values = {"OTLP_ADDRESS": collector[0], "OTLP_PORT": collector[1]}
+    tracing = yaml.safe_load(string.Template(fragment.read_text()).substitute(values))
     data = yaml.safe_load(config.read_text())
     manager = data["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
-    manager["tracing"] = {
-        "provider": {
-            "name": "envoy.tracers.opentelemetry",
-            "typed_config": {
-                "@type": "type.googleapis.com/envoy.config.trace.v3.OpenTelemetryConfig",
-                "grpc_service": {"envoy_grpc": {"cluster_name": "otel_collector"}, "timeout": "0.25s"},
-                "service_name": service_name,
-            },
-        }
-    }
-    data["static_resources"]["clusters"].append(
-        {
-            "name": "otel_collector",
-            "type": "STATIC",
-            "connect_timeout": "0.25s",
-            "typed_extension_protocol_options": {
-                "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-                    "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-                    "explicit_http_config": {"http2_protocol_options": {}},
-                }
-            },
-            "load_assignment": {
-                "cluster_name": "otel_collector",
-                "endpoints": [
-                    {
-                        "lb_endpoints": [
-                            {
-                                "endpoint": {
-                                    "address": {"socket_address": {"address": collector[0], "port_value": collector[1]}}
-                                }
-                            }
-                        ]
-                    }
-                ],
-            },
-        }
-    )
+    manager["tracing"] = tracing["tracing"]
+    data["static_resources"]["clusters"].append(tracing["cluster"])
     config.write_text(yaml.safe_dump(data, sort_keys=False))
     return config
 

@@ -272,7 +272,11 @@ def main() -> int:
     policy_dir = workdir / "policy"
     if not policy_dir.exists():
         shutil.copytree(EXAMPLE_POLICY, policy_dir)
-    mesh = Mesh(workdir=workdir, policy_dir=policy_dir)
+    # OTEL_EXPORTER_OTLP_ENDPOINT=http://127.0.0.1:4317 make run: Envoy and the sidecar trace to it.
+    endpoint = os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT", "").split("://", 1)[-1].rstrip("/")
+    host, _, port = endpoint.rpartition(":")
+    collector = (host, int(port)) if host and port.isdigit() else None
+    mesh = Mesh(workdir=workdir, policy_dir=policy_dir, collector=collector)
     print(f"starting upstream, authz-sidecar and Envoy (workdir {workdir}) ...")
     mesh.start(preferred=not args.check)
     stop = False
