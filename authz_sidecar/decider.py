@@ -153,29 +153,25 @@ class Decider:
         self._metrics.decision(evaluation)
         if self._reports is not None and snapshot.shadows:
             self._reports.observe(snapshot, evaluation, principal, outcome.permission or "", scope)
-        if self._log_rate and random.random() < self._log_rate:  # noqa: S311 - sampling, not a secret
-            log.info(
-                "decision",
-                principal=principal,
-                permission=outcome.permission,
-                scope=scope,
-                request_id=request_id,
-                decision="allow" if evaluation.allowed else "deny",
-                reason=evaluation.reason.value,
-                decided_by=evaluation.decided_by,
-                enforced_version=evaluation.enforced.meta.version,
-                selection=evaluation.selection.value,
-            )
+        sampled = self._log_rate and random.random() < self._log_rate  # noqa: S311 - sampling, not a secret
+        if not sampled and not evaluation.mismatch:
+            return
+        fields = {
+            "principal": principal,
+            "permission": outcome.permission,
+            "scope": scope,
+            "request_id": request_id,
+            "decision": "allow" if evaluation.allowed else "deny",
+            "decided_by": evaluation.decided_by,
+            "enforced_version": evaluation.enforced.meta.version,
+            "selection": evaluation.selection.value,
+        }
+        if sampled:
+            log.info("decision", reason=evaluation.reason.value, **fields)
         if evaluation.mismatch:
             log.warning(
                 "mismatch",
-                principal=principal,
-                permission=outcome.permission,
-                scope=scope,
-                request_id=request_id,
-                decision="allow" if evaluation.allowed else "deny",
-                enforced_version=evaluation.enforced.meta.version,
-                selection=evaluation.selection.value,
+                **fields,
                 observed={
                     o.version: {"decision": "allow" if o.allowed else "deny", "expected": o.expected}
                     for o in evaluation.observed
