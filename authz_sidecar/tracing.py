@@ -167,25 +167,59 @@ def _field(number: int, data: bytes) -> bytes:
 
 
 _FIXED64 = struct.Struct("<Q")
-_NAME = _field(5, SPAN_NAME.encode())
-_KIND_SERVER = _varint(6 << 3) + _varint(trace_pb2.Span.SPAN_KIND_SERVER)
-_START, _END = _varint(7 << 3 | 1), _varint(8 << 3 | 1)
-
-
 # What the hot path queues: trace id, span id, parent, start and end (ns), serialised attributes.
 QueuedSpan = tuple[int, int, "Parent | None", int, int, bytes]
 
+# A span is the same sequence of fields every time: written with one precompiled struct per shape
+# (with or without a parent), then the attributes (field 9, serialised once per outcome).
+_HEAD = _field(1, bytes(16))[:2]  # tag and length of the 16-byte trace id
+_SPAN_ID = _field(2, bytes(8))[:2]
+_PARENT = _field(4, bytes(8))[:2]
+_MIDDLE = _field(5, SPAN_NAME.encode()) + _varint(6 << 3) + _varint(trace_pb2.Span.SPAN_KIND_SERVER)
+_START, _END = _varint(7 << 3 | 1), _varint(8 << 3 | 1)
+_ROOT = struct.Struct(f"<2s16s2s8s{len(_MIDDLE)}s{len(_START)}sQ{len(_END)}sQ")
+_CHILD = struct.Struct(f"<2s16s2s8s2s8s{len(_MIDDLE)}s{len(_START)}sQ{len(_END)}sQ")
+
 
 def encode_span(span: QueuedSpan) -> bytes:
-    """One opentelemetry.proto.trace.v1.Span, written field by field; the attributes are field 9
-    (repeated KeyValue) already serialised."""
+    """One opentelemetry.proto.trace.v1.Span, written field by field."""
     trace_id, span_id, parent, start_ns, end_ns, attributes = span
-    parts = [_field(1, trace_id.to_bytes(16, "big")), _field(2, span_id.to_bytes(8, "big"))]
-    if parent is not None:
-        if parent.trace_state:
-            parts.append(_field(3, parent.trace_state.encode()))
-        parts.append(_field(4, parent.span_id.to_bytes(8, "big")))
-    parts += [_NAME, _KIND_SERVER, _START, _FIXED64.pack(start_ns), _END, _FIXED64.pack(end_ns), attributes]
+    tid, sid = trace_id.to_bytes(16, "big"), span_id.to_bytes(8, "big")
+    if parent is None:
+        head = _ROOT.pack(_HEAD, tid, _SPAN_ID, sid, _MIDDLE, _START, start_ns, _END, end_ns)
+    elif parent.trace_state:  # rare: keep field order simple rather than fast
+        head = (
+            _field(1, tid)
+            + _field(2, sid)
+            + _field(3, parent.trace_state.encode())
+            + _field(4, parent.span_id.to_bytes(8, "big"))
+            + _MIDDLE
+            + _START
+            + _FIXED64.pack(start_ns)
+            + _END
+            + _FIXED64.pack(end_ns)
+        )
+    else:
+        pid = parent.span_id.to_bytes(8, "big")
+        head = _CHILD.pack(_HEAD, tid, _SPAN_ID, sid, _PARENT, pid, _MIDDLE, _START, start_ns, _END, end_ns)
+    return head + attributes
+
+
+_LENGTHS: dict[int, bytes] = {}
+
+
+def _spans_field(items: list[QueuedSpan]) -> bytes:
+    """Field 2 of ScopeSpans, repeated: each span with its tag and length (lengths repeat, so their
+    varints are cached)."""
+    parts = []
+    for item in items:
+        span = encode_span(item)
+        n = len(span)
+        prefix = _LENGTHS.get(n)
+        if prefix is None:
+            prefix = _LENGTHS[n] = b"\x12" + _varint(n)
+        parts.append(prefix)
+        parts.append(span)
     return b"".join(parts)
 
 
@@ -240,9 +274,9 @@ class CheckTracer:
         *,
         sampler: Sampler,
         resource: Resource,
-        max_queue: int = 8192,
-        batch: int = 512,
-        interval: float = 0.2,
+        max_queue: int = 16_384,
+        batch: int = 4096,
+        interval: float = 1.0,
     ) -> None:
         self._store = store
         self._region = region
@@ -346,7 +380,7 @@ class CheckTracer:
         queue = self._queue
         while queue:
             items = [queue.popleft() for _ in range(min(self._batch, len(queue)))]
-            spans = b"".join(_field(2, encode_span(item)) for item in items)
+            spans = _spans_field(items)
             request = _field(1, self._resource + _field(2, self._scope + spans))
             try:
                 send(request, timeout=self.export_settings.timeout, metadata=self.export_settings.headers or None)

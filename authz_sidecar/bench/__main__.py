@@ -9,6 +9,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import structlog
 
@@ -65,12 +66,31 @@ def table(bench: Bench) -> str:
     return "\n".join(lines)
 
 
+def _only(plan: list[tuple[Row, Callable[[Row], None]]], texts: list[str]) -> list[tuple[Row, Callable[[Row], None]]]:
+    """The rows named by `texts`, and the baselines their ratios need."""
+    wanted = {row.name for row, _ in plan if any(t in row.name for t in texts)}
+    for row, _ in plan:
+        if row.name in wanted and row.baseline:
+            if row.baseline == FASTEST_GRPC:
+                wanted |= {r.name for r, _ in plan if r.name.startswith("Envoy + ext_authz gRPC -> bare")}
+            else:
+                wanted.add(row.baseline)
+    return [(row, body) for row, body in plan if row.name in wanted]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="one second per point (CI): checks, not numbers")
     parser.add_argument("--seconds", type=float, default=None, help="seconds per point (default 5, quick 1)")
     parser.add_argument("--rounds", type=int, default=None, help="rounds per point, median kept (default 3, quick 1)")
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "bench" / "results")
+    parser.add_argument(
+        "--only",
+        action="append",
+        default=[],
+        metavar="TEXT",
+        help="measure only rows whose name contains TEXT (repeatable; baselines are kept); skips scale and propagation",
+    )
     args = parser.parse_args()
     seconds = args.seconds or (1.0 if args.quick else 4.0)
     rounds = args.rounds or (1 if args.quick else 3)
@@ -104,20 +124,26 @@ def main() -> int:
             (Row("Envoy + ext_authz HTTP -> authz-sidecar --http-authz", NGHTTPD), bench.row_sidecar("http")),
             (Row("Check called directly (in-process, parse+decide+render)", None), bench.row_direct),
         ]
+        if args.only:
+            plan = _only(plan, args.only)
         bench.run(plan, rounds)
         facts = machine_facts()
-    sizes = [100, 10_000, 100_000] if args.quick else [100, 10_000, 1_000_000]
-    print(f"  measuring scale at {', '.join(f'{s:,}' for s in sizes)} grants ...", flush=True)
-    scaled = scale.run(sizes)
-    sidecars, changes = (3, 10) if args.quick else (10, 100)
-    print(f"  measuring propagation over {sidecars} sidecars x {changes} changes ...", flush=True)
-    propagated = propagation.run(sidecars, changes)
+    scaled: list[dict[str, float]] = []
+    propagated: dict[str, Any] = {}
+    if not args.only:
+        sizes = [100, 10_000, 100_000] if args.quick else [100, 10_000, 1_000_000]
+        print(f"  measuring scale at {', '.join(f'{s:,}' for s in sizes)} grants ...", flush=True)
+        scaled = scale.run(sizes)
+        sidecars, changes = (3, 10) if args.quick else (10, 100)
+        print(f"  measuring propagation over {sidecars} sidecars x {changes} changes ...", flush=True)
+        propagated = propagation.run(sidecars, changes)
     print()
     print(table(bench))
-    print()
-    print(scale.table(scaled))
-    print()
-    print(propagation.table(propagated))
+    if scaled:
+        print()
+        print(scale.table(scaled))
+        print()
+        print(propagation.table(propagated))
     args.out.mkdir(parents=True, exist_ok=True)
     out = args.out / f"bench-{time.strftime('%Y%m%dT%H%M%S')}{'-quick' if args.quick else ''}.json"
     out.write_text(json.dumps({**to_json(bench, facts), "scale": scaled, "propagation": propagated}, indent=2))
