@@ -120,7 +120,7 @@ async def cmd_report(store: PolicyStore, ns: argparse.Namespace) -> dict[str, An
     if ns.version not in pointers.shadows or pointers.active is None:
         live = ", ".join(sorted(pointers.shadows)) or "none"
         raise StoreError(f"{ns.version!r} is not a live shadow (live: {live})")
-    _revision, kvs = await store.etcd.list_prefix(f"{store.layout.prefix}/reports/{ns.version}/")
+    _revision, kvs = await store.etcd.list_prefix(store.layout.reports(ns.version))
     reports = [json.loads(kv.value) for kv in kvs]
     mismatches: dict[str, int] = {}
     exercised: set[tuple[str, str, str | None]] = set()

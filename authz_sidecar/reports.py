@@ -109,7 +109,7 @@ class ReportPublisher:
         self.published = 0
 
     def key(self, version: str) -> str:
-        return f"{self.layout.prefix}/reports/{version}/{self.ident}"
+        return self.layout.reports(version) + self.ident
 
     async def publish(self) -> None:
         if not self.reports.tallies:

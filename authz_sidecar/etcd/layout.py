@@ -65,6 +65,10 @@ class Layout:
     def catalog(self, service: str) -> str:
         return f"{self.prefix}/catalogs/{service}"
 
+    def reports(self, version: str) -> str:
+        """Where the sidecars' reports on a shadow version live, one key per sidecar below it."""
+        return f"{self.prefix}/reports/{version}/"
+
     def head(self, version: str) -> str:
         return f"{self.prefix}/sets/{version}"
 

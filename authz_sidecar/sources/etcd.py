@@ -31,7 +31,6 @@ import random
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 import grpc
 import structlog
@@ -47,7 +46,7 @@ from authz_sidecar.documents import (
 )
 from authz_sidecar.errors import DocumentError
 from authz_sidecar.etcd import layout
-from authz_sidecar.etcd.client import CompactedError, Etcd, EtcdOptions, WatchLostError
+from authz_sidecar.etcd.client import Change, CompactedError, Etcd, EtcdOptions, WatchLostError
 from authz_sidecar.etcd.layout import Layout
 from authz_sidecar.snapshot import CompileCache, Snapshot, build_snapshot, paused_gc
 from authz_sidecar.state import SnapshotStore
@@ -271,7 +270,7 @@ class EtcdPolicySource:
             await asyncio.sleep(delay * random.uniform(0.5, 1.0))  # noqa: S311 - jitter, not a secret
             delay = min(delay * 2, self.max_backoff)
 
-    def _matters(self, changes: list[Any], versions: set[str]) -> bool:
+    def _matters(self, changes: list[Change], versions: set[str]) -> bool:
         """Whether a change touches a pointer, a catalog or a version the pointers name (writes of
         chunks for a version nobody points at yet do not need a rebuild)."""
         lay = self.layout
