@@ -125,9 +125,9 @@ def decode_head(value: bytes, key: str, version: str) -> Head:
     return head
 
 
-def join(kv: Mapping[str, bytes], layout: Layout, version: str) -> bytes:
-    """The document stored under `version`, checked against its head; DocumentError if anything is
-    missing or does not add up (the last good snapshot then keeps serving)."""
+def chunks_of(kv: Mapping[str, bytes], layout: Layout, version: str) -> tuple[Head, list[bytes]]:
+    """The head of `version` and its chunks' values, in order; DocumentError if the head or any
+    chunk is missing (the last good snapshot then keeps serving)."""
     head_key = layout.head(version)
     head_value = kv.get(head_key)
     if head_value is None:
@@ -140,10 +140,20 @@ def join(kv: Mapping[str, bytes], layout: Layout, version: str) -> bytes:
         if part is None:
             raise DocumentError(f"chunk {index + 1} of {head.chunks} is missing ({key})", document=head_key)
         parts.append(part)
+    return head, parts
+
+
+def joined(head: Head, parts: list[bytes], layout: Layout) -> bytes:
+    """The chunks as one document, checked against the head's size and digest."""
     document = b"".join(parts)
     if len(document) != head.size or hashlib.sha256(document).hexdigest() != head.sha256:
-        raise DocumentError("chunks do not match the head's size and SHA-256", document=head_key)
+        raise DocumentError("chunks do not match the head's size and SHA-256", document=layout.head(head.version))
     return document
+
+
+def join(kv: Mapping[str, bytes], layout: Layout, version: str) -> bytes:
+    """The document stored under `version`, checked against its head."""
+    return joined(*chunks_of(kv, layout, version), layout)
 
 
 def encode_active(version: str) -> bytes:

@@ -26,7 +26,6 @@ import asyncio
 import base64
 import contextlib
 import json
-import os
 import random
 import time
 from collections.abc import Mapping
@@ -49,6 +48,7 @@ from authz_sidecar.etcd import layout
 from authz_sidecar.etcd.client import Change, CompactedError, Etcd, EtcdOptions, WatchLostError
 from authz_sidecar.etcd.layout import Layout
 from authz_sidecar.snapshot import CompileCache, Snapshot, build_snapshot, paused_gc
+from authz_sidecar.sources.files import write_atomically
 from authz_sidecar.state import SnapshotStore
 
 log = structlog.get_logger("authz_sidecar.sources.etcd")
@@ -65,7 +65,8 @@ class SnapshotBuilder:
         self.service = service
         self.region = region
         self.source = source
-        self._sets: dict[tuple[str, str], PermissionSet] = {}
+        # (version, digest) -> the parsed set and the chunk values it was parsed from.
+        self._sets: dict[tuple[str, str], tuple[PermissionSet, tuple[bytes, ...]]] = {}
         self._catalogs: dict[bytes, Catalog] = {}
         self._compiled = CompileCache()
 
@@ -83,14 +84,18 @@ class SnapshotBuilder:
         return versions
 
     def _set(self, kv: Mapping[str, bytes], version: str, used: set[str]) -> PermissionSet:
+        head, parts = layout.chunks_of(kv, self.layout, version)
         head_key = self.layout.head(version)
-        document = layout.join(kv, self.layout, version)
-        head = layout.decode_head(kv[head_key], head_key, version)
         used.add(head_key)
         used.update(self.layout.chunk(version, head.sha256, i) for i in range(head.chunks))
+        # When every chunk is the one parsed last time, the set is too: neither joining nor hashing
+        # megabytes again is needed, so a weight change rebuilds without touching the sets. (The
+        # mirror keeps an unchanged value as the same bytes object, and comparing tuples of the
+        # same objects takes the identity shortcut.)
         cached = self._sets.get((version, head.sha256))
-        if cached is not None:
-            return cached
+        if cached is not None and cached[1] == tuple(parts):
+            return cached[0]
+        document = layout.joined(head, parts, self.layout)
         permissions = parse_permission_set(load_document(document, head_key), head_key)
         if permissions.version != version:
             raise DocumentError(
@@ -99,7 +104,7 @@ class SnapshotBuilder:
                 field="version",
                 value=permissions.version,
             )
-        self._sets[(version, head.sha256)] = permissions
+        self._sets[(version, head.sha256)] = (permissions, tuple(parts))
         return permissions
 
     def build(self, kv: Mapping[str, bytes], revision: int) -> tuple[Snapshot, dict[str, bytes]]:
@@ -147,7 +152,7 @@ class SnapshotBuilder:
         # Only what this snapshot uses is kept for the next build.
         self._catalogs = catalog_cache
         live = [active, *(s.permissions for s in shadows)]
-        self._sets = {k: v for k, v in self._sets.items() if any(v is p for p in live)}
+        self._sets = {k: v for k, v in self._sets.items() if any(v[0] is p for p in live)}
         self._compiled.retain(live)
         return snapshot, {k: kv[k] for k in sorted(used)}
 
@@ -168,9 +173,7 @@ class DiskCopy:
             "saved_at": time.time(),
             "kvs": {k: base64.b64encode(v).decode() for k, v in kv.items()},
         }
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(data))
-        tmp.replace(self.path)
+        write_atomically(self.path, json.dumps(data))
 
     def load(self) -> tuple[dict[str, bytes], int] | None:
         try:
