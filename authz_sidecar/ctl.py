@@ -19,7 +19,6 @@ import grpc
 from etcd3aio.errors import EtcdError
 
 from authz_sidecar.documents import (
-    Catalog,
     Permission,
     PermissionSet,
     check_handle,
@@ -33,7 +32,7 @@ from authz_sidecar.engine import compile_set, declared, impact
 from authz_sidecar.errors import AuthzError, DocumentError
 from authz_sidecar.etcd import layout
 from authz_sidecar.etcd.client import Etcd, EtcdOptions
-from authz_sidecar.etcd.store import PolicyStore, StoreError, merge_catalogs
+from authz_sidecar.etcd.store import PolicyStore, StoreError
 from authz_sidecar.snapshot import build_snapshot
 
 Command = Callable[[PolicyStore, argparse.Namespace], Awaitable[Any]]
@@ -117,9 +116,9 @@ async def cmd_status(store: PolicyStore, _ns: argparse.Namespace) -> dict[str, A
 async def cmd_report(store: PolicyStore, ns: argparse.Namespace) -> dict[str, Any]:
     """Sum every sidecar's report of a live shadow, and how much of its predicted impact was hit."""
     pointers = await store.pointers()
-    if ns.version not in pointers.shadows or pointers.active is None:
-        live = ", ".join(sorted(pointers.shadows)) or "none"
-        raise StoreError(f"{ns.version!r} is not a live shadow (live: {live})")
+    pointers.shadow(ns.version)
+    if pointers.active is None:
+        raise StoreError("no active set yet; start with 'ctl init'")
     _revision, kvs = await store.etcd.list_prefix(store.layout.reports(ns.version))
     reports = [json.loads(kv.value) for kv in kvs]
     mismatches: dict[str, int] = {}
@@ -170,13 +169,7 @@ async def cmd_registry_put(store: PolicyStore, ns: argparse.Namespace) -> dict[s
         if not ns.service or not ns.handle:
             raise AuthzError("registry put needs --file CATALOG, or --service and --handle")
         handle = check_handle(ns.handle, "--handle", "handle")
-        permission = Permission(handle, ns.description or "")
-
-        def add(existing: Catalog | None) -> Catalog:
-            base = existing or Catalog(service=ns.service, permissions=())
-            return merge_catalogs(base, Catalog(service=ns.service, permissions=(permission,), routes=base.routes))
-
-        stored = await store.update_catalog(ns.service, add)
+        stored = await store.register_permission(ns.service, Permission(handle, ns.description or ""))
     return {"service": stored.service, "permissions": [p.handle for p in stored.permissions]}
 
 

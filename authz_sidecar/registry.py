@@ -23,7 +23,7 @@ from etcd3aio.errors import EtcdError
 
 from authz_sidecar.documents import Catalog, Permission, check_handle
 from authz_sidecar.errors import DocumentError
-from authz_sidecar.etcd.store import ConflictError, PolicyStore, merge_catalogs
+from authz_sidecar.etcd.store import ConflictError, PolicyStore
 from authz_sidecar.v1 import registry_pb2
 
 log = structlog.get_logger("authz_sidecar.registry")
@@ -146,13 +146,8 @@ class RegistryService:
                     grpc.StatusCode.ALREADY_EXISTS, f"{request.handle!r} is owned by service {catalog.service!r}"
                 )
         permission = Permission(request.handle, request.description)
-
-        def add(stored: Catalog | None) -> Catalog:
-            base = stored or Catalog(service=self.service, permissions=())
-            return merge_catalogs(base, Catalog(service=self.service, permissions=(permission,), routes=base.routes))
-
         try:
-            await store.update_catalog(self.service, add)
+            await store.register_permission(self.service, permission)
         except (EtcdError, ConflictError, grpc.aio.AioRpcError, TimeoutError) as exc:
             raise RegistryError(grpc.StatusCode.UNAVAILABLE, f"etcd: {exc}") from None
         log.info("permission_registered", service=self.service, handle=request.handle)

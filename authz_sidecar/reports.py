@@ -106,7 +106,8 @@ class ReportPublisher:
         self.region = region
         self.interval = interval
         self.ttl = max(2, round(interval * 3))
-        self.published = 0
+        # The lease the published keys hang on; revoked once they have moved to the next one.
+        self._lease: int | None = None
 
     def key(self, version: str) -> str:
         return self.layout.reports(version) + self.ident
@@ -118,10 +119,9 @@ class ReportPublisher:
         for version, tally in list(self.reports.tallies.items()):
             document = {"sidecar": self.ident, "region": self.region, "at": time.time(), **tally.document()}
             await self.etcd.call(self.etcd.kv.put, self.key(version), json.dumps(document), lease=lease.ID)
-        previous, self._lease = getattr(self, "_lease", None), lease.ID
+        previous, self._lease = self._lease, lease.ID
         if previous is not None:
             await self.etcd.call(self.etcd.lease.revoke, previous)
-        self.published += 1
 
     async def run(self) -> None:
         while True:

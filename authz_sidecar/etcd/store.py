@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 from etcd3aio._protobuf import Compare
 
-from authz_sidecar.documents import Catalog, PermissionSet, Rollout, load_document, parse_catalog
+from authz_sidecar.documents import Catalog, Permission, PermissionSet, Rollout, load_document, parse_catalog
 from authz_sidecar.errors import DocumentError
 from authz_sidecar.etcd import layout
 from authz_sidecar.etcd.client import Etcd
@@ -40,6 +40,14 @@ class Pointers:
     shadows: dict[str, Rollout] = field(default_factory=dict)
     active_revision: int = 0
     shadows_revision: int = 0
+
+    def shadow(self, version: str) -> Rollout:
+        """The rollout of a live shadow; StoreError naming the live ones if `version` is not one."""
+        rollout = self.shadows.get(version)
+        if rollout is None:
+            live = ", ".join(sorted(self.shadows)) or "none"
+            raise StoreError(f"{version!r} is not a live shadow (live: {live})")
+        return rollout
 
 
 def catalog_document(catalog: Catalog) -> bytes:
@@ -96,12 +104,6 @@ class PolicyStore:
         """The bytes of a stored set version (chunks joined and checked)."""
         _revision, kvs = await self.etcd.list_prefix(self.layout.head(version))
         return layout.join({kv.key: kv.value for kv in kvs}, self.layout, version)
-
-    async def catalog(self, service: str) -> Catalog | None:
-        kv = await self.etcd.get(self.layout.catalog(service))
-        if kv is None:
-            return None
-        return parse_catalog(load_document(kv.value, kv.key), kv.key)
 
     async def catalogs(self) -> list[Catalog]:
         _revision, kvs = await self.etcd.list_prefix(self.layout.catalogs)
@@ -176,10 +178,7 @@ class PolicyStore:
     async def canary(self, version: str, weights: Mapping[str, int]) -> Rollout:
         """Set a live shadow's canary weight in the given regions (0 takes it out of a region)."""
         seen = await self.pointers()
-        current = seen.shadows.get(version)
-        if current is None:
-            live = ", ".join(sorted(seen.shadows)) or "none"
-            raise StoreError(f"{version!r} is not a live shadow (live: {live})")
+        current = seen.shadow(version)
         merged = {**current.weights, **weights}
         merged = {r: w for r, w in merged.items() if w > 0}
         rollout = Rollout(weights=merged, testers=current.testers, state="canary" if merged else "proposed")
@@ -190,6 +189,15 @@ class PolicyStore:
     async def register_catalog(self, catalog: Catalog, attempts: int = 5) -> Catalog:
         """Merge a service's catalog into etcd (see :func:`merge_catalogs`), compare-and-swap."""
         return await self.update_catalog(catalog.service, lambda stored: merge_catalogs(stored, catalog), attempts)
+
+    async def register_permission(self, service: str, permission: Permission) -> Catalog:
+        """Add (or describe again) one permission of `service`, keeping its routes."""
+
+        def add(stored: Catalog | None) -> Catalog:
+            base = stored or Catalog(service=service, permissions=())
+            return merge_catalogs(base, Catalog(service=service, permissions=(permission,), routes=base.routes))
+
+        return await self.update_catalog(service, add)
 
     async def update_catalog(
         self, service: str, change: Callable[[Catalog | None], Catalog], attempts: int = 5
