@@ -88,8 +88,11 @@ class Sidecar:
             payload_header=settings.payload_header,
         )
         self.identity_sources = identifier.names
-        self.reports = ShadowReports()
-        self.store.on_install(lambda snapshot: self.reports.retain({v.version for v in snapshot.shadows}))
+        # Shadow reports are published to etcd; without it nothing would read them, so nothing is tallied.
+        self.reports = ShadowReports() if settings.etcd else None
+        if self.reports is not None:
+            reports = self.reports
+            self.store.on_install(lambda snapshot: reports.retain({v.version for v in snapshot.shadows}))
         self.decider = Decider(
             self.store,
             identifier,
@@ -169,17 +172,19 @@ class Sidecar:
         catalog = self._own_catalog()
         if self.settings.etcd:
             self.etcd = Etcd(self.settings.etcd_options())
-            self.registry.store = PolicyStore(self.etcd, self.settings.prefix)
+            store = self.registry.store = PolicyStore(self.etcd, self.settings.prefix)
             if catalog is not None:
-                self.registrar = Registrar(self.registry.store, catalog)
-            self.publisher = ReportPublisher(
-                self.etcd,
-                self.registry.store.layout,
-                self.reports,
-                sidecar_id(self.settings.service),
-                region=self.settings.region,
-                interval=self.settings.report_interval,
-            )
+                self.registrar = Registrar(store, catalog)
+            if self.reports is not None:
+                ident = sidecar_id(self.settings.service)
+                self.publisher = ReportPublisher(
+                    self.etcd,
+                    store.layout,
+                    self.reports,
+                    ident,
+                    region=self.settings.region,
+                    interval=self.settings.report_interval,
+                )
         self.grpc_port = await self.front.start(parse_address(self.settings.listen, "--listen"))
         self._started = True
         if self.http_authz is not None:
