@@ -243,6 +243,12 @@ def check_principal(value: Any, document: str, where: str) -> str:
     return value  # type: ignore[no-any-return]
 
 
+def check_role(value: Any, document: str, where: str) -> str:
+    if not isinstance(value, str) or not ROLE_RE.match(value):
+        raise DocumentError(f"{value!r} is not a role name", document=document, field=where, value=value)
+    return value
+
+
 def check_version(value: Any, document: str, where: str = "version") -> str:
     if isinstance(value, bool) or not isinstance(value, str | int | float):
         raise DocumentError(f"{value!r} is not a version", document=document, field=where, value=value)
@@ -324,8 +330,7 @@ def parse_permission_set(data: Any, document: str, *, extra_fields: frozenset[st
     roles: dict[str, tuple[str, ...]] = {}
     for name, handles_raw in roles_raw.items():
         where = f"roles.{name}"
-        if not isinstance(name, str) or not ROLE_RE.match(name):
-            raise DocumentError(f"{name!r} is not a role name", document=document, field=where, value=name)
+        check_role(name, document, where)
         handles = tuple(
             check_handle(h, document, f"{where}[{i}]") for i, h in enumerate(_sequence(handles_raw, document, where))
         )
@@ -350,11 +355,6 @@ def _changes(raw: Any, document: str) -> tuple[DeclaredChange, ...]:
             values = _sequence(entry.get(key, []) or [], document, f"{where}.{key}")
             return tuple(check(v, document, f"{where}.{key}[{j}]") for j, v in enumerate(values))
 
-        def role_name(value: Any, document: str, at: str) -> str:
-            if not isinstance(value, str) or not ROLE_RE.match(value):
-                raise DocumentError(f"{value!r} is not a role name", document=document, field=at, value=value)
-            return value
-
         role, principal = entry.get("role"), entry.get("principal")
         if (role is None) == (principal is None):
             raise DocumentError("a change names exactly one of role or principal", document=document, field=where)
@@ -362,7 +362,7 @@ def _changes(raw: Any, document: str) -> tuple[DeclaredChange, ...]:
             if set(entry) & {"grant", "revoke"}:
                 raise DocumentError("a role change adds or removes handles", document=document, field=where)
             change = DeclaredChange(
-                role=role_name(role, document, f"{where}.role"),
+                role=check_role(role, document, f"{where}.role"),
                 add=names("add", check_handle),
                 remove=names("remove", check_handle),
             )
@@ -371,8 +371,8 @@ def _changes(raw: Any, document: str) -> tuple[DeclaredChange, ...]:
                 raise DocumentError("a principal change grants or revokes roles", document=document, field=where)
             change = DeclaredChange(
                 principal=check_principal(principal, document, f"{where}.principal"),
-                grant=names("grant", role_name),
-                revoke=names("revoke", role_name),
+                grant=names("grant", check_role),
+                revoke=names("revoke", check_role),
             )
         changes.append(change)
     return tuple(changes)
