@@ -107,3 +107,18 @@ def test_declared_changes_survive_the_trip_through_etcds_canonical_json() -> Non
 
     v2 = parse_permission_set(V2, "v2", extra_fields=frozenset({"weights"}))
     assert parse_permission_set(load_document(dump_permission_set(v2), "x"), "x") == v2
+
+
+def test_per_set_counters_move_with_requests(running: RunningSidecar) -> None:
+    """Each live set's answers are counted, enforced or observed, and the counters move by exactly
+    what was sent (the conftest policy: v1 active, v2 observed beside it)."""
+    before = scrape(running)
+    for _ in range(3):
+        check(running, request(method="PUT", sub="bob"))  # v1 denies, v2 (observed) would allow
+    after = scrape(running)
+    decisions = "authz_set_decisions_total"
+    assert moved(before, after, decisions, kind="active", version="v1", decision="deny", enforced="true") == 3
+    assert moved(before, after, decisions, kind="shadow", version="v2", decision="allow", enforced="false") == 3
+    kind = {"version": "v2", "kind": "expected", "direction": "deny_to_allow"}
+    assert moved(before, after, "authz_mismatches_total", **kind) == 3
+    assert after[("authz_ready", ())] == 1.0 and after[("authz_source_connected", ())] == 0.0  # files: local
