@@ -2,8 +2,8 @@
 
 Rule, in order; exactly one set is enforced, and selection never fails the call:
 
-1. The x-authz-shadow-version header names a live shadow and the principal may use it
-   (the shadow has no testers list, or lists the principal): that shadow decides (``header``).
+1. The x-authz-shadow-version header names a live shadow whose ``testers`` list the principal:
+   that shadow decides (``header``). A shadow without testers cannot be picked by header at all.
 2. The header is present otherwise (unknown, malformed, not a tester): active decides
    (``header_ignored``); a tester's typo is never an error.
 3. Shadows have a canary weight in this region: walking them in version order, the first whose

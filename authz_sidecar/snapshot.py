@@ -38,7 +38,9 @@ class ShadowView:
         return self.compiled.meta.version
 
     def is_tester(self, principal: str) -> bool:
-        return not self.rollout.testers or principal in self.rollout.testers
+        """Whether the principal may pick this shadow by header. A privilege, never a default: Envoy
+        passes the header from outside, and a proposal may allow more than the active set."""
+        return principal in self.rollout.testers
 
 
 @dataclass(frozen=True, slots=True)

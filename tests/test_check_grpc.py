@@ -20,7 +20,7 @@ from authz_sidecar._proto.envoy.service.auth.v3 import external_auth_pb2_grpc as
 from authz_sidecar.local.tokens import DemoIssuer
 from authz_sidecar.v1 import authz_pb2, authz_pb2_grpc
 
-from .conftest import RunningSidecar, sidecar_settings, write_policy
+from .conftest import RunningSidecar, shadow, sidecar_settings, write_policy
 
 JWT_AUTHN = "envoy.filters.http.jwt_authn"
 
@@ -116,6 +116,21 @@ def test_shadow_by_header_for_tester_and_not_for_others(running: RunningSidecar)
     # alice is not a tester of v2: active decides even though she asked.
     resp = check(running, request(sub="alice", headers={"x-authz-shadow-version": "v2"}))
     assert headers_of(resp)["x-authz-set-version"] == "v1"
+
+
+def test_shadow_without_testers_is_not_picked_by_header(tmp_path: Path) -> None:
+    """A client naming a testerless shadow gets the active set's answer, and the selection says so."""
+    policy = write_policy(tmp_path / "policy", shadows=[shadow("v2")])
+    side = RunningSidecar(sidecar_settings(policy))
+    try:
+        side.wait_ready()
+        resp = check(side, request(method="PUT", sub="bob", headers={"x-authz-shadow-version": "v2"}))
+        assert status_of(resp) == 403
+        resp = check(side, request(sub="bob", headers={"x-authz-shadow-version": "v2"}))
+        assert headers_of(resp)["x-authz-set-version"] == "v1"
+        assert dict(resp.dynamic_metadata)["selection"] == "header_ignored"
+    finally:
+        side.close()
 
 
 def _token(issuer: DemoIssuer, **overrides: Any) -> str:

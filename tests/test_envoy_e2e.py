@@ -18,7 +18,7 @@ import pytest
 
 from authz_sidecar._proto.envoy.service.auth.v3 import external_auth_pb2 as pb
 from authz_sidecar.local import envoy
-from authz_sidecar.local.mesh import Mesh
+from authz_sidecar.local.mesh import DEMO, Mesh
 from authz_sidecar.local.processes import LOOPBACK, free_port, wait_for_http, wait_for_port
 from authz_sidecar.local.tokens import DEMO_ISSUER, DemoIssuer
 from authz_sidecar.responses import ResponseCache
@@ -69,7 +69,11 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
     policy = write_policy(
         workdir / "policy",
         active=active,
-        shadows=[shadow("v2", weights={"us-east": 10}, testers=["qa-bot"], grants=v2_grants)],
+        shadows=[
+            shadow("v2", weights={"us-east": 10}, testers=["qa-bot"], grants=v2_grants),
+            # A more permissive proposal with no testers: only a canary weight could ever reach it.
+            shadow("v3", grants=[*ACTIVE["grants"], {"principal": "mallory", "roles": ["editor"]}]),
+        ],
         catalog=CATALOG,
     )
     m = Mesh(workdir=workdir, policy_dir=policy, region="us-east")
@@ -125,6 +129,14 @@ def test_shadow_picked_by_header(mesh: Mesh) -> None:
     # alice asking for v2 is not a tester: ignored, v1 decides.
     _status, _h, raw = mesh.request("GET", "/things/7", "alice", {"x-authz-shadow-version": "v2"})
     assert body(raw)["set_version"] == "v1"
+
+
+def test_outsider_cannot_pick_a_shadow_without_testers(mesh: Mesh) -> None:
+    """Envoy passes x-authz-shadow-version from the client: a shadow without testers ignores it."""
+    status, _h, raw = mesh.request("PUT", "/things/7", "mallory", {"x-authz-shadow-version": "v3"})
+    assert status == 403 and body(raw)["reason"] == "unknown_principal"
+    status, _h, raw = mesh.request("GET", "/things/7", "alice", {"x-authz-shadow-version": "v3"})
+    assert status == 200 and body(raw)["set_version"] == "v1"
 
 
 def test_canary_split_over_many_principals(mesh: Mesh) -> None:
@@ -330,4 +342,4 @@ def test_make_run_demonstration(tmp_path: Path) -> None:
         check=False,
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    assert result.stdout.count("[ok ]") == 6 and "[BAD]" not in result.stdout
+    assert result.stdout.count("[ok ]") == len(DEMO) and "[BAD]" not in result.stdout

@@ -46,13 +46,17 @@ def test_header_for_non_tester_unknown_or_malformed_is_ignored() -> None:
         assert (enforced.version, how) == ("v1", Selection.HEADER_IGNORED)
 
 
-def test_shadow_without_testers_can_be_picked_by_anyone() -> None:
-    enforced, how = select(snap(shadow("v2")), "anyone", "v2", "anyone")
-    assert (enforced.version, how) == ("v2", Selection.HEADER)
+def test_shadow_without_testers_cannot_be_picked_by_header() -> None:
+    """Picking by header is a tester's privilege: with no testers, nobody has it (canary still reaches it)."""
+    s = snap(shadow("v2", weights={"us-east": 100}))
+    for principal in ("anyone", "bob", "qa-bot"):
+        enforced, how = select(s, principal, "v2", principal)
+        assert (enforced.version, how) == ("v1", Selection.HEADER_IGNORED)
+    assert select(s, "bob", None, "bob") [0].version == "v2"
 
 
 def test_header_wins_over_canary_and_default_is_active() -> None:
-    s = snap(shadow("v2", weights={"us-east": 100}), shadow("v3"))
+    s = snap(shadow("v2", weights={"us-east": 100}), shadow("v3", testers=["bob"]))
     assert select(s, "bob", "v3", "bob")[1] is Selection.HEADER
     assert select(s, "bob", None, "bob")[0].version == "v2"
     assert select(snap(shadow("v2")), "bob", None, "bob")[1] is Selection.DEFAULT
@@ -100,7 +104,7 @@ def test_same_principal_lands_in_same_set_in_two_processes() -> None:
 
 def test_observed_sets_and_mismatch_kinds() -> None:
     """Every other live set is evaluated; a disagreement inside the predicted impact is expected."""
-    s = snap(shadow("v2"), shadow("v3", grants=[{"principal": "alice", "roles": ["viewer"]}]))
+    s = snap(shadow("v2", testers=["bob"]), shadow("v3", grants=[{"principal": "alice", "roles": ["viewer"]}]))
     ev = evaluate(s, "bob", "things:edit", None)
     assert ev.reason is Reason.MISSING_PERMISSION and ev.decided_by == "active"
     by_version = {o.version: o for o in ev.observed}
