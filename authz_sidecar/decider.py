@@ -8,7 +8,7 @@ between is here, once. Rules:
 - Fail closed: no snapshot, no identity, an unmapped route or an unsafe path all deny with a reason.
 - A credential that is present but invalid denies; it never falls through to a weaker source.
 - evaluate() is a pure function of the snapshot and (principal, permission, scope, shadow header)
-  when the canary key is the principal, so its results are reused until the snapshot changes.
+  when the canary key is the principal, so its results are kept in the snapshot's own memo.
 - No I/O, no awaits, no locks.
 """
 
@@ -73,8 +73,6 @@ class Decider:
         self._identifier = identifier
         self._metrics = metrics
         self._by_request_id = stickiness == "request_id"
-        self._memo: dict[tuple[str, str, str | None, str | None], Outcome] = {}
-        self._memo_for: Snapshot | None = None
 
     def refuse(self, reason: Reason) -> Outcome:
         self._metrics.refusal(reason)
@@ -132,10 +130,9 @@ class Decider:
     def _memoised(
         self, snapshot: Snapshot, principal: str, handle: str, scope: str | None, shadow: str | None
     ) -> Outcome:
-        memo = self._memo
-        if self._memo_for is not snapshot:
-            memo = self._memo = {}
-            self._memo_for = snapshot
+        # The memo is the snapshot's own (see Snapshot.memo): reached through the snapshot this
+        # thread decides with, it can never hand out an answer computed from another one.
+        memo: dict[tuple[str, str, str | None, str | None], Outcome] = snapshot.memo
         key = (principal, handle, scope, shadow)
         found = memo.get(key)
         if found is None:

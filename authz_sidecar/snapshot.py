@@ -15,6 +15,7 @@ import time
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 from authz_sidecar.documents import Catalog, PermissionSet, Rollout, ShadowSet
 from authz_sidecar.engine import CompiledSet, Interner, compile_set, declared, impact
@@ -57,6 +58,10 @@ class Snapshot:
     revision: int = 0
     source: str = ""
     built_at: float = field(default_factory=time.time)
+    # Answers computed from this snapshot, filled by the decision path. It lives here, not beside
+    # the snapshot, so that a memo and the snapshot it belongs to can only change together: a thread
+    # still deciding with an older snapshot writes into that snapshot's memo, never into the new one.
+    memo: dict[Any, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def active_version(self) -> str:

@@ -52,7 +52,7 @@ def test_shadow_without_testers_cannot_be_picked_by_header() -> None:
     for principal in ("anyone", "bob", "qa-bot"):
         enforced, how = select(s, principal, "v2", principal)
         assert (enforced.version, how) == ("v1", Selection.HEADER_IGNORED)
-    assert select(s, "bob", None, "bob") [0].version == "v2"
+    assert select(s, "bob", None, "bob")[0].version == "v2"
 
 
 def test_header_wins_over_canary_and_default_is_active() -> None:
