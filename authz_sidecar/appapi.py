@@ -24,7 +24,7 @@ class AppAuthzServicer:
         snapshot = self._store.snapshot
         if snapshot is None:
             return authz_pb2.CheckResponse(allowed=False, reason=Reason.NO_SNAPSHOT.value)
-        if not request.principal or not HANDLE_RE.match(request.permission):
+        if not request.principal or not HANDLE_RE.fullmatch(request.permission):
             return authz_pb2.CheckResponse(allowed=False, reason=Reason.MALFORMED_REQUEST.value)
         ev = evaluate(
             snapshot,

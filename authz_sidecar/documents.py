@@ -22,14 +22,17 @@ import yaml
 
 from authz_sidecar.errors import DocumentError
 
-HANDLE_RE = re.compile(r"^[a-z][a-z0-9_-]*:[a-z][a-z0-9_-]*(?::[a-z][a-z0-9_-]*)?$")
+# Names are matched whole (re.fullmatch): "$" would also match before a final newline, and these
+# values reach response headers, logs and metric labels.
+HANDLE_RE = re.compile(r"[a-z][a-z0-9_-]*:[a-z][a-z0-9_-]*(?::[a-z][a-z0-9_-]*)?")
 # Words that would make a handle or scope mean "everything": the model has none (DESIGN section 3).
 MAGIC_WORDS = frozenset({"*", "all", "any", "manage", "everything", "admin-all"})
-VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-SCOPE_RE = re.compile(r"^[a-z][a-z0-9_-]*:[^\s*]{1,256}$")
-REGION_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
-ROLE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
-SERVICE_RE = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
+VERSION_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+# A scope's value is free text but never whitespace, a control character or a wildcard.
+SCOPE_RE = re.compile(r"[a-z][a-z0-9_-]*:[^\s*\x00-\x1f\x7f]{1,256}")
+REGION_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
+ROLE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+SERVICE_RE = re.compile(r"[a-z][a-z0-9_-]{0,62}")
 HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 SHADOW_STATES = frozenset({"proposed", "canary"})
 MAX_PRINCIPAL_LEN = 512
@@ -205,7 +208,7 @@ def check_handle(value: Any, document: str, where: str) -> str:
             field=where,
             value=value,
         )
-    if not HANDLE_RE.match(value):
+    if not HANDLE_RE.fullmatch(value):
         raise DocumentError(
             f"{value!r} is not a handle (resource:action or resource:action:attribute, lower-case)",
             document=document,
@@ -216,7 +219,7 @@ def check_handle(value: Any, document: str, where: str) -> str:
 
 
 def check_scope(value: Any, document: str, where: str) -> str:
-    if not isinstance(value, str) or not SCOPE_RE.match(value) or value.split(":", 1)[1] in MAGIC_WORDS:
+    if not isinstance(value, str) or not SCOPE_RE.fullmatch(value) or value.split(":", 1)[1] in MAGIC_WORDS:
         raise DocumentError(
             f"{value!r} is not a scope (kind:value such as 'account:acme', no wildcards)",
             document=document,
@@ -244,7 +247,7 @@ def check_principal(value: Any, document: str, where: str) -> str:
 
 
 def check_role(value: Any, document: str, where: str) -> str:
-    if not isinstance(value, str) or not ROLE_RE.match(value):
+    if not isinstance(value, str) or not ROLE_RE.fullmatch(value):
         raise DocumentError(f"{value!r} is not a role name", document=document, field=where, value=value)
     return value
 
@@ -253,7 +256,7 @@ def check_version(value: Any, document: str, where: str = "version") -> str:
     if isinstance(value, bool) or not isinstance(value, str | int | float):
         raise DocumentError(f"{value!r} is not a version", document=document, field=where, value=value)
     text = str(value)
-    if not VERSION_RE.match(text):
+    if not VERSION_RE.fullmatch(text):
         raise DocumentError(
             f"{text!r} is not a version (letters, digits, '.', '_', '-'; at most 64)",
             document=document,
@@ -478,7 +481,7 @@ def parse_rollout(data: Mapping[Any, Any], document: str) -> Rollout:
     weights: dict[str, int] = {}
     for region, weight in weights_raw.items():
         where = f"weights.{region}"
-        if not isinstance(region, str) or not REGION_RE.match(region):
+        if not isinstance(region, str) or not REGION_RE.fullmatch(region):
             raise DocumentError(f"{region!r} is not a region name", document=document, field=where, value=region)
         if isinstance(weight, bool) or not isinstance(weight, int) or not 0 <= weight <= 100:
             raise DocumentError(
@@ -511,7 +514,7 @@ def parse_shadow(data: Any, document: str) -> ShadowSet:
 _CATALOG_FIELDS = frozenset({"service", "permissions", "routes"})
 _PERMISSION_FIELDS = frozenset({"handle", "description"})
 _ROUTE_FIELDS = frozenset({"method", "path", "permission", "scope"})
-_TEMPLATE_SEGMENT = re.compile(r"^(?:\{[A-Za-z_][A-Za-z0-9_]*\}|[^{}]+)$")
+_TEMPLATE_SEGMENT = re.compile(r"\{[A-Za-z_][A-Za-z0-9_]*\}|[^{}\s\x00-\x1f\x7f]+")
 
 
 def parse_catalog(data: Any, document: str) -> Catalog:
@@ -519,7 +522,7 @@ def parse_catalog(data: Any, document: str) -> Catalog:
     data = _mapping(data, document, "")
     _only(data, _CATALOG_FIELDS, document)
     service = data.get("service")
-    if not isinstance(service, str) or not SERVICE_RE.match(service):
+    if not isinstance(service, str) or not SERVICE_RE.fullmatch(service):
         raise DocumentError(f"{service!r} is not a service name", document=document, field="service", value=service)
     permissions: list[Permission] = []
     seen: set[str] = set()
@@ -549,7 +552,7 @@ def parse_catalog(data: Any, document: str) -> Catalog:
             )
         path = _string(raw.get("path"), document, f"{where}.path")
         segments = path.split("/")[1:]
-        if not path.startswith("/") or (path != "/" and not all(_TEMPLATE_SEGMENT.match(s) for s in segments)):
+        if not path.startswith("/") or (path != "/" and not all(_TEMPLATE_SEGMENT.fullmatch(s) for s in segments)):
             raise DocumentError(
                 f"{path!r} is not a path template ('/things/{{id}}': literal or {{name}} segments)",
                 document=document,

@@ -18,7 +18,7 @@ from urllib.parse import unquote
 from authz_sidecar.documents import RouteSpec
 
 _ESCAPED_SEPARATOR = re.compile(r"%(?:2f|5c)", re.IGNORECASE)
-_PARAM = re.compile(r"^\{([A-Za-z_][A-Za-z0-9_]*)\}$")
+_PARAM = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 MAX_PATH_LENGTH = 8192
 
 
@@ -84,7 +84,7 @@ class RouteTable:
         for route in routes:
             path = normalise_path(route.path) if "{" not in route.path else route.path.rstrip("/") or "/"
             parts = [p for p in path.split("/") if p]
-            params = [_PARAM.match(p) for p in parts]
+            params = [_PARAM.fullmatch(p) for p in parts]
             if not any(params):
                 exact.setdefault((route.method, path), RouteMatch(route.permission, route.scope))
                 continue
