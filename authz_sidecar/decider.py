@@ -1,4 +1,5 @@
-"""The decision path over plain request values, shared by every front (gRPC ext_authz, HTTP ext_authz).
+"""The decision path over plain request values, shared by every front (gRPC ext_authz, HTTP ext_authz,
+the application API).
 
 identify -> required permission -> select set -> decide -> observe others -> count.
 
@@ -21,6 +22,7 @@ from typing import Any
 
 import structlog
 
+from authz_sidecar.documents import HANDLE_RE, MAX_PRINCIPAL_LEN, SCOPE_RE
 from authz_sidecar.errors import IdentityError
 from authz_sidecar.evaluation import Evaluation, evaluate
 from authz_sidecar.identity import Identifier, RequestIdentityInputs
@@ -112,15 +114,68 @@ class Decider:
                 return self.refuse(Reason.UNMAPPED_ROUTE)
             handle = match.permission
             scope = scope or match.scope
-        # select, decide, observe
-        shadow = headers.get(SHADOW_HEADER)
+        key = (request_id or principal) if self._by_request_id else principal
+        return self._decided(
+            snapshot,
+            principal,
+            handle,
+            scope,
+            shadow=headers.get(SHADOW_HEADER),
+            stickiness_key=key,
+            request_id=request_id,
+        )
+
+    def decide_for(
+        self,
+        principal: str,
+        permission: str,
+        scope: str | None = None,
+        *,
+        shadow: str | None = None,
+        stickiness_key: str = "",
+        request_id: str = "",
+    ) -> Outcome:
+        """The decision path for a caller that authenticated the principal itself and names the
+        permission (the application API): the same selection, dark launch and telemetry as Envoy's
+        Check, without identify and route. Values that could not come from a valid request deny as
+        malformed, as they would at any front."""
+        snapshot = self._store.snapshot
+        if snapshot is None:
+            return self.refuse(Reason.NO_SNAPSHOT)
+        if (
+            not 0 < len(principal) <= MAX_PRINCIPAL_LEN
+            or not principal.isprintable()
+            or not HANDLE_RE.fullmatch(permission)
+            or (scope and not SCOPE_RE.fullmatch(scope))
+        ):
+            return self.refuse(Reason.MALFORMED_REQUEST)
+        return self._decided(
+            snapshot,
+            principal,
+            permission,
+            scope or None,
+            shadow=shadow or None,
+            stickiness_key=stickiness_key or principal,
+            request_id=request_id,
+        )
+
+    def _decided(
+        self,
+        snapshot: Snapshot,
+        principal: str,
+        handle: str,
+        scope: str | None,
+        *,
+        shadow: str | None,
+        stickiness_key: str,
+        request_id: str,
+    ) -> Outcome:
+        """select, decide, observe, count: everything after the principal and the permission are known."""
         if shadow is not None and len(shadow) > MAX_SHADOW_HEADER:
             shadow = shadow[:MAX_SHADOW_HEADER]
-        if self._by_request_id and snapshot.canaries:
-            # The answer depends on the request id: nothing to reuse.
-            ev = evaluate(
-                snapshot, principal, handle, scope, shadow_header=shadow, stickiness_key=request_id or principal
-            )
+        if stickiness_key != principal and snapshot.canaries:
+            # The answer depends on a key other than the principal: nothing to reuse.
+            ev = evaluate(snapshot, principal, handle, scope, shadow_header=shadow, stickiness_key=stickiness_key)
             outcome = Outcome(ev.reason, ev, handle)
         else:
             outcome = self._memoised(snapshot, principal, handle, scope, shadow)

@@ -11,29 +11,23 @@ Rules:
 
 from __future__ import annotations
 
-import time
-
-import structlog
 from google.protobuf.message import DecodeError
 
 from authz_sidecar._proto.envoy.service.auth.v3 import external_auth_pb2 as pb
-from authz_sidecar.decider import Decider, Outcome
-from authz_sidecar.metrics import Metrics
+from authz_sidecar.answering import Answering
+from authz_sidecar.decider import Outcome
 from authz_sidecar.reasons import Reason
 from authz_sidecar.responses import Rendered, ResponseCache
-from authz_sidecar.tracing import CheckTracer, trace
 
-log = structlog.get_logger("authz_sidecar.check")
 _parse = pb.CheckRequest.FromString
 
 
 class CheckHandler:
     """Decides ext_authz CheckRequests; a plain function, whatever the server model."""
 
-    def __init__(self, decider: Decider, metrics: Metrics, tracer: CheckTracer | None = None) -> None:
-        self._decider = decider
-        self._metrics = metrics
-        self._tracer = tracer
+    def __init__(self, answering: Answering) -> None:
+        self._answering = answering
+        self._decider = answering.decider
         self._responses = ResponseCache()
 
     def check(self, request: pb.CheckRequest) -> pb.CheckResponse:
@@ -53,20 +47,9 @@ class CheckHandler:
         return self._guarded(request).wire
 
     def _guarded(self, request: pb.CheckRequest) -> Rendered:
-        started = time.perf_counter()
-        start_ns = time.time_ns() if self._tracer is not None else 0
-        try:
-            outcome = self._outcome(request)
-        except Exception:
-            # Fail closed on any fault, and say so loudly: this is a bug, not a policy outcome.
-            log.exception("check_failed")
-            outcome = self._decider.refuse(Reason.INTERNAL_ERROR)
-        rendered = self._render(outcome)
-        self._metrics.latency.observe(time.perf_counter() - started)
-        if self._tracer is not None:
-            http = request.attributes.request.http if request.attributes.request.HasField("http") else None
-            trace(self._tracer, http.headers if http is not None else None, outcome, start_ns)
-        return rendered
+        http = request.attributes.request.http if request.attributes.request.HasField("http") else None
+        outcome = self._answering.answer(http.headers if http is not None else None, lambda: self._outcome(request))
+        return self._render(outcome)
 
     def _outcome(self, request: pb.CheckRequest) -> Outcome:
         attrs = request.attributes

@@ -132,8 +132,8 @@ class GrpcFront:
             async def check(raw: bytes, _context: Any) -> bytes:
                 return check_wire(raw)
 
-            async def app_check(request: authz_pb2.CheckRequest, _context: Any) -> authz_pb2.CheckResponse:
-                return decide(request)
+            async def app_check(request: authz_pb2.CheckRequest, context: Any) -> authz_pb2.CheckResponse:
+                return decide(request, context.invocation_metadata())
 
             aio_server = grpc.aio.server()
             aio_server.add_generic_rpc_handlers(
@@ -148,7 +148,9 @@ class GrpcFront:
             sync_server = grpc.server(futures.ThreadPoolExecutor(max_workers=self._workers, thread_name_prefix="check"))
             sync_server.add_generic_rpc_handlers(
                 (
-                    *_generic_handlers(lambda raw, _c: check_wire(raw), lambda req, _c: decide(req)),
+                    *_generic_handlers(
+                        lambda raw, _c: check_wire(raw), lambda req, c: decide(req, c.invocation_metadata())
+                    ),
                     _registry_handler(self._registry, aio=False),
                 )
             )

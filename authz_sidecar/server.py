@@ -17,6 +17,7 @@ from typing import Any
 import structlog
 
 from authz_sidecar import tracing
+from authz_sidecar.answering import Answering
 from authz_sidecar.appapi import AppAuthzServicer
 from authz_sidecar.config import Settings, parse_address
 from authz_sidecar.decider import Decider
@@ -102,7 +103,8 @@ class Sidecar:
             reports=self.reports,
         )
         self.tracer = tracing.build(self.store, settings.region)
-        self.handler = CheckHandler(self.decider, self.metrics, self.tracer)
+        self.answering = Answering(self.decider, self.metrics, self.tracer)
+        self.handler = CheckHandler(self.answering)
         self.http_authz = HttpAuthz(self.decider, self.metrics, self.tracer) if settings.http_authz else None
         self.http_authz_port = 0
         self.source = source if source is not None else build_source(settings)
@@ -114,7 +116,7 @@ class Sidecar:
         self.front = GrpcFront(
             settings.server_model,
             self.handler,
-            AppAuthzServicer(self.store, self.metrics),
+            AppAuthzServicer(self.answering),
             self.registry,
             settings.workers,
         )

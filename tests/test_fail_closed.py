@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from authz_sidecar.answering import Answering
 from authz_sidecar.decider import Decider
 from authz_sidecar.documents import parse_catalog, parse_permission_set
 from authz_sidecar.extauthz import CheckHandler
@@ -22,7 +23,7 @@ def test_internal_error_denies_with_500() -> None:
     store = SnapshotStore()
     store.install(build_snapshot(parse_permission_set(ACTIVE, "a"), [], [parse_catalog(CATALOG, "c")]))
     metrics = Metrics(store)
-    handler = CheckHandler(Decider(store, Identifier([("broken", broken_source)]), metrics), metrics)
+    handler = CheckHandler(Answering(Decider(store, Identifier([("broken", broken_source)]), metrics), metrics))
     resp = handler.check(request(sub="alice"))
     assert status_of(resp) == 500
     assert resp.denied_response.body == '{"error":"internal_error","reason":"internal_error"}'

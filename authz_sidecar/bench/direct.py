@@ -8,6 +8,7 @@ from pathlib import Path
 from google.protobuf.struct_pb2 import Struct
 
 from authz_sidecar._proto.envoy.service.auth.v3 import external_auth_pb2 as pb
+from authz_sidecar.answering import Answering
 from authz_sidecar.decider import Decider
 from authz_sidecar.extauthz import CheckHandler
 from authz_sidecar.identity import JWT_AUTHN_NAMESPACE, build_identifier
@@ -42,7 +43,7 @@ def direct_check_rate(policy: Path, seconds: float, principal: str) -> tuple[flo
     store.install(FilePolicySource(policy, service="things", region="bench").load())
     metrics = Metrics(store)
     identifier = build_identifier(["jwt_authn"], jwt_authn_payload_key="jwt_payload")
-    handler = CheckHandler(Decider(store, identifier, metrics), metrics)
+    handler = CheckHandler(Answering(Decider(store, identifier, metrics), metrics))
     raw = sample_request(principal).SerializeToString()
     parse = pb.CheckRequest.FromString
     check = handler.check
