@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping
+from typing import TypeVar
 
 import structlog
 
@@ -18,6 +19,7 @@ from authz_sidecar.reasons import Reason
 from authz_sidecar.tracing import CheckTracer, trace
 
 log = structlog.get_logger("authz_sidecar.check")
+_Request = TypeVar("_Request")
 
 
 class Answering:
@@ -25,14 +27,18 @@ class Answering:
         self.decider = decider
         self._latency = metrics.latency
         self._tracer = tracer
+        # Whether answer() uses its headers: a front skips gathering them when nothing is traced.
+        self.traced = tracer is not None
 
-    def answer(self, headers: Mapping[str, str] | None, decide: Callable[[], Outcome]) -> Outcome:
-        """Run `decide`; a fault is an INTERNAL_ERROR deny (logged), never an exception or an allow.
-        `headers` carry the caller's trace context (traceparent, b3) for the span."""
+    def answer(
+        self, headers: Mapping[str, str] | None, decide: Callable[[_Request], Outcome], request: _Request
+    ) -> Outcome:
+        """``decide(request)``; a fault is an INTERNAL_ERROR deny (logged), never an exception or an
+        allow. `headers` carry the caller's trace context (traceparent, b3) for the span."""
         started = time.perf_counter()
         start_ns = time.time_ns() if self._tracer is not None else 0
         try:
-            outcome = decide()
+            outcome = decide(request)
         except Exception:
             # Fail closed on any fault, and say so loudly: this is a bug, not a policy outcome.
             log.exception("check_failed")

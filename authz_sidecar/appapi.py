@@ -35,17 +35,17 @@ class AppAuthzServicer:
     def decide(
         self, request: authz_pb2.CheckRequest, metadata: Iterable[tuple[str, str | bytes]] | None = None
     ) -> authz_pb2.CheckResponse:
-        outcome = self._answering.answer(
-            trace_headers(metadata),
-            lambda: self._decider.decide_for(
-                request.principal,
-                request.permission,
-                request.scope or None,
-                shadow=request.shadow_version or None,
-                stickiness_key=request.stickiness_key,
-            ),
+        headers = trace_headers(metadata) if self._answering.traced else None
+        return render(self._answering.answer(headers, self._decide, request))
+
+    def _decide(self, request: authz_pb2.CheckRequest) -> Outcome:
+        return self._decider.decide_for(
+            request.principal,
+            request.permission,
+            request.scope or None,
+            shadow=request.shadow_version or None,
+            stickiness_key=request.stickiness_key,
         )
-        return render(outcome)
 
 
 def render(outcome: Outcome) -> authz_pb2.CheckResponse:

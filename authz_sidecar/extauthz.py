@@ -47,9 +47,10 @@ class CheckHandler:
         return self._guarded(request).wire
 
     def _guarded(self, request: pb.CheckRequest) -> Rendered:
-        http = request.attributes.request.http if request.attributes.request.HasField("http") else None
-        outcome = self._answering.answer(http.headers if http is not None else None, lambda: self._outcome(request))
-        return self._render(outcome)
+        headers = None
+        if self._answering.traced and request.attributes.request.HasField("http"):
+            headers = request.attributes.request.http.headers
+        return self._render(self._answering.answer(headers, self._outcome, request))
 
     def _outcome(self, request: pb.CheckRequest) -> Outcome:
         attrs = request.attributes
