@@ -343,11 +343,13 @@ def test_unknown_kid_is_401_and_refreshes_once_however_many_arrive(
         side.close()
 
 
+@pytest.mark.parametrize("server_model", ["aio", "threads"])
 def test_unknown_kid_is_accepted_once_the_jwks_publishes_it(
-    policy_dir: Path, jwks_server: JwksServer, key_a: DemoIssuer, key_b: DemoIssuer
+    policy_dir: Path, jwks_server: JwksServer, key_a: DemoIssuer, key_b: DemoIssuer, server_model: str
 ) -> None:
-    """A key the IdP adds is picked up by the refresh its first token triggers, without a restart."""
-    side = url_sidecar(policy_dir, jwks_server)
+    """A key the IdP adds is picked up by the refresh its first token triggers, without a restart
+    (asked for from the event loop's thread in one server model, from a worker thread in the other)."""
+    side = url_sidecar(policy_dir, jwks_server, server_model=server_model)
     try:
         wait_until("first fetch", lambda: bearer(side, fresh(key_a)) == 200)
         assert bearer(side, fresh(key_b)) == 401
