@@ -413,12 +413,13 @@ def test_cache_control_max_age_sets_the_refresh_interval(
 
 
 def test_refresher_stops_with_the_sidecar(policy_dir: Path, jwks_server: JwksServer) -> None:
+    """The refresher is the sidecar's task: stopping the sidecar stops the fetches."""
     side = url_sidecar(policy_dir, jwks_server, jwks_refresh_interval=0.2)
     wait_until("refreshes", lambda: jwks_server.count() >= 2)
     side.close()
     after = jwks_server.count()
     time.sleep(1.0)  # five refresh intervals
-    assert jwks_server.count() == after
+    assert jwks_server.count() <= after + 1  # a fetch already on its way may still arrive
 
 
 # -- configuration ----------------------------------------------------------------------------------
