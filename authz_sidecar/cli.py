@@ -92,7 +92,11 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     _add(serve, "--jwt-authn-payload-key", text="key Envoy's jwt_authn payload_in_metadata names (default: any)")
     _add(serve, "--principal-claim", text="JWT claim that names the principal")
-    _add(serve, "--jwks-file", text="JWKS file for verifying bearer tokens here", metavar="FILE")
+    _add(serve, "--jwks-file", text="JWKS file for verifying bearer tokens here (reloaded on change)", metavar="FILE")
+    _add(serve, "--jwks-url", text="JWKS URL for verifying bearer tokens, fetched in the background", metavar="URL")
+    _add(serve, "--jwks-refresh-interval", text="seconds between JWKS URL fetches (shorter if Cache-Control max-age)")
+    _add(serve, "--jwks-min-refresh-interval", text="minimum seconds between JWKS URL fetches (unknown kids ask)")
+    _add(serve, "--jwks-timeout", text="seconds a JWKS URL fetch may take")
     _add(serve, "--jwt-issuers", text="accepted issuers, comma-separated")
     _add(serve, "--jwt-audiences", text="accepted audiences, comma-separated")
     _add(serve, "--jwt-algorithms", text="allowed signing algorithms, comma-separated")
@@ -170,6 +174,10 @@ def settings_from(ns: argparse.Namespace) -> Settings:
             jwt_authn_payload_key=ns.jwt_authn_payload_key or "",
             principal_claim=ns.principal_claim,
             jwks_file=_path(ns.jwks_file),
+            jwks_url=ns.jwks_url or "",
+            jwks_refresh_interval=_number(ns, "jwks_refresh_interval"),
+            jwks_min_refresh_interval=_number(ns, "jwks_min_refresh_interval"),
+            jwks_timeout=_number(ns, "jwks_timeout"),
             jwt_issuers=_as_tuple(ns.jwt_issuers),
             jwt_audiences=_as_tuple(ns.jwt_audiences),
             jwt_algorithms=_as_tuple(ns.jwt_algorithms),

@@ -7,6 +7,7 @@ one clear line before anything binds a port.
 from __future__ import annotations
 
 import os
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,6 +50,13 @@ class Settings:
     jwt_authn_payload_key: str = ""
     principal_claim: str = "sub"
     jwks_file: Path | None = None
+    # JWKS fetched over HTTP(S) in the background (authz_sidecar/jwks.py); exclusive with jwks_file.
+    jwks_url: str = ""
+    # Seconds between fetches, unless the answer's Cache-Control max-age is shorter.
+    jwks_refresh_interval: float = 300.0
+    # No two fetches closer than this, however many tokens with unknown kids ask for one.
+    jwks_min_refresh_interval: float = 5.0
+    jwks_timeout: float = 5.0
     jwt_issuers: tuple[str, ...] = ()
     jwt_audiences: tuple[str, ...] = ()
     jwt_algorithms: tuple[str, ...] = ("RS256", "PS256", "ES256", "EdDSA")
@@ -93,7 +101,7 @@ class Settings:
         if self.identity:
             return self.identity
         derived = ["jwt_authn"]
-        if self.jwks_file:
+        if self.jwks_file or self.jwks_url:
             derived.append("jwt")
         derived.append("mtls")
         if self.dev_principal_header:
@@ -111,6 +119,25 @@ def parse_address(value: str, flag: str) -> tuple[str, int] | str:
     if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise ConfigError(f"{flag}: {value!r} is not host:port or unix:///path")
     return host.strip("[]"), int(port)
+
+
+def _validate_jwks(settings: Settings) -> None:
+    """One key source; a URL over HTTP(S) only (urllib would open file:// and ftp:// as readily)."""
+    if settings.jwks_file is not None and settings.jwks_url:
+        raise ConfigError("give --jwks-file or --jwks-url, not both")
+    if settings.jwks_url:
+        url = urllib.parse.urlsplit(settings.jwks_url)
+        if url.scheme not in ("http", "https") or not url.hostname:
+            raise ConfigError(f"--jwks-url {settings.jwks_url!r}: must be an http:// or https:// URL")
+        if url.username is not None or url.password is not None:
+            # urllib would take them for part of the host name; a JWKS is public anyway.
+            raise ConfigError("--jwks-url: a user or password in the URL is not supported")
+    if settings.jwks_refresh_interval <= 0 or settings.jwks_timeout <= 0:
+        raise ConfigError("--jwks-refresh-interval and --jwks-timeout must be > 0")
+    if settings.jwks_min_refresh_interval <= 0:
+        raise ConfigError("--jwks-min-refresh-interval must be > 0 (it rate-limits fetches of the JWKS URL)")
+    if "jwt" in settings.identity_sources() and settings.jwks_file is None and not settings.jwks_url:
+        raise ConfigError("--identity jwt needs --jwks-file FILE or --jwks-url URL")
 
 
 def validate(settings: Settings) -> Settings:
@@ -140,8 +167,7 @@ def validate(settings: Settings) -> Settings:
             raise ConfigError(f"--identity: unknown source {name!r} (expected: {', '.join(SOURCES)})")
     if "header" in settings.identity_sources() and not settings.dev_principal_header:
         raise ConfigError("--identity header needs --dev-principal-header NAME (development only)")
-    if "jwt" in settings.identity_sources() and settings.jwks_file is None:
-        raise ConfigError("--identity jwt needs --jwks-file FILE")
+    _validate_jwks(settings)
     if any(a.lower() == "none" for a in settings.jwt_algorithms):
         raise ConfigError("--jwt-algorithms: 'none' is never accepted")
     if settings.stickiness not in STICKINESS:

@@ -5,7 +5,8 @@ Sources (DESIGN section 4), each a function over plain request values:
 - ``jwt_authn``: the payload Envoy's jwt_authn filter verified and put in dynamic metadata
   (namespace ``envoy.filters.http.jwt_authn``, under the key named by ``payload_in_metadata``;
   when no key is configured, whichever payload is there).
-- ``jwt``: a bearer token in the Authorization header, verified here against a local JWKS.
+- ``jwt``: a bearer token in the Authorization header, verified here against a JWKS file or URL
+  (kept current in the background by :mod:`authz_sidecar.jwks`).
 - ``mtls``: the peer's certificate identity as Envoy reports it (``source.principal``, SPIFFE).
 - ``payload_header``: the verified payload Envoy's jwt_authn forwards (``forward_payload_header``,
   base64url JSON), for the HTTP ext_authz front, which receives no dynamic metadata. Trust it only
@@ -160,7 +161,7 @@ def build_identifier(
             sources.append((name, jwt_authn_source(jwt_authn_payload_key, principal_claim)))
         elif name == "jwt":
             if verifier is None:
-                raise ConfigError("identity source 'jwt' needs --jwks-file")
+                raise ConfigError("identity source 'jwt' needs --jwks-file or --jwks-url")
             sources.append((name, bearer_source(verifier)))
         elif name == "mtls":
             sources.append((name, mtls_source))

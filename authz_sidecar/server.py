@@ -16,7 +16,7 @@ from typing import Any
 
 import structlog
 
-from authz_sidecar import tracing
+from authz_sidecar import jwks, tracing
 from authz_sidecar.answering import Answering
 from authz_sidecar.appapi import AppAuthzServicer
 from authz_sidecar.config import Settings, parse_address
@@ -37,7 +37,6 @@ from authz_sidecar.snapshot import Snapshot
 from authz_sidecar.sources.base import PolicySource
 from authz_sidecar.sources.files import FilePolicySource
 from authz_sidecar.state import SnapshotStore
-from authz_sidecar.tokens import TokenVerifier
 
 log = structlog.get_logger("authz_sidecar.server")
 
@@ -71,20 +70,13 @@ class Sidecar:
         self.settings = settings
         self.store = SnapshotStore()
         self.metrics = Metrics(self.store)
-        verifier = None
-        if settings.jwks_file is not None:
-            verifier = TokenVerifier.from_file(
-                settings.jwks_file,
-                algorithms=settings.jwt_algorithms,
-                issuers=settings.jwt_issuers,
-                audiences=settings.jwt_audiences,
-                principal_claim=settings.principal_claim,
-            )
+        # The JWKS file or URL, kept current by a task started with the sidecar.
+        self.jwks = jwks.build(settings)
         identifier = build_identifier(
             settings.identity_sources(),
             jwt_authn_payload_key=settings.jwt_authn_payload_key,
             principal_claim=settings.principal_claim,
-            verifier=verifier,
+            verifier=self.jwks.verifier if self.jwks is not None else None,
             dev_header=settings.dev_principal_header or None,
             payload_header=settings.payload_header,
         )
@@ -153,6 +145,7 @@ class Sidecar:
             "listen": self.settings.listen,
             "identity_sources": list(self.identity_sources),
             "policy_source": self.source.describe(),
+            "jwks": self.jwks.status() if self.jwks is not None else None,
             "registration": self.registrar.status() if self.registrar else None,
             "uptime_seconds": round(time.time() - self._started_at, 3),
         }
@@ -189,6 +182,8 @@ class Sidecar:
                 )
         self.grpc_port = await self.front.start(parse_address(self.settings.listen, "--listen"))
         self._started = True
+        if self.jwks is not None:
+            self._spawn(self.jwks.run())
         if self.http_authz is not None:
             self.http_authz_port = await self.http_authz.start(parse_address(self.settings.http_authz, "--http-authz"))
         ops = OpsHttp(self.store, self.metrics, self._status_extra)

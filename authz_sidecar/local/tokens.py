@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import jwt
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 DEMO_ISSUER = "https://issuer.authz-sidecar.local"
@@ -32,6 +33,13 @@ class DemoIssuer:
     def write_jwks(self, path: Path) -> Path:
         path.write_text(json.dumps(self.jwks()))
         return path
+
+    def public_pem(self, fmt: serialization.PublicFormat = serialization.PublicFormat.SubjectPublicKeyInfo) -> bytes:
+        return self._key.public_key().public_bytes(serialization.Encoding.PEM, fmt)
+
+    def sign(self, payload: dict[str, Any]) -> str:
+        """Any payload, exactly as given (no claims added), signed with this issuer's key and kid."""
+        return jwt.encode(payload, self._key, algorithm="RS256", headers={"kid": self.kid})
 
     def token(self, sub: str, *, ttl: int = 3600, audience: str = DEMO_AUDIENCE, **claims: Any) -> str:
         now = int(time.time())
