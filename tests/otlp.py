@@ -192,6 +192,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             return
         receiver.record(self.path, headers, spans_of(request))
         self._answer(receiver.status, trace_service_pb2.ExportTraceServiceResponse().SerializeToString())
+        # Closing without having said so is what a collector's idle timeout does to a kept connection.
+        self.close_connection = receiver.close_after_answer
 
     def _answer(self, status: int, body: bytes) -> None:
         self.send_response(status)
@@ -221,11 +223,13 @@ class _HttpServer(http.server.ThreadingHTTPServer):
 
 class OtlpHttpReceiver(_Recorder):
     """OTLP/HTTP (protobuf bodies) on 127.0.0.1: a real HTTP/1.1 server taking POSTs on any path,
-    plain or TLS. `status` is what it answers a good export with (set 503 to play a sick collector)."""
+    plain or TLS. `status` is what it answers a good export with (set 503 to play a sick collector);
+    `close_after_answer` closes each connection after the answer, which said keep-alive."""
 
     def __init__(self, certs: dict[str, Path] | None = None, *, client_auth: bool = False) -> None:
         super().__init__()
         self.status = 200
+        self.close_after_answer = False
         self.connections: set[tuple[str, int]] = set()  # client (address, port) pairs seen
         self.scheme = "https" if certs else "http"
         self.server = _HttpServer(("127.0.0.1", 0), _Handler)
