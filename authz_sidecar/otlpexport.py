@@ -4,14 +4,15 @@ The settings are the specification's variables, each ``OTEL_EXPORTER_OTLP_TRACES
 ``OTEL_EXPORTER_OTLP_<X>``, an empty value counting as unset: ``PROTOCOL`` (``grpc``, the default,
 or ``http/protobuf``), ``ENDPOINT`` (for OTLP/HTTP the traces variable is the full URL, used as it
 is, while the generic one is a base to which ``v1/traces`` is appended), ``HEADERS`` (``k=v,k2=v2``,
-values percent-decoded), ``TIMEOUT`` (milliseconds, 10000 by default, 0 for none), ``INSECURE``
-(gRPC endpoints without a scheme), ``CERTIFICATE``, ``CLIENT_CERTIFICATE`` and ``CLIENT_KEY``.
+values percent-decoded), ``TIMEOUT`` (milliseconds, 10000 by default, 0 for none), ``COMPRESSION``
+(``gzip`` or ``none``), ``INSECURE`` (gRPC endpoints without a scheme), ``CERTIFICATE``,
+``CLIENT_CERTIFICATE`` and ``CLIENT_KEY``.
 
 Settings the exporter could never use (``http/json``, an unknown protocol, a malformed header or
 URL, a missing certificate file) are refused at start-up with one line naming the variable, rather
 than leaving a sidecar that runs and drops every span; a header's value is never repeated in a
-message, because headers carry credentials. An unreadable timeout falls back to the default with a
-warning, as the specification asks of numbers.
+message, because headers carry credentials. An unreadable timeout or an unknown compression falls
+back to the default with a warning, as the specification asks, since the export still works.
 
 The transports run on the exporter thread only. Each ``send`` is bounded by the timeout and turns
 every failure into ``ExportError``; the caller drops the batch and backs off, so a collector that is
@@ -21,6 +22,7 @@ exports (http.client) and reads at most 64 KiB of an answer.
 
 from __future__ import annotations
 
+import gzip
 import http.client
 import re
 import ssl
@@ -62,6 +64,7 @@ class ExportSettings:
     secure: bool
     headers: tuple[tuple[str, str], ...] = field(default=(), repr=False)  # values may be credentials
     timeout: float | None = DEFAULT_TIMEOUT  # seconds; None: no limit
+    gzip: bool = False
     certificate: Path | None = None
     client_certificate: Path | None = None
     client_key: Path | None = None
@@ -80,6 +83,7 @@ class ExportSettings:
             secure,
             _headers(environ, protocol),
             _timeout(environ),
+            _gzip(environ),
             _file(environ, "CERTIFICATE"),
             client_certificate,
             client_key,
@@ -164,6 +168,16 @@ def _timeout(environ: Mapping[str, str]) -> float | None:
     if 0 < milliseconds < 100:
         log.warning("otlp_timeout_short", variable=variable, milliseconds=milliseconds, note="the unit is milliseconds")
     return milliseconds / 1000 if milliseconds else None
+
+
+def _gzip(environ: Mapping[str, str]) -> bool:
+    found = _lookup(environ, "COMPRESSION")
+    if found is None:
+        return False
+    variable, value = found
+    if value.lower() not in ("gzip", "none"):
+        log.warning("otlp_setting_ignored", variable=variable, value=value, using="none")
+    return value.lower() == "gzip"
 
 
 def _headers(environ: Mapping[str, str], protocol: str) -> tuple[tuple[str, str], ...]:
@@ -256,10 +270,11 @@ class GrpcTransport:
         )
         self._timeout = settings.timeout
         self._metadata = settings.headers or None
+        self._compression = grpc.Compression.Gzip if settings.gzip else None
 
     def send(self, request: bytes) -> None:
         try:
-            self._export(request, timeout=self._timeout, metadata=self._metadata)
+            self._export(request, timeout=self._timeout, metadata=self._metadata, compression=self._compression)
         except grpc.RpcError as exc:
             code = exc.code() if isinstance(exc, grpc.Call) else None
             raise ExportError(code.name if code is not None else str(exc)) from None
@@ -282,10 +297,15 @@ class HttpTransport:
         self._context = tls_context(settings) if self._https else None
         self._timeout = settings.timeout
         self._headers = {"content-type": "application/x-protobuf", "user-agent": USER_AGENT, **dict(settings.headers)}
+        self._gzip = settings.gzip
+        if self._gzip:
+            self._headers["content-encoding"] = "gzip"
         self._connection: http.client.HTTPConnection | None = None
 
     def send(self, request: bytes) -> None:
         deadline = None if self._timeout is None else time.monotonic() + self._timeout
+        if self._gzip:
+            request = gzip.compress(request, compresslevel=5)  # zlib lets go of the GIL while it works
         for attempt in (1, 2):
             kept = self._connection is not None and self._connection.sock is not None
             try:

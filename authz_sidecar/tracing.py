@@ -434,11 +434,11 @@ def build(
 ) -> CheckTracer | None:
     """The tracer the environment asks for, or None (tracing off, nothing on the hot path);
     ConfigError for export settings that could never work. `dropped` counts lost spans by reason."""
-    if not enabled(environ):
-        return None
     unsupported = [name for name in _exporters(environ) if name not in ("otlp", "none")]
     if unsupported:
-        log.warning("unsupported_traces_exporter", exporters=unsupported, using="otlp")
+        log.warning("unsupported_traces_exporter", exporters=unsupported, supported=["otlp", "none"])
+    if not enabled(environ):
+        return None
     export = ExportSettings.from_env(environ)
     # Resource.create merges OTEL_RESOURCE_ATTRIBUTES and OTEL_SERVICE_NAME with the SDK's own.
     name = environ.get("OTEL_SERVICE_NAME") or "authz-sidecar"

@@ -133,6 +133,34 @@ def test_spans_and_configured_headers_arrive_over_each_protocol(
         side.close()
 
 
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_gzip_compression(
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    grpc_receiver: OtlpReceiver,
+    http_receiver: OtlpHttpReceiver,
+    protocol: str,
+) -> None:
+    """OTEL_EXPORTER_OTLP_COMPRESSION=gzip: OTLP/HTTP bodies carry Content-Encoding: gzip, gRPC
+    messages are compressed by gRPC; the collector reads the same spans."""
+    receiver = receiver_for(protocol, grpc_receiver, http_receiver)
+    side = traced(
+        monkeypatch,
+        tmp_path,
+        {
+            "OTEL_EXPORTER_OTLP_PROTOCOL": protocol,
+            "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint,
+            "OTEL_EXPORTER_OTLP_COMPRESSION": "gzip",
+        },
+    )
+    try:
+        assert receiver.wait_for(traced_check(side)).attributes["authz.decision"] == "allow"
+        if protocol == "http/protobuf":  # (gRPC decompresses before the servicer sees anything)
+            assert receiver.exports[0].headers["content-encoding"] == "gzip"
+    finally:
+        side.close()
+
+
 def test_signal_specific_variables_win_and_the_traces_endpoint_is_used_as_is(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, grpc_receiver: OtlpReceiver, http_receiver: OtlpHttpReceiver
 ) -> None:
@@ -407,6 +435,10 @@ def test_timeouts_are_milliseconds_and_headers_are_percent_decoded() -> None:
     assert decoded == (("api-key", "a,b=c"), ("x-empty", ""), ("x-raw", "a=b"))
     generic_and_traces = {headers: "x-generic=1", "OTEL_EXPORTER_OTLP_TRACES_HEADERS": "x-traces=2"}
     assert settings(**generic_and_traces).headers == (("x-traces", "2"),)
+    compression = "OTEL_EXPORTER_OTLP_COMPRESSION"
+    assert settings(**{compression: "gzip"}).gzip and not settings().gzip
+    assert not settings(**{compression: "gzip", "OTEL_EXPORTER_OTLP_TRACES_COMPRESSION": "none"}).gzip
+    assert not settings(**{compression: "zstd"}).gzip  # unknown: a warning, and no compression
 
 
 @pytest.mark.parametrize(
