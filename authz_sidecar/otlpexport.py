@@ -143,7 +143,8 @@ def _endpoint(environ: Mapping[str, str], protocol: str) -> tuple[str, bool]:
     else:
         path = parts.path if parts.path.endswith("/") else parts.path + "/"
         path += "v1/traces"
-    return urlunsplit((scheme, parts.netloc, path, parts.query, "")), scheme == "https"
+    netloc = parts.netloc.rpartition("@")[2]  # credentials in the URL would be logged, and http.client ignores them
+    return urlunsplit((scheme, netloc, path, parts.query, "")), scheme == "https"
 
 
 def _boolean(environ: Mapping[str, str], name: str) -> bool:

@@ -384,6 +384,7 @@ def test_endpoints_follow_the_specification() -> None:
     for base in ("http://c:4318/mycollector/", "http://c:4318/mycollector"):
         assert settings(**http, OTEL_EXPORTER_OTLP_ENDPOINT=base).endpoint == "http://c:4318/mycollector/v1/traces"
     assert settings(**http, OTEL_EXPORTER_OTLP_ENDPOINT="https://c").endpoint == "https://c/v1/traces"
+    assert settings(**http, OTEL_EXPORTER_OTLP_ENDPOINT="https://u:pw@c").endpoint == "https://c/v1/traces"
     # The traces endpoint is used as it is (an empty path is /), and wins; an empty variable is unset.
     traces = "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"
     both = {**http, "OTEL_EXPORTER_OTLP_ENDPOINT": "http://base:4318"}
