@@ -93,6 +93,15 @@ class _HotPathCollector(Collector):
         )
         latency.add_metric([], m.latency.buckets(), m.latency.total)
         yield latency
+        spans = CounterMetricFamily(
+            "authz_spans_dropped",
+            "Trace spans lost before reaching the collector, by reason: queue_full (the exporter's queue "
+            "was full), export_failed (the collector was unreachable, refused the batch or timed out).",
+            labels=["reason"],
+        )
+        for reason, n in dict(m.spans_dropped).items():
+            spans.add_metric([reason], n)
+        yield spans
 
 
 class Metrics:
@@ -104,6 +113,8 @@ class Metrics:
         self.mismatches: dict[tuple[str, str, str], int] = {}
         self.set_decisions: dict[tuple[str, str, str, str], int] = {}
         self.latency = LatencyHistogram()
+        # The tracer counts into it (tracing.DROP_REASONS); zeros while tracing is off.
+        self.spans_dropped: dict[str, int] = {"queue_full": 0, "export_failed": 0}
         r.register(_HotPathCollector(self))
         # Rare events keep prometheus_client's own types.
         self.invalid_documents = Counter(

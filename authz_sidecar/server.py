@@ -94,7 +94,7 @@ class Sidecar:
             log_decisions=settings.log_decisions,
             reports=self.reports,
         )
-        self.tracer = tracing.build(self.store, settings.region)
+        self.tracer = tracing.build(self.store, settings.region, dropped=self.metrics.spans_dropped)
         self.answering = Answering(self.decider, self.metrics, self.tracer)
         self.handler = CheckHandler(self.answering)
         self.http_authz = HttpAuthz(self.decider, self.metrics, self.tracer) if settings.http_authz else None

@@ -1,20 +1,23 @@
 """Tracing: one ``authz.check`` span per Check, a child of the trace the request belongs to.
 
 Configured only by the standard OpenTelemetry environment variables, so the same settings work
-for every process of a mesh: tracing is on when an OTLP endpoint is set
-(``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`` or ``OTEL_EXPORTER_OTLP_ENDPOINT``) and
-``OTEL_SDK_DISABLED`` is not true. ``OTEL_SERVICE_NAME`` and ``OTEL_RESOURCE_ATTRIBUTES`` describe
-the service (through the SDK's Resource), ``OTEL_TRACES_SAMPLER``/``_ARG`` choose the sampler
-(default ``parentbased_always_on``), ``OTEL_EXPORTER_OTLP_HEADERS``/``_TIMEOUT``/``_INSECURE`` the
-export. Spans go over OTLP/gRPC, which Jaeger ingests on 4317.
+for every process of a mesh: tracing is on when ``OTEL_TRACES_EXPORTER`` names ``otlp``, or when it
+is unset and an OTLP endpoint is (``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`` or
+``OTEL_EXPORTER_OTLP_ENDPOINT``), and ``OTEL_SDK_DISABLED`` is not true. ``OTEL_SERVICE_NAME`` and
+``OTEL_RESOURCE_ATTRIBUTES`` describe the service (through the SDK's Resource),
+``OTEL_TRACES_SAMPLER``/``_ARG`` choose the sampler (default ``parentbased_always_on``),
+``OTEL_BSP_SCHEDULE_DELAY``, ``OTEL_BSP_MAX_QUEUE_SIZE`` and ``OTEL_BSP_MAX_EXPORT_BATCH_SIZE`` the
+batching, and the ``OTEL_EXPORTER_OTLP_*`` variables the export (otlpexport.py): OTLP/gRPC, which
+Jaeger ingests on 4317, or OTLP/HTTP with protobuf bodies (4318).
 
 Why not the SDK's spans (docs/decisions/0005-tracing.md): measured behind Envoy, a span made and
 exported by the SDK cost ~280 us of CPU per Check, more than the Check itself, because each one is
 a tree of Python objects encoded field by field. Here a sampled Check costs a header parse, two
 random numbers and an append to a queue; the exporter thread encodes the OTLP bytes itself, with
 the attributes of each distinct outcome serialised once (outcomes are memoised per snapshot). With
-tracing off the hot path holds no tracer; a full queue drops spans (counted) rather than wait, and a
+tracing off the hot path holds no tracer; a full queue drops spans rather than wait, and a
 collector that is down only makes the exporter thread back off, so it never slows or fails a Check.
+Every span lost either way is counted (``authz_spans_dropped_total{reason}``).
 
 The parent comes from the request's own headers as Envoy forwards them: W3C ``traceparent`` (and
 ``tracestate``), B3 single (``b3``) or B3 multi (``x-b3-traceid``, ``x-b3-spanid``,
@@ -33,7 +36,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import grpc
 import structlog
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, InstrumentationScope, KeyValue
 from opentelemetry.proto.resource.v1.resource_pb2 import Resource as ResourceMessage
@@ -42,11 +44,12 @@ from opentelemetry.sdk.resources import Resource
 
 from authz_sidecar import __version__
 from authz_sidecar.decider import Outcome
+from authz_sidecar.otlpexport import ExportError, ExportSettings, Transport, transport
 from authz_sidecar.state import SnapshotStore
 
 log = structlog.get_logger("authz_sidecar.tracing")
 SPAN_NAME = "authz.check"
-EXPORT_METHOD = "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
+DROP_REASONS = ("queue_full", "export_failed")
 _ENDPOINT_VARIABLES = ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT")
 _SAMPLERS = (
     "always_on",
@@ -60,10 +63,17 @@ _HEX = frozenset("0123456789abcdef")
 _MASK64 = (1 << 64) - 1
 
 
+def _exporters(environ: Mapping[str, str]) -> list[str]:
+    return [name.strip().lower() for name in environ.get("OTEL_TRACES_EXPORTER", "").split(",") if name.strip()]
+
+
 def enabled(environ: Mapping[str, str] = os.environ) -> bool:
     if environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
         return False
-    return any(environ.get(name) for name in _ENDPOINT_VARIABLES)
+    exporters = _exporters(environ)
+    if exporters:
+        return "otlp" in exporters
+    return any(environ.get(name, "").strip() for name in _ENDPOINT_VARIABLES)
 
 
 # --- trace context from headers ------------------------------------------------------------------
@@ -238,31 +248,6 @@ def encode_attributes(attributes: Mapping[str, Any]) -> bytes:
 # --- the tracer -----------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class ExportSettings:
-    endpoint: str
-    secure: bool
-    headers: tuple[tuple[str, str], ...]
-    timeout: float
-
-    @classmethod
-    def from_env(cls, environ: Mapping[str, str]) -> ExportSettings:
-        raw = next(environ[name] for name in _ENDPOINT_VARIABLES if environ.get(name)).strip()
-        insecure = environ.get("OTEL_EXPORTER_OTLP_INSECURE", "").strip().lower() == "true"
-        secure = raw.startswith("https://") and not insecure
-        endpoint = raw.split("://", 1)[-1].rstrip("/")
-        headers = tuple(
-            (k.strip().lower(), v.strip())
-            for k, _, v in (h.partition("=") for h in environ.get("OTEL_EXPORTER_OTLP_HEADERS", "").split(","))
-            if k.strip()
-        )
-        try:
-            timeout = float(environ.get("OTEL_EXPORTER_OTLP_TIMEOUT", "10"))
-        except ValueError:
-            timeout = 10.0
-        return cls(endpoint, secure, headers, timeout if timeout < 1000 else timeout / 1000)
-
-
 class CheckTracer:
     """Samples, queues and exports the ``authz.check`` span of each Check."""
 
@@ -277,6 +262,7 @@ class CheckTracer:
         max_queue: int = 16_384,
         batch: int = 4096,
         interval: float = 1.0,
+        dropped: dict[str, int] | None = None,
     ) -> None:
         self._store = store
         self._region = region
@@ -289,7 +275,12 @@ class CheckTracer:
         self._attributes: dict[tuple[int, str], tuple[Outcome, bytes]] = {}
         self._wake = threading.Event()
         self._stopping = threading.Event()
-        self.exported = self.dropped = self.failed_exports = 0
+        self.exported = self.failed_exports = 0
+        # Spans lost, by reason (DROP_REASONS); the metrics' dict when there is one, read at scrape time.
+        self.drops = dropped if dropped is not None else {}
+        for reason in DROP_REASONS:
+            self.drops.setdefault(reason, 0)
+        self._transport = transport(export)  # made here, so that a TLS file that does not load fails start-up
         resource_message = ResourceMessage(
             attributes=[KeyValue(key=k, value=_any(v)) for k, v in resource.attributes.items()]
         )
@@ -306,7 +297,7 @@ class CheckTracer:
         if not self.sampler.sampled(trace_id, parent):
             return
         if len(self._queue) >= self._max_queue:
-            self.dropped += 1
+            self.drops["queue_full"] += 1
             return
         span_id = random.getrandbits(64) or 1
         self._queue.append((trace_id, span_id, parent, start_ns, end_ns, self._attributes_of(outcome)))
@@ -355,26 +346,22 @@ class CheckTracer:
 
     # --- the exporter thread ----------------------------------------------------------------------
 
-    def _channel(self) -> grpc.Channel:
-        target = self.export_settings.endpoint
-        if self.export_settings.secure:
-            return grpc.secure_channel(target, grpc.ssl_channel_credentials())
-        return grpc.insecure_channel(target)
+    @property
+    def dropped(self) -> int:
+        return sum(self.drops.values())
 
     def _run(self) -> None:
-        channel = self._channel()
-        send = channel.unary_unary(EXPORT_METHOD, request_serializer=None, response_deserializer=None)
         backoff = 0.0
         try:
             while not self._stopping.is_set():
                 self._wake.wait(max(self._interval, backoff))
                 self._wake.clear()
-                backoff = 0.0 if self._flush(send) else min(max(backoff * 2, 0.5), 30.0)
-            self._flush(send)
+                backoff = 0.0 if self._flush(self._transport) else min(max(backoff * 2, 0.5), 30.0)
+            self._flush(self._transport)
         finally:
-            channel.close()
+            self._transport.close()
 
-    def _flush(self, send: Any) -> bool:
+    def _flush(self, transport: Transport) -> bool:
         """Export everything queued, a batch at a time; False if the collector failed (the batch is
         dropped: a span is worth less than the memory and time of keeping it)."""
         queue = self._queue
@@ -383,15 +370,16 @@ class CheckTracer:
             spans = _spans_field(items)
             request = _field(1, self._resource + _field(2, self._scope + spans))
             try:
-                send(request, timeout=self.export_settings.timeout, metadata=self.export_settings.headers or None)
-            except grpc.RpcError as exc:
+                transport.send(request)
+            except Exception as exc:  # ExportError, or a fault of the transport: never end the thread
                 self.failed_exports += 1
-                self.dropped += len(items)
+                self.drops["export_failed"] += len(items)
                 if self.failed_exports in (1, 10, 100) or self.failed_exports % 1000 == 0:
                     log.warning(
                         "trace_export_failed",
+                        protocol=self.export_settings.protocol,
                         endpoint=self.export_settings.endpoint,
-                        error=exc.code().name if hasattr(exc, "code") else str(exc),
+                        error=str(exc) if isinstance(exc, ExportError) else repr(exc),
                         failures=self.failed_exports,
                         dropped=self.dropped,
                     )
@@ -414,13 +402,61 @@ def trace(tracer: CheckTracer, headers: Mapping[str, str] | None, outcome: Outco
         log.exception("trace_failed")
 
 
-def build(store: SnapshotStore, region: str, environ: Mapping[str, str] = os.environ) -> CheckTracer | None:
-    """The tracer the environment asks for, or None (tracing off, nothing on the hot path)."""
+def _batching(environ: Mapping[str, str]) -> dict[str, Any]:
+    """OTEL_BSP_* as the specification reads them (whole numbers, milliseconds for the delay; a value
+    that does not read is ignored with a warning). Unset, the sidecar's own defaults stand: a
+    second, a queue of 16384 and batches of 4096, larger than the SDK's because one Check is one span."""
+    values: dict[str, Any] = {}
+    for variable, key, least in (
+        ("OTEL_BSP_SCHEDULE_DELAY", "interval", 10),  # ms; under 10 the exporter would only spin
+        ("OTEL_BSP_MAX_QUEUE_SIZE", "max_queue", 1),
+        ("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "batch", 1),
+    ):
+        raw = environ.get(variable, "").strip()
+        if not raw:
+            continue
+        if not raw.isdigit():
+            log.warning("otel_setting_ignored", variable=variable, value=raw)
+            continue
+        value = max(int(raw), least)
+        values[key] = value / 1000 if key == "interval" else value
+    if "batch" in values:
+        values["batch"] = min(values["batch"], values.get("max_queue", 16_384))
+    return values
+
+
+def build(
+    store: SnapshotStore,
+    region: str,
+    environ: Mapping[str, str] = os.environ,
+    *,
+    dropped: dict[str, int] | None = None,
+) -> CheckTracer | None:
+    """The tracer the environment asks for, or None (tracing off, nothing on the hot path);
+    ConfigError for export settings that could never work. `dropped` counts lost spans by reason."""
+    unsupported = [name for name in _exporters(environ) if name not in ("otlp", "none")]
+    if unsupported:
+        log.warning("unsupported_traces_exporter", exporters=unsupported, supported=["otlp", "none"])
     if not enabled(environ):
         return None
+    export = ExportSettings.from_env(environ)
     # Resource.create merges OTEL_RESOURCE_ATTRIBUTES and OTEL_SERVICE_NAME with the SDK's own.
     name = environ.get("OTEL_SERVICE_NAME") or "authz-sidecar"
     resource = Resource.create({"service.name": name})
+    log.info(
+        "trace_export",
+        protocol=export.protocol,
+        endpoint=export.endpoint,
+        secure=export.secure,
+        timeout_seconds=export.timeout,
+        headers=[key for key, _value in export.headers],  # names only: values are often credentials
+    )
     return CheckTracer(
-        store, region, ExportSettings.from_env(environ), sampler=Sampler.from_env(environ), resource=resource
+        store,
+        region,
+        export,
+        sampler=Sampler.from_env(environ),
+        resource=resource,
+        dropped=dropped,
+        **_batching(environ),
     )

@@ -32,7 +32,7 @@ def traced_sidecar(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, endpoint: st
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint)
     monkeypatch.setenv("OTEL_SERVICE_NAME", "things-authz")
     monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "50")
-    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TIMEOUT", "2")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TIMEOUT", "2000")  # milliseconds
     policy = write_policy(tmp_path / "policy", shadows=[shadow("v2", weights={"us-east": 100}, testers=["qa-bot"])])
     side = RunningSidecar(
         sidecar_settings(policy, identity=("header",), dev_principal_header="x-user", server_model=model)
