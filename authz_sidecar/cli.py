@@ -72,8 +72,11 @@ def _build_parser() -> argparse.ArgumentParser:
     _add(serve, "--prefix", text="etcd key prefix")
     _add_etcd_flags(serve)
     _add(serve, "--etcd-liveness", text="seconds a watch may stay silent before it is reopened")
+    _add(serve, "--state-dir", text="directory for this sidecar's state (the disk copy); empty: ~/.cache/authz-sidecar")
     _add(
-        serve, "--cache-file", text="disk copy of the last good snapshot; empty: ~/.cache/authz-sidecar/..., off: none"
+        serve,
+        "--cache-file",
+        text="disk copy of the last good snapshot; empty: <--state-dir>/<service><prefix>.json, off: none",
     )
     _add(serve, "--max-staleness", text="deny everything after this many seconds without etcd; 0: never")
     _add(serve, "--report-interval", text="seconds between this sidecar's shadow reports in etcd")
@@ -160,6 +163,7 @@ def settings_from(ns: argparse.Namespace) -> Settings:
             **_etcd_settings(ns),
             prefix=ns.prefix,
             etcd_liveness=_number(ns, "etcd_liveness"),
+            state_dir=_path(ns.state_dir),
             cache_file=ns.cache_file or "",
             max_staleness=_number(ns, "max_staleness"),
             report_interval=_number(ns, "report_interval"),
