@@ -32,21 +32,24 @@ def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
 
 
 @pytest.mark.parametrize(
-    ("args", "needle"),
+    ("args", "needle", "code"),
     [
-        (["serve"], "no policy source"),
-        (["serve", "--policy-dir", "/nonexistent"], "not a directory"),
-        (["serve", "--policy-dir", ".", "--listen", "nowhere"], "--listen"),
-        (["serve", "--policy-dir", ".", "--identity", "magic"], "unknown source"),
-        (["serve", "--policy-dir", ".", "--identity", "header"], "--dev-principal-header"),
-        (["serve", "--policy-dir", ".", "--jwt-algorithms", "none"], "never accepted"),
-        (["serve", "--policy-dir", ".", "--grace", "soon"], "not a number"),
-        (["validate", "--policy-dir", "/nonexistent"], "file not found"),
+        # Flags that cannot be acted on are usage errors (2), found before anything starts.
+        (["serve"], "no policy source", 2),
+        (["serve", "--policy-dir", "/nonexistent"], "not a directory", 2),
+        (["serve", "--policy-dir", ".", "--listen", "nowhere"], "--listen", 2),
+        (["serve", "--policy-dir", ".", "--identity", "magic"], "unknown source", 2),
+        (["serve", "--policy-dir", ".", "--identity", "header"], "--dev-principal-header", 2),
+        (["serve", "--policy-dir", ".", "--jwt-algorithms", "none"], "never accepted", 2),
+        (["serve", "--policy-dir", ".", "--grace", "soon"], "not a number", 2),
+        (["serve", "--policy-dir", ".", "--state-dir", "/dev/null"], "--state-dir /dev/null: not a directory", 2),
+        # The command ran and failed (1).
+        (["validate", "--policy-dir", "/nonexistent"], "file not found", 1),
     ],
 )
-def test_errors_are_one_line_on_stderr(args: list[str], needle: str) -> None:
+def test_errors_are_one_line_on_stderr(args: list[str], needle: str, code: int) -> None:
     result = run_cli(*args)
-    assert result.returncode == 1
+    assert result.returncode == code
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("authz-sidecar: ") and needle in lines[0], result.stderr
 
