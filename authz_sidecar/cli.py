@@ -2,7 +2,9 @@
 
 Every flag can also be set as ``AUTHZ_<FLAG>`` in the environment (``--policy-dir`` ->
 ``AUTHZ_POLICY_DIR``); a flag wins over the variable. Errors are one line on stderr and a
-non-zero exit, never a traceback.
+non-zero exit, never a traceback: 2 when the command line itself is wrong (argparse's errors and
+every :class:`ConfigError`), 1 when the command ran and failed. A reader that goes away early
+(``ctl status | head``) ends the command quietly.
 """
 
 from __future__ import annotations
@@ -15,15 +17,18 @@ import sys
 from collections.abc import Sequence
 from dataclasses import fields
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from authz_sidecar import __version__
 from authz_sidecar.config import Settings, validate
-from authz_sidecar.errors import AuthzError
+from authz_sidecar.errors import AuthzError, ConfigError
+from authz_sidecar.etcd.layout import normalise_prefix
 from authz_sidecar.identity import SOURCES
 
 EXIT_USAGE = 2
 EXIT_ERROR = 1
+# What a shell reports for a process ended by SIGPIPE: the reader of our output went away.
+EXIT_BROKEN_PIPE = 128 + 13
 _DEFAULTS = Settings()
 
 
@@ -35,12 +40,25 @@ def _split(value: str) -> tuple[str, ...]:
     return tuple(v.strip() for v in value.split(",") if v.strip())
 
 
-def _add(parser: argparse.ArgumentParser, flag: str, *, text: str, **kw: Any) -> None:
-    """Add a flag whose default comes from AUTHZ_<FLAG>, then from Settings."""
+class _Parser(argparse.ArgumentParser):
+    """argparse with a usage error as one line naming where help is, instead of the usage block."""
+
+    def error(self, message: str) -> NoReturn:
+        raise ConfigError(f"{message} (see '{self.prog} --help')")
+
+
+def _add(parser: argparse.ArgumentParser, flag: str, *, text: str, shared: bool = False, **kw: Any) -> None:
+    """Add a flag whose default comes from AUTHZ_<FLAG>, then from Settings.
+
+    `shared`: the flag is also on the enclosing command (ctl's connection flags, which go before or
+    after the verb), so here it has no default: a subcommand's parser would otherwise write its
+    default over the value given before the verb."""
     dest = flag.lstrip("-").replace("-", "_")
     env_value = os.environ.get(_env(flag))
     default = getattr(_DEFAULTS, dest, None) if dest in {f.name for f in fields(Settings)} else kw.pop("default", None)
-    if env_value is not None:
+    if shared:
+        default = argparse.SUPPRESS
+    elif env_value is not None:
         default = env_value
     elif isinstance(default, tuple):
         default = ",".join(default)
@@ -48,20 +66,22 @@ def _add(parser: argparse.ArgumentParser, flag: str, *, text: str, **kw: Any) ->
     parser.add_argument(flag, dest=dest, default=default, help=text + suffix, metavar=kw.pop("metavar", None), **kw)
 
 
-def _add_etcd_flags(parser: argparse.ArgumentParser) -> None:
-    _add(parser, "--etcd-ca", text="CA bundle for etcd over TLS", metavar="FILE")
-    _add(parser, "--etcd-cert", text="client certificate for etcd", metavar="FILE")
-    _add(parser, "--etcd-key", text="client certificate's key", metavar="FILE")
-    _add(parser, "--etcd-server-name", text="name the etcd certificates carry, if not the endpoint's host")
-    _add(parser, "--etcd-user", text="etcd user (with --etcd-password, better set in the environment)")
-    _add(parser, "--etcd-password", text="etcd password")
-    _add(parser, "--etcd-timeout", text="seconds each etcd request may take")
+def _add_etcd_flags(parser: argparse.ArgumentParser, shared: bool = False) -> None:
+    _add(parser, "--etcd-ca", text="CA bundle for etcd over TLS", metavar="FILE", shared=shared)
+    _add(parser, "--etcd-cert", text="client certificate for etcd", metavar="FILE", shared=shared)
+    _add(parser, "--etcd-key", text="client certificate's key", metavar="FILE", shared=shared)
+    _add(
+        parser, "--etcd-server-name", text="name the etcd certificates carry, if not the endpoint's host", shared=shared
+    )
+    _add(parser, "--etcd-user", text="etcd user (with --etcd-password, better set in the environment)", shared=shared)
+    _add(parser, "--etcd-password", text="etcd password", shared=shared)
+    _add(parser, "--etcd-timeout", text="seconds each etcd request may take", shared=shared)
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="authz-sidecar", description="Envoy ext_authz sidecar with shadow sets.")
+    parser = _Parser(prog="authz-sidecar", description="Envoy ext_authz sidecar with shadow sets.")
     parser.add_argument("--version", action="version", version=f"authz-sidecar {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     serve = sub.add_parser("serve", help="run the sidecar", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     _add(serve, "--listen", text="gRPC address (host:port or unix:///path)")
@@ -72,8 +92,11 @@ def _build_parser() -> argparse.ArgumentParser:
     _add(serve, "--prefix", text="etcd key prefix")
     _add_etcd_flags(serve)
     _add(serve, "--etcd-liveness", text="seconds a watch may stay silent before it is reopened")
+    _add(serve, "--state-dir", text="directory for this sidecar's state (the disk copy); empty: ~/.cache/authz-sidecar")
     _add(
-        serve, "--cache-file", text="disk copy of the last good snapshot; empty: ~/.cache/authz-sidecar/..., off: none"
+        serve,
+        "--cache-file",
+        text="disk copy of the last good snapshot; empty: <--state-dir>/<service><prefix>.json, off: none",
     )
     _add(serve, "--max-staleness", text="deny everything after this many seconds without etcd; 0: never")
     _add(serve, "--report-interval", text="seconds between this sidecar's shadow reports in etcd")
@@ -135,7 +158,7 @@ def _number(ns: argparse.Namespace, name: str) -> float:
     try:
         return float(raw)
     except (TypeError, ValueError):
-        raise AuthzError(f"--{name.replace('_', '-')}: {raw!r} is not a number") from None
+        raise ConfigError(f"--{name.replace('_', '-')}: {raw!r} is not a number") from None
 
 
 def _etcd_settings(ns: argparse.Namespace) -> dict[str, Any]:
@@ -164,6 +187,7 @@ def settings_from(ns: argparse.Namespace) -> Settings:
             **_etcd_settings(ns),
             prefix=ns.prefix,
             etcd_liveness=_number(ns, "etcd_liveness"),
+            state_dir=_path(ns.state_dir),
             cache_file=ns.cache_file or "",
             max_staleness=_number(ns, "max_staleness"),
             report_interval=_number(ns, "report_interval"),
@@ -202,7 +226,7 @@ def _serve(ns: argparse.Namespace) -> int:
     try:
         logs.configure(settings.log_level)
     except ValueError as exc:
-        raise AuthzError(f"--log-level: {exc}") from None
+        raise ConfigError(f"--log-level: {exc}") from None
     try:
         import uvloop
 
@@ -215,14 +239,18 @@ def _serve(ns: argparse.Namespace) -> int:
 def _ctl(ns: argparse.Namespace) -> int:
     from authz_sidecar import ctl
 
-    return ctl.run(ns, Settings(**_etcd_settings(ns)).etcd_options())
+    try:
+        normalise_prefix(ns.prefix)
+    except ValueError as exc:
+        raise ConfigError(f"--prefix: {exc}") from None
+    return ctl.run(ns, Settings(**_etcd_settings(ns)).etcd_options().validate())
 
 
 def _validate(ns: argparse.Namespace) -> int:
     from authz_sidecar.sources.files import FilePolicySource
 
     if not ns.policy_dir:
-        raise AuthzError("--policy-dir is required")
+        raise ConfigError("--policy-dir is required")
     source = FilePolicySource(
         Path(ns.policy_dir),
         service=ns.service or "",
@@ -248,18 +276,40 @@ def _validate(ns: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = _build_parser()
-    ns = parser.parse_args(argv)
+def _run(ns: argparse.Namespace) -> int:
+    if ns.command == "serve":
+        return _serve(ns)
+    if ns.command == "ctl":
+        return _ctl(ns)
+    return _validate(ns)
+
+
+def _stdout_to_devnull() -> None:
+    """After the reader of stdout went away, send what is still buffered nowhere, so that Python's
+    own flush at exit does not print a BrokenPipeError."""
     try:
-        if ns.command == "serve":
-            return _serve(ns)
-        if ns.command == "ctl":
-            return _ctl(ns)
-        return _validate(ns)
+        fd = sys.stdout.fileno()
+    except (AttributeError, ValueError, OSError):  # stdout is not a file (captured in a test)
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, fd)
+    os.close(devnull)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        code = _run(_build_parser().parse_args(argv))
+        sys.stdout.flush()  # a closed pipe shows here, inside the handler below, not at exit
+        return code
+    except ConfigError as exc:
+        print(f"authz-sidecar: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     except AuthzError as exc:
         print(f"authz-sidecar: {exc}", file=sys.stderr)
         return EXIT_ERROR
+    except BrokenPipeError:
+        _stdout_to_devnull()
+        return EXIT_BROKEN_PIPE
     except KeyboardInterrupt:
         return 130
 

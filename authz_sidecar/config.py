@@ -36,6 +36,9 @@ class Settings:
     etcd_timeout: float = 5.0
     # A watch silent this long (progress is asked for every third of it) is reopened.
     etcd_liveness: float = 5.0
+    # The sidecar's own files (the disk copy); None: $XDG_CACHE_HOME or ~/.cache. The image sets
+    # AUTHZ_STATE_DIR to a directory it creates for its non-root user, which may have no home.
+    state_dir: Path | None = None
     # Where the keys of the last good snapshot are kept; empty: derived (see cache_path), "off": none.
     cache_file: str = ""
     # Seconds without a word from etcd after which every Check denies; 0: never (the default).
@@ -87,14 +90,16 @@ class Settings:
         )
 
     def cache_path(self) -> Path | None:
-        """The disk copy of the last good snapshot: one file per service and prefix, under
-        $XDG_CACHE_HOME (or ~/.cache) unless --cache-file says where, or 'off'."""
+        """The disk copy of the last good snapshot: one file per service and prefix, in --state-dir,
+        else under $XDG_CACHE_HOME (or ~/.cache), unless --cache-file says where, or 'off'."""
         if self.cache_file == "off":
             return None
         if self.cache_file:
             return Path(self.cache_file)
-        base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
         name = f"{self.service or 'sidecar'}{self.prefix.rstrip('/').replace('/', '_')}.json"
+        if self.state_dir is not None:
+            return self.state_dir / name
+        base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
         return base / "authz-sidecar" / name
 
     def identity_sources(self) -> tuple[str, ...]:
@@ -160,6 +165,8 @@ def validate(settings: Settings) -> Settings:
             raise ConfigError("--report-interval must be > 0")
         if settings.etcd_liveness <= 0 or settings.max_staleness < 0:
             raise ConfigError("--etcd-liveness must be > 0 and --max-staleness >= 0")
+    if settings.state_dir is not None and settings.state_dir.exists() and not settings.state_dir.is_dir():
+        raise ConfigError(f"--state-dir {settings.state_dir}: not a directory")
     if settings.policy_dir is not None and not settings.policy_dir.is_dir():
         raise ConfigError(f"--policy-dir {settings.policy_dir}: not a directory")
     for name in settings.identity_sources():

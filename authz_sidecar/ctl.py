@@ -3,6 +3,8 @@
 Each command reads what it needs, checks it the way a sidecar would (a set that a sidecar would
 refuse is refused here first), and writes with a compare, so concurrent operators never overwrite
 each other. Output is a short human summary, or JSON with ``--json``; errors are one line on stderr.
+The connection flags (``--etcd``, ``--prefix``, TLS, authentication) and ``--json`` go before or
+after the verb, as with etcdctl and kubectl.
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import sys
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from pathlib import Path
@@ -19,6 +23,7 @@ import grpc
 from etcd3aio.errors import EtcdError
 
 from authz_sidecar.documents import (
+    Catalog,
     Permission,
     PermissionSet,
     check_handle,
@@ -29,13 +34,15 @@ from authz_sidecar.documents import (
     parse_shadow,
 )
 from authz_sidecar.engine import compile_set, declared, impact
-from authz_sidecar.errors import AuthzError, DocumentError
+from authz_sidecar.errors import AuthzError, ConfigError, DocumentError
 from authz_sidecar.etcd import layout
 from authz_sidecar.etcd.client import Etcd, EtcdOptions
 from authz_sidecar.etcd.store import PolicyStore, StoreError
 from authz_sidecar.snapshot import build_snapshot
 
 Command = Callable[[PolicyStore, argparse.Namespace], Awaitable[Any]]
+# Principals and handles `ctl report` lists behind unexpected mismatches.
+TOP_UNEXPECTED = 10
 
 
 def _read(path: str) -> Any:
@@ -46,10 +53,13 @@ def _read(path: str) -> Any:
     return load_document(text, path)
 
 
-async def _check_against_catalogs(store: PolicyStore, permissions: PermissionSet) -> None:
+def _check_handles(permissions: PermissionSet, catalogs: list[Catalog]) -> None:
     """Refuse a set a sidecar would refuse: every handle it grants must be in a registered catalog."""
-    catalogs = await store.catalogs()
     build_snapshot(permissions, [], catalogs)
+
+
+async def _check_against_catalogs(store: PolicyStore, permissions: PermissionSet) -> None:
+    _check_handles(permissions, await store.catalogs())
 
 
 async def cmd_init(store: PolicyStore, ns: argparse.Namespace) -> dict[str, Any]:
@@ -63,13 +73,19 @@ async def cmd_init(store: PolicyStore, ns: argparse.Namespace) -> dict[str, Any]
 
 async def cmd_propose(store: PolicyStore, ns: argparse.Namespace) -> dict[str, Any]:
     shadow = parse_shadow(_read(ns.file), ns.file)
+    written = shadow.permissions.meta
+    # A flag wins over the file's own field; one of them must say why and for which request.
+    request_id, reason = ns.request_id or written.request_id, ns.reason or written.reason
+    for value, flag, name in ((request_id, "--request-id ID", "request_id"), (reason, "--reason TEXT", "reason")):
+        if not value:
+            raise ConfigError(f"ctl propose needs {flag}, or {name} in {ns.file}")
     pointers = await store.pointers()
     meta = replace(
-        shadow.permissions.meta,
-        request_id=ns.request_id,
-        reason=ns.reason,
-        author=ns.author or shadow.permissions.meta.author,
-        parent=shadow.permissions.meta.parent or (pointers.active or ""),
+        written,
+        request_id=request_id,
+        reason=reason,
+        author=ns.author or written.author,
+        parent=written.parent or (pointers.active or ""),
     )
     permissions = replace(shadow.permissions, meta=meta)
     await _check_against_catalogs(store, permissions)
@@ -78,6 +94,8 @@ async def cmd_propose(store: PolicyStore, ns: argparse.Namespace) -> dict[str, A
         "proposed": permissions.version,
         "parent": meta.parent,
         "request_id": meta.request_id,
+        "reason": meta.reason,
+        "author": meta.author,
         "weights": dict(shadow.rollout.weights),
         "testers": sorted(shadow.rollout.testers),
     }
@@ -88,10 +106,10 @@ def _weights(values: list[str]) -> dict[str, int]:
     for value in values:
         region, sep, percent = value.partition("=")
         if not sep or not region or not percent.strip().isdigit() or not 0 <= int(percent) <= 100:
-            raise AuthzError(f"--weight {value!r}: expected REGION=PERCENT with a whole percent 0..100")
+            raise ConfigError(f"--weight {value!r}: expected REGION=PERCENT with a whole percent 0..100")
         weights[region.strip()] = int(percent)
     if not weights:
-        raise AuthzError("give at least one --weight REGION=PERCENT")
+        raise ConfigError("give at least one --weight REGION=PERCENT")
     return weights
 
 
@@ -101,16 +119,36 @@ async def cmd_canary(store: PolicyStore, ns: argparse.Namespace) -> dict[str, An
 
 
 async def cmd_status(store: PolicyStore, _ns: argparse.Namespace) -> dict[str, Any]:
+    """What the pointers name, and whether each named set is there and builds the way a sidecar
+    builds it: a problem is listed (and the exit is 1), never shown as if it were live."""
     pointers = await store.pointers()
-    catalogs = await store.catalogs()
-    revision, _ = await store.etcd.list_prefix(store.layout.active)
+    revision, kvs = await store.etcd.list_prefix(store.layout.catalogs)
+    problems: list[str] = []
+    catalogs = []
+    for kv in kvs:
+        try:
+            catalogs.append(parse_catalog(load_document(kv.value, kv.key), kv.key))
+        except DocumentError as exc:
+            problems.append(f"catalog {kv.key}: {exc}")
+    named = [("active", pointers.active)] if pointers.active else []
+    for role, version in [*named, *(("shadow", v) for v in sorted(pointers.shadows))]:
+        try:
+            permissions = parse_permission_set(load_document(await store.document(version), version), version)
+            _check_handles(permissions, catalogs)
+        except (DocumentError, StoreError) as exc:
+            problems.append(f"{role} {version}: {exc}")
     return {
         "prefix": store.layout.prefix,
         "revision": revision,
         "active": pointers.active,
         "shadows": {v: layout.rollout_document(r) for v, r in sorted(pointers.shadows.items())},
         "catalogs": {c.service: {"permissions": len(c.permissions), "routes": len(c.routes)} for c in catalogs},
+        "problems": problems,
     }
+
+
+def _top(counts: Counter[str], name: str) -> list[dict[str, Any]]:
+    return [{name: key, "mismatches": n} for key, n in counts.most_common(TOP_UNEXPECTED)]
 
 
 async def cmd_report(store: PolicyStore, ns: argparse.Namespace) -> dict[str, Any]:
@@ -123,10 +161,17 @@ async def cmd_report(store: PolicyStore, ns: argparse.Namespace) -> dict[str, An
     reports = [json.loads(kv.value) for kv in kvs]
     mismatches: dict[str, int] = {}
     exercised: set[tuple[str, str, str | None]] = set()
+    principals: Counter[str] = Counter()
+    handles: Counter[str] = Counter()
+    unlisted = 0
     for report in reports:
         for kind, n in report.get("mismatches", {}).items():
             mismatches[kind] = mismatches.get(kind, 0) + n
         exercised.update((p, h, s) for p, h, s in report.get("exercised", []))
+        for principal, handle, n in report.get("unexpected", []):
+            principals[principal] += n
+            handles[handle] += n
+        unlisted += report.get("unexpected_unlisted", 0)
     active, shadow = [
         parse_permission_set(load_document(await store.document(v), v), v) for v in (pointers.active, ns.version)
     ]
@@ -139,6 +184,11 @@ async def cmd_report(store: PolicyStore, ns: argparse.Namespace) -> dict[str, An
         "sidecars": sorted(r.get("sidecar", "?") for r in reports),
         "evaluations": sum(r.get("evaluations", 0) for r in reports),
         "mismatches": dict(sorted(mismatches.items())),
+        # Who and what is behind the mismatches nobody predicted, the most frequent first; the
+        # unexpected mismatches not itemised (past each sidecar's bounded tally) are counted apart.
+        "unexpected_principals": _top(principals, "principal"),
+        "unexpected_handles": _top(handles, "handle"),
+        "unexpected_unlisted": unlisted,
         "predicted_impact": len(predicted),
         "exercised": len(hit),
         "coverage": round(len(hit) / len(predicted), 4) if predicted else 1.0,
@@ -163,28 +213,38 @@ async def cmd_registry_put(store: PolicyStore, ns: argparse.Namespace) -> dict[s
     if ns.file:
         catalog = parse_catalog(_read(ns.file), ns.file)
         if ns.service and ns.service != catalog.service:
-            raise AuthzError(f"--service {ns.service} but {ns.file} is the catalog of {catalog.service}")
+            raise ConfigError(f"--service {ns.service} but {ns.file} is the catalog of {catalog.service}")
+        await store.check_owner(catalog.service, catalog.handles())
         stored = await store.register_catalog(catalog)
     else:
         if not ns.service or not ns.handle:
-            raise AuthzError("registry put needs --file CATALOG, or --service and --handle")
+            raise ConfigError("registry put needs --file CATALOG, or --service and --handle")
         handle = check_handle(ns.handle, "--handle", "handle")
         stored = await store.register_permission(ns.service, Permission(handle, ns.description or ""))
     return {"service": stored.service, "permissions": [p.handle for p in stored.permissions]}
 
 
 def add_parser(
-    sub: Any, add_flag: Callable[..., None], add_etcd_flags: Callable[[argparse.ArgumentParser], None]
+    sub: Any, add_flag: Callable[..., None], add_etcd_flags: Callable[[argparse.ArgumentParser, bool], None]
 ) -> None:
     ctl = sub.add_parser("ctl", help="the control plane: change the sets in etcd")
-    commands = ctl.add_subparsers(dest="ctl_command", required=True)
+
+    def connection(parser: argparse.ArgumentParser, shared: bool) -> None:
+        """The flags every verb takes, on ctl itself (with their defaults) and again on each verb
+        (`shared`: without defaults, so that a value given before the verb survives)."""
+        add_flag(parser, "--etcd", text="comma-separated etcd endpoints", shared=shared)
+        add_flag(parser, "--prefix", text="etcd key prefix", shared=shared)
+        add_etcd_flags(parser, shared)
+        parser.add_argument(
+            "--json", action="store_true", default=argparse.SUPPRESS if shared else False, help="print JSON"
+        )
+
+    connection(ctl, False)
+    commands = ctl.add_subparsers(dest="ctl_command", required=True, metavar="COMMAND")
 
     def command(name: str, text: str, handler: Command, under: Any = commands) -> argparse.ArgumentParser:
         parser: argparse.ArgumentParser = under.add_parser(name, help=text, description=text)
-        add_flag(parser, "--etcd", text="comma-separated etcd endpoints")
-        add_flag(parser, "--prefix", text="etcd key prefix")
-        add_etcd_flags(parser)
-        parser.add_argument("--json", action="store_true", help="print JSON")
+        connection(parser, True)
         parser.set_defaults(handler=handler)
         return parser
 
@@ -192,9 +252,9 @@ def add_parser(
     init.add_argument("--file", required=True, help="the set (YAML or JSON)")
     propose = command("propose", "store a shadow set beside the active one", cmd_propose)
     propose.add_argument("--file", required=True, help="the shadow set: roles, grants, weights, testers")
-    propose.add_argument("--request-id", required=True, help="the change request this implements")
-    propose.add_argument("--reason", required=True, help="why, in a sentence")
-    propose.add_argument("--author", default="", help="who proposes it")
+    propose.add_argument("--request-id", default="", help="the change request this implements (default: the file's)")
+    propose.add_argument("--reason", default="", help="why, in a sentence (default: the file's)")
+    propose.add_argument("--author", default="", help="who proposes it (default: the file's)")
     canary = command("canary", "set a shadow's canary weight per region", cmd_canary)
     canary.add_argument("version")
     canary.add_argument("--weight", action="append", default=[], metavar="REGION=PERCENT", help="repeatable")
@@ -202,7 +262,8 @@ def add_parser(
     report = command("report", "a shadow's traffic over every sidecar: evaluations, mismatches, coverage", cmd_report)
     report.add_argument("version")
     registry = commands.add_parser("registry", help="the permission registry")
-    registry_commands = registry.add_subparsers(dest="registry_command", required=True)
+    connection(registry, True)
+    registry_commands = registry.add_subparsers(dest="registry_command", required=True, metavar="COMMAND")
     get = command("get", "show registered permissions", cmd_registry_get, registry_commands)
     get.add_argument("handle", nargs="?", default="", help="one handle (default: all)")
     get.add_argument("--service", default="", help="only this service's")
@@ -242,6 +303,11 @@ def run(ns: argparse.Namespace, options: EtcdOptions) -> int:
     except StoreError as exc:
         raise AuthzError(str(exc)) from None
     _print(result, ns.json)
+    problems = result.get("problems")
+    if problems:  # status found pointers at sets that are missing or do not build
+        sys.stdout.flush()
+        print(f"authz-sidecar: {len(problems)} problem(s): {'; '.join(problems)}", file=sys.stderr)
+        return 1
     return 0
 
 

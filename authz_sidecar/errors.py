@@ -5,7 +5,8 @@ The whole tree::
     AuthzError                  base of everything the project raises on purpose
     +-- DocumentError           a permission set, shadow or catalog document is invalid;
     |                           carries the document, the field path and the offending value
-    +-- ConfigError             settings (flags, AUTHZ_* variables) are invalid or inconsistent
+    +-- ConfigError             settings (flags, AUTHZ_* variables) are invalid or inconsistent;
+    |                           the command line exits 2 for it (a usage error)
     +-- IdentityError           a presented credential failed verification (maps to 401)
 
 A deny is not an exception: the hot path returns a Decision with a Reason. Exceptions are for

@@ -23,7 +23,7 @@ from etcd3aio.errors import EtcdError
 
 from authz_sidecar.documents import Catalog, Permission, check_handle
 from authz_sidecar.errors import DocumentError
-from authz_sidecar.etcd.store import ConflictError, PolicyStore
+from authz_sidecar.etcd.store import ConflictError, OwnedElsewhereError, PolicyStore
 from authz_sidecar.v1 import registry_pb2
 
 log = structlog.get_logger("authz_sidecar.registry")
@@ -140,14 +140,11 @@ class RegistryService:
             check_handle(request.handle, "PutPermission", "handle")
         except DocumentError as exc:
             raise RegistryError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
-        for catalog in await self._catalogs():
-            if catalog.service != self.service and request.handle in catalog.handles():
-                raise RegistryError(
-                    grpc.StatusCode.ALREADY_EXISTS, f"{request.handle!r} is owned by service {catalog.service!r}"
-                )
         permission = Permission(request.handle, request.description)
         try:
             await store.register_permission(self.service, permission)
+        except OwnedElsewhereError as exc:
+            raise RegistryError(grpc.StatusCode.ALREADY_EXISTS, str(exc)) from None
         except (EtcdError, ConflictError, grpc.aio.AioRpcError, TimeoutError) as exc:
             raise RegistryError(grpc.StatusCode.UNAVAILABLE, f"etcd: {exc}") from None
         log.info("permission_registered", service=self.service, handle=request.handle)

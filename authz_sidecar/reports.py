@@ -1,8 +1,10 @@
 """Shadow reports: how much traffic has exercised each live shadow, per sidecar, published to etcd.
 
 Each sidecar tallies, per live shadow: how many Checks evaluated it (observed beside the enforced
-set, or deciding itself), its mismatches by kind and direction, the handles requests asked for, and
-which of the shadow's predicted-impact entries (principal, handle, scope) traffic actually hit.
+set, or deciding itself), its mismatches by kind and direction, the handles requests asked for,
+which of the shadow's predicted-impact entries (principal, handle, scope) traffic actually hit, and
+the (principal, handle) pairs behind unexpected mismatches, so that ``ctl report`` can say who and
+what a change affects that nobody predicted.
 Every few seconds it writes the tally under ``<prefix>/reports/<version>/<sidecar id>``, attached
 to a lease that outlives a few publications, so a sidecar that dies takes its report with it.
 ``authz-sidecar ctl report VERSION`` sums the reports of every sidecar and computes coverage: the
@@ -34,6 +36,11 @@ from authz_sidecar.snapshot import Snapshot
 log = structlog.get_logger("authz_sidecar.reports")
 # Impact entries listed per report at most: coverage of a huge change is reported as a count.
 MAX_EXERCISED = 10_000
+# Distinct (principal, handle) pairs behind unexpected mismatches kept per shadow: a change that
+# surprises everyone costs a bounded dict; mismatches of pairs past it are counted, not itemised.
+MAX_UNEXPECTED_PAIRS = 1_000
+# Of those, the most frequent listed in a published report (the rest are counted as unlisted).
+PUBLISHED_UNEXPECTED_PAIRS = 100
 
 
 @dataclass
@@ -42,13 +49,29 @@ class Tally:
     mismatches: dict[str, int] = field(default_factory=dict)  # "expected/allow_to_deny" -> n
     handles: set[str] = field(default_factory=set)
     exercised: set[tuple[str, str, str | None]] = field(default_factory=set)
+    unexpected: dict[tuple[str, str], int] = field(default_factory=dict)  # (principal, handle) -> n
+    unexpected_unlisted: int = 0  # unexpected mismatches of pairs past MAX_UNEXPECTED_PAIRS
+
+    def count_unexpected(self, principal: str, handle: str) -> None:
+        pair = (principal, handle)
+        n = self.unexpected.get(pair)
+        if n is not None:
+            self.unexpected[pair] = n + 1
+        elif len(self.unexpected) < MAX_UNEXPECTED_PAIRS:
+            self.unexpected[pair] = 1
+        else:
+            self.unexpected_unlisted += 1
 
     def document(self) -> dict[str, Any]:
+        pairs = sorted(self.unexpected.items(), key=lambda item: (-item[1], item[0]))
+        listed = pairs[:PUBLISHED_UNEXPECTED_PAIRS]
         return {
             "evaluations": self.evaluations,
             "mismatches": dict(sorted(self.mismatches.items())),
             "handles": sorted(self.handles),
             "exercised": sorted([list(e) for e in self.exercised], key=str)[:MAX_EXERCISED],
+            "unexpected": [[p, h, n] for (p, h), n in listed],
+            "unexpected_unlisted": self.unexpected_unlisted + sum(n for _pair, n in pairs[PUBLISHED_UNEXPECTED_PAIRS:]),
         }
 
 
@@ -82,6 +105,8 @@ class ShadowReports:
                 )
                 tally = tallies[observed.version]
                 tally.mismatches[key] = tally.mismatches.get(key, 0) + 1
+                if not observed.expected:
+                    tally.count_unexpected(principal, handle)
 
     def retain(self, live: set[str]) -> None:
         """Forget shadows that are no longer live."""

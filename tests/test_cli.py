@@ -7,11 +7,13 @@ import os
 import signal
 import subprocess
 import sys
+import time
 import urllib.request
 from pathlib import Path
 
 import pytest
 
+from authz_sidecar.local.etcd import EtcdCluster
 from authz_sidecar.local.processes import Process, free_port, wait_for_http
 from authz_sidecar.local.tokens import DemoIssuer
 
@@ -30,21 +32,24 @@ def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
 
 
 @pytest.mark.parametrize(
-    ("args", "needle"),
+    ("args", "needle", "code"),
     [
-        (["serve"], "no policy source"),
-        (["serve", "--policy-dir", "/nonexistent"], "not a directory"),
-        (["serve", "--policy-dir", ".", "--listen", "nowhere"], "--listen"),
-        (["serve", "--policy-dir", ".", "--identity", "magic"], "unknown source"),
-        (["serve", "--policy-dir", ".", "--identity", "header"], "--dev-principal-header"),
-        (["serve", "--policy-dir", ".", "--jwt-algorithms", "none"], "never accepted"),
-        (["serve", "--policy-dir", ".", "--grace", "soon"], "not a number"),
-        (["validate", "--policy-dir", "/nonexistent"], "file not found"),
+        # Flags that cannot be acted on are usage errors (2), found before anything starts.
+        (["serve"], "no policy source", 2),
+        (["serve", "--policy-dir", "/nonexistent"], "not a directory", 2),
+        (["serve", "--policy-dir", ".", "--listen", "nowhere"], "--listen", 2),
+        (["serve", "--policy-dir", ".", "--identity", "magic"], "unknown source", 2),
+        (["serve", "--policy-dir", ".", "--identity", "header"], "--dev-principal-header", 2),
+        (["serve", "--policy-dir", ".", "--jwt-algorithms", "none"], "never accepted", 2),
+        (["serve", "--policy-dir", ".", "--grace", "soon"], "not a number", 2),
+        (["serve", "--policy-dir", ".", "--state-dir", "/dev/null"], "--state-dir /dev/null: not a directory", 2),
+        # The command ran and failed (1).
+        (["validate", "--policy-dir", "/nonexistent"], "file not found", 1),
     ],
 )
-def test_errors_are_one_line_on_stderr(args: list[str], needle: str) -> None:
+def test_errors_are_one_line_on_stderr(args: list[str], needle: str, code: int) -> None:
     result = run_cli(*args)
-    assert result.returncode == 1
+    assert result.returncode == code
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("authz-sidecar: ") and needle in lines[0], result.stderr
 
@@ -126,3 +131,56 @@ def test_logs_are_json_lines_with_sampled_decisions_mismatches_and_no_secrets(
     mismatch = next(e for e in events if e["event"] == "mismatch")
     assert mismatch["principal"] == "bob" and mismatch["observed"]["v2"]["decision"] == "allow"
     assert token not in text and token.split(".")[2] not in text
+
+
+IMAGE_UID = 10001  # the user deploy/Dockerfile runs the sidecar as (it has no home directory)
+
+
+def test_the_default_disk_copy_works_for_the_images_user(etcd: EtcdCluster, tmp_path: Path) -> None:
+    """Run as the image runs it: uid 10001, a HOME that does not exist, AUTHZ_STATE_DIR as the image
+    sets it, no --cache-file. The disk copy of the last good snapshot lands in the state directory
+    (before: it went to ~/.cache, which that user cannot create, and was never saved)."""
+    import shutil
+    import tempfile
+
+    from .etcd_helpers import seed, unique_prefix
+
+    prefix = unique_prefix()
+    seed(etcd.endpoints, prefix, tmp_path / "seed")
+    # Outside pytest's tmp tree, which only root may enter.
+    state = Path(tempfile.mkdtemp(prefix="authz-state-"))
+    grpc_port, http_port = free_port(), free_port()
+    argv = [
+        sys.executable, "-m", "authz_sidecar", "serve", "--etcd", etcd.endpoints, "--prefix", prefix,
+        "--service", "things", "--listen", f"127.0.0.1:{grpc_port}", "--http", f"127.0.0.1:{http_port}",
+        "--identity", "header", "--dev-principal-header", "x-user", "--grace", "0.5",
+    ]  # fmt: skip
+    if os.geteuid() == 0:  # become the image's user; as anyone else, this test already is not root
+        os.chown(state, IMAGE_UID, IMAGE_UID)
+        argv = ["setpriv", f"--reuid={IMAGE_UID}", f"--regid={IMAGE_UID}", "--clear-groups", *argv]
+    env = {"HOME": "/nonexistent/authz", "XDG_CACHE_HOME": "", "AUTHZ_STATE_DIR": str(state)}
+    proc = Process("sidecar-state-dir", argv, tmp_path, env=env)
+    try:
+        wait_for_http(f"http://127.0.0.1:{http_port}/readyz", proc)
+        deadline = time.monotonic() + 15
+        while not list(state.glob("*.json")) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        saved = list(state.glob("*.json"))
+        assert [p.name for p in saved] == [f"things{prefix.replace('/', '_')}.json"], proc.log_tail()
+        assert json.loads(saved[0].read_text())["prefix"] == prefix
+        assert "disk_copy_not_saved" not in proc.log_path.read_text()
+    finally:
+        proc.stop()
+        shutil.rmtree(state, ignore_errors=True)
+
+
+def test_the_image_creates_the_state_directory_for_its_user() -> None:
+    """deploy/Dockerfile names a state directory in AUTHZ_STATE_DIR, creates it owned by the user it
+    runs as, and switches to that user (the test above runs the sidecar that way)."""
+    dockerfile = (Path(__file__).resolve().parents[1] / "deploy" / "Dockerfile").read_text()
+    env = [line.split("=", 1)[1].strip() for line in dockerfile.splitlines() if line.startswith("ENV AUTHZ_STATE_DIR=")]
+    assert len(env) == 1, "the image sets AUTHZ_STATE_DIR once"
+    state_dir = env[0]
+    assert f"install -d -o authz -g authz -m 0700 {state_dir}" in dockerfile
+    assert f"useradd --uid {IMAGE_UID} " in dockerfile and f"USER {IMAGE_UID}" in dockerfile
+    assert dockerfile.index(f"USER {IMAGE_UID}") > dockerfile.index(state_dir)

@@ -69,9 +69,19 @@ def test_bad_handles_are_refused_naming_field_and_value(handle: Any, needle: str
 
 
 def test_duplicate_keys_are_refused() -> None:
-    """A duplicated key would silently drop one value; it is an error instead."""
-    with pytest.raises(DocumentError, match="duplicate key 'viewer'"):
+    """A duplicated key would silently drop one value; it is an error instead, naming the key's
+    path once and where both occurrences are."""
+    with pytest.raises(DocumentError) as err:
         load_document("roles:\n  viewer: [a:b]\n  viewer: [a:c]\n", "dup.yaml")
+    assert str(err.value) == "dup.yaml: roles.viewer: duplicate key at line 3, column 3 (first at line 2, column 3)"
+    assert (err.value.field, err.value.value) == ("roles.viewer", "viewer")
+    # Inside a list and at the top: the path is the one every other refusal uses.
+    with pytest.raises(DocumentError, match=r"^d\.yaml: grants\[1\]\.roles: duplicate key at line 5"):
+        load_document(
+            "grants:\n  - {principal: a, roles: [r]}\n  - principal: b\n    roles: [r]\n    roles: [s]\n", "d.yaml"
+        )
+    with pytest.raises(DocumentError, match=r"^d\.yaml: version: duplicate key at line 2, column 1"):
+        load_document("version: v1\nversion: v2\n", "d.yaml")
 
 
 def test_unknown_field_is_refused() -> None:
@@ -95,9 +105,19 @@ def test_bad_scopes_are_refused(scope: str) -> None:
         )
 
 
-@pytest.mark.parametrize("weight", [-1, 101, 12.5, True, "10"])
-def test_weights_outside_0_100_are_refused(weight: Any) -> None:
-    with pytest.raises(DocumentError, match=r"outside 0\.\.100") as err:
+@pytest.mark.parametrize(
+    ("weight", "needle"),
+    [
+        (-1, r"weight -1 is outside 0\.\.100"),
+        (101, r"weight 101 is outside 0\.\.100"),
+        # Not "outside 0..100": 12.5 is inside; it is not a whole number.
+        (12.5, r"weight 12\.5 is not a whole number"),
+        (True, "weight True is not a whole number"),
+        ("10", "weight '10' is not a whole number"),
+    ],
+)
+def test_weights_outside_0_100_or_not_whole_are_refused(weight: Any, needle: str) -> None:
+    with pytest.raises(DocumentError, match=needle) as err:
         parse_shadow(shadow("v2", weights={"us-east": weight}), "v2.yaml")
     assert err.value.field == "weights.us-east"
 
@@ -154,17 +174,45 @@ def test_non_utf8_document_is_refused() -> None:
         load_document(b"roles: {r: [\xff]}", "bin.yaml")
 
 
-def test_invalid_yaml_is_refused() -> None:
-    with pytest.raises(DocumentError, match="not valid YAML"):
-        load_document("roles: [unclosed", "bad.yaml")
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            "roles: [unclosed",
+            "bad.yaml: line 1, column 17: not valid YAML: expected ',' or ']', but got '<stream end>'"
+            " (while parsing a flow sequence)",
+        ),
+        (
+            "roles:\n\tviewer: [a:b]\n",
+            "bad.yaml: line 2, column 1: not valid YAML: found character '\\t' that cannot"
+            " start any token (while scanning for the next token)",
+        ),
+        ("a: 1\n b: 2\n", "bad.yaml: line 2, column 3: not valid YAML: mapping values are not allowed here"),
+        (
+            "roles: {[a]: 1}\n",
+            "bad.yaml: line 1, column 9: not valid YAML: found unhashable key (while constructing a mapping)",
+        ),
+        (
+            "version: \x01\n",
+            "bad.yaml: line 1, column 10: not valid YAML: character #x0001: special characters are not allowed",
+        ),
+        ("a: " + "[" * 5000 + "]" * 5000, "bad.yaml: not valid YAML: nested too deeply"),
+    ],
+)
+def test_invalid_yaml_is_refused_in_one_line_saying_where(text: str, message: str) -> None:
+    """PyYAML's own message spans several lines and names '<unicode string>'; ours is the file, the
+    line and column, and what is wrong."""
+    with pytest.raises(DocumentError) as err:
+        load_document(text, "bad.yaml")
+    assert str(err.value) == message
 
 
 def test_json_duplicate_keys_are_refused() -> None:
     """JSON takes the fast parser, and still refuses duplicated keys."""
     with pytest.raises(DocumentError, match="duplicate key 'roles'"):
         load_document('{"roles": {}, "roles": {}}', "dup.json")
-    with pytest.raises(DocumentError, match="not valid JSON"):
-        load_document('{"roles": ', "cut.json")
+    with pytest.raises(DocumentError, match=r"^cut\.json: line 2, column 3: not valid JSON: Expecting value$"):
+        load_document('{"roles":\n  ', "cut.json")
 
 
 def test_grant_errors_name_their_field() -> None:

@@ -73,3 +73,22 @@ def test_reports_are_summed_expire_with_their_sidecar_and_show_coverage(etcd: Et
     finally:
         other.stop()
         inside.close()
+
+
+def test_the_unexpected_tally_is_bounded_and_its_report_accounts_for_every_mismatch() -> None:
+    """A change that surprises everyone costs a bounded dict per shadow, and the published list is
+    capped; what is left out is counted, so the listed and unlisted add up to every mismatch."""
+    from authz_sidecar.reports import MAX_UNEXPECTED_PAIRS, PUBLISHED_UNEXPECTED_PAIRS, Tally
+
+    tally = Tally()
+    for i in range(MAX_UNEXPECTED_PAIRS + 500):
+        tally.count_unexpected(f"user-{i}", "things:edit")
+    for _ in range(7):
+        tally.count_unexpected("user-3", "things:edit")
+    tally.count_unexpected("user-3", "things:view")  # a new pair past the cap: counted, not kept
+    assert len(tally.unexpected) == MAX_UNEXPECTED_PAIRS
+    document = tally.document()
+    listed = document["unexpected"]
+    assert len(listed) == PUBLISHED_UNEXPECTED_PAIRS
+    assert listed[0] == ["user-3", "things:edit", 8]
+    assert sum(n for _p, _h, n in listed) + document["unexpected_unlisted"] == MAX_UNEXPECTED_PAIRS + 500 + 8

@@ -12,7 +12,7 @@ The lifecycle issue extends this module (promote, rollback, history); sidecars u
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from etcd3aio._protobuf import Compare
@@ -30,6 +30,10 @@ class StoreError(Exception):
 
 class ConflictError(StoreError):
     """Someone else changed what this operation read; read again and retry."""
+
+
+class OwnedElsewhereError(StoreError):
+    """A handle another service has registered: a service registers its own permissions only."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,8 +194,20 @@ class PolicyStore:
         """Merge a service's catalog into etcd (see :func:`merge_catalogs`), compare-and-swap."""
         return await self.update_catalog(catalog.service, lambda stored: merge_catalogs(stored, catalog), attempts)
 
+    async def check_owner(self, service: str, handles: Iterable[str]) -> None:
+        """Refuse, before writing, any of `handles` that another service's catalog holds: the rule
+        the Registry answers ALREADY_EXISTS for and ctl refuses by, one service cannot claim (or
+        describe again) another's permission."""
+        wanted = frozenset(handles)
+        for catalog in await self.catalogs():
+            taken = sorted(wanted & catalog.handles()) if catalog.service != service else []
+            if taken:
+                raise OwnedElsewhereError(f"{taken[0]!r} is owned by service {catalog.service!r}")
+
     async def register_permission(self, service: str, permission: Permission) -> Catalog:
-        """Add (or describe again) one permission of `service`, keeping its routes."""
+        """Add (or describe again) one permission of `service`, keeping its routes; refused if
+        another service owns it (:meth:`check_owner`)."""
+        await self.check_owner(service, (permission.handle,))
 
         def add(stored: Catalog | None) -> Catalog:
             base = stored or Catalog(service=service, permissions=())

@@ -6,6 +6,9 @@ active set v1 with ``ctl init``, the shadow v2 with ``ctl propose``), starts the
 allowed request, one denied and one decided by the shadow picked with its header, prints the curl
 and ctl commands to try more, and runs until Ctrl-C. ``--check`` exits after the demonstration
 (non-zero if any answer was not the expected one).
+
+Ctrl-C or SIGTERM, at any point (starting included), stops every process it started and removes
+the work directory it created, demo tokens included; a ``--workdir`` given is left in place.
 """
 
 from __future__ import annotations
@@ -100,7 +103,8 @@ class Mesh:
         }
         jwks = self.issuer.write_jwks(self.workdir / "jwks.json")
         try:
-            self.etcd = EtcdCluster(self.workdir / "etcd").start()
+            self.etcd = EtcdCluster(self.workdir / "etcd")  # assigned first: stop() stops a half-started one
+            self.etcd.start()
             self.seed()
             upstream_argv = [
                 sys.executable,
@@ -270,32 +274,62 @@ Every sidecar follows within milliseconds; a bad document keeps the last good se
 """
 
 
+class _StoppedError(Exception):
+    """Ctrl-C or SIGTERM: unwinds whatever is running (an in-process ctl included, which would
+    swallow a KeyboardInterrupt) so that main's cleanup runs."""
+
+
+def _stop(_signum: int, _frame: object) -> None:
+    raise _StoppedError
+
+
+def _stop_unrecorded_children(timeout: float = 10.0) -> None:
+    """Stop children the mesh has no Process for: a signal that lands while a process is being
+    started unwinds before its Process is recorded, and the child runs on. They are found by their
+    parent pid (Linux's /proc; elsewhere nothing is found) and stopped by pid, SIGTERM then SIGKILL."""
+    me = str(os.getpid())
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, IndexError):
+            if stat.read_text().rsplit(")", 1)[1].split()[1] == me:  # field 4: the parent's pid
+                children.append(int(stat.parent.name))
+    for pid in children:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    for pid in children:
+        with contextlib.suppress(ChildProcessError, ProcessLookupError):  # gone and reaped already
+            while os.waitpid(pid, os.WNOHANG) == (0, 0):
+                if time.monotonic() > deadline:
+                    os.kill(pid, signal.SIGKILL)
+                    os.waitpid(pid, 0)
+                    break
+                time.sleep(0.05)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description="run a local mesh: upstream + authz-sidecar + Envoy")
     parser.add_argument("--check", action="store_true", help="run the demonstration, then stop")
     parser.add_argument("--workdir", type=Path, default=None, help="where logs, tokens and configs go")
+    parser.add_argument("--free-ports", action="store_true", help="free ports, not 8080, 9191, 9464, ... if free")
     args = parser.parse_args()
+    signal.signal(signal.SIGINT, _stop)
+    signal.signal(signal.SIGTERM, _stop)
+    owned = args.workdir is None
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="authz-mesh-"))
-    workdir.mkdir(parents=True, exist_ok=True)
-    policy_dir = workdir / "policy"
-    if not policy_dir.exists():
-        shutil.copytree(EXAMPLE_POLICY, policy_dir)
-    # OTEL_EXPORTER_OTLP_ENDPOINT=http://127.0.0.1:4317 make run: Envoy and the sidecar trace to it.
-    endpoint = os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT", "").split("://", 1)[-1].rstrip("/")
-    host, _, port = endpoint.rpartition(":")
-    collector = (host, int(port)) if host and port.isdigit() else None
-    mesh = Mesh(workdir=workdir, policy_dir=policy_dir, collector=collector)
-    print(f"starting upstream, authz-sidecar and Envoy (workdir {workdir}) ...")
-    mesh.start(preferred=not args.check)
-    stop = False
-
-    def on_signal(_signum: int, _frame: object) -> None:
-        nonlocal stop
-        stop = True
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    mesh: Mesh | None = None
     try:
+        workdir.mkdir(parents=True, exist_ok=True)
+        policy_dir = workdir / "policy"
+        if not policy_dir.exists():
+            shutil.copytree(EXAMPLE_POLICY, policy_dir)
+        # OTEL_EXPORTER_OTLP_ENDPOINT=http://127.0.0.1:4317 make run: Envoy and the sidecar trace to it.
+        endpoint = os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT", "").split("://", 1)[-1].rstrip("/")
+        host, _, port = endpoint.rpartition(":")
+        collector = (host, int(port)) if host and port.isdigit() else None
+        mesh = Mesh(workdir=workdir, policy_dir=policy_dir, collector=collector)
+        print(f"starting upstream, authz-sidecar and Envoy (workdir {workdir}) ...")
+        mesh.start(preferred=not (args.check or args.free_ports))
         print("what the mesh answers:")
         ok = demonstrate(mesh)
         status = json.loads(urllib.request.urlopen(f"http://{LOOPBACK}:{mesh.ports['http']}/status").read())
@@ -303,15 +337,27 @@ def main() -> int:
         if args.check:
             return 0 if ok else 1
         print(instructions(mesh))
-        while not stop and all(p.alive() for p in mesh.processes):
+        while all(p.alive() for p in mesh.processes):
             time.sleep(0.2)
         dead = [p.name for p in mesh.processes if not p.alive()]
-        if dead:
-            print(f"stopped because {', '.join(dead)} exited; see {workdir}", file=sys.stderr)
-            return 1
-        return 0
+        print(f"stopped because {', '.join(dead)} exited; see {workdir}", file=sys.stderr)
+        owned = False  # keep the logs to read
+        return 1
+    except _StoppedError:
+        return 0  # how the mesh is meant to be stopped
+    except Exception:
+        owned = False
+        print(f"the mesh failed; its logs are in {workdir}", file=sys.stderr)
+        raise
     finally:
-        mesh.stop()
+        # A second Ctrl-C must not cut the cleanup short: processes would be left running.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        if mesh is not None:
+            mesh.stop()
+        _stop_unrecorded_children()
+        if owned:
+            shutil.rmtree(workdir, ignore_errors=True)  # logs, configs, etcd's data, demo tokens
         with contextlib.suppress(OSError):
             os.sync()
 
