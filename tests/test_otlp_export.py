@@ -363,7 +363,7 @@ def test_an_export_the_sidecar_cannot_make_is_refused_at_start_up(
         proc.communicate()
         raise AssertionError("the sidecar started") from None
     lines = err.strip().splitlines()
-    assert proc.returncode == 1 and len(lines) == 1 and needle in lines[0], err
+    assert proc.returncode == 2 and len(lines) == 1 and needle in lines[0], err
 
 
 # --- the settings, as the specification reads the variables --------------------------------------------
