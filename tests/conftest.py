@@ -20,6 +20,8 @@ from authz_sidecar.local.etcd import EtcdCluster
 from authz_sidecar.local.tokens import DemoIssuer
 from authz_sidecar.server import Sidecar
 
+from .otlp import OtlpReceiver
+
 # Sidecars run inside the test process; their logs go to stderr so that what a CLI prints on stdout
 # (ctl --json) can be read back whole.
 structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))
@@ -194,3 +196,13 @@ def running(
         yield side
     finally:
         side.close()
+
+
+@pytest.fixture
+def receiver() -> Iterator[OtlpReceiver]:
+    """A real OTLP/gRPC collector on a free loopback port, recording the spans it receives."""
+    r = OtlpReceiver()
+    try:
+        yield r
+    finally:
+        r.stop()

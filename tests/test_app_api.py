@@ -39,15 +39,6 @@ CASES = [
 ]
 
 
-@pytest.fixture
-def receiver() -> Iterator[OtlpReceiver]:
-    r = OtlpReceiver()
-    try:
-        yield r
-    finally:
-        r.stop()
-
-
 @pytest.fixture(params=["aio", "threads"])
 def side(
     request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, receiver: OtlpReceiver

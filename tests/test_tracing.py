@@ -6,7 +6,6 @@ import json
 import secrets
 import socket
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,15 +16,6 @@ from authz_sidecar.selection import stable_bucket
 from .conftest import RunningSidecar, shadow, sidecar_settings, write_policy
 from .otlp import OtlpReceiver
 from .test_check_grpc import check, request, status_of
-
-
-@pytest.fixture
-def receiver() -> Iterator[OtlpReceiver]:
-    r = OtlpReceiver()
-    try:
-        yield r
-    finally:
-        r.stop()
 
 
 def traced_sidecar(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, endpoint: str, model: str) -> RunningSidecar:
