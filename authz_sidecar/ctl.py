@@ -18,6 +18,7 @@ from typing import Any
 import grpc
 from etcd3aio.errors import EtcdError
 
+from authz_sidecar.assembly import check_handles
 from authz_sidecar.documents import (
     Permission,
     PermissionSet,
@@ -33,7 +34,6 @@ from authz_sidecar.errors import AuthzError, DocumentError
 from authz_sidecar.etcd import layout
 from authz_sidecar.etcd.client import Etcd, EtcdOptions
 from authz_sidecar.etcd.store import PolicyStore, StoreError
-from authz_sidecar.snapshot import build_snapshot
 
 Command = Callable[[PolicyStore, argparse.Namespace], Awaitable[Any]]
 
@@ -46,10 +46,10 @@ def _read(path: str) -> Any:
     return load_document(text, path)
 
 
-async def _check_against_catalogs(store: PolicyStore, permissions: PermissionSet) -> None:
-    """Refuse a set a sidecar would refuse: every handle it grants must be in a registered catalog."""
-    catalogs = await store.catalogs()
-    build_snapshot(permissions, [], catalogs)
+async def _check_against_catalogs(store: PolicyStore, permissions: PermissionSet, kind: str = "active set") -> None:
+    """Refuse a set a sidecar would refuse: every handle it grants must be in a registered catalog.
+    `kind` names the set in the error ("active set", "shadow set")."""
+    check_handles(permissions, await store.catalogs(), f"{kind} {permissions.version}")
 
 
 async def cmd_init(store: PolicyStore, ns: argparse.Namespace) -> dict[str, Any]:
@@ -72,7 +72,7 @@ async def cmd_propose(store: PolicyStore, ns: argparse.Namespace) -> dict[str, A
         parent=shadow.permissions.meta.parent or (pointers.active or ""),
     )
     permissions = replace(shadow.permissions, meta=meta)
-    await _check_against_catalogs(store, permissions)
+    await _check_against_catalogs(store, permissions, "shadow set")
     await store.propose(permissions, dump_permission_set(permissions), shadow.rollout)
     return {
         "proposed": permissions.version,

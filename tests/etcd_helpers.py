@@ -70,8 +70,9 @@ def raw_put(endpoints: str, key: str, value: bytes) -> None:
 
 def raw_set(endpoints: str, prefix: str, document: dict[str, Any]) -> None:
     """Store a set document under its version (chunk, then head) without ctl's checks; nothing
-    points at it yet."""
+    points at it yet. A shadow's rollout fields are left out: in etcd they live in the pointer."""
     lay = layout.Layout(prefix)
+    document = {k: v for k, v in document.items() if k not in ("weights", "testers", "state")}
     version = document["version"]
     head, chunks = layout.split(version, json.dumps(document).encode())
     for index, chunk in enumerate(chunks):

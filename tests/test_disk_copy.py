@@ -15,7 +15,7 @@ def test_racing_saves_leave_the_newest_revision_whole(tmp_path: Path) -> None:
     path = tmp_path / "copy.json"
     disk = DiskCopy(path, "/authz")
     revisions = list(range(1, 97))
-    random.Random(13).shuffle(revisions)
+    random.Random(13).shuffle(revisions)  # noqa: S311 - a fixed order, not a secret
     # Big enough values that writes overlap in time.
     payload = b"x" * 300_000
     barrier = threading.Barrier(8)
@@ -26,7 +26,7 @@ def test_racing_saves_leave_the_newest_revision_whole(tmp_path: Path) -> None:
         for revision in mine:
             try:
                 disk.save({"/authz/pointers/active": payload + str(revision).encode()}, revision)
-            except BaseException as exc:  # noqa: BLE001 - every failure is reported by the assertion below
+            except BaseException as exc:  # every failure is reported by the assertion below
                 errors.append(exc)
 
     threads = [threading.Thread(target=worker, args=(revisions[i::8],)) for i in range(8)]

@@ -18,6 +18,9 @@ from pathlib import Path
 
 from authz_sidecar.local.processes import LOOPBACK, Process, binary, free_port, wait_for_http, wait_for_port
 
+# Not a secret: etcd derives member and cluster ids from it (with names and peer URLs).
+CLUSTER_TOKEN = "authz-sidecar-local"  # noqa: S105
+
 
 @dataclass(frozen=True)
 class ServerTls:
@@ -38,7 +41,7 @@ class EtcdMember:
         client_port: int = 0,
         peer_port: int = 0,
         tls: ServerTls | None = None,
-        cluster_token: str = "authz-sidecar-local",
+        cluster_token: str = CLUSTER_TOKEN,
     ) -> None:
         self.name = name
         self.tls = tls
