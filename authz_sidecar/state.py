@@ -120,8 +120,10 @@ class SnapshotStore:
         now = time.time()
         current = dict.fromkeys(refusals)
         serving = self.snapshot.active_version if self.snapshot else None
+        still = {r.document for r in current}
         for refusal in self.refused.keys() - current.keys():
-            log.info("document_accepted", kind=refusal.kind, document=refusal.document)
+            if refusal.document not in still:
+                log.info("document_accepted", kind=refusal.kind, document=refusal.document)
         kept = {r: since for r, since in self.refused.items() if r in current}
         for refusal in current:
             if refusal in kept:

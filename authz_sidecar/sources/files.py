@@ -9,11 +9,12 @@ Layout::
 
 ``--catalog FILE`` adds one more catalog file. Each file is taken or refused on its own
 (:mod:`authz_sidecar.assembly`): an invalid shadow file is left out, an invalid ``active.yaml`` or
-catalog file keeps its last good version, and the valid files beside them still apply. The
-directory is polled: a change to any file's
-size, mtime or inode (including files appearing or disappearing) rebuilds the snapshot. Polling is
-used rather than inotify because it behaves the same on every filesystem, including bind mounts
-and ConfigMap symlink swaps, and a directory of a few files costs microseconds to stat.
+catalog file keeps its last good version, and the valid files beside them still apply.
+
+The directory is polled: a change to any file's size, mtime or inode (including files appearing
+or disappearing) rebuilds the snapshot. Polling is used rather than inotify because it behaves the
+same on every filesystem, including bind mounts and ConfigMap symlink swaps, and a directory of a
+few files costs microseconds to stat.
 """
 
 from __future__ import annotations
