@@ -22,8 +22,8 @@ from typing import Any
 import grpc
 from etcd3aio.errors import EtcdError
 
+from authz_sidecar.assembly import check_handles
 from authz_sidecar.documents import (
-    Catalog,
     Permission,
     PermissionSet,
     check_handle,
@@ -38,7 +38,6 @@ from authz_sidecar.errors import AuthzError, ConfigError, DocumentError
 from authz_sidecar.etcd import layout
 from authz_sidecar.etcd.client import Etcd, EtcdOptions
 from authz_sidecar.etcd.store import PolicyStore, StoreError
-from authz_sidecar.snapshot import build_snapshot
 
 Command = Callable[[PolicyStore, argparse.Namespace], Awaitable[Any]]
 # Principals and handles `ctl report` lists behind unexpected mismatches.
@@ -53,13 +52,10 @@ def _read(path: str) -> Any:
     return load_document(text, path)
 
 
-def _check_handles(permissions: PermissionSet, catalogs: list[Catalog]) -> None:
-    """Refuse a set a sidecar would refuse: every handle it grants must be in a registered catalog."""
-    build_snapshot(permissions, [], catalogs)
-
-
-async def _check_against_catalogs(store: PolicyStore, permissions: PermissionSet) -> None:
-    _check_handles(permissions, await store.catalogs())
+async def _check_against_catalogs(store: PolicyStore, permissions: PermissionSet, kind: str = "active set") -> None:
+    """Refuse a set a sidecar would refuse: every handle it grants must be in a registered catalog.
+    `kind` names the set in the error ("active set", "shadow set")."""
+    check_handles(permissions, await store.catalogs(), f"{kind} {permissions.version}")
 
 
 async def cmd_init(store: PolicyStore, ns: argparse.Namespace) -> dict[str, Any]:
@@ -88,7 +84,7 @@ async def cmd_propose(store: PolicyStore, ns: argparse.Namespace) -> dict[str, A
         parent=written.parent or (pointers.active or ""),
     )
     permissions = replace(shadow.permissions, meta=meta)
-    await _check_against_catalogs(store, permissions)
+    await _check_against_catalogs(store, permissions, "shadow set")
     await store.propose(permissions, dump_permission_set(permissions), shadow.rollout)
     return {
         "proposed": permissions.version,
@@ -134,7 +130,7 @@ async def cmd_status(store: PolicyStore, _ns: argparse.Namespace) -> dict[str, A
     for role, version in [*named, *(("shadow", v) for v in sorted(pointers.shadows))]:
         try:
             permissions = parse_permission_set(load_document(await store.document(version), version), version)
-            _check_handles(permissions, catalogs)
+            check_handles(permissions, catalogs, f"{role} set {version}")
         except (DocumentError, StoreError) as exc:
             problems.append(f"{role} {version}: {exc}")
     return {

@@ -18,6 +18,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from authz_sidecar.assembly import KINDS
 from authz_sidecar.evaluation import Evaluation
 from authz_sidecar.reasons import Reason
 from authz_sidecar.snapshot import Snapshot
@@ -119,9 +120,13 @@ class Metrics:
         # Rare events keep prometheus_client's own types.
         self.invalid_documents = Counter(
             "authz_invalid_documents_total",
-            "Policy updates refused because a document was invalid; the last good snapshot kept serving.",
+            "Documents refused, by kind (active, shadow, catalog, pointer), each counted once when first "
+            "seen: a shadow is left out, an active set or catalog keeps its last good version.",
+            ["kind"],
             registry=r,
         )
+        for kind in KINDS:
+            self.invalid_documents.labels(kind)
         self._revision = Gauge("authz_snapshot_revision", "Source revision of the serving snapshot.", registry=r)
         self._built = Gauge(
             "authz_snapshot_built_timestamp_seconds", "When the serving snapshot was built.", registry=r
@@ -157,7 +162,7 @@ class Metrics:
             registry=r,
         )
         store.on_install(self.snapshot_installed)
-        store.on_reject(lambda _error: self.invalid_documents.inc())
+        store.on_reject(lambda refusal: self.invalid_documents.labels(refusal.kind).inc())
 
     def snapshot_installed(self, snapshot: Snapshot) -> None:
         self._revision.set(snapshot.revision)

@@ -1,10 +1,11 @@
-"""The snapshot: everything one sidecar decides with, built and validated as a whole, then swapped in.
+"""The snapshot: everything one sidecar decides with, built and validated, then swapped in.
 
-A snapshot is immutable. A policy source (files, etcd) parses documents and calls
-:func:`build_snapshot`; only when every cross-document rule holds does the result replace the
-serving snapshot, so a half-written change or a bad document can never decide a request. The
-rules checked here: every handle a set uses is in some catalog; shadow versions are unique and
-differ from the active version; per region, live shadows' weights sum to at most 100.
+A snapshot is immutable. :func:`build_snapshot` checks documents together and refuses them all on
+the first problem (``ctl`` and ``validate`` use it so); the policy sources first take or refuse
+each document on its own (:mod:`authz_sidecar.assembly`) and build from the ones taken, so a bad
+document can never decide a request nor block the valid ones beside it. The rules: every handle a
+set uses is in some catalog; shadow versions are unique and differ from the active version; per
+region, live shadows' weights sum to at most 100.
 """
 
 from __future__ import annotations

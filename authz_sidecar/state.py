@@ -2,9 +2,11 @@
 
 Readers take ``store.snapshot`` (one attribute load, no lock): a new snapshot is installed by
 replacing the reference, so a Check sees either the old snapshot or the new one, never a mix.
-Sources call :meth:`SnapshotStore.install` with a snapshot they built and validated, or
-:meth:`SnapshotStore.reject` with why they could not, which keeps the last good snapshot serving
-and records the failure for /status, metrics and logs. A source that talks to a remote store
+Sources assemble a snapshot document by document (:mod:`authz_sidecar.assembly`) and call
+:meth:`SnapshotStore.refusals` with the documents they refused (the list /status shows until
+each is fixed; a refusal seen for the first time is counted and logged once), then
+:meth:`SnapshotStore.install` with the snapshot, or :meth:`SnapshotStore.unavailable` with why
+there is nothing to serve. A source that talks to a remote store
 calls :meth:`SnapshotStore.heard` whenever it hears from it, so staleness is visible, and with
 ``--max-staleness`` the snapshot is withheld (every Check denies, health NOT_SERVING) while the
 source has been silent too long, and served again the moment it is heard.
@@ -13,11 +15,12 @@ source has been silent too long, and served again the moment it is heard.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import structlog
 
+from authz_sidecar.assembly import Refusal
 from authz_sidecar.snapshot import Snapshot
 
 log = structlog.get_logger("authz_sidecar.state")
@@ -30,8 +33,12 @@ class SnapshotStore:
         self.snapshot: Snapshot | None = None
         # time.time() of the last install: from then on, Checks see that snapshot.
         self.installed_at: float | None = None
-        self.last_error: str | None = None
+        # Why the source has nothing to serve (None once it has).
+        self.waiting: str | None = None
+        # The documents refused now, each with when it was first refused; the newest refusal last.
+        self.refused: dict[Refusal, float] = {}
         self.last_error_at: float | None = None
+        # Refusals seen since start (each counted once, however many rebuilds it lasts).
         self.invalid_documents = 0
         self.swaps = 0
         # Served from a copy kept on disk, not (yet) confirmed by the source.
@@ -46,14 +53,22 @@ class SnapshotStore:
         # The snapshot held back while the source is silent past --max-staleness.
         self.withheld: Snapshot | None = None
         self._listeners: list[Listener] = []
-        self._rejection_listeners: list[Callable[[str], None]] = []
+        self._rejection_listeners: list[Callable[[Refusal], None]] = []
         self._serving_listeners: list[Callable[[bool], None]] = []
 
     def on_install(self, listener: Listener) -> None:
         self._listeners.append(listener)
 
-    def on_reject(self, listener: Callable[[str], None]) -> None:
+    def on_reject(self, listener: Callable[[Refusal], None]) -> None:
+        """Told of each refusal the first time it is seen."""
         self._rejection_listeners.append(listener)
+
+    @property
+    def last_error(self) -> str | None:
+        """Why nothing serves, else the newest refusal still standing, else None."""
+        if self.waiting is not None:
+            return self.waiting
+        return str(next(reversed(self.refused))) if self.refused else None
 
     def on_serving(self, listener: Callable[[bool], None]) -> None:
         """Told False when the snapshot is withheld for staleness and True when it is served again."""
@@ -65,7 +80,7 @@ class SnapshotStore:
         self.installed_at = time.time()
         self.stale = stale
         self.swaps += 1
-        self.last_error = None
+        self.waiting = None
         log.info(
             "snapshot_swapped",
             active_version=snapshot.active_version,
@@ -100,14 +115,43 @@ class SnapshotStore:
         for listener in self._serving_listeners:
             listener(False)
 
-    def reject(self, error: str) -> None:
-        self.invalid_documents += 1
-        self.last_error = error
-        self.last_error_at = time.time()
+    def refusals(self, refusals: Iterable[Refusal]) -> None:
+        """The documents the source refuses now: new ones are counted and logged, fixed ones leave."""
+        now = time.time()
+        current = dict.fromkeys(refusals)
         serving = self.snapshot.active_version if self.snapshot else None
-        log.error("document_invalid", error=error, serving_version=serving)
-        for listener in self._rejection_listeners:
-            listener(error)
+        still = {r.document for r in current}
+        for refusal in self.refused.keys() - current.keys():
+            if refusal.document not in still:
+                log.info("document_accepted", kind=refusal.kind, document=refusal.document)
+        kept = {r: since for r, since in self.refused.items() if r in current}
+        for refusal in current:
+            if refusal in kept:
+                continue
+            kept[refusal] = now
+            self.invalid_documents += 1
+            self.last_error_at = now
+            log.error(
+                "document_invalid",
+                kind=refusal.kind,
+                document=refusal.document,
+                reason=refusal.reason,
+                serving_version=serving,
+            )
+            for listener in self._rejection_listeners:
+                listener(refusal)
+        self.refused = kept
+
+    def unavailable(self, reason: str) -> None:
+        """The source has nothing to serve (no valid active set yet): say why in /status."""
+        if reason != self.waiting:
+            log.warning(
+                "snapshot_unavailable",
+                reason=reason,
+                serving_version=self.snapshot.active_version if self.snapshot else None,
+            )
+        self.waiting = reason
+        self.last_error_at = time.time()
 
     def status(self) -> dict[str, Any]:
         snap = self.snapshot if self.snapshot is not None else self.withheld
@@ -141,6 +185,10 @@ class SnapshotStore:
             "source_state": self.source_state,
             "swaps": self.swaps,
             "invalid_documents": self.invalid_documents,
+            "refused_documents": [
+                {"kind": r.kind, "document": r.document, "reason": r.reason, "since": since}
+                for r, since in self.refused.items()
+            ],
             "last_error": self.last_error,
             "last_error_at": self.last_error_at,
         }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import io
 import json
@@ -12,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from authz_sidecar import cli
+from authz_sidecar.etcd import layout
+from authz_sidecar.etcd.client import Etcd, EtcdOptions
 
 from .conftest import ACTIVE, CATALOG, RunningSidecar, sidecar_settings
 from .test_check_grpc import check, request, status_of
@@ -39,11 +42,42 @@ def write_json(path: Path, data: dict[str, Any]) -> str:
     return str(path)
 
 
-def seed(endpoints: str, prefix: str, tmp: Path, *, active: dict[str, Any] | None = None) -> None:
-    """A catalog and an active set, written with the CLI."""
+def seed(
+    endpoints: str,
+    prefix: str,
+    tmp: Path,
+    *,
+    active: dict[str, Any] | None = None,
+    catalogs: list[dict[str, Any]] | None = None,
+) -> None:
+    """Catalogs (the test catalog by default) and an active set, written with the CLI."""
     tmp.mkdir(parents=True, exist_ok=True)
-    assert ctl(endpoints, prefix, "registry", "put", "--file", write_json(tmp / "catalog.json", CATALOG)) == 0
+    for catalog in catalogs or [CATALOG]:
+        path = write_json(tmp / f"catalog-{catalog['service']}.json", catalog)
+        assert ctl(endpoints, prefix, "registry", "put", "--file", path) == 0
     assert ctl(endpoints, prefix, "init", "--file", write_json(tmp / "active.json", active or ACTIVE)) == 0
+
+
+def raw_put(endpoints: str, key: str, value: bytes) -> None:
+    """Write one key directly with the etcd client, around ctl and its checks."""
+
+    async def put() -> None:
+        async with Etcd(EtcdOptions(endpoints=tuple(endpoints.split(",")))) as client:
+            await client.call(client.kv.put, key, value)
+
+    asyncio.run(put())
+
+
+def raw_set(endpoints: str, prefix: str, document: dict[str, Any]) -> None:
+    """Store a set document under its version (chunk, then head) without ctl's checks; nothing
+    points at it yet. A shadow's rollout fields are left out: in etcd they live in the pointer."""
+    lay = layout.Layout(prefix)
+    document = {k: v for k, v in document.items() if k not in ("weights", "testers", "state")}
+    version = document["version"]
+    head, chunks = layout.split(version, json.dumps(document).encode())
+    for index, chunk in enumerate(chunks):
+        raw_put(endpoints, lay.chunk(version, head.sha256, index), chunk)
+    raw_put(endpoints, lay.head(version), head.encode())
 
 
 def etcd_sidecar(endpoints: str, prefix: str, tmp: Path, **overrides: Any) -> RunningSidecar:

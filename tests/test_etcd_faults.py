@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -16,11 +17,13 @@ from pathlib import Path
 import pytest
 from grpc_health.v1 import health_pb2
 
+from authz_sidecar.etcd import layout
 from authz_sidecar.etcd.client import Etcd, EtcdOptions
 from authz_sidecar.local.etcd import EtcdCluster
+from authz_sidecar.local.processes import free_port
 
-from .conftest import shadow
-from .etcd_helpers import ctl, decision, etcd_sidecar, seed, unique_prefix, wait_for, write_json
+from .conftest import ACTIVE, CATALOG, shadow
+from .etcd_helpers import ctl, decision, etcd_sidecar, raw_put, seed, unique_prefix, wait_for, write_json
 from .test_etcd_source import health, status
 
 
@@ -208,3 +211,115 @@ def test_three_member_cluster_with_a_member_killed(cluster: EtcdCluster, tmp_pat
             cluster.restart(cluster.members[victim])
     finally:
         side.close()
+
+
+@pytest.mark.parametrize("damage", ["pointer_to_missing_version", "broken_catalog"])
+def test_restarted_while_etcds_data_does_not_build_serves_the_disk_copy(
+    member: EtcdCluster, tmp_path: Path, damage: str
+) -> None:
+    """etcd answers, but what it holds does not build: the restarted sidecar serves its disk copy,
+    marked stale and with the refusal reported, until etcd's data builds again."""
+    prefix = seeded(member, tmp_path, with_shadow=False)
+    lay = layout.Layout(prefix)
+    side = etcd_sidecar(member.endpoints, prefix, tmp_path)
+    try:
+        side.wait_ready()
+        wait_for((tmp_path / "snapshot-cache.json").exists, what="the disk copy")
+    finally:
+        side.close()
+    broken = lay.active if damage == "pointer_to_missing_version" else lay.catalog("things")
+    raw_put(member.endpoints, broken, layout.encode_active("v404") if broken == lay.active else b"{broken")
+    side = etcd_sidecar(member.endpoints, prefix, tmp_path)
+    try:
+        side.wait_ready(timeout=10)
+        st = status(side)
+        assert st["stale"] is True and st["active_version"] == "v1"
+        assert [r["document"] for r in st["refused_documents"]] == [broken]
+        assert "authz_snapshot_stale 1.0" in metrics(side)
+        assert decision(side, "alice") == 200 and decision(side, "bob") == 403
+        # etcd's data builds again: the fresh snapshot replaces the disk copy and stale clears.
+        if broken == lay.active:
+            raw_put(member.endpoints, broken, layout.encode_active("v1"))
+        else:
+            raw_put(member.endpoints, broken, json.dumps(CATALOG).encode())
+        wait_for(lambda: status(side)["stale"] is False, timeout=10, what="etcd's own data")
+        assert status(side)["refused_documents"] == [] and decision(side, "alice") == 200
+    finally:
+        side.close()
+
+
+def test_a_wiped_etcd_on_the_same_port_is_followed(member: EtcdCluster, tmp_path: Path) -> None:
+    """etcd loses its data (a restore from nothing) and comes back on the same port with a new
+    state at revisions below the one the sidecar had applied: the sidecar lists again and follows."""
+    prefix = seeded(member, tmp_path)
+    pad(member.endpoints, 40)  # the old etcd ends well past the revisions the new one will use
+    side = etcd_sidecar(member.endpoints, prefix, tmp_path, etcd_liveness=1.0)
+    try:
+        side.wait_ready()
+        assert decision(side, "bob") == 403
+        member.replace(member.members[0])
+        seed(member.endpoints, prefix, tmp_path / "new", active={**BOB_EDITS, "version": "v7"})
+        wait_for(lambda: status(side)["active_version"] == "v7", timeout=20, what="the new etcd's state")
+        assert decision(side, "bob") == 200 and status(side)["shadows"] == []
+    finally:
+        side.close()
+
+
+def test_a_replaced_etcd_with_another_cluster_id_is_followed(member: EtcdCluster, tmp_path: Path) -> None:
+    """Another cluster takes the endpoint, already past the sidecar's revision, with its state
+    written at revisions the sidecar had already passed: the new cluster id makes it list again."""
+    prefix = seeded(member, tmp_path)
+    side = etcd_sidecar(member.endpoints, prefix, tmp_path, etcd_liveness=1.0)
+    try:
+        side.wait_ready()
+        old = member.members[0]
+        port = old.client_port
+        # Build the replacement on another port, out of the sidecar's reach, then move it over.
+        old.wipe()
+        old.cluster_token = "another-cluster"
+        old.client_port = free_port()
+        member.restart(old)
+        seed(member.endpoints, prefix, tmp_path / "new", active={**BOB_EDITS, "version": "v7"})
+        pad(member.endpoints, 40)
+        old.stop()
+        old.client_port = port
+        member.restart(old)
+        wait_for(lambda: status(side)["active_version"] == "v7", timeout=20, what="the new cluster's state")
+        assert decision(side, "bob") == 200
+    finally:
+        side.close()
+
+
+def test_progress_reports_never_move_the_resume_revision(member: EtcdCluster, tmp_path: Path) -> None:
+    """Progress reports prove the stream alive; the revision the sidecar resumes from moves only
+    with what it has listed or applied (etcd 3.5.1 can report progress ahead of queued events)."""
+    prefix = seeded(member, tmp_path)
+    side = etcd_sidecar(member.endpoints, prefix, tmp_path, etcd_liveness=0.6)
+    try:
+        side.wait_ready()
+        source = side.sidecar.source
+        applied = source.revision  # type: ignore[attr-defined]
+        pad(member.endpoints, 5)  # writes outside the sidecar's prefix move etcd's revision
+        written = time.monotonic()
+        wait_for(
+            lambda: status(side)["source_silent_seconds"] < time.monotonic() - written - 0.05,
+            what="a progress report after the writes",
+        )
+        assert source.revision == applied  # type: ignore[attr-defined]
+        canary(member.endpoints, prefix, 100)
+        wait_for(lambda: decision(side, "bob") == 200, what="the next change")
+        assert source.revision > applied  # type: ignore[attr-defined]
+    finally:
+        side.close()
+
+
+BOB_EDITS = {
+    **ACTIVE,
+    "grants": [g if g["principal"] != "bob" else {"principal": "bob", "roles": ["editor"]} for g in ACTIVE["grants"]],
+}
+
+
+def pad(endpoints: str, writes: int) -> None:
+    """Move etcd's revision on by `writes`, outside every test's prefix."""
+    for i in range(writes):
+        raw_put(endpoints, f"/padding/{i}", b"x")

@@ -1,4 +1,5 @@
-"""The file source reloads on change, and a bad file leaves the last good snapshot serving."""
+"""The file source reloads on change, and a bad file keeps its last good version (or is left out)
+while the rest serves."""
 
 from __future__ import annotations
 
@@ -43,7 +44,8 @@ def test_reload_bad_file_and_recovery(tmp_path: Path) -> None:
         wait_for(lambda: store.snapshot is not None and store.snapshot.active_version == "v1b")
         good = store.snapshot
 
-        # Each kind of bad document keeps v1b serving and shows up in /status and the counter.
+        # Each kind of bad document keeps its last good version serving (v1b and the same
+        # catalogs) and shows up in /status and the counter.
         bad_docs = {
             "active.yaml": "roles: {viewer: [things:*]}\ngrants: []\nversion: v3\n",
             "catalog.yaml": "service: things\npermissions: [{handle: Things}]\n",
@@ -52,15 +54,18 @@ def test_reload_bad_file_and_recovery(tmp_path: Path) -> None:
             before = (policy / name).read_text()
             write_atomically(policy / name, text)
             wait_for(lambda c=count: store.invalid_documents >= c)
-            assert store.snapshot is good
+            assert store.snapshot is not None and store.snapshot.active_version == "v1b"
+            assert store.snapshot.catalogs == good.catalogs
             body = status(side)
             assert body["active_version"] == "v1b" and name in body["last_error"]
             write_atomically(policy / name, before)
         (policy / "shadows" / "v3.yaml").write_bytes(b"version: v3\nroles: {r: [\xff]}\n")
         wait_for(lambda: store.invalid_documents >= 3)
-        assert store.snapshot is good and "not UTF-8" in (store.last_error or "")
+        assert "not UTF-8" in (store.last_error or "")
+        assert store.snapshot is not None and [s.version for s in store.snapshot.shadows] == ["v2"]
         metrics = urllib.request.urlopen(f"http://127.0.0.1:{side.sidecar.http_port}/metrics").read().decode()
-        assert "authz_invalid_documents_total 3.0" in metrics
+        for kind in ("active", "catalog", "shadow"):
+            assert f'authz_invalid_documents_total{{kind="{kind}"}} 1.0' in metrics
 
         # Removing the bad file recovers; the error clears.
         (policy / "shadows" / "v3.yaml").unlink()

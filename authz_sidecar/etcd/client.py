@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -101,6 +101,33 @@ class Change:
     mod_revision: int
 
 
+@dataclass(frozen=True, slots=True)
+class Listing:
+    """Every key under a prefix, read at one revision of one cluster."""
+
+    revision: int
+    cluster_id: int
+    kvs: list[KeyValue]
+
+
+@dataclass(frozen=True, slots=True)
+class WatchBatch:
+    """One watch response, its fragments joined.
+
+    `revision` and `cluster_id` are the response header's: etcd's current revision when it
+    answered, and which cluster answered. With changes, everything up to the last change's
+    mod revision has been delivered. Without (the creation response, a progress report) it only
+    proves the stream alive: etcd 3.5.1 can report progress ahead of events still queued for
+    the stream, so the revision must not be taken as delivered. It can still show that etcd went
+    back (a restore: lower than what was applied) or was replaced (another cluster id).
+    """
+
+    revision: int
+    cluster_id: int
+    changes: list[Change]
+    created: bool = False
+
+
 def _key(raw: bytes) -> str:
     # Keys under the prefix are written by this project as UTF-8; anything else is kept visible
     # (and reported by whoever reads it) rather than dropped.
@@ -179,10 +206,26 @@ class Etcd:
             await self.authenticate()
             return await operation(*args, **kwargs)
 
+    async def listing(self, prefix: str) -> Listing:
+        """Every key under `prefix`, the revision they were read at and the cluster that answered
+        (one linearizable range)."""
+        response = await self.call(self.kv.get, prefix, prefix_range_end(prefix.encode()))
+        return Listing(
+            response.header.revision,
+            response.header.cluster_id,
+            [KeyValue(_key(kv.key), kv.value, kv.mod_revision) for kv in response.kvs],
+        )
+
+    async def current(self, prefix: str) -> tuple[int, int]:
+        """etcd's revision and cluster id now, from a linearizable read that returns no keys (only
+        their count under `prefix`): what the cluster has committed, whichever member answers."""
+        response = await self.call(self.kv.get, prefix, prefix_range_end(prefix.encode()), count_only=True)
+        return response.header.revision, response.header.cluster_id
+
     async def list_prefix(self, prefix: str) -> tuple[int, list[KeyValue]]:
         """Every key under `prefix` and the revision they were read at (one linearizable range)."""
-        response = await self.call(self.kv.get, prefix, prefix_range_end(prefix.encode()))
-        return response.header.revision, [KeyValue(_key(kv.key), kv.value, kv.mod_revision) for kv in response.kvs]
+        listing = await self.listing(prefix)
+        return listing.revision, listing.kvs
 
     async def get(self, key: str) -> KeyValue | None:
         response = await self.call(self.kv.get, key)
@@ -191,9 +234,8 @@ class Etcd:
         kv = response.kvs[0]
         return KeyValue(_key(kv.key), kv.value, kv.mod_revision)
 
-    async def watch(self, prefix: str, start_revision: int, liveness: float) -> AsyncIterator[tuple[int, list[Change]]]:
-        """Yield (revision, changes) from `start_revision` on; (revision, []) is a progress report
-        (everything up to `revision` has been delivered), (0, []) only proves the stream is alive.
+    async def watch(self, prefix: str, start_revision: int, liveness: float) -> AsyncGenerator[WatchBatch, None]:
+        """Yield the changes from `start_revision` on, a batch per response (see WatchBatch).
 
         Raises CompactedError when `start_revision` is no longer available and WatchLostError when the
         stream ends, is cancelled, loses its leader, or is silent for `liveness` seconds although a
@@ -247,7 +289,7 @@ class Etcd:
                 # The creation response carries the store's current revision, but events from
                 # start_revision up to it may still be on their way: it proves the stream is alive,
                 # not that the caller has seen everything up to that revision.
-                yield (0 if response.created else response.header.revision), changes
+                yield WatchBatch(response.header.revision, response.header.cluster_id, changes, response.created)
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
                 self._token = None
@@ -257,4 +299,14 @@ class Etcd:
             call.cancel()
 
 
-__all__ = ["Change", "CompactedError", "Etcd", "EtcdError", "EtcdOptions", "KeyValue", "WatchLostError"]
+__all__ = [
+    "Change",
+    "CompactedError",
+    "Etcd",
+    "EtcdError",
+    "EtcdOptions",
+    "KeyValue",
+    "Listing",
+    "WatchBatch",
+    "WatchLostError",
+]

@@ -1,18 +1,25 @@
 """Real etcd members on loopback: one for ``make run`` and most tests, three for the cluster tests.
 
 Each member gets free client and peer ports and its own data directory, and can be killed,
-restarted on the same data (it keeps its revisions), or paused with SIGSTOP, which is what a hung
-machine looks like to a client: the TCP connection stays open and nothing answers.
+restarted on the same data (it keeps its revisions), paused with SIGSTOP, which is what a hung
+machine looks like to a client: the TCP connection stays open and nothing answers, or wiped and
+started again as a new etcd on the same port (what a restore from an old backup, or a replaced
+cluster, looks like to a client: revisions start again, and with another cluster token the
+cluster id changes too).
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 from dataclasses import dataclass
 from pathlib import Path
 
 from authz_sidecar.local.processes import LOOPBACK, Process, binary, free_port, wait_for_http, wait_for_port
+
+# Not a secret: etcd derives member and cluster ids from it (with names and peer URLs).
+CLUSTER_TOKEN = "authz-sidecar-local"  # noqa: S105
 
 
 @dataclass(frozen=True)
@@ -34,9 +41,13 @@ class EtcdMember:
         client_port: int = 0,
         peer_port: int = 0,
         tls: ServerTls | None = None,
+        cluster_token: str = CLUSTER_TOKEN,
     ) -> None:
         self.name = name
         self.tls = tls
+        # With the member's name and peer URL this fixes the member and cluster ids: a wiped member
+        # started again with the same token is a new etcd with the same cluster id.
+        self.cluster_token = cluster_token
         self.data_dir = data_dir
         self.log_dir = log_dir
         self.client_port = client_port or free_port()
@@ -74,7 +85,7 @@ class EtcdMember:
             f"--initial-advertise-peer-urls={self.peer_url}",
             f"--initial-cluster={initial_cluster}",
             f"--initial-cluster-state={state}",
-            "--initial-cluster-token=authz-sidecar-local",
+            f"--initial-cluster-token={self.cluster_token}",
             "--log-level=warn",
             # Fast elections on loopback, so a cluster test does not wait seconds for a new leader.
             "--heartbeat-interval=50",
@@ -109,6 +120,11 @@ class EtcdMember:
         if self.process is not None and self.process.alive():
             os.kill(self.process.pid, signal.SIGCONT)
 
+    def wipe(self) -> None:
+        """Stop the member and delete its data: started again, it is a new, empty etcd."""
+        self.stop()
+        shutil.rmtree(self.data_dir, ignore_errors=True)
+
 
 class EtcdCluster:
     """`size` members on loopback; ``endpoints`` is what --etcd takes."""
@@ -135,6 +151,17 @@ class EtcdCluster:
     def restart(self, member: EtcdMember) -> None:
         """Start a stopped or killed member again on its data (and ports)."""
         member.start(self.initial_cluster, state="existing" if len(self.members) > 1 else "new")
+        member.wait_healthy()
+
+    def replace(self, member: EtcdMember, *, cluster_token: str | None = None) -> None:
+        """Wipe a member of a one-member cluster and start a new, empty etcd in its place, on the
+        same ports (a restore from nothing). With another `cluster_token` the cluster id changes."""
+        if len(self.members) != 1:
+            raise ValueError("only a one-member cluster can be replaced by a new one")
+        member.wipe()
+        if cluster_token is not None:
+            member.cluster_token = cluster_token
+        member.start(self.initial_cluster, state="new")
         member.wait_healthy()
 
     def stop(self) -> None:

@@ -1,8 +1,10 @@
 """The interface every policy source implements (files now, etcd next).
 
-A source owns its I/O and its retry loop, and talks to the sidecar only through the store: it
-calls ``store.rebuild(build)`` whenever what it watches changes. It never raises out of ``run``
-for bad data; it reports through the store and keeps going.
+A source owns its I/O and its retry loop, and talks to the sidecar only through the store: whenever
+what it watches changes it reads each document, takes or refuses each one on its own
+(:func:`authz_sidecar.assembly.assemble`, with the documents that served last), and tells the store
+(``store.refusals``, then ``store.install`` or ``store.unavailable``). It never raises out of
+``run`` for bad data; it reports through the store and keeps going.
 """
 
 from __future__ import annotations
