@@ -20,8 +20,8 @@ from authz_sidecar.etcd import layout
 from authz_sidecar.local.etcd import EtcdCluster
 
 from .conftest import ACTIVE, CATALOG, shadow
-from .etcd_helpers import ctl, decision, etcd_sidecar, seed, unique_prefix, wait_for, write_json
-from .test_etcd_source import _raw_put, status
+from .etcd_helpers import ctl, decision, etcd_sidecar, raw_put, raw_set, seed, unique_prefix, wait_for, write_json
+from .test_etcd_source import status
 
 DIRTY = ["\n", "\r\n", "\x00", "\x1b[31m", "\x7f", "\t"]
 
@@ -86,17 +86,13 @@ def test_dirty_names_written_into_etcd_around_ctl_never_go_live(etcd: EtcdCluste
     """A shadow stored as "v2\\n" and a pointer naming it never become live; v1 keeps deciding."""
     prefix = unique_prefix()
     seed(etcd.endpoints, prefix, tmp_path)
-    lay = layout.Layout(prefix)
     side = etcd_sidecar(etcd.endpoints, prefix, tmp_path)
     try:
         side.wait_ready()
         version = "v2\n"
-        document = json.dumps({**shadow(version), "version": version}).encode()
-        head, chunks = layout.split(version, document)
-        _raw_put(etcd, lay.chunk(version, head.sha256, 0), chunks[0])
-        _raw_put(etcd, lay.head(version), head.encode())
+        raw_set(etcd.endpoints, prefix, {**shadow(version), "version": version})
         rollout = {"weights": {"us-east": 100}, "testers": [], "state": "canary"}
-        _raw_put(etcd, lay.shadows, json.dumps({version: rollout}).encode())
+        raw_put(etcd.endpoints, layout.Layout(prefix).shadows, json.dumps({version: rollout}).encode())
         wait_for(lambda: status(side)["invalid_documents"] >= 1, what="the dirty version to be refused")
         st = status(side)
         assert [s["version"] for s in st["shadows"]] == []

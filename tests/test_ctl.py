@@ -24,8 +24,18 @@ from authz_sidecar.etcd import layout
 from authz_sidecar.local.etcd import EtcdCluster
 
 from .conftest import ACTIVE, CATALOG
-from .etcd_helpers import ctl, ctl_json, decision, etcd_sidecar, seed, unique_prefix, wait_for, write_json
-from .test_etcd_source import _raw_put
+from .etcd_helpers import (
+    ctl,
+    ctl_json,
+    decision,
+    etcd_sidecar,
+    raw_put,
+    raw_set,
+    seed,
+    unique_prefix,
+    wait_for,
+    write_json,
+)
 
 
 def run_main(*argv: str) -> tuple[int, str, str]:
@@ -271,7 +281,7 @@ def test_status_checks_what_the_pointers_point_at(etcd: EtcdCluster, tmp_path: P
     assert healthy["problems"] == [] and healthy["active"] == "v1"
 
     lay = layout.Layout(prefix)
-    _raw_put(etcd, lay.active, layout.encode_active("v404"))
+    raw_put(etcd.endpoints, lay.active, layout.encode_active("v404"))
     code, out, err = run_main("ctl", "status", "--json", "--etcd", etcd.endpoints, "--prefix", prefix)
     assert code == 1
     shown = json.loads(out)
@@ -280,14 +290,11 @@ def test_status_checks_what_the_pointers_point_at(etcd: EtcdCluster, tmp_path: P
     assert "v404" in one_error_line(err)
 
     # A shadow whose stored document grants a handle no catalog has (written around ctl).
-    _raw_put(etcd, lay.active, layout.encode_active("v1"))
-    document = json.dumps({"version": "v3", "roles": {"r": ["things:fly"]}, "grants": []}).encode()
-    head, chunks = layout.split("v3", document)
-    _raw_put(etcd, lay.chunk("v3", head.sha256, 0), chunks[0])
-    _raw_put(etcd, lay.head("v3"), head.encode())
+    raw_put(etcd.endpoints, lay.active, layout.encode_active("v1"))
+    raw_set(etcd.endpoints, prefix, {"version": "v3", "roles": {"r": ["things:fly"]}, "grants": []})
     shadows = ctl_json(etcd.endpoints, prefix, "status")["shadows"]
     shadows["v3"] = {"weights": {}, "testers": [], "state": "proposed"}
-    _raw_put(etcd, lay.shadows, json.dumps(shadows).encode())
+    raw_put(etcd.endpoints, lay.shadows, json.dumps(shadows).encode())
     code, out, err = run_main("ctl", "status", "--etcd", etcd.endpoints, "--prefix", prefix)
     assert code == 1
     assert "things:fly" in one_error_line(err) and "v3" in one_error_line(err)

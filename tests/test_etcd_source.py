@@ -20,7 +20,7 @@ from authz_sidecar.etcd import layout
 from authz_sidecar.local.etcd import EtcdCluster
 
 from .conftest import RunningSidecar, shadow
-from .etcd_helpers import ctl, decision, etcd_sidecar, seed, unique_prefix, wait_for, write_json
+from .etcd_helpers import ctl, decision, etcd_sidecar, raw_put, seed, unique_prefix, wait_for, write_json
 
 
 def status(side: RunningSidecar) -> dict[str, Any]:
@@ -85,18 +85,6 @@ def test_no_snapshot_until_etcd_has_one_then_serving(etcd: EtcdCluster, tmp_path
         side.close()
 
 
-def _raw_put(etcd: EtcdCluster, key: str, value: bytes) -> None:
-    import asyncio
-
-    from authz_sidecar.etcd.client import Etcd, EtcdOptions
-
-    async def put() -> None:
-        async with Etcd(EtcdOptions(endpoints=tuple(etcd.endpoints.split(",")))) as client:
-            await client.call(client.kv.put, key, value)
-
-    asyncio.run(put())
-
-
 @pytest.mark.parametrize("damage", ["invalid_document", "pointer_to_missing_version", "missing_chunk", "not_utf8"])
 def test_bad_data_in_etcd_leaves_the_last_good_snapshot_serving(etcd: EtcdCluster, tmp_path: Path, damage: str) -> None:
     prefix = unique_prefix()
@@ -110,18 +98,18 @@ def test_bad_data_in_etcd_leaves_the_last_good_snapshot_serving(etcd: EtcdCluste
             # A new version with a wildcard handle, pointed at directly (bypassing ctl's checks).
             document = json.dumps({"version": "v5", "roles": {"r": ["things:*"]}, "grants": []}).encode()
             head, chunks = layout.split("v5", document)
-            _raw_put(etcd, lay.chunk("v5", head.sha256, 0), chunks[0])
-            _raw_put(etcd, lay.head("v5"), head.encode())
-            _raw_put(etcd, lay.active, layout.encode_active("v5"))
+            raw_put(etcd.endpoints, lay.chunk("v5", head.sha256, 0), chunks[0])
+            raw_put(etcd.endpoints, lay.head("v5"), head.encode())
+            raw_put(etcd.endpoints, lay.active, layout.encode_active("v5"))
         elif damage == "pointer_to_missing_version":
-            _raw_put(etcd, lay.active, layout.encode_active("v404"))
+            raw_put(etcd.endpoints, lay.active, layout.encode_active("v404"))
         elif damage == "missing_chunk":
             document = json.dumps({"version": "v6", "roles": {}, "grants": []}).encode()
             head, _chunks = layout.split("v6", document)
-            _raw_put(etcd, lay.head("v6"), head.encode())  # the head without its chunk
-            _raw_put(etcd, lay.active, layout.encode_active("v6"))
+            raw_put(etcd.endpoints, lay.head("v6"), head.encode())  # the head without its chunk
+            raw_put(etcd.endpoints, lay.active, layout.encode_active("v6"))
         else:
-            _raw_put(etcd, lay.catalog("things"), b"\xff\xfe service: things")
+            raw_put(etcd.endpoints, lay.catalog("things"), b"\xff\xfe service: things")
         wait_for(lambda: status(side)["last_error"], what="the rejection to show")
         st = status(side)
         assert st["active_version"] == "v1" and st["ready"]
