@@ -1,0 +1,105 @@
+"""The gRPC server's bounds, over real gRPC on loopback in both server models: a request message over
+--grpc-max-message-bytes and RPCs beyond --grpc-max-concurrent-rpcs are answered RESOURCE_EXHAUSTED
+(Envoy then fails closed) and counted in authz_rejected_total."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from authz_sidecar.v1 import authz_pb2, authz_pb2_grpc
+
+from .conftest import RunningSidecar, sidecar_settings
+from .test_check_grpc import check, request, status_of
+from .test_metrics import scrape
+
+MODELS = ["aio", "threads"]
+
+
+def rejected(side: RunningSidecar, reason: str) -> float:
+    return scrape(side).get(("authz_rejected_total", (("front", "grpc"), ("reason", reason))), 0.0)
+
+
+def sidecar(policy_dir: Path, model: str, **overrides: object) -> RunningSidecar:
+    side = RunningSidecar(sidecar_settings(policy_dir, server_model=model, **overrides))
+    side.wait_ready()
+    return side
+
+
+@pytest.fixture(params=MODELS)
+def default_side(request: pytest.FixtureRequest, policy_dir: Path) -> Iterator[RunningSidecar]:
+    side = sidecar(policy_dir, request.param)
+    try:
+        yield side
+    finally:
+        side.close()
+
+
+def test_a_message_over_the_default_limit_is_resource_exhausted_and_counted(default_side: RunningSidecar) -> None:
+    """4 MiB (gRPC's own default) is the default; a Check of 4.1 MiB is refused and counted, and the
+    server answers the next request as before."""
+    over = request(headers={"x-big": "a" * (4 * 1024 * 1024 + 100_000)}, sub="alice")
+    with pytest.raises(grpc.RpcError) as err:
+        check(default_side, over)
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED  # type: ignore[attr-defined]
+    assert rejected(default_side, "message_too_large") == 1
+    assert status_of(check(default_side, request(sub="alice"))) == 200
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_every_method_refuses_a_message_over_the_configured_limit(policy_dir: Path, model: str) -> None:
+    """Envoy's Check and the application API alike; a message far over the limit is refused too."""
+    side = sidecar(policy_dir, model, grpc_max_message_bytes=64 * 1024)
+    try:
+        assert status_of(check(side, request(headers={"x-fill": "a" * 60_000}, sub="alice"))) == 200
+        app = authz_pb2_grpc.AuthzStub(side.channel)
+        calls = [
+            lambda: check(side, request(headers={"x-big": "a" * 70_000}, sub="alice")),
+            lambda: app.Check(authz_pb2.CheckRequest(principal="a" * 70_000, permission="things:view"), timeout=5),
+            lambda: check(side, request(headers={"x-big": "a" * 2_000_000}, sub="alice")),
+        ]
+        for call in calls:
+            with pytest.raises(grpc.RpcError) as err:
+                call()
+            assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED  # type: ignore[attr-defined]
+        assert rejected(side, "message_too_large") >= 2
+    finally:
+        side.close()
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_rpcs_beyond_the_concurrency_limit_are_resource_exhausted_and_counted(policy_dir: Path, model: str) -> None:
+    """With a limit of 1, a health Watch stream (an RPC that stays open) takes the only slot: Checks
+    are refused until the stream ends, then answered again."""
+    side = sidecar(policy_dir, model, grpc_max_concurrent_rpcs=1)
+    try:
+        assert status_of(check(side, request(sub="alice"))) == 200
+        watch = health_pb2_grpc.HealthStub(side.channel).Watch(health_pb2.HealthCheckRequest(service=""), timeout=30)
+        first = next(watch)  # the stream is open and holds its slot
+        assert first.status == health_pb2.HealthCheckResponse.SERVING
+        refused = 0
+        for _ in range(3):
+            with pytest.raises(grpc.RpcError) as err:
+                check(side, request(sub="alice"))
+            assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED  # type: ignore[attr-defined]
+            refused += 1
+        watch.cancel()
+        answered = threading.Event()
+        for _ in range(500):  # the slot is freed when the server has seen the stream end
+            try:
+                if status_of(check(side, request(sub="alice"))) == 200:
+                    answered.set()
+                    break
+            except grpc.RpcError as exc:
+                assert exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED  # type: ignore[attr-defined]
+                refused += 1
+            answered.wait(0.02)
+        assert answered.is_set()
+        assert rejected(side, "concurrency") == refused
+    finally:
+        side.close()
