@@ -98,6 +98,14 @@ def _build_parser() -> argparse.ArgumentParser:
     _add(serve, "--jwt-algorithms", text="allowed signing algorithms, comma-separated")
     _add(serve, "--payload-header", text="header carrying jwt_authn's forwarded payload (identity payload_header)")
     _add(serve, "--http-authz", text="also serve ext_authz's HTTP variant on this address (host:port)")
+    _add(serve, "--http-authz-max-url-bytes", text="HTTP ext_authz: longest request target (URL); longer: 431")
+    _add(serve, "--http-authz-max-headers", text="HTTP ext_authz: most headers in one request; more: 431")
+    _add(serve, "--http-authz-max-header-bytes", text="HTTP ext_authz: URL + header names and values; more: 431")
+    _add(serve, "--http-authz-max-body-bytes", text="HTTP ext_authz: largest body (never read); larger: 413")
+    _add(serve, "--http-authz-request-timeout", text="HTTP ext_authz: seconds from a request's first byte to its last")
+    _add(serve, "--http-authz-idle-timeout", text="HTTP ext_authz: seconds a connection may wait for its next request")
+    _add(serve, "--grpc-max-concurrent-rpcs", text="RPCs in flight (queued included); beyond: RESOURCE_EXHAUSTED")
+    _add(serve, "--grpc-max-message-bytes", text="largest request message; larger: RESOURCE_EXHAUSTED")
     _add(serve, "--dev-principal-header", text="DEVELOPMENT ONLY: trust this header as the principal")
     _add(serve, "--stickiness", text="canary stickiness key: principal or request_id")
     _add(serve, "--grace", text="seconds to let in-flight RPCs finish on SIGTERM")
@@ -132,6 +140,14 @@ def _number(ns: argparse.Namespace, name: str) -> float:
         return float(raw)
     except (TypeError, ValueError):
         raise AuthzError(f"--{name.replace('_', '-')}: {raw!r} is not a number") from None
+
+
+def _integer(ns: argparse.Namespace, name: str) -> int:
+    raw = getattr(ns, name)
+    try:
+        return int(raw)
+    except (TypeError, ValueError):
+        raise AuthzError(f"--{name.replace('_', '-')}: {raw!r} is not a whole number") from None
 
 
 def _etcd_settings(ns: argparse.Namespace) -> dict[str, Any]:
@@ -176,6 +192,14 @@ def settings_from(ns: argparse.Namespace) -> Settings:
             dev_principal_header=ns.dev_principal_header or "",
             payload_header=ns.payload_header,
             http_authz=ns.http_authz or "",
+            http_authz_max_url_bytes=_integer(ns, "http_authz_max_url_bytes"),
+            http_authz_max_headers=_integer(ns, "http_authz_max_headers"),
+            http_authz_max_header_bytes=_integer(ns, "http_authz_max_header_bytes"),
+            http_authz_max_body_bytes=_integer(ns, "http_authz_max_body_bytes"),
+            http_authz_request_timeout=_number(ns, "http_authz_request_timeout"),
+            http_authz_idle_timeout=_number(ns, "http_authz_idle_timeout"),
+            grpc_max_concurrent_rpcs=_integer(ns, "grpc_max_concurrent_rpcs"),
+            grpc_max_message_bytes=_integer(ns, "grpc_max_message_bytes"),
             stickiness=ns.stickiness,
             grace=_number(ns, "grace"),
             server_model=ns.server_model,

@@ -26,7 +26,7 @@ from authz_sidecar.etcd.client import Etcd
 from authz_sidecar.etcd.store import PolicyStore
 from authz_sidecar.extauthz import CheckHandler
 from authz_sidecar.grpcfront import GrpcFront
-from authz_sidecar.httpauthz import HttpAuthz
+from authz_sidecar.httpauthz import HttpAuthz, HttpLimits
 from authz_sidecar.identity import build_identifier
 from authz_sidecar.metrics import Metrics
 from authz_sidecar.opshttp import OpsHttp
@@ -103,7 +103,23 @@ class Sidecar:
         )
         self.tracer = tracing.build(self.store, settings.region)
         self.handler = CheckHandler(self.decider, self.metrics, self.tracer)
-        self.http_authz = HttpAuthz(self.decider, self.metrics, self.tracer) if settings.http_authz else None
+        self.http_authz = (
+            HttpAuthz(
+                self.decider,
+                self.metrics,
+                self.tracer,
+                HttpLimits(
+                    max_url_bytes=settings.http_authz_max_url_bytes,
+                    max_headers=settings.http_authz_max_headers,
+                    max_header_bytes=settings.http_authz_max_header_bytes,
+                    max_body_bytes=settings.http_authz_max_body_bytes,
+                    request_timeout=settings.http_authz_request_timeout,
+                    idle_timeout=settings.http_authz_idle_timeout,
+                ),
+            )
+            if settings.http_authz
+            else None
+        )
         self.http_authz_port = 0
         self.source = source if source is not None else build_source(settings)
         # The registry's own etcd client (the policy source keeps its own), made on start.

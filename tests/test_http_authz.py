@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import http.client
 import json
+import logging
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -253,3 +254,18 @@ def test_a_client_that_never_reads_its_answers_stops_being_read(http_sidecar: Ru
                 sock.sendall(burst)
                 sent += 1
     assert sent < 1000
+
+
+def test_an_upgrade_request_is_answered_and_its_connection_closed(
+    http_sidecar: RunningSidecar, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The sidecar speaks nothing but HTTP/1.1: a request asking to upgrade is decided like any
+    other, then the connection ends (the parser's upgrade signal is not an unhandled error)."""
+    with socket.create_connection(("127.0.0.1", http_sidecar.sidecar.http_authz_port), timeout=10) as sock:
+        sock.sendall(b"GET /things/1 HTTP/1.1\r\nhost: x\r\nconnection: upgrade\r\nupgrade: websocket\r\n\r\n")
+        reply = reply_until_closed(sock)
+    assert reply.startswith(b"HTTP/1.1 401 "), reply[:200]
+    with socket.create_connection(("127.0.0.1", http_sidecar.sidecar.http_authz_port), timeout=10) as sock:
+        sock.sendall(b"GET /things/1 HTTP/1.1\r\nhost: x\r\n\r\n")
+        assert sock.recv(65536).startswith(b"HTTP/1.1 401 ")
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []

@@ -123,7 +123,9 @@ def _many(service: str, count: int, **extra: object) -> dict:  # type: ignore[ty
 
 
 @pytest.mark.parametrize("model", ["aio", "threads"])
-def test_registry_put_bounds_handles_descriptions_and_permissions(etcd: EtcdCluster, tmp_path: Path, model: str) -> None:
+def test_registry_put_bounds_handles_descriptions_and_permissions(
+    etcd: EtcdCluster, tmp_path: Path, model: str
+) -> None:
     """Handles of at most 128 characters, descriptions of at most 512, at most 1000 permissions per
     service: beyond, PutPermission is refused and nothing is written."""
     prefix = unique_prefix()
@@ -168,10 +170,11 @@ def test_ctl_registry_put_refuses_catalogs_over_the_bounds_before_writing(
             {"method": "GET", "path": f"/things/{i}/" + "a" * 1700, "permission": f"things:p{i}"} for i in range(1000)
         ],
     )
+    many_routes = [{"method": "GET", "path": f"/t/{n}", "permission": "things:p0"} for n in range(1001)]
     cases = {
         "permissions": (_many("things", 1001), "at most 1000"),
         "routes": (
-            _many("things", 1, routes=[{"method": "GET", "path": f"/t/{i}", "permission": "things:p0"} for i in range(1001)]),
+            _many("things", 1, routes=many_routes),
             "at most 1000",
         ),
         "description": (
