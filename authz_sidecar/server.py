@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import os
 import signal
+import socket
 import time
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Iterator
 from typing import Any
 
 import structlog
@@ -25,7 +28,7 @@ from authz_sidecar.errors import ConfigError
 from authz_sidecar.etcd.client import Etcd
 from authz_sidecar.etcd.store import PolicyStore
 from authz_sidecar.extauthz import CheckHandler
-from authz_sidecar.grpcfront import GrpcFront
+from authz_sidecar.grpcfront import GrpcFront, RpcLimits
 from authz_sidecar.httpauthz import HttpAuthz, HttpLimits
 from authz_sidecar.identity import build_identifier
 from authz_sidecar.metrics import Metrics
@@ -133,10 +136,17 @@ class Sidecar:
             AppAuthzServicer(self.store, self.metrics),
             self.registry,
             settings.workers,
+            limits=RpcLimits(
+                max_concurrent_rpcs=settings.grpc_max_concurrent_rpcs,
+                max_message_bytes=settings.grpc_max_message_bytes,
+            ),
+            rejected=lambda reason: self.metrics.rejected("grpc", reason),
         )
         self.grpc_port = 0
         self.http_port = 0
         self._started = False
+        # True once start() has finished: only a sidecar that started logs its stopping.
+        self._running = False
         self._http: asyncio.Server | None = None
         self._source_task: asyncio.Task[None] | None = None
         self._started_at = time.time()
@@ -184,7 +194,17 @@ class Sidecar:
             raise ConfigError(f"--catalog {path} is the catalog of {catalog.service!r}, not of --service")
         return catalog
 
+    def _addresses(self) -> list[tuple[str, str]]:
+        flags = [("--listen", self.settings.listen), ("--http", self.settings.http)]
+        if self.settings.http_authz:
+            flags.insert(1, ("--http-authz", self.settings.http_authz))
+        return flags
+
     async def start(self) -> None:
+        """Bind every address (or fail with one ConfigError naming the flag), then serve. A start
+        that fails part way leaves nothing running: the caller stops the sidecar."""
+        for flag, value in self._addresses():
+            check_free(flag, value)
         catalog = self._own_catalog()
         if self.settings.etcd:
             self.etcd = Etcd(self.settings.etcd_options())
@@ -201,12 +221,17 @@ class Sidecar:
                     region=self.settings.region,
                     interval=self.settings.report_interval,
                 )
-        self.grpc_port = await self.front.start(parse_address(self.settings.listen, "--listen"))
+        with _naming("--listen", self.settings.listen):
+            self.grpc_port = await self.front.start(parse_address(self.settings.listen, "--listen"))
         self._started = True
         if self.http_authz is not None:
-            self.http_authz_port = await self.http_authz.start(parse_address(self.settings.http_authz, "--http-authz"))
+            with _naming("--http-authz", self.settings.http_authz):
+                self.http_authz_port = await self.http_authz.start(
+                    parse_address(self.settings.http_authz, "--http-authz")
+                )
         ops = OpsHttp(self.store, self.metrics, self._status_extra)
-        self._http = await ops.start(parse_address(self.settings.http, "--http"))
+        with _naming("--http", self.settings.http):
+            self._http = await ops.start(parse_address(self.settings.http, "--http"))
         sockets = self._http.sockets
         self.http_port = sockets[0].getsockname()[1] if sockets and not isinstance(sockets[0].getsockname(), str) else 0
         self._source_task = asyncio.create_task(self.source.run(self.store), name="policy-source")
@@ -229,10 +254,13 @@ class Sidecar:
             identity_sources=list(self.identity_sources),
             tracing=self.tracer is not None,
         )
+        self._running = True
 
     async def stop(self, grace: float | None = None) -> None:
         grace = self.settings.grace if grace is None else grace
-        log.info("sidecar_stopping", grace_seconds=grace)
+        running, self._running = self._running, False
+        if running:
+            log.info("sidecar_stopping", grace_seconds=grace)
         if self._started:
             await self.front.stop(grace)
         if self.http_authz is not None:
@@ -249,7 +277,8 @@ class Sidecar:
             await self.etcd.close()
         if self.tracer is not None:
             await asyncio.to_thread(self.tracer.shutdown)
-        log.info("sidecar_stopped")
+        if running:
+            log.info("sidecar_stopped")
 
     async def wait(self) -> None:
         """Run until the gRPC server ends or the policy source fails unexpectedly."""
@@ -263,9 +292,49 @@ class Sidecar:
             raise self._source_task.exception()  # type: ignore[misc]
 
 
+def check_free(flag: str, value: str) -> None:
+    """Refuse an address another process listens on, before anything binds. gRPC would log its own
+    failure first, and for a unix socket gRPC and asyncio alike remove the file and take the path
+    from whoever listens there."""
+    address = parse_address(value, flag)
+    if isinstance(address, str):
+        path = address.removeprefix("unix://").removeprefix("unix:")
+        if os.path.exists(path):
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe, contextlib.suppress(OSError):
+                probe.settimeout(1.0)
+                probe.connect(path)
+                raise ConfigError(f"{flag} {value}: address already in use (another sidecar?)")
+        return
+    host, port = address
+    if port == 0:
+        return
+    try:
+        resolved = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise ConfigError(f"{flag} {value}: {exc.strerror}") from None
+    for family, kind, proto, _name, sockaddr in resolved:
+        with socket.socket(family, kind, proto) as probe, _naming(flag, value):
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers do: TIME_WAIT is no owner
+            probe.bind(sockaddr)
+
+
+@contextlib.contextmanager
+def _naming(flag: str, value: str) -> Iterator[None]:
+    """An OSError while binding `value` as one ConfigError line naming the flag."""
+    try:
+        yield
+    except OSError as exc:
+        why = "address already in use (another sidecar?)" if exc.errno == errno.EADDRINUSE else exc.strerror
+        raise ConfigError(f"{flag} {value}: {(why or str(exc)).lower()}") from None
+
+
 async def serve(settings: Settings) -> None:
     sidecar = Sidecar(settings)
-    await sidecar.start()
+    try:
+        await sidecar.start()
+    except BaseException:
+        await sidecar.stop(grace=0)
+        raise
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -4,17 +4,18 @@
 
 from __future__ import annotations
 
-import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from authz_sidecar.v1 import authz_pb2, authz_pb2_grpc
+from authz_sidecar.local.etcd import EtcdCluster
+from authz_sidecar.v1 import authz_pb2, authz_pb2_grpc, registry_pb2, registry_pb2_grpc
 
-from .conftest import RunningSidecar, sidecar_settings
+from .conftest import CATALOG, RunningSidecar, sidecar_settings
+from .etcd_helpers import decision, etcd_sidecar, seed, unique_prefix
 from .test_check_grpc import check, request, status_of
 from .test_metrics import scrape
 
@@ -73,33 +74,51 @@ def test_every_method_refuses_a_message_over_the_configured_limit(policy_dir: Pa
 
 
 @pytest.mark.parametrize("model", MODELS)
-def test_rpcs_beyond_the_concurrency_limit_are_resource_exhausted_and_counted(policy_dir: Path, model: str) -> None:
-    """With a limit of 1, a health Watch stream (an RPC that stays open) takes the only slot: Checks
-    are refused until the stream ends, then answered again."""
-    side = sidecar(policy_dir, model, grpc_max_concurrent_rpcs=1)
+def test_rpcs_beyond_the_concurrency_limit_are_resource_exhausted_and_counted(tmp_path: Path, model: str) -> None:
+    """With a limit of 1, a Registry call waiting on a paused etcd takes the only slot: Checks are
+    refused until etcd answers that call, then answered again."""
+    cluster = EtcdCluster(tmp_path / "etcd").start()
+    prefix = unique_prefix()
+    seed(cluster.endpoints, prefix, tmp_path / "seed")
+    side = etcd_sidecar(
+        cluster.endpoints, prefix, tmp_path, server_model=model, grpc_max_concurrent_rpcs=1, etcd_timeout=30.0
+    )
+    etcd = cluster.members[0]
     try:
-        assert status_of(check(side, request(sub="alice"))) == 200
-        watch = health_pb2_grpc.HealthStub(side.channel).Watch(health_pb2.HealthCheckRequest(service=""), timeout=30)
-        first = next(watch)  # the stream is open and holds its slot
-        assert first.status == health_pb2.HealthCheckResponse.SERVING
+        side.wait_ready()
+        assert decision(side, "alice", "GET") == 200
+        etcd.pause()
+        held = registry_pb2_grpc.RegistryStub(side.channel).ListPermissions.future(
+            registry_pb2.ListPermissionsRequest(), timeout=60
+        )
         refused = 0
-        for _ in range(3):
+        for _ in range(500):  # until the server has the held call in flight
+            try:
+                decision(side, "alice", "GET")
+            except grpc.RpcError as exc:
+                assert exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED  # type: ignore[attr-defined]
+                refused += 1
+                break
+            time.sleep(0.01)
+        assert refused == 1 and not held.done()
+        for _ in range(2):
             with pytest.raises(grpc.RpcError) as err:
-                check(side, request(sub="alice"))
+                decision(side, "alice", "GET")
             assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED  # type: ignore[attr-defined]
             refused += 1
-        watch.cancel()
-        answered = threading.Event()
-        for _ in range(500):  # the slot is freed when the server has seen the stream end
+        etcd.resume()
+        assert len(held.result(timeout=30).permissions) == len(CATALOG["permissions"])
+        for _ in range(500):  # the slot is free once the server has finished the held call
             try:
-                if status_of(check(side, request(sub="alice"))) == 200:
-                    answered.set()
+                if decision(side, "alice", "GET") == 200:
                     break
             except grpc.RpcError as exc:
                 assert exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED  # type: ignore[attr-defined]
                 refused += 1
-            answered.wait(0.02)
-        assert answered.is_set()
+            time.sleep(0.01)
+        assert decision(side, "alice", "GET") == 200
         assert rejected(side, "concurrency") == refused
     finally:
+        etcd.resume()
         side.close()
+        cluster.stop()
