@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import grpc
@@ -195,3 +196,23 @@ def test_ctl_registry_put_refuses_catalogs_over_the_bounds_before_writing(
     assert ctl(etcd.endpoints, prefix, *long_description) == 1
     assert "at most 512" in capsys.readouterr().err
     assert registered(etcd.endpoints, prefix)["permissions"] == []
+
+
+def test_a_registration_over_the_bounds_is_refused_once_not_retried(etcd: EtcdCluster, tmp_path: Path) -> None:
+    """A sidecar whose catalog, merged with what etcd holds (permissions are never removed), would
+    pass 1000 permissions says so in /status and stops trying: no retry can make it fit."""
+    prefix = unique_prefix()
+    assert (
+        ctl(etcd.endpoints, prefix, "registry", "put", "--file", write_json(tmp_path / "f.json", _many("things", 999)))
+        == 0
+    )
+    side = etcd_sidecar(etcd.endpoints, prefix, tmp_path, catalog=Path(write_json(tmp_path / "c.json", CATALOG)))
+    try:
+        wait_for(lambda: status(side)["registration"]["last_error"] is not None, what="the refusal")
+        registration = status(side)["registration"]
+        assert not registration["registered"] and "at most 1000" in registration["last_error"]
+        time.sleep(0.5)
+        assert status(side)["registration"]["attempts"] == 1
+        assert len(registered(etcd.endpoints, prefix, "--service", "things")["permissions"]) == 999
+    finally:
+        side.close()
