@@ -122,3 +122,27 @@ def test_rpcs_beyond_the_concurrency_limit_are_resource_exhausted_and_counted(tm
         etcd.resume()
         side.close()
         cluster.stop()
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "needle"),
+    [
+        (["--grpc-max-concurrent-rpcs", "0"], {}, "--grpc-max-concurrent-rpcs must be > 0"),
+        (["--http-authz-request-timeout", "-1"], {}, "--http-authz-request-timeout must be > 0"),
+        ([], {"AUTHZ_GRPC_MAX_MESSAGE_BYTES": "4MB"}, "--grpc-max-message-bytes: '4MB' is not a whole number"),
+    ],
+)
+def test_the_limits_are_flags_and_variables_checked_before_serving(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    args: list[str],
+    env: dict[str, str],
+    needle: str,
+) -> None:
+    from authz_sidecar import cli
+
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert cli.main(["serve", "--policy-dir", str(tmp_path), *args]) == 1
+    assert capsys.readouterr().err.strip() == f"authz-sidecar: {needle}"
