@@ -22,7 +22,7 @@ sidecar on the same port fails to start instead of splitting the traffic with th
 from __future__ import annotations
 
 import asyncio
-import errno
+import inspect
 from collections.abc import Callable
 from concurrent import futures
 from dataclasses import dataclass
@@ -96,6 +96,7 @@ class _Bounds:
             return found[1]
         behavior, parse, refusal = handler.unary_unary, handler.request_deserializer, self._refusal
         if self._aio:
+            behavior = _awaitable(behavior)
 
             async def bounded_aio(raw: bytes, context: Any) -> Any:
                 reason = refusal(raw)
@@ -124,6 +125,17 @@ class _Bounds:
         wrapped = grpc.unary_unary_rpc_method_handler(bounded, response_serializer=handler.response_serializer)
         self._wrapped[id(handler)] = (handler, wrapped)
         return wrapped
+
+
+def _awaitable(behavior: Any) -> Any:
+    """An aio behavior as a coroutine function (grpc.aio also takes plain functions)."""
+    if inspect.iscoroutinefunction(behavior):
+        return behavior
+
+    async def call(request: Any, context: Any) -> Any:
+        return behavior(request, context)
+
+    return call
 
 
 class _PoolAdmissions(grpc.ServerInterceptor):  # type: ignore[type-arg]
@@ -257,7 +269,7 @@ def _bind(server: Any, address: tuple[str, int] | str) -> int:
     try:
         return int(server.add_insecure_port(_target(address)))
     except RuntimeError:
-        raise OSError(errno.EADDRINUSE, "gRPC could not listen there (address in use or not available)") from None
+        raise OSError("gRPC could not listen there (in use, not this host's address, or not permitted)") from None
 
 
 class GrpcFront:

@@ -311,11 +311,26 @@ def check_free(flag: str, value: str) -> None:
     try:
         resolved = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as exc:
-        raise ConfigError(f"{flag} {value}: {exc.strerror}") from None
+        raise _bind_error(flag, value, exc) from None
+    failed: list[OSError] = []
     for family, kind, proto, _name, sockaddr in resolved:
-        with socket.socket(family, kind, proto) as probe, _naming(flag, value):
+        with socket.socket(family, kind, proto) as probe:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers do: TIME_WAIT is no owner
-            probe.bind(sockaddr)
+            try:
+                probe.bind(sockaddr)
+            except OSError as exc:
+                failed.append(exc)
+    # In use or not permitted anywhere is fatal; a name that resolves to several addresses is served
+    # on those that bind (as gRPC does), so another failure is fatal only when none binds.
+    fatal = [e for e in failed if e.errno in (errno.EADDRINUSE, errno.EACCES)]
+    if fatal or (failed and len(failed) == len(resolved)):
+        raise _bind_error(flag, value, (fatal or failed)[0])
+
+
+def _bind_error(flag: str, value: str, exc: OSError) -> ConfigError:
+    why = "address already in use (another sidecar?)" if exc.errno == errno.EADDRINUSE else exc.strerror
+    why = why or str(exc)
+    return ConfigError(f"{flag} {value}: {why[:1].lower()}{why[1:]}")
 
 
 @contextlib.contextmanager
@@ -324,8 +339,7 @@ def _naming(flag: str, value: str) -> Iterator[None]:
     try:
         yield
     except OSError as exc:
-        why = "address already in use (another sidecar?)" if exc.errno == errno.EADDRINUSE else exc.strerror
-        raise ConfigError(f"{flag} {value}: {(why or str(exc)).lower()}") from None
+        raise _bind_error(flag, value, exc) from None
 
 
 async def serve(settings: Settings) -> None:

@@ -69,6 +69,10 @@ def test_every_method_refuses_a_message_over_the_configured_limit(policy_dir: Pa
                 call()
             assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED  # type: ignore[attr-defined]
         assert rejected(side, "message_too_large") >= 2
+        # Bytes that do not parse as the method's request: the client's fault.
+        with pytest.raises(grpc.RpcError) as err:
+            side.channel.unary_unary("/authz_sidecar.v1.Authz/Check")(b"\xff\xff\xff", timeout=5)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
     finally:
         side.close()
 
