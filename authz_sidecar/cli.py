@@ -78,6 +78,39 @@ def _add_etcd_flags(parser: argparse.ArgumentParser, shared: bool = False) -> No
     _add(parser, "--etcd-timeout", text="seconds each etcd request may take", shared=shared)
 
 
+def _add_identity_flags(serve: argparse.ArgumentParser) -> None:
+    """Who is asking: the identity sources and how bearer tokens are verified."""
+    _add(
+        serve,
+        "--identity",
+        text=f"identity sources in order, comma-separated ({', '.join(SOURCES)}); empty: derived from the settings",
+    )
+    _add(serve, "--jwt-authn-payload-key", text="key Envoy's jwt_authn payload_in_metadata names (default: any)")
+    _add(serve, "--principal-claim", text="JWT claim that names the principal")
+    _add(serve, "--jwks-file", text="JWKS file for verifying bearer tokens here (reloaded on change)", metavar="FILE")
+    _add(serve, "--jwks-url", text="JWKS URL for verifying bearer tokens, fetched in the background", metavar="URL")
+    _add(serve, "--jwks-refresh-interval", text="seconds between JWKS URL fetches (shorter if Cache-Control max-age)")
+    _add(serve, "--jwks-min-refresh-interval", text="minimum seconds between JWKS URL fetches (unknown kids ask)")
+    _add(serve, "--jwks-timeout", text="seconds a JWKS URL fetch may take")
+    _add(serve, "--jwt-issuers", text="accepted issuers, comma-separated")
+    _add(serve, "--jwt-audiences", text="accepted audiences, comma-separated")
+    _add(serve, "--jwt-algorithms", text="allowed signing algorithms, comma-separated")
+    _add(serve, "--payload-header", text="header carrying jwt_authn's forwarded payload (identity payload_header)")
+
+
+def _add_front_flags(serve: argparse.ArgumentParser) -> None:
+    """The HTTP ext_authz variant and the bounds every front puts on its input."""
+    _add(serve, "--http-authz", text="also serve ext_authz's HTTP variant on this address (host:port)")
+    _add(serve, "--http-authz-max-url-bytes", text="HTTP ext_authz: longest request target (URL); longer: 431")
+    _add(serve, "--http-authz-max-headers", text="HTTP ext_authz: most headers in one request; more: 431")
+    _add(serve, "--http-authz-max-header-bytes", text="HTTP ext_authz: URL + header names and values; more: 431")
+    _add(serve, "--http-authz-max-body-bytes", text="HTTP ext_authz: largest body (never read); larger: 413")
+    _add(serve, "--http-authz-request-timeout", text="HTTP ext_authz: seconds from a request's first byte to its last")
+    _add(serve, "--http-authz-idle-timeout", text="HTTP ext_authz: seconds a connection may wait for its next request")
+    _add(serve, "--grpc-max-concurrent-rpcs", text="RPCs in flight (queued included); beyond: RESOURCE_EXHAUSTED")
+    _add(serve, "--grpc-max-message-bytes", text="largest request message; larger: RESOURCE_EXHAUSTED")
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="authz-sidecar", description="Envoy ext_authz sidecar with shadow sets.")
     parser.add_argument("--version", action="version", version=f"authz-sidecar {__version__}")
@@ -108,23 +141,8 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     _add(serve, "--policy-dir", text="directory with active.yaml, shadows/, catalog.yaml", metavar="DIR")
     _add(serve, "--poll-interval", text="seconds between policy directory checks")
-    _add(
-        serve,
-        "--identity",
-        text=f"identity sources in order, comma-separated ({', '.join(SOURCES)}); empty: derived from the settings",
-    )
-    _add(serve, "--jwt-authn-payload-key", text="key Envoy's jwt_authn payload_in_metadata names (default: any)")
-    _add(serve, "--principal-claim", text="JWT claim that names the principal")
-    _add(serve, "--jwks-file", text="JWKS file for verifying bearer tokens here (reloaded on change)", metavar="FILE")
-    _add(serve, "--jwks-url", text="JWKS URL for verifying bearer tokens, fetched in the background", metavar="URL")
-    _add(serve, "--jwks-refresh-interval", text="seconds between JWKS URL fetches (shorter if Cache-Control max-age)")
-    _add(serve, "--jwks-min-refresh-interval", text="minimum seconds between JWKS URL fetches (unknown kids ask)")
-    _add(serve, "--jwks-timeout", text="seconds a JWKS URL fetch may take")
-    _add(serve, "--jwt-issuers", text="accepted issuers, comma-separated")
-    _add(serve, "--jwt-audiences", text="accepted audiences, comma-separated")
-    _add(serve, "--jwt-algorithms", text="allowed signing algorithms, comma-separated")
-    _add(serve, "--payload-header", text="header carrying jwt_authn's forwarded payload (identity payload_header)")
-    _add(serve, "--http-authz", text="also serve ext_authz's HTTP variant on this address (host:port)")
+    _add_identity_flags(serve)
+    _add_front_flags(serve)
     _add(serve, "--dev-principal-header", text="DEVELOPMENT ONLY: trust this header as the principal")
     _add(serve, "--stickiness", text="canary stickiness key: principal or request_id")
     _add(serve, "--grace", text="seconds to let in-flight RPCs finish on SIGTERM")
@@ -159,6 +177,14 @@ def _number(ns: argparse.Namespace, name: str) -> float:
         return float(raw)
     except (TypeError, ValueError):
         raise ConfigError(f"--{name.replace('_', '-')}: {raw!r} is not a number") from None
+
+
+def _integer(ns: argparse.Namespace, name: str) -> int:
+    raw = getattr(ns, name)
+    try:
+        return int(raw)
+    except (TypeError, ValueError):
+        raise ConfigError(f"--{name.replace('_', '-')}: {raw!r} is not a whole number") from None
 
 
 def _etcd_settings(ns: argparse.Namespace) -> dict[str, Any]:
@@ -208,6 +234,14 @@ def settings_from(ns: argparse.Namespace) -> Settings:
             dev_principal_header=ns.dev_principal_header or "",
             payload_header=ns.payload_header,
             http_authz=ns.http_authz or "",
+            http_authz_max_url_bytes=_integer(ns, "http_authz_max_url_bytes"),
+            http_authz_max_headers=_integer(ns, "http_authz_max_headers"),
+            http_authz_max_header_bytes=_integer(ns, "http_authz_max_header_bytes"),
+            http_authz_max_body_bytes=_integer(ns, "http_authz_max_body_bytes"),
+            http_authz_request_timeout=_number(ns, "http_authz_request_timeout"),
+            http_authz_idle_timeout=_number(ns, "http_authz_idle_timeout"),
+            grpc_max_concurrent_rpcs=_integer(ns, "grpc_max_concurrent_rpcs"),
+            grpc_max_message_bytes=_integer(ns, "grpc_max_message_bytes"),
             stickiness=ns.stickiness,
             grace=_number(ns, "grace"),
             server_model=ns.server_model,

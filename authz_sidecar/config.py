@@ -67,6 +67,19 @@ class Settings:
     payload_header: str = "x-jwt-payload"
     # Address of the HTTP variant of ext_authz; empty: not served.
     http_authz: str = ""
+    # Bounds on what one HTTP ext_authz request may send (docs/operations.md#bounded-input). Headers:
+    # Envoy's own default (max_request_headers_kb 60); the URL counts within them, and alone up to 16 KiB.
+    http_authz_max_url_bytes: int = 16 * 1024
+    http_authz_max_headers: int = 128
+    http_authz_max_header_bytes: int = 60 * 1024
+    http_authz_max_body_bytes: int = 1024 * 1024
+    # Seconds a request may take from its first byte to its last, and a connection may sit idle.
+    http_authz_request_timeout: float = 10.0
+    http_authz_idle_timeout: float = 120.0
+    # gRPC: RPCs in flight (queued ones included) and the size of one request message. 1024 is Envoy's
+    # default circuit breaker on a cluster's requests; 4 MiB is gRPC's own default message limit.
+    grpc_max_concurrent_rpcs: int = 1024
+    grpc_max_message_bytes: int = 4 * 1024 * 1024
     stickiness: str = "principal"
     grace: float = 5.0
     # How Check is served. The thread pool measured fastest here (docs/performance.md): the handler never
@@ -112,6 +125,19 @@ class Settings:
         if self.dev_principal_header:
             derived.append("header")
         return tuple(derived)
+
+
+# Limits that must be positive: a zero would refuse everything.
+_POSITIVE = (
+    "http_authz_max_url_bytes",
+    "http_authz_max_headers",
+    "http_authz_max_header_bytes",
+    "http_authz_max_body_bytes",
+    "http_authz_request_timeout",
+    "http_authz_idle_timeout",
+    "grpc_max_concurrent_rpcs",
+    "grpc_max_message_bytes",
+)
 
 
 def parse_address(value: str, flag: str) -> tuple[str, int] | str:
@@ -187,4 +213,7 @@ def validate(settings: Settings) -> Settings:
         raise ConfigError("--workers must be at least 1")
     if settings.grace < 0 or settings.poll_interval <= 0:
         raise ConfigError("--grace must be >= 0 and --poll-interval > 0")
+    for name in _POSITIVE:
+        if getattr(settings, name) <= 0:
+            raise ConfigError(f"--{name.replace('_', '-')} must be > 0")
     return settings

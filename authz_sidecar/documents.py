@@ -36,6 +36,11 @@ SERVICE_RE = re.compile(r"[a-z][a-z0-9_-]{0,62}")
 HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 SHADOW_STATES = frozenset({"proposed", "canary"})
 MAX_PRINCIPAL_LEN = 512
+# Bounds on what a service registers (catalogs, the Registry, ctl registry put); see docs/policy-files.md.
+MAX_HANDLE_LEN = 128
+MAX_DESCRIPTION_LEN = 512
+MAX_CATALOG_PERMISSIONS = 1000
+MAX_CATALOG_ROUTES = 1000
 
 
 class _StrictLoader(yaml.SafeLoader):
@@ -265,6 +270,13 @@ def check_handle(value: Any, document: str, where: str) -> str:
         raise DocumentError(
             f"a permission handle must be a string, got {value!r}", document=document, field=where, value=value
         )
+    if len(value) > MAX_HANDLE_LEN:
+        raise DocumentError(
+            f"a handle has at most {MAX_HANDLE_LEN} characters, this one {len(value)}",
+            document=document,
+            field=where,
+            value=value,
+        )
     parts = value.split(":")
     magic = [p for p in parts if p in MAGIC_WORDS or "*" in p]
     if magic:
@@ -310,6 +322,18 @@ def check_principal(value: Any, document: str, where: str) -> str:
     if not _is_principal(value):
         raise DocumentError(f"{value!r} is not a principal", document=document, field=where, value=value)
     return value  # type: ignore[no-any-return]
+
+
+def check_description(value: Any, document: str, where: str) -> str:
+    text = _string(value, document, where)
+    if len(text) > MAX_DESCRIPTION_LEN:
+        raise DocumentError(
+            f"a description has at most {MAX_DESCRIPTION_LEN} characters, this one {len(text)}",
+            document=document,
+            field=where,
+            value=text,
+        )
+    return text
 
 
 def check_role(value: Any, document: str, where: str) -> str:
@@ -588,6 +612,15 @@ _ROUTE_FIELDS = frozenset({"method", "path", "permission", "scope"})
 _TEMPLATE_SEGMENT = re.compile(r"\{[A-Za-z_][A-Za-z0-9_]*\}|[^{}\s\x00-\x1f\x7f]+")
 
 
+def _bounded(value: Any, limit: int, document: str, where: str) -> Sequence[Any]:
+    items = _sequence(value, document, where)
+    if len(items) > limit:
+        raise DocumentError(
+            f"{len(items)} {where}; a service's catalog holds at most {limit}", document=document, field=where
+        )
+    return items
+
+
 def parse_catalog(data: Any, document: str) -> Catalog:
     """A service's catalog: the handles it owns and the route each one guards."""
     data = _mapping(data, document, "")
@@ -597,7 +630,7 @@ def parse_catalog(data: Any, document: str) -> Catalog:
         raise DocumentError(f"{service!r} is not a service name", document=document, field="service", value=service)
     permissions: list[Permission] = []
     seen: set[str] = set()
-    for i, item in enumerate(_sequence(data.get("permissions", []), document, "permissions")):
+    for i, item in enumerate(_bounded(data.get("permissions", []), MAX_CATALOG_PERMISSIONS, document, "permissions")):
         where = f"permissions[{i}]"
         raw = _mapping(item, document, where)
         _only(raw, _PERMISSION_FIELDS, document, where)
@@ -607,9 +640,11 @@ def parse_catalog(data: Any, document: str) -> Catalog:
                 f"duplicate handle {handle!r}", document=document, field=f"{where}.handle", value=handle
             )
         seen.add(handle)
-        permissions.append(Permission(handle, _string(raw.get("description", ""), document, f"{where}.description")))
+        permissions.append(
+            Permission(handle, check_description(raw.get("description", ""), document, f"{where}.description"))
+        )
     routes: list[RouteSpec] = []
-    for i, item in enumerate(_sequence(data.get("routes", []), document, "routes")):
+    for i, item in enumerate(_bounded(data.get("routes", []), MAX_CATALOG_ROUTES, document, "routes")):
         where = f"routes[{i}]"
         raw = _mapping(item, document, where)
         _only(raw, _ROUTE_FIELDS, document, where)

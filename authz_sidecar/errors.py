@@ -8,6 +8,8 @@ The whole tree::
     +-- ConfigError             settings (flags, AUTHZ_* variables) are invalid or inconsistent;
     |                           the command line exits 2 for it (a usage error)
     +-- IdentityError           a presented credential failed verification (maps to 401)
+    +-- BindError               an address the settings name cannot be listened on (in use,
+                                not permitted); the settings are fine, the machine is not: exit 1
 
 A deny is not an exception: the hot path returns a Decision with a Reason. Exceptions are for
 documents and settings, where the right reaction is to refuse the input and keep what was working.
@@ -39,3 +41,7 @@ class ConfigError(AuthzError):
 
 class IdentityError(AuthzError):
     """A credential was presented and failed verification."""
+
+
+class BindError(AuthzError):
+    """An address cannot be listened on (in use by another process, not permitted, not local)."""

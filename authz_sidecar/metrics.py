@@ -24,6 +24,11 @@ from authz_sidecar.reasons import Reason
 from authz_sidecar.snapshot import Snapshot
 from authz_sidecar.state import SnapshotStore
 
+# Requests refused at a front before any decision, by front and reason (a bounded set of labels).
+REJECTIONS = {
+    "grpc": ("concurrency", "message_too_large"),
+    "http": (Reason.HEADERS_TOO_LARGE.value, Reason.BODY_TOO_LARGE.value, Reason.REQUEST_TIMEOUT.value),
+}
 LATENCY_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1)
 
 
@@ -127,6 +132,15 @@ class Metrics:
         )
         for kind in KINDS:
             self.invalid_documents.labels(kind)
+        self._rejected = Counter(
+            "authz_rejected",
+            "Requests refused at a front before any decision: over a size or concurrency bound, or too slow.",
+            ["front", "reason"],
+            registry=r,
+        )
+        for front, reasons in REJECTIONS.items():
+            for rejection in reasons:
+                self._rejected.labels(front, rejection)
         self._revision = Gauge("authz_snapshot_revision", "Source revision of the serving snapshot.", registry=r)
         self._built = Gauge(
             "authz_snapshot_built_timestamp_seconds", "When the serving snapshot was built.", registry=r
@@ -205,6 +219,12 @@ class Metrics:
         """A deny decided before any set was consulted (no identity, unmapped, malformed...)."""
         key = ("none", "deny", "none", reason.value)
         self.decisions[key] = self.decisions.get(key, 0) + 1
+
+    def rejected(self, front: str, reason: str) -> None:
+        """A request refused at a front (see REJECTIONS); any other pair is a bug, so it raises."""
+        if reason not in REJECTIONS[front]:
+            raise ValueError(f"unknown rejection {front}/{reason}")
+        self._rejected.labels(front, reason).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -27,6 +27,11 @@ class Reason(StrEnum):
     NO_SNAPSHOT = "no_snapshot"
     # An unexpected fault inside the sidecar; the request is denied, never allowed (500).
     INTERNAL_ERROR = "internal_error"
+    # HTTP front only, refused before any decision: the URL or headers over their bounds (431), the
+    # body over its bound (413), the request not complete within --http-authz-request-timeout (408).
+    HEADERS_TOO_LARGE = "headers_too_large"
+    BODY_TOO_LARGE = "body_too_large"
+    REQUEST_TIMEOUT = "request_timeout"
 
     @property
     def http_status(self) -> int:
@@ -43,4 +48,7 @@ _HTTP_STATUS: dict[Reason, int] = {
     Reason.MALFORMED_REQUEST: 400,
     Reason.NO_SNAPSHOT: 503,
     Reason.INTERNAL_ERROR: 500,
+    Reason.HEADERS_TOO_LARGE: 431,
+    Reason.BODY_TOO_LARGE: 413,
+    Reason.REQUEST_TIMEOUT: 408,
 }

@@ -21,9 +21,9 @@ import grpc
 import structlog
 from etcd3aio.errors import EtcdError
 
-from authz_sidecar.documents import Catalog, Permission, check_handle
+from authz_sidecar.documents import Catalog, Permission, check_description, check_handle
 from authz_sidecar.errors import DocumentError
-from authz_sidecar.etcd.store import ConflictError, OwnedElsewhereError, PolicyStore
+from authz_sidecar.etcd.store import CatalogTooLargeError, ConflictError, OwnedElsewhereError, PolicyStore
 from authz_sidecar.v1 import registry_pb2
 
 log = structlog.get_logger("authz_sidecar.registry")
@@ -54,6 +54,11 @@ class Registrar:
             self.attempts += 1
             try:
                 await self.store.register_catalog(self.catalog)
+            except (CatalogTooLargeError, DocumentError) as exc:
+                # Merged with what etcd holds, the catalog is over a bound: trying again cannot help.
+                self.last_error = str(exc)
+                log.error("registration", result="refused", service=self.catalog.service, error=self.last_error)
+                return
             except (EtcdError, ConflictError, grpc.aio.AioRpcError, TimeoutError, OSError) as exc:
                 self.last_error = str(exc) or type(exc).__name__
                 # Full jitter: anywhere between 0 and the capped exponential step.
@@ -138,6 +143,7 @@ class RegistryService:
             )
         try:
             check_handle(request.handle, "PutPermission", "handle")
+            check_description(request.description, "PutPermission", "description")
         except DocumentError as exc:
             raise RegistryError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
         permission = Permission(request.handle, request.description)
@@ -145,6 +151,10 @@ class RegistryService:
             await store.register_permission(self.service, permission)
         except OwnedElsewhereError as exc:
             raise RegistryError(grpc.StatusCode.ALREADY_EXISTS, str(exc)) from None
+        except CatalogTooLargeError as exc:
+            raise RegistryError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)) from None
+        except DocumentError as exc:
+            raise RegistryError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
         except (EtcdError, ConflictError, grpc.aio.AioRpcError, TimeoutError) as exc:
             raise RegistryError(grpc.StatusCode.UNAVAILABLE, f"etcd: {exc}") from None
         log.info("permission_registered", service=self.service, handle=request.handle)

@@ -31,8 +31,12 @@ _RPC_CODE = {
     403: code_pb2.PERMISSION_DENIED,
     500: code_pb2.INTERNAL,
     503: code_pb2.UNAVAILABLE,
+    408: code_pb2.DEADLINE_EXCEEDED,
+    413: code_pb2.RESOURCE_EXHAUSTED,
+    431: code_pb2.RESOURCE_EXHAUSTED,
 }
 _ERROR_WORD = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 500: "internal_error", 503: "unavailable"}
+_ERROR_WORD.update({408: "request_timeout", 413: "content_too_large", 431: "request_header_fields_too_large"})
 
 
 def _header(key: str, value: str) -> base_pb2.HeaderValueOption:

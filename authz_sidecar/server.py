@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import os
 import signal
+import socket
 import time
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Iterator
 from typing import Any
 
 import structlog
@@ -22,12 +25,12 @@ from authz_sidecar.appapi import AppAuthzServicer
 from authz_sidecar.config import Settings, parse_address
 from authz_sidecar.decider import Decider
 from authz_sidecar.documents import Catalog, load_document, parse_catalog
-from authz_sidecar.errors import ConfigError
+from authz_sidecar.errors import BindError, ConfigError
 from authz_sidecar.etcd.client import Etcd
 from authz_sidecar.etcd.store import PolicyStore
 from authz_sidecar.extauthz import CheckHandler
-from authz_sidecar.grpcfront import GrpcFront
-from authz_sidecar.httpauthz import HttpAuthz
+from authz_sidecar.grpcfront import GrpcFront, RpcLimits
+from authz_sidecar.httpauthz import HttpAuthz, HttpLimits
 from authz_sidecar.identity import build_identifier
 from authz_sidecar.metrics import Metrics
 from authz_sidecar.opshttp import OpsHttp
@@ -97,7 +100,22 @@ class Sidecar:
         self.tracer = tracing.build(self.store, settings.region, dropped=self.metrics.spans_dropped)
         self.answering = Answering(self.decider, self.metrics, self.tracer)
         self.handler = CheckHandler(self.answering)
-        self.http_authz = HttpAuthz(self.decider, self.metrics, self.tracer) if settings.http_authz else None
+        self.http_authz = (
+            HttpAuthz(
+                self.answering,
+                self.metrics,
+                HttpLimits(
+                    max_url_bytes=settings.http_authz_max_url_bytes,
+                    max_headers=settings.http_authz_max_headers,
+                    max_header_bytes=settings.http_authz_max_header_bytes,
+                    max_body_bytes=settings.http_authz_max_body_bytes,
+                    request_timeout=settings.http_authz_request_timeout,
+                    idle_timeout=settings.http_authz_idle_timeout,
+                ),
+            )
+            if settings.http_authz
+            else None
+        )
         self.http_authz_port = 0
         self.source = source if source is not None else build_source(settings)
         # The registry's own etcd client (the policy source keeps its own), made on start.
@@ -111,10 +129,17 @@ class Sidecar:
             AppAuthzServicer(self.answering),
             self.registry,
             settings.workers,
+            limits=RpcLimits(
+                max_concurrent_rpcs=settings.grpc_max_concurrent_rpcs,
+                max_message_bytes=settings.grpc_max_message_bytes,
+            ),
+            rejected=lambda reason: self.metrics.rejected("grpc", reason),
         )
         self.grpc_port = 0
         self.http_port = 0
         self._started = False
+        # True once start() has finished: only a sidecar that started logs its stopping.
+        self._running = False
         self._http: asyncio.Server | None = None
         self._source_task: asyncio.Task[None] | None = None
         self._started_at = time.time()
@@ -163,7 +188,17 @@ class Sidecar:
             raise ConfigError(f"--catalog {path} is the catalog of {catalog.service!r}, not of --service")
         return catalog
 
+    def _addresses(self) -> list[tuple[str, str]]:
+        flags = [("--listen", self.settings.listen), ("--http", self.settings.http)]
+        if self.settings.http_authz:
+            flags.insert(1, ("--http-authz", self.settings.http_authz))
+        return flags
+
     async def start(self) -> None:
+        """Bind every address (or fail with one BindError naming the flag), then serve. A start
+        that fails part way leaves nothing running: the caller stops the sidecar."""
+        for flag, value in self._addresses():
+            check_free(flag, value)
         catalog = self._own_catalog()
         if self.settings.etcd:
             self.etcd = Etcd(self.settings.etcd_options())
@@ -180,14 +215,19 @@ class Sidecar:
                     region=self.settings.region,
                     interval=self.settings.report_interval,
                 )
-        self.grpc_port = await self.front.start(parse_address(self.settings.listen, "--listen"))
+        with _naming("--listen", self.settings.listen):
+            self.grpc_port = await self.front.start(parse_address(self.settings.listen, "--listen"))
         self._started = True
         if self.jwks is not None:
             self._spawn(self.jwks.run())
         if self.http_authz is not None:
-            self.http_authz_port = await self.http_authz.start(parse_address(self.settings.http_authz, "--http-authz"))
+            with _naming("--http-authz", self.settings.http_authz):
+                self.http_authz_port = await self.http_authz.start(
+                    parse_address(self.settings.http_authz, "--http-authz")
+                )
         ops = OpsHttp(self.store, self.metrics, self._status_extra)
-        self._http = await ops.start(parse_address(self.settings.http, "--http"))
+        with _naming("--http", self.settings.http):
+            self._http = await ops.start(parse_address(self.settings.http, "--http"))
         sockets = self._http.sockets
         self.http_port = sockets[0].getsockname()[1] if sockets and not isinstance(sockets[0].getsockname(), str) else 0
         self._source_task = asyncio.create_task(self.source.run(self.store), name="policy-source")
@@ -210,10 +250,13 @@ class Sidecar:
             identity_sources=list(self.identity_sources),
             tracing=self.tracer is not None,
         )
+        self._running = True
 
     async def stop(self, grace: float | None = None) -> None:
         grace = self.settings.grace if grace is None else grace
-        log.info("sidecar_stopping", grace_seconds=grace)
+        running, self._running = self._running, False
+        if running:
+            log.info("sidecar_stopping", grace_seconds=grace)
         if self._started:
             await self.front.stop(grace)
         if self.http_authz is not None:
@@ -230,7 +273,8 @@ class Sidecar:
             await self.etcd.close()
         if self.tracer is not None:
             await asyncio.to_thread(self.tracer.shutdown)
-        log.info("sidecar_stopped")
+        if running:
+            log.info("sidecar_stopped")
 
     async def wait(self) -> None:
         """Run until the gRPC server ends or the policy source fails unexpectedly."""
@@ -244,9 +288,63 @@ class Sidecar:
             raise self._source_task.exception()  # type: ignore[misc]
 
 
+def check_free(flag: str, value: str) -> None:
+    """Refuse an address another process listens on, before anything binds. gRPC would log its own
+    failure first, and for a unix socket gRPC and asyncio alike remove the file and take the path
+    from whoever listens there."""
+    address = parse_address(value, flag)
+    if isinstance(address, str):
+        path = address.removeprefix("unix://").removeprefix("unix:")
+        if os.path.exists(path):
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe, contextlib.suppress(OSError):
+                probe.settimeout(1.0)
+                probe.connect(path)
+                raise BindError(f"{flag} {value}: address already in use (another sidecar?)")
+        return
+    host, port = address
+    if port == 0:
+        return
+    try:
+        resolved = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise _bind_error(flag, value, exc) from None
+    failed: list[OSError] = []
+    for family, kind, proto, _name, sockaddr in resolved:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers do: TIME_WAIT is no owner
+            try:
+                probe.bind(sockaddr)
+            except OSError as exc:
+                failed.append(exc)
+    # In use or not permitted anywhere is fatal; a name that resolves to several addresses is served
+    # on those that bind (as gRPC does), so another failure is fatal only when none binds.
+    fatal = [e for e in failed if e.errno in (errno.EADDRINUSE, errno.EACCES)]
+    if fatal or (failed and len(failed) == len(resolved)):
+        raise _bind_error(flag, value, (fatal or failed)[0])
+
+
+def _bind_error(flag: str, value: str, exc: OSError) -> BindError:
+    why = "address already in use (another sidecar?)" if exc.errno == errno.EADDRINUSE else exc.strerror
+    why = why or str(exc)
+    return BindError(f"{flag} {value}: {why[:1].lower()}{why[1:]}")
+
+
+@contextlib.contextmanager
+def _naming(flag: str, value: str) -> Iterator[None]:
+    """An OSError while binding `value` as one BindError line naming the flag."""
+    try:
+        yield
+    except OSError as exc:
+        raise _bind_error(flag, value, exc) from None
+
+
 async def serve(settings: Settings) -> None:
     sidecar = Sidecar(settings)
-    await sidecar.start()
+    try:
+        await sidecar.start()
+    except BaseException:
+        await sidecar.stop(grace=0)
+        raise
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

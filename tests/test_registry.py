@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import grpc
@@ -112,3 +113,106 @@ def test_a_changed_catalog_reaches_every_sidecar_of_the_service(etcd: EtcdCluste
     finally:
         for side in sides:
             side.close()
+
+
+def _many(service: str, count: int, **extra: object) -> dict:  # type: ignore[type-arg]
+    return {
+        "service": service,
+        "permissions": [{"handle": f"{service}:p{i}"} for i in range(count)],
+        **extra,
+    }
+
+
+@pytest.mark.parametrize("model", ["aio", "threads"])
+def test_registry_put_bounds_handles_descriptions_and_permissions(
+    etcd: EtcdCluster, tmp_path: Path, model: str
+) -> None:
+    """Handles of at most 128 characters, descriptions of at most 512, at most 1000 permissions per
+    service: beyond, PutPermission is refused and nothing is written."""
+    prefix = unique_prefix()
+    full = _many("things", 1000)
+    assert ctl(etcd.endpoints, prefix, "registry", "put", "--file", write_json(tmp_path / "full.json", full)) == 0
+    side = etcd_sidecar(etcd.endpoints, prefix, tmp_path, server_model=model)
+    try:
+        stub = registry_pb2_grpc.RegistryStub(side.channel)
+        refusals = [
+            (registry_pb2.PutPermissionRequest(service="things", handle="things:" + "a" * 130), "INVALID_ARGUMENT"),
+            (
+                registry_pb2.PutPermissionRequest(service="things", handle="things:p1", description="d" * 513),
+                "INVALID_ARGUMENT",
+            ),
+            (registry_pb2.PutPermissionRequest(service="things", handle="things:one-more"), "RESOURCE_EXHAUSTED"),
+        ]
+        for request, code in refusals:
+            with pytest.raises(grpc.RpcError) as err:
+                stub.PutPermission(request, timeout=10)
+            assert err.value.code().name == code, err.value.details()  # type: ignore[attr-defined]
+        assert "1000" in err.value.details()  # type: ignore[attr-defined]
+        # Describing a permission it already has is not a new one.
+        stub.PutPermission(
+            registry_pb2.PutPermissionRequest(service="things", handle="things:p1", description="d" * 512), timeout=10
+        )
+        handles = {p["handle"] for p in registered(etcd.endpoints, prefix, "--service", "things")["permissions"]}
+        assert len(handles) == 1000 and "things:one-more" not in handles
+    finally:
+        side.close()
+
+
+def test_ctl_registry_put_refuses_catalogs_over_the_bounds_before_writing(
+    etcd: EtcdCluster, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The same bounds for catalog files, and a catalog too big for one etcd value (more than 1 MiB)
+    is refused with a clear line before anything is sent."""
+    prefix = unique_prefix()
+    long_paths = _many(
+        "things",
+        1000,
+        routes=[
+            {"method": "GET", "path": f"/things/{i}/" + "a" * 1700, "permission": f"things:p{i}"} for i in range(1000)
+        ],
+    )
+    many_routes = [{"method": "GET", "path": f"/t/{n}", "permission": "things:p0"} for n in range(1001)]
+    cases = {
+        "permissions": (_many("things", 1001), "at most 1000"),
+        "routes": (
+            _many("things", 1, routes=many_routes),
+            "at most 1000",
+        ),
+        "description": (
+            {"service": "things", "permissions": [{"handle": "things:view", "description": "d" * 513}]},
+            "at most 512",
+        ),
+        "handle": ({"service": "things", "permissions": [{"handle": "things:" + "a" * 130}]}, "at most 128"),
+        "size": (long_paths, "MiB"),
+    }
+    for name, (document, needle) in cases.items():
+        capsys.readouterr()
+        code = ctl(etcd.endpoints, prefix, "registry", "put", "--file", write_json(tmp_path / f"{name}.json", document))
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 1, name
+        assert len(err) == 1 and needle in err[0], (name, err)
+    capsys.readouterr()
+    long_description = ["registry", "put", "--service", "things", "--handle", "things:view", "--description", "d" * 513]
+    assert ctl(etcd.endpoints, prefix, *long_description) == 1
+    assert "at most 512" in capsys.readouterr().err
+    assert registered(etcd.endpoints, prefix)["permissions"] == []
+
+
+def test_a_registration_over_the_bounds_is_refused_once_not_retried(etcd: EtcdCluster, tmp_path: Path) -> None:
+    """A sidecar whose catalog, merged with what etcd holds (permissions are never removed), would
+    pass 1000 permissions says so in /status and stops trying: no retry can make it fit."""
+    prefix = unique_prefix()
+    assert (
+        ctl(etcd.endpoints, prefix, "registry", "put", "--file", write_json(tmp_path / "f.json", _many("things", 999)))
+        == 0
+    )
+    side = etcd_sidecar(etcd.endpoints, prefix, tmp_path, catalog=Path(write_json(tmp_path / "c.json", CATALOG)))
+    try:
+        wait_for(lambda: status(side)["registration"]["last_error"] is not None, what="the refusal")
+        registration = status(side)["registration"]
+        assert not registration["registered"] and "at most 1000" in registration["last_error"]
+        time.sleep(0.5)
+        assert status(side)["registration"]["attempts"] == 1
+        assert len(registered(etcd.endpoints, prefix, "--service", "things")["permissions"]) == 999
+    finally:
+        side.close()

@@ -17,7 +17,18 @@ from dataclasses import dataclass, field
 
 from etcd3aio._protobuf import Compare
 
-from authz_sidecar.documents import Catalog, Permission, PermissionSet, Rollout, load_document, parse_catalog
+from authz_sidecar.documents import (
+    MAX_CATALOG_PERMISSIONS,
+    MAX_CATALOG_ROUTES,
+    Catalog,
+    Permission,
+    PermissionSet,
+    Rollout,
+    check_description,
+    check_handle,
+    load_document,
+    parse_catalog,
+)
 from authz_sidecar.errors import DocumentError
 from authz_sidecar.etcd import layout
 from authz_sidecar.etcd.client import Etcd
@@ -34,6 +45,14 @@ class ConflictError(StoreError):
 
 class OwnedElsewhereError(StoreError):
     """A handle another service has registered: a service registers its own permissions only."""
+
+
+class CatalogTooLargeError(StoreError):
+    """A catalog over a bound (permissions, routes, bytes): refused before anything is sent."""
+
+
+# A catalog is one etcd value: at most this, well under etcd's default 1.5 MiB request limit.
+MAX_CATALOG_BYTES = layout.CHUNK_BYTES
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +92,27 @@ def catalog_document(catalog: Catalog) -> bytes:
         ],
     }
     return json.dumps(data, sort_keys=True).encode()
+
+
+def catalog_value(catalog: Catalog, key: str) -> bytes:
+    """What is written under `key` for `catalog`: refused (CatalogTooLargeError) if it is over a
+    bound, and DocumentError if a sidecar would not read it back (checked by reading it back)."""
+    for what, count, limit in (
+        ("permissions", len(catalog.permissions), MAX_CATALOG_PERMISSIONS),
+        ("routes", len(catalog.routes), MAX_CATALOG_ROUTES),
+    ):
+        if count > limit:
+            raise CatalogTooLargeError(
+                f"the catalog of {catalog.service!r} would hold {count} {what}; a service has at most {limit}"
+            )
+    document = catalog_document(catalog)
+    if len(document) > MAX_CATALOG_BYTES:
+        raise CatalogTooLargeError(
+            f"the catalog of {catalog.service!r} would take {len(document) / 2**20:.2f} MiB; a catalog is one "
+            f"etcd value of at most {MAX_CATALOG_BYTES / 2**20:g} MiB"
+        )
+    parse_catalog(load_document(document, key), key)
+    return document
 
 
 def merge_catalogs(stored: Catalog | None, registered: Catalog) -> Catalog:
@@ -207,6 +247,9 @@ class PolicyStore:
     async def register_permission(self, service: str, permission: Permission) -> Catalog:
         """Add (or describe again) one permission of `service`, keeping its routes; refused if
         another service owns it (:meth:`check_owner`)."""
+        where = f"catalog of {service!r}"
+        check_handle(permission.handle, where, "handle")
+        check_description(permission.description, where, f"{permission.handle} description")
         await self.check_owner(service, (permission.handle,))
 
         def add(stored: Catalog | None) -> Catalog:
@@ -231,8 +274,9 @@ class PolicyStore:
             updated = change(stored)
             if updated.service != service:
                 raise StoreError(f"catalog for {updated.service!r} cannot be written under {service!r}")
+            value = catalog_value(updated, key)
             compare = _mod(key, existing.mod_revision) if existing else kv.txn_compare_create_revision(key, 0)
-            response = await self.etcd.call(kv.txn, [compare], [kv.txn_op_put(key, catalog_document(updated))])
+            response = await self.etcd.call(kv.txn, [compare], [kv.txn_op_put(key, value)])
             if response.succeeded:
                 return updated
         raise ConflictError(f"catalog of {service!r} kept changing; gave up after {attempts} attempts")
