@@ -22,11 +22,12 @@ venv: $(STAMP) ## create .venv with the sidecar, Envoy, etcd and the test tools
 run: $(STAMP) ## run a local mesh: demo upstream + authz-sidecar + Envoy (Ctrl-C stops it)
 	$(BIN)/python -m authz_sidecar.local.mesh
 
-test: lint typecheck bench-quick pytest ## everything CI runs: ruff, mypy, the benchmark's quick mode, the test suite
+test: lint typecheck bench-quick pytest ## everything CI runs: ruff, the import contract, mypy, the benchmark's quick mode, the test suite
 
-lint: $(STAMP) ## ruff lint and format check
+lint: $(STAMP) ## ruff lint and format check; the import contract (layers, one-way dependencies)
 	$(BIN)/ruff check authz_sidecar tests tools
 	$(BIN)/ruff format --check authz_sidecar tests tools
+	$(BIN)/lint-imports --no-cache
 
 typecheck: $(STAMP) ## mypy --strict on authz_sidecar/
 	$(BIN)/mypy

@@ -21,9 +21,9 @@ from typing import Any, NoReturn
 
 from authz_sidecar import __version__
 from authz_sidecar.config import Settings, validate
+from authz_sidecar.decision.identity import SOURCES
 from authz_sidecar.errors import AuthzError, ConfigError
-from authz_sidecar.etcd.layout import normalise_prefix
-from authz_sidecar.identity import SOURCES
+from authz_sidecar.store.layout import normalise_prefix
 
 EXIT_USAGE = 2
 EXIT_ERROR = 1
@@ -151,7 +151,7 @@ def _build_parser() -> argparse.ArgumentParser:
     _add(serve, "--log-level", text="debug, info, warning or error")
     _add(serve, "--log-decisions", text="share of decisions logged (0..1); mismatches are always logged")
 
-    from authz_sidecar import ctl
+    from authz_sidecar.control import ctl
 
     ctl.add_parser(sub, _add, _add_etcd_flags)
 
@@ -253,8 +253,8 @@ def settings_from(ns: argparse.Namespace) -> Settings:
 
 
 def _serve(ns: argparse.Namespace) -> int:
-    from authz_sidecar import logs
     from authz_sidecar.server import serve
+    from authz_sidecar.telemetry import logs
 
     settings = settings_from(ns)
     try:
@@ -271,7 +271,7 @@ def _serve(ns: argparse.Namespace) -> int:
 
 
 def _ctl(ns: argparse.Namespace) -> int:
-    from authz_sidecar import ctl
+    from authz_sidecar.control import ctl
 
     try:
         normalise_prefix(ns.prefix)
@@ -281,7 +281,7 @@ def _ctl(ns: argparse.Namespace) -> int:
 
 
 def _validate(ns: argparse.Namespace) -> int:
-    from authz_sidecar.sources.files import FilePolicySource
+    from authz_sidecar.store.sources.files import FilePolicySource
 
     if not ns.policy_dir:
         raise ConfigError("--policy-dir is required")

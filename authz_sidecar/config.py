@@ -11,10 +11,10 @@ import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from authz_sidecar.decision.identity import SOURCES
 from authz_sidecar.errors import ConfigError
-from authz_sidecar.etcd.client import EtcdOptions
-from authz_sidecar.etcd.layout import normalise_prefix
-from authz_sidecar.identity import SOURCES
+from authz_sidecar.store.etcd import EtcdOptions
+from authz_sidecar.store.layout import normalise_prefix
 
 STICKINESS = ("principal", "request_id")
 
@@ -53,7 +53,7 @@ class Settings:
     jwt_authn_payload_key: str = ""
     principal_claim: str = "sub"
     jwks_file: Path | None = None
-    # JWKS fetched over HTTP(S) in the background (authz_sidecar/jwks.py); exclusive with jwks_file.
+    # JWKS fetched over HTTP(S) in the background (authz_sidecar/decision/jwks.py); exclusive with jwks_file.
     jwks_url: str = ""
     # Seconds between fetches, unless the answer's Cache-Control max-age is shorter.
     jwks_refresh_interval: float = 300.0

@@ -19,34 +19,39 @@ from typing import Any
 
 import structlog
 
-from authz_sidecar import jwks, tracing
-from authz_sidecar.answering import Answering
-from authz_sidecar.appapi import AppAuthzServicer
 from authz_sidecar.config import Settings, parse_address
-from authz_sidecar.decider import Decider
-from authz_sidecar.documents import Catalog, load_document, parse_catalog
+from authz_sidecar.decision.answering import Answering
+from authz_sidecar.decision.decider import Decider
+from authz_sidecar.decision.identity import build_identifier
+from authz_sidecar.decision.jwks import JwksFile, JwksUrl
+from authz_sidecar.decision.state import SnapshotStore
+from authz_sidecar.decision.tokens import TokenVerifier
+from authz_sidecar.documents import load_document, parse_catalog
 from authz_sidecar.errors import BindError, ConfigError
-from authz_sidecar.etcd.client import Etcd
-from authz_sidecar.etcd.store import PolicyStore
-from authz_sidecar.extauthz import CheckHandler
-from authz_sidecar.grpcfront import GrpcFront, RpcLimits
-from authz_sidecar.httpauthz import HttpAuthz, HttpLimits
-from authz_sidecar.identity import build_identifier
-from authz_sidecar.metrics import Metrics
-from authz_sidecar.opshttp import OpsHttp
-from authz_sidecar.registry import Registrar, RegistryService
-from authz_sidecar.reports import ReportPublisher, ShadowReports, sidecar_id
-from authz_sidecar.snapshot import Snapshot
-from authz_sidecar.sources.base import PolicySource
-from authz_sidecar.sources.files import FilePolicySource
-from authz_sidecar.state import SnapshotStore
+from authz_sidecar.fronts.appapi import AppAuthzServicer
+from authz_sidecar.fronts.extauthz import CheckHandler
+from authz_sidecar.fronts.grpcfront import GrpcFront, RpcLimits
+from authz_sidecar.fronts.httpauthz import HttpAuthz, HttpLimits
+from authz_sidecar.fronts.opshttp import OpsHttp
+from authz_sidecar.fronts.registry import RegistryService
+from authz_sidecar.model.snapshot import Snapshot
+from authz_sidecar.model.values import Catalog
+from authz_sidecar.store.etcd import Etcd
+from authz_sidecar.store.policy import PolicyStore
+from authz_sidecar.store.publisher import ReportPublisher, sidecar_id
+from authz_sidecar.store.registration import Registrar
+from authz_sidecar.store.sources.base import PolicySource
+from authz_sidecar.store.sources.files import FilePolicySource
+from authz_sidecar.telemetry import tracing
+from authz_sidecar.telemetry.metrics import Metrics
+from authz_sidecar.telemetry.reports import ShadowReports
 
 log = structlog.get_logger("authz_sidecar.server")
 
 
 def build_source(settings: Settings) -> PolicySource:
     if settings.etcd:
-        from authz_sidecar.sources.etcd import EtcdPolicySource
+        from authz_sidecar.store.sources.etcd import EtcdPolicySource
 
         return EtcdPolicySource(
             settings.etcd_options(),
@@ -68,13 +73,36 @@ def build_source(settings: Settings) -> PolicySource:
     )
 
 
+def build_jwks(settings: Settings) -> JwksFile | JwksUrl | None:
+    """The verifier and what keeps its keys current, from --jwks-file or --jwks-url (or None)."""
+    if settings.jwks_file is None and not settings.jwks_url:
+        return None
+    waiting_for = f"--jwks-url {settings.jwks_url}" if settings.jwks_url else f"--jwks-file {settings.jwks_file}"
+    verifier = TokenVerifier(
+        algorithms=settings.jwt_algorithms,
+        issuers=settings.jwt_issuers,
+        audiences=settings.jwt_audiences,
+        principal_claim=settings.principal_claim,
+        waiting_for=waiting_for,
+    )
+    if settings.jwks_file is not None:
+        return JwksFile(settings.jwks_file, verifier, interval=settings.poll_interval)
+    return JwksUrl(
+        settings.jwks_url,
+        verifier,
+        refresh_interval=settings.jwks_refresh_interval,
+        min_interval=settings.jwks_min_refresh_interval,
+        timeout=settings.jwks_timeout,
+    )
+
+
 class Sidecar:
     def __init__(self, settings: Settings, source: PolicySource | None = None) -> None:
         self.settings = settings
         self.store = SnapshotStore()
         self.metrics = Metrics(self.store)
         # The JWKS file or URL, kept current by a task started with the sidecar.
-        self.jwks = jwks.build(settings)
+        self.jwks = build_jwks(settings)
         identifier = build_identifier(
             settings.identity_sources(),
             jwt_authn_payload_key=settings.jwt_authn_payload_key,

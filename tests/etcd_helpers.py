@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from authz_sidecar import cli
-from authz_sidecar.etcd import layout
-from authz_sidecar.etcd.client import Etcd, EtcdOptions
+from authz_sidecar.store import layout
+from authz_sidecar.store.etcd import Etcd, EtcdOptions
 
 from .conftest import ACTIVE, CATALOG, RunningSidecar, sidecar_settings
 from .test_check_grpc import check, request, status_of

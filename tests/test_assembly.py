@@ -5,8 +5,9 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from authz_sidecar.assembly import ACTIVE_SLOT, LastGood, Read, Refusal, assemble
-from authz_sidecar.documents import Catalog, PermissionSet, ShadowSet, parse_catalog, parse_permission_set, parse_shadow
+from authz_sidecar.documents import parse_catalog, parse_permission_set, parse_shadow
+from authz_sidecar.model.assembly import ACTIVE_SLOT, LastGood, Read, Refusal, assemble
+from authz_sidecar.model.values import Catalog, PermissionSet, ShadowSet
 
 from .conftest import ACTIVE, CATALOG, shadow
 

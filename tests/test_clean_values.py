@@ -16,8 +16,8 @@ import pytest
 
 from authz_sidecar.documents import parse_catalog, parse_permission_set, parse_shadow
 from authz_sidecar.errors import DocumentError
-from authz_sidecar.etcd import layout
 from authz_sidecar.local.etcd import EtcdCluster
+from authz_sidecar.store import layout
 
 from .conftest import ACTIVE, CATALOG, shadow
 from .etcd_helpers import ctl, decision, etcd_sidecar, raw_put, raw_set, seed, unique_prefix, wait_for, write_json

@@ -20,8 +20,8 @@ import pytest
 import yaml
 
 from authz_sidecar import cli
-from authz_sidecar.etcd import layout
 from authz_sidecar.local.etcd import EtcdCluster
+from authz_sidecar.store import layout
 
 from .conftest import ACTIVE, CATALOG
 from .etcd_helpers import (

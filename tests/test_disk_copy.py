@@ -6,7 +6,7 @@ import random
 import threading
 from pathlib import Path
 
-from authz_sidecar.sources.diskcopy import DiskCopy
+from authz_sidecar.store.sources.diskcopy import DiskCopy
 
 
 def test_racing_saves_leave_the_newest_revision_whole(tmp_path: Path) -> None:

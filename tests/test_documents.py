@@ -8,7 +8,7 @@ import pytest
 
 from authz_sidecar.documents import load_document, parse_catalog, parse_permission_set, parse_shadow
 from authz_sidecar.errors import DocumentError
-from authz_sidecar.snapshot import build_snapshot
+from authz_sidecar.model.snapshot import build_snapshot
 
 from .conftest import ACTIVE, CATALOG, shadow
 

@@ -8,10 +8,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from authz_sidecar.documents import Grant, PermissionSet, parse_permission_set
-from authz_sidecar.engine import Interner, compile_set, impact
+from authz_sidecar.documents import parse_permission_set
 from authz_sidecar.errors import DocumentError
-from authz_sidecar.reasons import Reason
+from authz_sidecar.model.engine import Interner, compile_set, impact
+from authz_sidecar.model.reasons import Reason
+from authz_sidecar.model.values import Grant, PermissionSet
 
 HANDLES = ["a:view", "a:edit", "b:view", "b:edit:locked", "c:run"]
 PRINCIPALS = ["p0", "p1", "p2", "p3"]

@@ -21,12 +21,12 @@ import grpc
 import pytest
 
 from authz_sidecar._proto.envoy.service.auth.v3 import external_auth_pb2 as pb
+from authz_sidecar.fronts.responses import ResponseCache
 from authz_sidecar.local import envoy
 from authz_sidecar.local.mesh import DEMO, Mesh
 from authz_sidecar.local.processes import LOOPBACK, free_port, wait_for_http, wait_for_port
 from authz_sidecar.local.tokens import DEMO_ISSUER, DemoIssuer
-from authz_sidecar.responses import ResponseCache
-from authz_sidecar.selection import stable_bucket
+from authz_sidecar.model.selection import stable_bucket
 
 from .conftest import ACTIVE, CATALOG, shadow, write_policy
 
@@ -214,8 +214,8 @@ def test_ctl_write_changes_decisions_through_envoy(mesh: Mesh, capsys: pytest.Ca
     import subprocess
     import sys
 
-    from authz_sidecar.etcd.client import Etcd, EtcdOptions
-    from authz_sidecar.etcd.store import PolicyStore
+    from authz_sidecar.store.etcd import Etcd, EtcdOptions
+    from authz_sidecar.store.policy import PolicyStore
 
     user = next(u for u in CANARY_USERS if stable_bucket(u, "v2") < 1000)  # in v2's 10% canary
     token = {"authorization": f"Bearer {mesh.issuer.token(user)}"}

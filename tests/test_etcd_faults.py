@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 from grpc_health.v1 import health_pb2
 
-from authz_sidecar.etcd import layout
-from authz_sidecar.etcd.client import Etcd, EtcdOptions
 from authz_sidecar.local.etcd import EtcdCluster
 from authz_sidecar.local.processes import free_port
+from authz_sidecar.store import layout
+from authz_sidecar.store.etcd import Etcd, EtcdOptions
 
 from .conftest import ACTIVE, CATALOG, shadow
 from .etcd_helpers import ctl, decision, etcd_sidecar, raw_put, seed, unique_prefix, wait_for, write_json

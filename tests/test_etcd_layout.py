@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 
-from authz_sidecar.documents import Rollout
 from authz_sidecar.errors import DocumentError
-from authz_sidecar.etcd import layout
-from authz_sidecar.etcd.layout import Layout
+from authz_sidecar.model.values import Rollout
+from authz_sidecar.store import layout
+from authz_sidecar.store.layout import Layout
 
 
 def stored(version: str, document: bytes, lay: Layout) -> dict[str, bytes]:

@@ -12,9 +12,9 @@ from pathlib import Path
 
 from etcd3aio.auth import AuthService
 
-from authz_sidecar.etcd.client import Etcd, EtcdOptions
 from authz_sidecar.local.etcd import EtcdCluster, ServerTls
 from authz_sidecar.local.processes import LOOPBACK, Process, free_port, wait_for_http
+from authz_sidecar.store.etcd import Etcd, EtcdOptions
 
 from .certs import make_certs
 from .conftest import ACTIVE, CATALOG

@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from authz_sidecar.etcd import layout
 from authz_sidecar.local.etcd import EtcdCluster
+from authz_sidecar.store import layout
 
 from .conftest import RunningSidecar, shadow
 from .etcd_helpers import ctl, decision, etcd_sidecar, raw_put, seed, unique_prefix, wait_for, write_json

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from authz_sidecar.answering import Answering
-from authz_sidecar.decider import Decider
+from authz_sidecar.decision.answering import Answering
+from authz_sidecar.decision.decider import Decider
+from authz_sidecar.decision.identity import Identifier, RequestIdentityInputs
+from authz_sidecar.decision.state import SnapshotStore
 from authz_sidecar.documents import parse_catalog, parse_permission_set
-from authz_sidecar.extauthz import CheckHandler
-from authz_sidecar.identity import Identifier, RequestIdentityInputs
-from authz_sidecar.metrics import Metrics
-from authz_sidecar.snapshot import build_snapshot
-from authz_sidecar.state import SnapshotStore
+from authz_sidecar.fronts.extauthz import CheckHandler
+from authz_sidecar.model.snapshot import build_snapshot
+from authz_sidecar.telemetry.metrics import Metrics
 
 from .conftest import ACTIVE, CATALOG
 from .test_check_grpc import request, status_of

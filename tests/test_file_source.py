@@ -10,7 +10,7 @@ from pathlib import Path
 
 import yaml
 
-from authz_sidecar.sources.files import write_atomically
+from authz_sidecar.store.sources.files import write_atomically
 
 from .conftest import ACTIVE, RunningSidecar, shadow, sidecar_settings, write_policy
 
@@ -78,7 +78,7 @@ def test_reload_bad_file_and_recovery(tmp_path: Path) -> None:
 
 def test_unchanged_sets_are_not_compiled_again(tmp_path: Path) -> None:
     """A change to one shadow recompiles that shadow only; the active set's compiled form is reused."""
-    from authz_sidecar.sources.files import FilePolicySource
+    from authz_sidecar.store.sources.files import FilePolicySource
 
     policy = write_policy(tmp_path / "p", shadows=[shadow("v2"), shadow("v3")])
     source = FilePolicySource(policy, service="things")

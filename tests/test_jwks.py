@@ -474,6 +474,6 @@ def test_jwks_url_settings_are_checked(policy_dir: Path, args: list[str], needle
 )
 def test_cache_control_max_age_parsing(header: str, seconds: float | None) -> None:
     """Only the simple forms count; anything else leaves the refresh interval in charge."""
-    from authz_sidecar.jwks import max_age
+    from authz_sidecar.decision.jwks import max_age
 
     assert max_age(header) == seconds

@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from authz_sidecar.documents import DocumentError, parse_permission_set
-from authz_sidecar.engine import compile_set, declared, impact
+from authz_sidecar.documents import parse_permission_set
+from authz_sidecar.errors import DocumentError
+from authz_sidecar.model.engine import compile_set, declared, impact
 
 from .conftest import CATALOG, RunningSidecar, sidecar_settings, write_policy
 from .test_check_grpc import check, request, status_of

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from authz_sidecar import tracing
 from authz_sidecar.errors import ConfigError
 from authz_sidecar.local.processes import free_port
+from authz_sidecar.telemetry import tracing
 
 from .certs import make_certs
 from .conftest import RunningSidecar, shadow, sidecar_settings, write_policy

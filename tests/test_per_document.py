@@ -18,9 +18,9 @@ import pytest
 import yaml
 from structlog.testing import capture_logs
 
-from authz_sidecar.etcd import layout
 from authz_sidecar.local.etcd import EtcdCluster
-from authz_sidecar.sources.files import write_atomically
+from authz_sidecar.store import layout
+from authz_sidecar.store.sources.files import write_atomically
 
 from .conftest import ACTIVE, CATALOG, RunningSidecar, shadow, sidecar_settings, write_policy
 from .etcd_helpers import (

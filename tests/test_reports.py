@@ -78,7 +78,7 @@ def test_reports_are_summed_expire_with_their_sidecar_and_show_coverage(etcd: Et
 def test_the_unexpected_tally_is_bounded_and_its_report_accounts_for_every_mismatch() -> None:
     """A change that surprises everyone costs a bounded dict per shadow, and the published list is
     capped; what is left out is counted, so the listed and unlisted add up to every mismatch."""
-    from authz_sidecar.reports import MAX_UNEXPECTED_PAIRS, PUBLISHED_UNEXPECTED_PAIRS, Tally
+    from authz_sidecar.telemetry.reports import MAX_UNEXPECTED_PAIRS, PUBLISHED_UNEXPECTED_PAIRS, Tally
 
     tally = Tally()
     for i in range(MAX_UNEXPECTED_PAIRS + 500):

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from authz_sidecar.documents import RouteSpec
-from authz_sidecar.routes import PathError, RouteTable, normalise_path
+from authz_sidecar.model.routes import PathError, RouteTable, normalise_path
+from authz_sidecar.model.values import RouteSpec
 
 
 @pytest.mark.parametrize(

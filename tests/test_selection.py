@@ -8,10 +8,10 @@ import subprocess
 import sys
 
 from authz_sidecar.documents import parse_catalog, parse_permission_set, parse_shadow
-from authz_sidecar.evaluation import evaluate
-from authz_sidecar.reasons import Reason
-from authz_sidecar.selection import Selection, select, stable_bucket
-from authz_sidecar.snapshot import Snapshot, build_snapshot
+from authz_sidecar.model.evaluation import evaluate
+from authz_sidecar.model.reasons import Reason
+from authz_sidecar.model.selection import Selection, select, stable_bucket
+from authz_sidecar.model.snapshot import Snapshot, build_snapshot
 
 from .conftest import ACTIVE, CATALOG, shadow
 
@@ -86,7 +86,7 @@ def test_same_principal_lands_in_same_set_in_two_processes() -> None:
     """The bucket does not depend on Python's per-process hash seed."""
     names = [f"principal-{i}" for i in range(200)]
     code = (
-        "import json,sys\nfrom authz_sidecar.selection import stable_bucket\n"
+        "import json,sys\nfrom authz_sidecar.model.selection import stable_bucket\n"
         "print(json.dumps([stable_bucket(n, 'v2') for n in json.loads(sys.argv[1])]))"
     )
     runs = []

@@ -13,12 +13,12 @@ from collections.abc import Iterator
 
 import pytest
 
-from authz_sidecar.decider import Decider
+from authz_sidecar.decision.decider import Decider
+from authz_sidecar.decision.identity import build_identifier
+from authz_sidecar.decision.state import SnapshotStore
 from authz_sidecar.documents import parse_catalog, parse_permission_set
-from authz_sidecar.identity import build_identifier
-from authz_sidecar.metrics import Metrics
-from authz_sidecar.snapshot import Snapshot, build_snapshot
-from authz_sidecar.state import SnapshotStore
+from authz_sidecar.model.snapshot import Snapshot, build_snapshot
+from authz_sidecar.telemetry.metrics import Metrics
 
 from .conftest import CATALOG
 

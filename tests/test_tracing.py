@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from authz_sidecar import tracing
-from authz_sidecar.selection import stable_bucket
+from authz_sidecar.model.selection import stable_bucket
+from authz_sidecar.telemetry import tracing
 
 from .conftest import RunningSidecar, shadow, sidecar_settings, write_policy
 from .otlp import OtlpReceiver

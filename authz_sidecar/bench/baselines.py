@@ -18,7 +18,7 @@ from typing import Any
 
 import grpc
 
-from authz_sidecar.responses import ResponseCache
+from authz_sidecar.fronts.responses import ResponseCache
 
 METHOD = ("envoy.service.auth.v3.Authorization", "Check")
 ALLOW = ResponseCache().allow("active", "v1", "default").wire

@@ -8,13 +8,13 @@ from pathlib import Path
 from google.protobuf.struct_pb2 import Struct
 
 from authz_sidecar._proto.envoy.service.auth.v3 import external_auth_pb2 as pb
-from authz_sidecar.answering import Answering
-from authz_sidecar.decider import Decider
-from authz_sidecar.extauthz import CheckHandler
-from authz_sidecar.identity import JWT_AUTHN_NAMESPACE, build_identifier
-from authz_sidecar.metrics import Metrics
-from authz_sidecar.sources.files import FilePolicySource
-from authz_sidecar.state import SnapshotStore
+from authz_sidecar.decision.answering import Answering
+from authz_sidecar.decision.decider import Decider
+from authz_sidecar.decision.identity import JWT_AUTHN_NAMESPACE, build_identifier
+from authz_sidecar.decision.state import SnapshotStore
+from authz_sidecar.fronts.extauthz import CheckHandler
+from authz_sidecar.store.sources.files import FilePolicySource
+from authz_sidecar.telemetry.metrics import Metrics
 
 
 def sample_request(principal: str) -> pb.CheckRequest:

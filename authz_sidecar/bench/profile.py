@@ -43,7 +43,7 @@ def record(pid: int, seconds: float, out: Path) -> None:
 
 
 # Files whose frames are the request handler itself (the sidecar's Check, the bare server's).
-HANDLER_FILES = ("authz_sidecar/extauthz.py", "authz_sidecar/bench/baselines.py")
+HANDLER_FILES = ("authz_sidecar/fronts/extauthz.py", "authz_sidecar/bench/baselines.py")
 
 
 def self_time(raw: Path, top: int) -> tuple[list[tuple[str, float]], float]:

@@ -24,10 +24,10 @@ from typing import Any
 
 from authz_sidecar.documents import dump_permission_set, parse_catalog, parse_permission_set, parse_shadow
 from authz_sidecar.documents import load_document as load
-from authz_sidecar.etcd.client import Etcd, EtcdOptions
-from authz_sidecar.etcd.store import PolicyStore
 from authz_sidecar.local.etcd import EtcdCluster
 from authz_sidecar.local.processes import LOOPBACK, Process, free_port, wait_for_http
+from authz_sidecar.store.etcd import Etcd, EtcdOptions
+from authz_sidecar.store.policy import PolicyStore
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "policy"
 

@@ -20,8 +20,8 @@ import tracemalloc
 from typing import Any
 
 from authz_sidecar.documents import load_document, parse_catalog, parse_permission_set, parse_shadow
-from authz_sidecar.evaluation import evaluate
-from authz_sidecar.snapshot import CompileCache, Snapshot, build_snapshot, paused_gc
+from authz_sidecar.model.evaluation import evaluate
+from authz_sidecar.model.snapshot import CompileCache, Snapshot, build_snapshot, paused_gc
 
 HANDLES = [f"svc{s}:{a}" for s in range(10) for a in ("view", "edit", "delete")]
 ROLES = {f"role{r}": HANDLES[r * 3 : r * 3 + 3] for r in range(10)}

@@ -1,0 +1,309 @@
+"""``authz-sidecar ctl``: the control plane's commands over etcd.
+
+Each command reads what it needs, checks it the way a sidecar would (a set that a sidecar would
+refuse is refused here first), and writes with a compare, so concurrent operators never overwrite
+each other. Output is a short human summary, or JSON with ``--json``; errors are one line on stderr.
+The connection flags (``--etcd``, ``--prefix``, TLS, authentication) and ``--json`` go before or
+after the verb, as with etcdctl and kubectl.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import grpc
+from etcd3aio.errors import EtcdError
+
+from authz_sidecar.documents import (
+    check_handle,
+    dump_permission_set,
+    load_document,
+    parse_catalog,
+    parse_permission_set,
+    parse_shadow,
+)
+from authz_sidecar.errors import AuthzError, ConfigError, DocumentError
+from authz_sidecar.model.assembly import check_handles
+from authz_sidecar.model.engine import compile_set, declared, impact
+from authz_sidecar.model.values import Permission, PermissionSet
+from authz_sidecar.store import layout
+from authz_sidecar.store.etcd import Etcd, EtcdOptions
+from authz_sidecar.store.policy import PolicyStore, StoreError
+
+Command = Callable[[PolicyStore, argparse.Namespace], Awaitable[Any]]
+# Principals and handles `ctl report` lists behind unexpected mismatches.
+TOP_UNEXPECTED = 10
+
+
+def _read(path: str) -> Any:
+    try:
+        text = Path(path).read_bytes()
+    except OSError as exc:
+        raise AuthzError(f"--file {path}: {exc.strerror}") from None
+    return load_document(text, path)
+
+
+async def _check_against_catalogs(store: PolicyStore, permissions: PermissionSet, kind: str = "active set") -> None:
+    """Refuse a set a sidecar would refuse: every handle it grants must be in a registered catalog.
+    `kind` names the set in the error ("active set", "shadow set")."""
+    check_handles(permissions, await store.catalogs(), f"{kind} {permissions.version}")
+
+
+async def cmd_init(store: PolicyStore, ns: argparse.Namespace) -> dict[str, Any]:
+    permissions = parse_permission_set(_read(ns.file), ns.file)
+    if not permissions.version:
+        raise DocumentError("the set needs a version", document=ns.file, field="version")
+    await _check_against_catalogs(store, permissions)
+    await store.init(permissions, dump_permission_set(permissions))
+    return {"active": permissions.version, "grants": len(permissions.grants)}
+
+
+async def cmd_propose(store: PolicyStore, ns: argparse.Namespace) -> dict[str, Any]:
+    shadow = parse_shadow(_read(ns.file), ns.file)
+    written = shadow.permissions.meta
+    # A flag wins over the file's own field; one of them must say why and for which request.
+    request_id, reason = ns.request_id or written.request_id, ns.reason or written.reason
+    for value, flag, name in ((request_id, "--request-id ID", "request_id"), (reason, "--reason TEXT", "reason")):
+        if not value:
+            raise ConfigError(f"ctl propose needs {flag}, or {name} in {ns.file}")
+    pointers = await store.pointers()
+    meta = replace(
+        written,
+        request_id=request_id,
+        reason=reason,
+        author=ns.author or written.author,
+        parent=written.parent or (pointers.active or ""),
+    )
+    permissions = replace(shadow.permissions, meta=meta)
+    await _check_against_catalogs(store, permissions, "shadow set")
+    await store.propose(permissions, dump_permission_set(permissions), shadow.rollout)
+    return {
+        "proposed": permissions.version,
+        "parent": meta.parent,
+        "request_id": meta.request_id,
+        "reason": meta.reason,
+        "author": meta.author,
+        "weights": dict(shadow.rollout.weights),
+        "testers": sorted(shadow.rollout.testers),
+    }
+
+
+def _weights(values: list[str]) -> dict[str, int]:
+    weights: dict[str, int] = {}
+    for value in values:
+        region, sep, percent = value.partition("=")
+        if not sep or not region or not percent.strip().isdigit() or not 0 <= int(percent) <= 100:
+            raise ConfigError(f"--weight {value!r}: expected REGION=PERCENT with a whole percent 0..100")
+        weights[region.strip()] = int(percent)
+    if not weights:
+        raise ConfigError("give at least one --weight REGION=PERCENT")
+    return weights
+
+
+async def cmd_canary(store: PolicyStore, ns: argparse.Namespace) -> dict[str, Any]:
+    rollout = await store.canary(ns.version, _weights(ns.weight))
+    return {"version": ns.version, "weights": dict(rollout.weights), "state": rollout.state}
+
+
+async def cmd_status(store: PolicyStore, _ns: argparse.Namespace) -> dict[str, Any]:
+    """What the pointers name, and whether each named set is there and builds the way a sidecar
+    builds it: a problem is listed (and the exit is 1), never shown as if it were live."""
+    pointers = await store.pointers()
+    revision, kvs = await store.etcd.list_prefix(store.layout.catalogs)
+    problems: list[str] = []
+    catalogs = []
+    for kv in kvs:
+        try:
+            catalogs.append(parse_catalog(load_document(kv.value, kv.key), kv.key))
+        except DocumentError as exc:
+            problems.append(f"catalog {kv.key}: {exc}")
+    named = [("active", pointers.active)] if pointers.active else []
+    for role, version in [*named, *(("shadow", v) for v in sorted(pointers.shadows))]:
+        try:
+            permissions = parse_permission_set(load_document(await store.document(version), version), version)
+            check_handles(permissions, catalogs, f"{role} set {version}")
+        except (DocumentError, StoreError) as exc:
+            problems.append(f"{role} {version}: {exc}")
+    return {
+        "prefix": store.layout.prefix,
+        "revision": revision,
+        "active": pointers.active,
+        "shadows": {v: layout.rollout_document(r) for v, r in sorted(pointers.shadows.items())},
+        "catalogs": {c.service: {"permissions": len(c.permissions), "routes": len(c.routes)} for c in catalogs},
+        "problems": problems,
+    }
+
+
+def _top(counts: Counter[str], name: str) -> list[dict[str, Any]]:
+    return [{name: key, "mismatches": n} for key, n in counts.most_common(TOP_UNEXPECTED)]
+
+
+async def cmd_report(store: PolicyStore, ns: argparse.Namespace) -> dict[str, Any]:
+    """Sum every sidecar's report of a live shadow, and how much of its predicted impact was hit."""
+    pointers = await store.pointers()
+    pointers.shadow(ns.version)
+    if pointers.active is None:
+        raise StoreError("no active set yet; start with 'ctl init'")
+    _revision, kvs = await store.etcd.list_prefix(store.layout.reports(ns.version))
+    reports = [json.loads(kv.value) for kv in kvs]
+    mismatches: dict[str, int] = {}
+    exercised: set[tuple[str, str, str | None]] = set()
+    principals: Counter[str] = Counter()
+    handles: Counter[str] = Counter()
+    unlisted = 0
+    for report in reports:
+        for kind, n in report.get("mismatches", {}).items():
+            mismatches[kind] = mismatches.get(kind, 0) + n
+        exercised.update((p, h, s) for p, h, s in report.get("exercised", []))
+        for principal, handle, n in report.get("unexpected", []):
+            principals[principal] += n
+            handles[handle] += n
+        unlisted += report.get("unexpected_unlisted", 0)
+    active, shadow = [
+        parse_permission_set(load_document(await store.document(v), v), v) for v in (pointers.active, ns.version)
+    ]
+    # Predicted from what the proposal declared it changes, as the sidecars predict it.
+    predicted = impact(compile_set(active), compile_set(declared(active, shadow)))
+    hit = exercised & predicted
+    never = sorted({h for _p, h, _s in predicted} - {h for _p, h, _s in hit})
+    return {
+        "version": ns.version,
+        "sidecars": sorted(r.get("sidecar", "?") for r in reports),
+        "evaluations": sum(r.get("evaluations", 0) for r in reports),
+        "mismatches": dict(sorted(mismatches.items())),
+        # Who and what is behind the mismatches nobody predicted, the most frequent first; the
+        # unexpected mismatches not itemised (past each sidecar's bounded tally) are counted apart.
+        "unexpected_principals": _top(principals, "principal"),
+        "unexpected_handles": _top(handles, "handle"),
+        "unexpected_unlisted": unlisted,
+        "predicted_impact": len(predicted),
+        "exercised": len(hit),
+        "coverage": round(len(hit) / len(predicted), 4) if predicted else 1.0,
+        "handles_never_exercised": never,
+    }
+
+
+async def cmd_registry_get(store: PolicyStore, ns: argparse.Namespace) -> dict[str, Any]:
+    catalogs = [c for c in await store.catalogs() if not ns.service or c.service == ns.service]
+    found = [
+        {"service": c.service, "handle": p.handle, "description": p.description}
+        for c in catalogs
+        for p in c.permissions
+        if not ns.handle or p.handle == ns.handle
+    ]
+    if ns.handle and not found:
+        raise StoreError(f"permission {ns.handle!r} is not registered")
+    return {"permissions": found}
+
+
+async def cmd_registry_put(store: PolicyStore, ns: argparse.Namespace) -> dict[str, Any]:
+    if ns.file:
+        catalog = parse_catalog(_read(ns.file), ns.file)
+        if ns.service and ns.service != catalog.service:
+            raise ConfigError(f"--service {ns.service} but {ns.file} is the catalog of {catalog.service}")
+        await store.check_owner(catalog.service, catalog.handles())
+        stored = await store.register_catalog(catalog)
+    else:
+        if not ns.service or not ns.handle:
+            raise ConfigError("registry put needs --file CATALOG, or --service and --handle")
+        handle = check_handle(ns.handle, "--handle", "handle")
+        stored = await store.register_permission(ns.service, Permission(handle, ns.description or ""))
+    return {"service": stored.service, "permissions": [p.handle for p in stored.permissions]}
+
+
+def add_parser(
+    sub: Any, add_flag: Callable[..., None], add_etcd_flags: Callable[[argparse.ArgumentParser, bool], None]
+) -> None:
+    ctl = sub.add_parser("ctl", help="the control plane: change the sets in etcd")
+
+    def connection(parser: argparse.ArgumentParser, shared: bool) -> None:
+        """The flags every verb takes, on ctl itself (with their defaults) and again on each verb
+        (`shared`: without defaults, so that a value given before the verb survives)."""
+        add_flag(parser, "--etcd", text="comma-separated etcd endpoints", shared=shared)
+        add_flag(parser, "--prefix", text="etcd key prefix", shared=shared)
+        add_etcd_flags(parser, shared)
+        parser.add_argument(
+            "--json", action="store_true", default=argparse.SUPPRESS if shared else False, help="print JSON"
+        )
+
+    connection(ctl, False)
+    commands = ctl.add_subparsers(dest="ctl_command", required=True, metavar="COMMAND")
+
+    def command(name: str, text: str, handler: Command, under: Any = commands) -> argparse.ArgumentParser:
+        parser: argparse.ArgumentParser = under.add_parser(name, help=text, description=text)
+        connection(parser, True)
+        parser.set_defaults(handler=handler)
+        return parser
+
+    init = command("init", "make a set the first active set (only when none exists)", cmd_init)
+    init.add_argument("--file", required=True, help="the set (YAML or JSON)")
+    propose = command("propose", "store a shadow set beside the active one", cmd_propose)
+    propose.add_argument("--file", required=True, help="the shadow set: roles, grants, weights, testers")
+    propose.add_argument("--request-id", default="", help="the change request this implements (default: the file's)")
+    propose.add_argument("--reason", default="", help="why, in a sentence (default: the file's)")
+    propose.add_argument("--author", default="", help="who proposes it (default: the file's)")
+    canary = command("canary", "set a shadow's canary weight per region", cmd_canary)
+    canary.add_argument("version")
+    canary.add_argument("--weight", action="append", default=[], metavar="REGION=PERCENT", help="repeatable")
+    command("status", "what is active and live", cmd_status)
+    report = command("report", "a shadow's traffic over every sidecar: evaluations, mismatches, coverage", cmd_report)
+    report.add_argument("version")
+    registry = commands.add_parser("registry", help="the permission registry")
+    connection(registry, True)
+    registry_commands = registry.add_subparsers(dest="registry_command", required=True, metavar="COMMAND")
+    get = command("get", "show registered permissions", cmd_registry_get, registry_commands)
+    get.add_argument("handle", nargs="?", default="", help="one handle (default: all)")
+    get.add_argument("--service", default="", help="only this service's")
+    put = command("put", "register permissions (never removes one)", cmd_registry_put, registry_commands)
+    put.add_argument("--file", default="", help="a whole catalog (permissions and routes)")
+    put.add_argument("--service", default="", help="the owning service")
+    put.add_argument("--handle", default="", help="one permission handle")
+    put.add_argument("--description", default="", help="what it allows")
+
+
+def _print(result: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(result, indent=2, sort_keys=True))
+        return
+    for key, value in result.items():
+        text = json.dumps(value, sort_keys=True) if isinstance(value, dict | list) else value
+        print(f"{key}: {text}")
+
+
+def run(ns: argparse.Namespace, options: EtcdOptions) -> int:
+    async def go() -> dict[str, Any]:
+        async with Etcd(options.validate()) as etcd:
+            try:
+                result: dict[str, Any] = await ns.handler(PolicyStore(etcd, ns.prefix), ns)
+                return result
+            except EtcdError as exc:
+                raise AuthzError(f"etcd at {etcd.endpoints}: {exc}") from None
+            except grpc.aio.AioRpcError as exc:  # what etcd3aio does not map (e.g. auth required)
+                raise AuthzError(f"etcd at {etcd.endpoints}: {exc.code().name}: {exc.details()}") from None
+            except TimeoutError:
+                raise AuthzError(f"etcd at {etcd.endpoints}: no answer within {options.timeout:g} s") from None
+
+    try:
+        result = asyncio.run(go())
+    except ValueError as exc:  # a bad --prefix
+        raise AuthzError(str(exc)) from None
+    except StoreError as exc:
+        raise AuthzError(str(exc)) from None
+    _print(result, ns.json)
+    problems = result.get("problems")
+    if problems:  # status found pointers at sets that are missing or do not build
+        sys.stdout.flush()
+        print(f"authz-sidecar: {len(problems)} problem(s): {'; '.join(problems)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+__all__ = ["add_parser", "run"]

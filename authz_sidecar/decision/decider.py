@@ -1,0 +1,218 @@
+"""The decision path over plain request values, shared by every front (gRPC ext_authz, HTTP ext_authz,
+the application API).
+
+identify -> required permission -> select set -> decide -> observe others -> count.
+
+Each front parses its own wire format into these values and renders the Outcome back; everything
+between is here, once. Rules:
+
+- Fail closed: no snapshot, no identity, an unmapped route or an unsafe path all deny with a reason.
+- A credential that is present but invalid denies; it never falls through to a weaker source.
+- evaluate() is a pure function of the snapshot and (principal, permission, scope, shadow header)
+  when the canary key is the principal, so its results are kept in the snapshot's own memo.
+- No I/O, no awaits, no locks.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Mapping
+from typing import Any
+
+import structlog
+
+from authz_sidecar.decision.identity import Identifier, RequestIdentityInputs
+from authz_sidecar.decision.state import SnapshotStore
+from authz_sidecar.documents import HANDLE_RE, MAX_PRINCIPAL_LEN, SCOPE_RE
+from authz_sidecar.errors import IdentityError
+from authz_sidecar.model.evaluation import Outcome, evaluate
+from authz_sidecar.model.reasons import Reason
+from authz_sidecar.model.routes import PathError
+from authz_sidecar.model.snapshot import Snapshot
+from authz_sidecar.telemetry.metrics import Metrics
+from authz_sidecar.telemetry.reports import ShadowReports
+
+SHADOW_HEADER = "x-authz-shadow-version"
+MAX_SHADOW_HEADER = 128
+# Distinct (principal, permission, scope, shadow header) answers kept per snapshot.
+MEMO_LIMIT = 65_536
+_NO_EXTENSIONS: Mapping[str, str] = {}
+log = structlog.get_logger("authz_sidecar.check")
+
+
+_REFUSALS = {reason: Outcome(reason) for reason in Reason}
+
+
+class Decider:
+    def __init__(
+        self,
+        store: SnapshotStore,
+        identifier: Identifier,
+        metrics: Metrics,
+        *,
+        stickiness: str = "principal",
+        log_decisions: float = 0.0,
+        reports: ShadowReports | None = None,
+    ) -> None:
+        self._store = store
+        self._reports = reports
+        # Share of decisions logged as "decision" events (mismatches are always logged).
+        self._log_rate = log_decisions
+        self._identifier = identifier
+        self._metrics = metrics
+        self._by_request_id = stickiness == "request_id"
+
+    def refuse(self, reason: Reason) -> Outcome:
+        self._metrics.refusal(reason)
+        return _REFUSALS[reason]
+
+    def decide(
+        self,
+        method: str,
+        path: str,
+        headers: Mapping[str, str],
+        *,
+        filter_metadata: Mapping[str, Any] = _NO_EXTENSIONS,
+        peer_principal: str = "",
+        extensions: Mapping[str, str] = _NO_EXTENSIONS,
+        request_id: str = "",
+    ) -> Outcome:
+        snapshot = self._store.snapshot
+        if snapshot is None:
+            return self.refuse(Reason.NO_SNAPSHOT)
+        # identify
+        try:
+            principal = self._identifier.identify(RequestIdentityInputs(headers, filter_metadata, peer_principal))
+        except IdentityError as exc:
+            log.info("identity_rejected", error=str(exc), request_id=request_id)
+            return self.refuse(Reason.INVALID_TOKEN)
+        if principal is None:
+            return self.refuse(Reason.NO_IDENTITY)
+        # required permission: the route's own setting first, then the service's route table.
+        handle = extensions.get("permission")
+        scope = extensions.get("scope") or None
+        if not handle:
+            try:
+                match = snapshot.routes.resolve(method, path)
+            except PathError:
+                return self.refuse(Reason.MALFORMED_REQUEST)
+            if match is None:
+                return self.refuse(Reason.UNMAPPED_ROUTE)
+            handle = match.permission
+            scope = scope or match.scope
+        key = (request_id or principal) if self._by_request_id else principal
+        return self._decided(
+            snapshot,
+            principal,
+            handle,
+            scope,
+            shadow=headers.get(SHADOW_HEADER),
+            stickiness_key=key,
+            request_id=request_id,
+        )
+
+    def decide_for(
+        self,
+        principal: str,
+        permission: str,
+        scope: str | None = None,
+        *,
+        shadow: str | None = None,
+        stickiness_key: str = "",
+        request_id: str = "",
+    ) -> Outcome:
+        """The decision path for a caller that authenticated the principal itself and names the
+        permission (the application API): the same selection, dark launch and telemetry as Envoy's
+        Check, without identify and route. Values that could not come from a valid request deny as
+        malformed, as they would at any front."""
+        snapshot = self._store.snapshot
+        if snapshot is None:
+            return self.refuse(Reason.NO_SNAPSHOT)
+        if (
+            not 0 < len(principal) <= MAX_PRINCIPAL_LEN
+            or not principal.isprintable()
+            or not HANDLE_RE.fullmatch(permission)
+            or (scope and not SCOPE_RE.fullmatch(scope))
+        ):
+            return self.refuse(Reason.MALFORMED_REQUEST)
+        return self._decided(
+            snapshot,
+            principal,
+            permission,
+            scope or None,
+            shadow=shadow or None,
+            stickiness_key=stickiness_key or principal,
+            request_id=request_id,
+        )
+
+    def _decided(
+        self,
+        snapshot: Snapshot,
+        principal: str,
+        handle: str,
+        scope: str | None,
+        *,
+        shadow: str | None,
+        stickiness_key: str,
+        request_id: str,
+    ) -> Outcome:
+        """select, decide, observe, count: everything after the principal and the permission are known."""
+        if shadow is not None and len(shadow) > MAX_SHADOW_HEADER:
+            shadow = shadow[:MAX_SHADOW_HEADER]
+        if stickiness_key != principal and snapshot.canaries:
+            # The answer depends on a key other than the principal: nothing to reuse.
+            ev = evaluate(snapshot, principal, handle, scope, shadow_header=shadow, stickiness_key=stickiness_key)
+            outcome = Outcome(ev.reason, ev, handle)
+        else:
+            outcome = self._memoised(snapshot, principal, handle, scope, shadow)
+        self._record(snapshot, outcome, principal, scope, request_id)
+        return outcome
+
+    def _memoised(
+        self, snapshot: Snapshot, principal: str, handle: str, scope: str | None, shadow: str | None
+    ) -> Outcome:
+        # The memo is the snapshot's own (see Snapshot.memo): reached through the snapshot this
+        # thread decides with, it can never hand out an answer computed from another one.
+        memo: dict[tuple[str, str, str | None, str | None], Outcome] = snapshot.memo
+        key = (principal, handle, scope, shadow)
+        found = memo.get(key)
+        if found is None:
+            ev = evaluate(snapshot, principal, handle, scope, shadow_header=shadow, stickiness_key=principal)
+            found = Outcome(ev.reason, ev, handle)
+            if len(memo) >= MEMO_LIMIT:
+                memo.clear()
+            memo[key] = found
+        return found
+
+    def _record(self, snapshot: Snapshot, outcome: Outcome, principal: str, scope: str | None, request_id: str) -> None:
+        evaluation = outcome.evaluation
+        if evaluation is None:
+            return
+        self._metrics.decision(evaluation)
+        if self._reports is not None and snapshot.shadows:
+            self._reports.observe(snapshot, evaluation, principal, outcome.permission or "", scope)
+        sampled = self._log_rate and random.random() < self._log_rate  # noqa: S311 - sampling, not a secret
+        if not sampled and not evaluation.mismatch:
+            return
+        fields = {
+            "principal": principal,
+            "permission": outcome.permission,
+            "scope": scope,
+            "request_id": request_id,
+            "decision": "allow" if evaluation.allowed else "deny",
+            "decided_by": evaluation.decided_by,
+            "enforced_version": evaluation.enforced.meta.version,
+            "selection": evaluation.selection.value,
+        }
+        if sampled:
+            log.info("decision", reason=evaluation.reason.value, **fields)
+        if evaluation.mismatch:
+            log.warning(
+                "mismatch",
+                **fields,
+                observed={
+                    o.version: {"decision": "allow" if o.allowed else "deny", "expected": o.expected}
+                    for o in evaluation.observed
+                    if o.mismatch
+                },
+            )

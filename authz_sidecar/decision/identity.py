@@ -1,0 +1,176 @@
+"""Who is asking: the principal of a request, from the sources configured, in their order.
+
+Sources (DESIGN section 4), each a function over plain request values:
+
+- ``jwt_authn``: the payload Envoy's jwt_authn filter verified and put in dynamic metadata
+  (namespace ``envoy.filters.http.jwt_authn``, under the key named by ``payload_in_metadata``;
+  when no key is configured, whichever payload is there).
+- ``jwt``: a bearer token in the Authorization header, verified here against a JWKS file or URL
+  (kept current in the background by :mod:`authz_sidecar.decision.jwks`).
+- ``mtls``: the peer's certificate identity as Envoy reports it (``source.principal``, SPIFFE).
+- ``payload_header``: the verified payload Envoy's jwt_authn forwards (``forward_payload_header``,
+  base64url JSON), for the HTTP ext_authz front, which receives no dynamic metadata. Trust it only
+  when Envoy's jwt_authn requires a valid token on every route (so the header is always Envoy's).
+- ``header``: a plain header, trusted as-is. Only for local development, only when named.
+
+Rule: the first source that finds a credential decides. A credential that is present but invalid
+denies (401) rather than falling through to a later, possibly weaker source.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from authz_sidecar.decision.tokens import TokenVerifier
+from authz_sidecar.errors import ConfigError, IdentityError
+
+JWT_AUTHN_NAMESPACE = "envoy.filters.http.jwt_authn"
+SOURCES = ("jwt_authn", "jwt", "mtls", "payload_header", "header")
+DEFAULT_PAYLOAD_HEADER = "x-jwt-payload"
+_CACHE_LIMIT = 10_000
+MAX_PRINCIPAL_LEN = 512
+
+
+@dataclass(frozen=True, slots=True)
+class RequestIdentityInputs:
+    """What identity sources read. Mappings are the request's own objects, never copies."""
+
+    headers: Mapping[str, str]
+    # Envoy's metadata_context.filter_metadata: filter name -> google.protobuf.Struct.
+    filter_metadata: Mapping[str, Any]
+    peer_principal: str
+
+
+Source = Callable[[RequestIdentityInputs], str | None]
+
+
+def _checked(principal: str, source: str) -> str:
+    if len(principal) > MAX_PRINCIPAL_LEN or not principal.isprintable():
+        raise IdentityError(f"{source}: principal is too long or not printable")
+    return principal
+
+
+def jwt_authn_source(payload_key: str, claim: str, namespace: str = JWT_AUTHN_NAMESPACE) -> Source:
+    def read(inputs: RequestIdentityInputs) -> str | None:
+        meta = inputs.filter_metadata.get(namespace)
+        if meta is None:
+            return None
+        fields = meta.fields
+        if payload_key:
+            payload = fields.get(payload_key)
+        else:
+            payload = next((v for v in fields.values() if v.HasField("struct_value")), None)
+        if payload is None or not payload.HasField("struct_value"):
+            return None
+        value = payload.struct_value.fields.get(claim)
+        if value is None or not value.HasField("string_value") or not value.string_value:
+            raise IdentityError(f"jwt_authn payload has no string {claim!r} claim")
+        return _checked(value.string_value, "jwt_authn")
+
+    return read
+
+
+def bearer_source(verifier: TokenVerifier, header: str = "authorization") -> Source:
+    def read(inputs: RequestIdentityInputs) -> str | None:
+        value = inputs.headers.get(header)
+        if not value:
+            return None
+        scheme, _, token = value.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            return None
+        return _checked(verifier.principal(token.strip()), "jwt")
+
+    return read
+
+
+def payload_header_source(name: str, claim: str) -> Source:
+    """Decode a base64url JSON payload header; decoded values are cached, since clients repeat them."""
+    cache: dict[str, str] = {}
+
+    def read(inputs: RequestIdentityInputs) -> str | None:
+        value = inputs.headers.get(name)
+        if not value:
+            return None
+        principal = cache.get(value)
+        if principal is None:
+            try:
+                payload = json.loads(base64.urlsafe_b64decode(value + "=" * (-len(value) % 4)))
+            except (ValueError, TypeError):
+                raise IdentityError(f"{name} is not base64url JSON") from None
+            claimed = payload.get(claim) if isinstance(payload, dict) else None
+            if not isinstance(claimed, str) or not claimed:
+                raise IdentityError(f"{name} has no string {claim!r} claim")
+            principal = _checked(claimed, "payload_header")
+            if len(cache) >= _CACHE_LIMIT:
+                cache.clear()
+            cache[value] = principal
+        return principal
+
+    return read
+
+
+def mtls_source(inputs: RequestIdentityInputs) -> str | None:
+    return _checked(inputs.peer_principal, "mtls") if inputs.peer_principal else None
+
+
+def header_source(name: str) -> Source:
+    def read(inputs: RequestIdentityInputs) -> str | None:
+        value = inputs.headers.get(name)
+        return _checked(value, "header") if value else None
+
+    return read
+
+
+class Identifier:
+    """Runs the configured sources in order; returns the principal, or None when no source found one."""
+
+    __slots__ = ("_sources", "names")
+
+    def __init__(self, sources: Sequence[tuple[str, Source]]) -> None:
+        if not sources:
+            raise ConfigError("no identity source configured")
+        self.names = tuple(name for name, _ in sources)
+        self._sources = tuple(source for _, source in sources)
+
+    def identify(self, inputs: RequestIdentityInputs) -> str | None:
+        """Raise IdentityError when a credential is present but invalid."""
+        for source in self._sources:
+            principal = source(inputs)
+            if principal is not None:
+                return principal
+        return None
+
+
+def build_identifier(
+    names: Sequence[str],
+    *,
+    jwt_authn_payload_key: str = "",
+    principal_claim: str = "sub",
+    verifier: TokenVerifier | None = None,
+    dev_header: str | None = None,
+    payload_header: str = DEFAULT_PAYLOAD_HEADER,
+) -> Identifier:
+    """Assemble the sources named in `names`, refusing ones whose settings are missing."""
+    sources: list[tuple[str, Source]] = []
+    for name in names:
+        if name == "jwt_authn":
+            sources.append((name, jwt_authn_source(jwt_authn_payload_key, principal_claim)))
+        elif name == "jwt":
+            if verifier is None:
+                raise ConfigError("identity source 'jwt' needs --jwks-file or --jwks-url")
+            sources.append((name, bearer_source(verifier)))
+        elif name == "mtls":
+            sources.append((name, mtls_source))
+        elif name == "payload_header":
+            sources.append((name, payload_header_source(payload_header.lower(), principal_claim)))
+        elif name == "header":
+            if not dev_header:
+                raise ConfigError("identity source 'header' needs --dev-principal-header (development only)")
+            sources.append((name, header_source(dev_header.lower())))
+        else:
+            raise ConfigError(f"unknown identity source {name!r} (expected one of: {', '.join(SOURCES)})")
+    return Identifier(sources)

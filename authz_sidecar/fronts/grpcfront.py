@@ -1,0 +1,374 @@
+"""The gRPC front: ext_authz Check, the application API, health and reflection, in one of two
+server models chosen with ``--server-model``.
+
+- ``aio``: grpc.aio on the sidecar's event loop (uvloop when installed).
+- ``threads``: grpcio's synchronous server with a thread pool, beside the event loop that runs the
+  policy source and the ops endpoint. The Check handler is a plain function over bytes, and reading
+  the snapshot is one attribute load, so worker threads share nothing that needs a lock.
+
+Both register Check as a generic handler without (de)serialisers: the handler parses the request
+once itself and returns response bytes that were built when that response was first needed.
+
+Both are bounded (:class:`RpcLimits`), through one interceptor each. A unary request message over
+``--grpc-max-message-bytes`` is refused before it is parsed; gRPC itself stops reading any message at
+twice that, refusing it before the sidecar sees it (so those alone go uncounted). RPCs beyond
+``--grpc-max-concurrent-rpcs`` are refused before their message is read: by gRPC's own limit in the
+thread-pool server (which counts calls queued for a worker too), by an interceptor in the aio
+server. Every refusal is RESOURCE_EXHAUSTED, on which Envoy fails closed, and is counted in
+``authz_rejected_total{front="grpc"}``. Both servers bind without SO_REUSEPORT, so a second
+sidecar on the same port fails to start instead of splitting the traffic with the first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+from collections.abc import Callable
+from concurrent import futures
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from authz_sidecar._proto.envoy.service.auth.v3 import external_auth_pb2 as pb
+from authz_sidecar.fronts.appapi import AppAuthzServicer
+from authz_sidecar.fronts.extauthz import CheckHandler
+from authz_sidecar.fronts.registry import RegistryError, RegistryService
+from authz_sidecar.v1 import authz_pb2, registry_pb2
+
+AUTHORIZATION_SERVICE = pb.DESCRIPTOR.services_by_name["Authorization"].full_name
+APP_SERVICE = authz_pb2.DESCRIPTOR.services_by_name["Authz"].full_name
+REGISTRY_SERVICE = registry_pb2.DESCRIPTOR.services_by_name["Registry"].full_name
+HEALTH_NAMES = ("", AUTHORIZATION_SERVICE, APP_SERVICE)
+# Registry method -> (request type, response type, RegistryService coroutine name).
+_REGISTRY_METHODS: dict[str, tuple[Any, Any, str]] = {
+    "GetPermission": (registry_pb2.GetPermissionRequest, registry_pb2.RegisteredPermission, "get"),
+    "ListPermissions": (registry_pb2.ListPermissionsRequest, registry_pb2.ListPermissionsResponse, "list"),
+    "PutPermission": (registry_pb2.PutPermissionRequest, registry_pb2.RegisteredPermission, "put"),
+}
+# How long a Registry call served from a worker thread waits for etcd through the event loop.
+REGISTRY_TIMEOUT = 15.0
+SERVER_MODELS = ("aio", "threads")
+_NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+_EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED
+_TOO_MANY = "concurrent RPC limit exceeded (--grpc-max-concurrent-rpcs)"
+
+
+@dataclass(frozen=True, slots=True)
+class RpcLimits:
+    max_concurrent_rpcs: int = 1024
+    max_message_bytes: int = 4 * 1024 * 1024
+
+    def options(self) -> list[tuple[str, Any]]:
+        return [
+            ("grpc.so_reuseport", 0),
+            ("grpc.max_receive_message_length", 2 * self.max_message_bytes),
+        ]
+
+
+Rejected = Callable[[str], None]
+
+
+class _Bounds:
+    """Every unary method's handler, wrapped to see the request's size before it is parsed: the
+    methods are registered with their deserialiser as usual, the wrapper takes it over. Wrapped once
+    per handler (handlers are looked up anew for every call, but are the same objects)."""
+
+    def __init__(self, limits: RpcLimits, rejected: Rejected, aio: bool) -> None:
+        self._limit = limits.max_message_bytes
+        self._rejected = rejected
+        self._aio = aio
+        self._wrapped: dict[int, tuple[Any, Any]] = {}
+
+    def _refusal(self, raw: bytes) -> str | None:
+        if len(raw) <= self._limit:
+            return None
+        self._rejected("message_too_large")
+        return f"request message of {len(raw)} bytes is over the limit of {self._limit} (--grpc-max-message-bytes)"
+
+    def wrap(self, handler: Any) -> Any:
+        if handler is None or handler.request_streaming or handler.response_streaming:
+            return handler  # bounded by gRPC's own ceiling only: health's Watch and reflection
+        found = self._wrapped.get(id(handler))
+        if found is not None and found[0] is handler:
+            return found[1]
+        behavior, parse, refusal = handler.unary_unary, handler.request_deserializer, self._refusal
+        if self._aio:
+            behavior = _awaitable(behavior)
+
+            async def bounded_aio(raw: bytes, context: Any) -> Any:
+                reason = refusal(raw)
+                if reason is not None:
+                    await context.abort(_EXHAUSTED, reason)
+                try:
+                    request = parse(raw) if parse is not None else raw
+                except Exception:
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the request message does not parse")
+                return await behavior(request, context)
+
+            bounded: Any = bounded_aio
+        else:
+
+            def bounded_sync(raw: bytes, context: Any) -> Any:
+                reason = refusal(raw)
+                if reason is not None:
+                    context.abort(_EXHAUSTED, reason)
+                try:
+                    request = parse(raw) if parse is not None else raw
+                except Exception:
+                    context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the request message does not parse")
+                return behavior(request, context)
+
+            bounded = bounded_sync
+        wrapped = grpc.unary_unary_rpc_method_handler(bounded, response_serializer=handler.response_serializer)
+        self._wrapped[id(handler)] = (handler, wrapped)
+        return wrapped
+
+
+def _awaitable(behavior: Any) -> Any:
+    """An aio behavior as a coroutine function (grpc.aio also takes plain functions)."""
+    if inspect.iscoroutinefunction(behavior):
+        return behavior
+
+    async def call(request: Any, context: Any) -> Any:
+        return behavior(request, context)
+
+    return call
+
+
+class _PoolAdmissions(grpc.ServerInterceptor):  # type: ignore[type-arg]
+    """The thread-pool server's interceptor: bounds every call's message (:class:`_Bounds`) and
+    counts the calls gRPC refuses for its concurrency limit, which it does without telling anyone.
+    That server takes calls one after another in one thread: each passes this interceptor, then is
+    either handed to the executor (:class:`_ObservedPool`) or refused. A call let through that has
+    not reached the executor when the next call arrives was refused; it is counted then."""
+
+    def __init__(self, bounds: _Bounds, rejected: Rejected) -> None:
+        self._bounds = bounds
+        self._rejected = rejected
+        self._awaiting = False
+
+    def intercept_service(self, continuation: Any, handler_call_details: Any) -> Any:
+        if self._awaiting:
+            self._rejected("concurrency")
+        self._awaiting = False
+        handler = continuation(handler_call_details)
+        self._awaiting = handler is not None
+        return self._bounds.wrap(handler)
+
+    def submitted(self) -> None:
+        self._awaiting = False
+
+
+class _ObservedPool(futures.ThreadPoolExecutor):
+    def __init__(self, admissions: _PoolAdmissions, workers: int) -> None:
+        super().__init__(max_workers=workers, thread_name_prefix="check")
+        self._admissions = admissions
+
+    def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> futures.Future[Any]:
+        self._admissions.submitted()
+        return super().submit(fn, *args, **kwargs)
+
+
+async def _refuse_aio(_requests: Any, context: Any) -> None:
+    await context.abort(_EXHAUSTED, _TOO_MANY)
+
+
+# Stream-stream, so that a refused call's message is never read, whatever the method's kind.
+_REFUSAL_AIO = grpc.stream_stream_rpc_method_handler(_refuse_aio)
+
+
+class _AioAdmissions(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
+    """The aio server's interceptor: bounds every call's message (:class:`_Bounds`) and the calls in
+    flight, each counted from the moment it is looked up (before its message is read) until its task
+    ends, however it ends: the interceptor runs in the call's own task."""
+
+    def __init__(self, bounds: _Bounds, limit: int, rejected: Rejected) -> None:
+        self._bounds = bounds
+        self._limit = limit
+        self._rejected = rejected
+        self.active = 0
+
+    def _release(self, _task: asyncio.Task[Any]) -> None:
+        self.active -= 1
+
+    async def intercept_service(self, continuation: Any, handler_call_details: Any) -> Any:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        if self.active >= self._limit:
+            self._rejected("concurrency")
+            return _REFUSAL_AIO
+        task = asyncio.current_task()
+        if task is not None:
+            self.active += 1
+            task.add_done_callback(self._release)
+        return self._bounds.wrap(handler)
+
+
+def _generic_handlers(check: Any, app_check: Any) -> tuple[grpc.GenericRpcHandler, ...]:  # type: ignore[type-arg]
+    return (
+        grpc.method_handlers_generic_handler(
+            AUTHORIZATION_SERVICE, {"Check": grpc.unary_unary_rpc_method_handler(check)}
+        ),
+        grpc.method_handlers_generic_handler(
+            APP_SERVICE,
+            {
+                "Check": grpc.unary_unary_rpc_method_handler(
+                    app_check,
+                    request_deserializer=authz_pb2.CheckRequest.FromString,
+                    response_serializer=authz_pb2.CheckResponse.SerializeToString,
+                )
+            },
+        ),
+    )
+
+
+def _registry_handler(registry: RegistryService, aio: bool) -> grpc.GenericRpcHandler:  # type: ignore[type-arg]
+    """Registry calls run on the event loop, where the etcd client lives; from the thread-pool
+    server they are handed over to it and awaited."""
+    loop = asyncio.get_running_loop()
+    handlers = {}
+    for method, (request_type, response_type, name) in _REGISTRY_METHODS.items():
+        call = getattr(registry, name)
+        if aio:
+
+            async def handle_aio(request: Any, context: Any, call: Any = call) -> Any:
+                try:
+                    return await call(request)
+                except RegistryError as exc:
+                    await context.abort(exc.code, exc.message)
+
+            handler: Any = handle_aio
+        else:
+
+            def handle_sync(request: Any, context: Any, call: Any = call) -> Any:
+                try:
+                    return asyncio.run_coroutine_threadsafe(call(request), loop).result(REGISTRY_TIMEOUT)
+                except RegistryError as exc:
+                    context.abort(exc.code, exc.message)
+
+            handler = handle_sync
+        handlers[method] = grpc.unary_unary_rpc_method_handler(
+            handler,
+            request_deserializer=request_type.FromString,
+            response_serializer=response_type.SerializeToString,
+        )
+    return grpc.method_handlers_generic_handler(REGISTRY_SERVICE, handlers)
+
+
+def _target(address: tuple[str, int] | str) -> str:
+    return address if isinstance(address, str) else f"{address[0]}:{address[1]}"
+
+
+def _bind(server: Any, address: tuple[str, int] | str) -> int:
+    """Listen on `address`; OSError if gRPC cannot (the caller checked the usual causes first,
+    see :func:`authz_sidecar.server.check_free`, since gRPC logs its own failure before raising)."""
+    try:
+        return int(server.add_insecure_port(_target(address)))
+    except RuntimeError:
+        raise OSError("gRPC could not listen there (in use, not this host's address, or not permitted)") from None
+
+
+class GrpcFront:
+    """Start, mark serving, stop and wait, the same way for both server models."""
+
+    def __init__(
+        self,
+        model: str,
+        handler: CheckHandler,
+        app: AppAuthzServicer,
+        registry: RegistryService,
+        workers: int,
+        *,
+        limits: RpcLimits | None = None,
+        rejected: Rejected | None = None,
+    ) -> None:
+        if model not in SERVER_MODELS:
+            raise ValueError(f"server model {model!r}")
+        self.model = model
+        self.limits = limits or RpcLimits()
+        self._rejected: Rejected = rejected or (lambda _reason: None)
+        self._handler = handler
+        self._app = app
+        self._registry = registry
+        self._workers = workers
+        self._aio: grpc.aio.Server | None = None
+        self._sync: grpc.Server | None = None
+        self._health: Any = health.aio.HealthServicer() if model == "aio" else health.HealthServicer()  # type: ignore[attr-defined]
+        self.port = 0
+
+    async def set_serving(self, serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else _NOT_SERVING
+        for name in HEALTH_NAMES:
+            if self.model == "aio":
+                await self._health.set(name, status)
+            else:
+                self._health.set(name, status)
+
+    async def start(self, address: tuple[str, int] | str) -> int:
+        await self.set_serving(False)
+        check_wire, decide = self._handler.check_wire, self._app.decide
+        names = (AUTHORIZATION_SERVICE, APP_SERVICE, REGISTRY_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME)
+        if self.model == "aio":
+
+            async def check(raw: bytes, _context: Any) -> bytes:
+                return check_wire(raw)
+
+            async def app_check(request: authz_pb2.CheckRequest, context: Any) -> authz_pb2.CheckResponse:
+                return decide(request, context.invocation_metadata())
+
+            bounds = _Bounds(self.limits, self._rejected, aio=True)
+            aio_server = grpc.aio.server(
+                interceptors=[_AioAdmissions(bounds, self.limits.max_concurrent_rpcs, self._rejected)],
+                options=self.limits.options(),
+            )
+            aio_server.add_generic_rpc_handlers(
+                (*_generic_handlers(check, app_check), _registry_handler(self._registry, aio=True))
+            )
+            health_pb2_grpc.add_HealthServicer_to_server(self._health, aio_server)
+            reflection.enable_server_reflection(names, aio_server)
+            self.port = _bind(aio_server, address)
+            await aio_server.start()
+            self._aio = aio_server
+        else:
+            admissions = _PoolAdmissions(_Bounds(self.limits, self._rejected, aio=False), self._rejected)
+            sync_server = grpc.server(
+                _ObservedPool(admissions, self._workers),
+                interceptors=[admissions],
+                options=self.limits.options(),
+                maximum_concurrent_rpcs=self.limits.max_concurrent_rpcs,
+            )
+            sync_server.add_generic_rpc_handlers(
+                (
+                    *_generic_handlers(
+                        lambda raw, _c: check_wire(raw), lambda req, c: decide(req, c.invocation_metadata())
+                    ),
+                    _registry_handler(self._registry, aio=False),
+                )
+            )
+            health_pb2_grpc.add_HealthServicer_to_server(self._health, sync_server)
+            reflection.enable_server_reflection(names, sync_server)
+            self.port = _bind(sync_server, address)
+            sync_server.start()
+            self._sync = sync_server
+        return self.port
+
+    async def stop(self, grace: float) -> None:
+        """Health to NOT_SERVING, refuse new RPCs, let RPCs in flight finish within `grace`."""
+        if self.model == "aio":
+            await self._health.enter_graceful_shutdown()
+        else:
+            self._health.enter_graceful_shutdown()
+        if self._aio is not None:
+            await self._aio.stop(grace)
+        if self._sync is not None:
+            await asyncio.to_thread(self._sync.stop(grace).wait)
+
+    async def wait(self) -> None:
+        if self._aio is not None:
+            await self._aio.wait_for_termination()
+        elif self._sync is not None:
+            await asyncio.to_thread(self._sync.wait_for_termination)

@@ -1,0 +1,193 @@
+"""Where everything lives in etcd, and how documents are split into values and read back.
+
+Pure: no I/O. The writer (:mod:`authz_sidecar.store.policy`) and the reader (the etcd policy source)
+both go through these functions, so the layout is defined once. docs/etcd-layout.md describes it
+for operators; the rules that matter for correctness:
+
+- A permission set is immutable once written under its version. Its bytes are split into chunks of
+  at most :data:`CHUNK_BYTES` (etcd refuses a request over 1.5 MiB by default), stored under a path
+  that contains the document's SHA-256, so two writers racing on one version can never mix chunks.
+- The set's head key (``<prefix>/sets/<version>``) names the digest, size and chunk count. It is
+  written after every chunk, with a compare that it does not exist yet, so a head always describes
+  chunks that are all there, and a version is written at most once.
+- Which versions are live is said by two small pointer keys (``pointers/active``,
+  ``pointers/shadows``), changed only in transactions that compare their mod revisions: a reader
+  sees an old world or a new one, never a mix.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from authz_sidecar.documents import check_version, parse_rollout
+from authz_sidecar.errors import DocumentError
+from authz_sidecar.model.values import Rollout
+
+# Under etcd's default 1.5 MiB request limit with room for the key and the request's framing.
+CHUNK_BYTES = 1024 * 1024
+# etcd's default --max-txn-ops.
+MAX_TXN_OPS = 128
+DEFAULT_PREFIX = "/authz"
+
+
+def normalise_prefix(prefix: str) -> str:
+    """'/authz/' and 'authz' both mean '/authz'; the empty prefix is refused (it would be etcd's root)."""
+    cleaned = "/" + prefix.strip().strip("/")
+    if cleaned == "/":
+        raise ValueError("the etcd prefix cannot be empty or '/'")
+    return cleaned
+
+
+@dataclass(frozen=True, slots=True)
+class Layout:
+    prefix: str = DEFAULT_PREFIX
+
+    @property
+    def root(self) -> str:
+        """Every key of this deployment starts with this (the prefix and a slash)."""
+        return f"{self.prefix}/"
+
+    @property
+    def active(self) -> str:
+        return f"{self.prefix}/pointers/active"
+
+    @property
+    def shadows(self) -> str:
+        return f"{self.prefix}/pointers/shadows"
+
+    @property
+    def catalogs(self) -> str:
+        return f"{self.prefix}/catalogs/"
+
+    def catalog(self, service: str) -> str:
+        return f"{self.prefix}/catalogs/{service}"
+
+    def reports(self, version: str) -> str:
+        """Where the sidecars' reports on a shadow version live, one key per sidecar below it."""
+        return f"{self.prefix}/reports/{version}/"
+
+    def head(self, version: str) -> str:
+        return f"{self.prefix}/sets/{version}"
+
+    def chunk(self, version: str, digest: str, index: int) -> str:
+        return f"{self.prefix}/sets/{version}/{digest}/{index:05d}"
+
+
+@dataclass(frozen=True, slots=True)
+class Head:
+    """What a set's head key says about its chunks."""
+
+    version: str
+    sha256: str
+    size: int
+    chunks: int
+
+    def encode(self) -> bytes:
+        return json.dumps(
+            {"version": self.version, "sha256": self.sha256, "bytes": self.size, "chunks": self.chunks},
+            sort_keys=True,
+        ).encode()
+
+
+def split(version: str, document: bytes) -> tuple[Head, list[bytes]]:
+    """The head and chunks that store `document` under `version`."""
+    digest = hashlib.sha256(document).hexdigest()
+    chunks = [document[i : i + CHUNK_BYTES] for i in range(0, len(document), CHUNK_BYTES)] or [b""]
+    return Head(version=version, sha256=digest, size=len(document), chunks=len(chunks)), chunks
+
+
+def _json(value: bytes, key: str) -> Any:
+    try:
+        return json.loads(value.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise DocumentError(f"not UTF-8 ({exc.reason} at byte {exc.start})", document=key) from None
+    except ValueError as exc:
+        raise DocumentError(f"not valid JSON: {exc}", document=key) from None
+
+
+def decode_head(value: bytes, key: str, version: str) -> Head:
+    data = _json(value, key)
+    if not isinstance(data, dict):
+        raise DocumentError("a set head must be a JSON object", document=key)
+    try:
+        head = Head(str(data["version"]), str(data["sha256"]), int(data["bytes"]), int(data["chunks"]))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise DocumentError(f"a set head needs version, sha256, bytes and chunks ({exc})", document=key) from None
+    if head.version != version:
+        raise DocumentError(
+            f"head says version {head.version!r} under key for {version!r}", document=key, value=head.version
+        )
+    if head.chunks < 1 or head.size < 0:
+        raise DocumentError("a set head needs at least one chunk and a size", document=key)
+    return head
+
+
+def chunks_of(kv: Mapping[str, bytes], layout: Layout, version: str) -> tuple[Head, list[bytes]]:
+    """The head of `version` and its chunks' values, in order; DocumentError if the head or any
+    chunk is missing (the last good snapshot then keeps serving)."""
+    head_key = layout.head(version)
+    head_value = kv.get(head_key)
+    if head_value is None:
+        raise DocumentError(f"set version {version!r} is not in etcd (no {head_key})", document=head_key)
+    head = decode_head(head_value, head_key, version)
+    parts = []
+    for index in range(head.chunks):
+        key = layout.chunk(version, head.sha256, index)
+        part = kv.get(key)
+        if part is None:
+            raise DocumentError(f"chunk {index + 1} of {head.chunks} is missing ({key})", document=head_key)
+        parts.append(part)
+    return head, parts
+
+
+def joined(head: Head, parts: list[bytes], layout: Layout) -> bytes:
+    """The chunks as one document, checked against the head's size and digest."""
+    document = b"".join(parts)
+    if len(document) != head.size or hashlib.sha256(document).hexdigest() != head.sha256:
+        raise DocumentError("chunks do not match the head's size and SHA-256", document=layout.head(head.version))
+    return document
+
+
+def join(kv: Mapping[str, bytes], layout: Layout, version: str) -> bytes:
+    """The document stored under `version`, checked against its head."""
+    return joined(*chunks_of(kv, layout, version), layout)
+
+
+def encode_active(version: str) -> bytes:
+    return json.dumps({"version": version}).encode()
+
+
+def decode_active(value: bytes, key: str) -> str:
+    data = _json(value, key)
+    if not isinstance(data, dict) or set(data) != {"version"}:
+        raise DocumentError('the active pointer must be {"version": "..."}', document=key)
+    return check_version(data["version"], key)
+
+
+def rollout_document(rollout: Rollout) -> dict[str, Any]:
+    weights = dict(sorted(rollout.weights.items()))
+    return {"weights": weights, "testers": sorted(rollout.testers), "state": rollout.state}
+
+
+def encode_shadows(shadows: Mapping[str, Rollout]) -> bytes:
+    return json.dumps({v: rollout_document(r) for v, r in sorted(shadows.items())}, sort_keys=True).encode()
+
+
+def decode_shadows(value: bytes, key: str) -> dict[str, Rollout]:
+    """The live shadows and their rollouts (weights per region, testers, state)."""
+    data = _json(value, key)
+    if not isinstance(data, dict):
+        raise DocumentError("the shadows pointer must be a JSON object of version -> rollout", document=key)
+    shadows: dict[str, Rollout] = {}
+    for version, rollout in data.items():
+        checked = check_version(version, key, f"shadows.{version}")
+        if not isinstance(rollout, dict) or not rollout.keys() <= {"weights", "testers", "state"}:
+            raise DocumentError(
+                "a rollout is an object with weights, testers and state", document=key, field=version, value=rollout
+            )
+        shadows[checked] = parse_rollout(rollout, f"{key} {version}")
+    return shadows

@@ -1,0 +1,294 @@
+"""Reads and writes of the policy in etcd, for the control plane and for registration.
+
+Every write that changes what is live is a transaction with a compare on what was read, so two
+operators (or an operator and a sidecar registering its catalog) can never silently overwrite each
+other: the loser gets :class:`ConflictError` and reads again. Set documents are written chunks first,
+head last (:mod:`authz_sidecar.store.layout`), and only then pointed at.
+
+The lifecycle issue extends this module (promote, rollback, history); sidecars use only
+:meth:`PolicyStore.register_catalog`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+
+from etcd3aio._protobuf import Compare
+
+from authz_sidecar.documents import (
+    MAX_CATALOG_PERMISSIONS,
+    MAX_CATALOG_ROUTES,
+    check_description,
+    check_handle,
+    load_document,
+    parse_catalog,
+)
+from authz_sidecar.errors import DocumentError
+from authz_sidecar.model.values import Catalog, Permission, PermissionSet, Rollout
+from authz_sidecar.store import layout
+from authz_sidecar.store.etcd import Etcd
+from authz_sidecar.store.layout import Layout
+
+
+class StoreError(Exception):
+    """A control-plane operation that cannot be done as asked (one line for the CLI)."""
+
+
+class ConflictError(StoreError):
+    """Someone else changed what this operation read; read again and retry."""
+
+
+class OwnedElsewhereError(StoreError):
+    """A handle another service has registered: a service registers its own permissions only."""
+
+
+class CatalogTooLargeError(StoreError):
+    """A catalog over a bound (permissions, routes, bytes): refused before anything is sent."""
+
+
+# A catalog is one etcd value: at most this, well under etcd's default 1.5 MiB request limit.
+MAX_CATALOG_BYTES = layout.CHUNK_BYTES
+
+
+@dataclass(frozen=True, slots=True)
+class Pointers:
+    """The live world as read from etcd, with the mod revisions a transaction compares against."""
+
+    active: str | None
+    shadows: dict[str, Rollout] = field(default_factory=dict)
+    active_revision: int = 0
+    shadows_revision: int = 0
+
+    def shadow(self, version: str) -> Rollout:
+        """The rollout of a live shadow; StoreError naming the live ones if `version` is not one."""
+        rollout = self.shadows.get(version)
+        if rollout is None:
+            live = ", ".join(sorted(self.shadows)) or "none"
+            raise StoreError(f"{version!r} is not a live shadow (live: {live})")
+        return rollout
+
+
+def catalog_document(catalog: Catalog) -> bytes:
+    """A catalog as the JSON stored under ``catalogs/<service>`` (parse_catalog reads it back)."""
+    data = {
+        "service": catalog.service,
+        "permissions": [
+            {"handle": p.handle, **({"description": p.description} if p.description else {})}
+            for p in catalog.permissions
+        ],
+        "routes": [
+            {
+                "method": r.method,
+                "path": r.path,
+                "permission": r.permission,
+                **({"scope": r.scope} if r.scope else {}),
+            }
+            for r in catalog.routes
+        ],
+    }
+    return json.dumps(data, sort_keys=True).encode()
+
+
+def catalog_value(catalog: Catalog, key: str) -> bytes:
+    """What is written under `key` for `catalog`: refused (CatalogTooLargeError) if it is over a
+    bound, and DocumentError if a sidecar would not read it back (checked by reading it back)."""
+    for what, count, limit in (
+        ("permissions", len(catalog.permissions), MAX_CATALOG_PERMISSIONS),
+        ("routes", len(catalog.routes), MAX_CATALOG_ROUTES),
+    ):
+        if count > limit:
+            raise CatalogTooLargeError(
+                f"the catalog of {catalog.service!r} would hold {count} {what}; a service has at most {limit}"
+            )
+    document = catalog_document(catalog)
+    if len(document) > MAX_CATALOG_BYTES:
+        raise CatalogTooLargeError(
+            f"the catalog of {catalog.service!r} would take {len(document) / 2**20:.2f} MiB; a catalog is one "
+            f"etcd value of at most {MAX_CATALOG_BYTES / 2**20:g} MiB"
+        )
+    parse_catalog(load_document(document, key), key)
+    return document
+
+
+def merge_catalogs(stored: Catalog | None, registered: Catalog) -> Catalog:
+    """What a registration leaves in etcd: no permission is ever removed (there is no delete), a
+    registered description replaces the stored one, and the routes are the registering service's."""
+    if stored is None:
+        return registered
+    mine = {p.handle: p for p in registered.permissions}
+    kept = [mine.pop(p.handle, p) for p in stored.permissions]
+    return Catalog(service=registered.service, permissions=(*kept, *mine.values()), routes=registered.routes)
+
+
+class PolicyStore:
+    def __init__(self, etcd: Etcd, prefix: str = layout.DEFAULT_PREFIX) -> None:
+        self.etcd = etcd
+        self.layout = Layout(layout.normalise_prefix(prefix))
+        # etcd's revision after this store's last successful pointer change.
+        self.last_revision = 0
+
+    # --- reading -------------------------------------------------------------------------------
+
+    async def pointers(self) -> Pointers:
+        active_kv = await self.etcd.get(self.layout.active)
+        shadows_kv = await self.etcd.get(self.layout.shadows)
+        return Pointers(
+            active=layout.decode_active(active_kv.value, active_kv.key) if active_kv else None,
+            shadows=layout.decode_shadows(shadows_kv.value, shadows_kv.key) if shadows_kv else {},
+            active_revision=active_kv.mod_revision if active_kv else 0,
+            shadows_revision=shadows_kv.mod_revision if shadows_kv else 0,
+        )
+
+    async def document(self, version: str) -> bytes:
+        """The bytes of a stored set version (chunks joined and checked)."""
+        _revision, kvs = await self.etcd.list_prefix(self.layout.head(version))
+        return layout.join({kv.key: kv.value for kv in kvs}, self.layout, version)
+
+    async def catalogs(self) -> list[Catalog]:
+        _revision, kvs = await self.etcd.list_prefix(self.layout.catalogs)
+        return [parse_catalog(load_document(kv.value, kv.key), kv.key) for kv in kvs]
+
+    # --- writing -------------------------------------------------------------------------------
+
+    async def write_set(self, permissions: PermissionSet, document: bytes) -> bool:
+        """Store `document` (the text `permissions` was parsed from) under its version, chunks then
+        head. Returns False if that version already holds exactly this document; a different
+        document under an existing version is refused: versions are immutable."""
+        version = permissions.version
+        head, chunks = layout.split(version, document)
+        existing = await self.etcd.get(self.layout.head(version))
+        if existing is not None:
+            stored = layout.decode_head(existing.value, existing.key, version)
+            if stored.sha256 == head.sha256:
+                return False
+            raise StoreError(f"version {version!r} already exists with different content; versions are immutable")
+        kv = self.etcd.kv
+        for index, chunk in enumerate(chunks):
+            await self.etcd.call(kv.put, self.layout.chunk(version, head.sha256, index), chunk)
+        response = await self.etcd.call(
+            kv.txn,
+            [kv.txn_compare_create_revision(self.layout.head(version), 0)],
+            [kv.txn_op_put(self.layout.head(version), head.encode())],
+        )
+        if not response.succeeded:
+            raise ConflictError(f"version {version!r} was written by someone else at the same time")
+        return True
+
+    async def _flip(self, seen: Pointers, active: str | None, shadows: Mapping[str, Rollout]) -> None:
+        """Write both pointers in one transaction, if neither changed since `seen` was read."""
+        kv = self.etcd.kv
+        compares = []
+        for key, revision in ((self.layout.active, seen.active_revision), (self.layout.shadows, seen.shadows_revision)):
+            if revision:
+                compares.append(_mod(key, revision))
+            else:
+                compares.append(kv.txn_compare_create_revision(key, 0))
+        ops = [kv.txn_op_put(self.layout.shadows, layout.encode_shadows(shadows))]
+        if active is not None:
+            ops.append(kv.txn_op_put(self.layout.active, layout.encode_active(active)))
+        response = await self.etcd.call(kv.txn, compares, ops)
+        if not response.succeeded:
+            raise ConflictError("the live pointers changed while this command ran; run it again")
+        self.last_revision = response.header.revision
+
+    async def init(self, permissions: PermissionSet, document: bytes) -> None:
+        """Make `permissions` the first active set. Refused once any active set exists."""
+        seen = await self.pointers()
+        if seen.active is not None:
+            raise StoreError(f"an active set already exists ({seen.active}); changes go through 'ctl propose'")
+        await self.write_set(permissions, document)
+        await self._flip(seen, permissions.version, seen.shadows)
+
+    async def propose(self, permissions: PermissionSet, document: bytes, rollout: Rollout) -> None:
+        """Store a shadow version and make it live beside the active set with `rollout`."""
+        seen = await self.pointers()
+        version = permissions.version
+        if seen.active is None:
+            raise StoreError("no active set yet; start with 'ctl init'")
+        if version == seen.active or version in seen.shadows:
+            raise StoreError(f"version {version!r} is already live")
+        parent = permissions.meta.parent
+        if parent and parent != seen.active:
+            raise StoreError(f"this change was made against {parent!r} but the active set is {seen.active!r}")
+        _check_weights({**seen.shadows, version: rollout})
+        await self.write_set(permissions, document)
+        await self._flip(seen, None, {**seen.shadows, version: rollout})
+
+    async def canary(self, version: str, weights: Mapping[str, int]) -> Rollout:
+        """Set a live shadow's canary weight in the given regions (0 takes it out of a region)."""
+        seen = await self.pointers()
+        current = seen.shadow(version)
+        merged = {**current.weights, **weights}
+        merged = {r: w for r, w in merged.items() if w > 0}
+        rollout = Rollout(weights=merged, testers=current.testers, state="canary" if merged else "proposed")
+        _check_weights({**seen.shadows, version: rollout})
+        await self._flip(seen, None, {**seen.shadows, version: rollout})
+        return rollout
+
+    async def register_catalog(self, catalog: Catalog, attempts: int = 5) -> Catalog:
+        """Merge a service's catalog into etcd (see :func:`merge_catalogs`), compare-and-swap."""
+        return await self.update_catalog(catalog.service, lambda stored: merge_catalogs(stored, catalog), attempts)
+
+    async def check_owner(self, service: str, handles: Iterable[str]) -> None:
+        """Refuse, before writing, any of `handles` that another service's catalog holds: the rule
+        the Registry answers ALREADY_EXISTS for and ctl refuses by, one service cannot claim (or
+        describe again) another's permission."""
+        wanted = frozenset(handles)
+        for catalog in await self.catalogs():
+            taken = sorted(wanted & catalog.handles()) if catalog.service != service else []
+            if taken:
+                raise OwnedElsewhereError(f"{taken[0]!r} is owned by service {catalog.service!r}")
+
+    async def register_permission(self, service: str, permission: Permission) -> Catalog:
+        """Add (or describe again) one permission of `service`, keeping its routes; refused if
+        another service owns it (:meth:`check_owner`)."""
+        where = f"catalog of {service!r}"
+        check_handle(permission.handle, where, "handle")
+        check_description(permission.description, where, f"{permission.handle} description")
+        await self.check_owner(service, (permission.handle,))
+
+        def add(stored: Catalog | None) -> Catalog:
+            base = stored or Catalog(service=service, permissions=())
+            return merge_catalogs(base, Catalog(service=service, permissions=(permission,), routes=base.routes))
+
+        return await self.update_catalog(service, add)
+
+    async def update_catalog(
+        self, service: str, change: Callable[[Catalog | None], Catalog], attempts: int = 5
+    ) -> Catalog:
+        kv = self.etcd.kv
+        key = self.layout.catalog(service)
+        for _ in range(attempts):
+            existing = await self.etcd.get(key)
+            stored = None
+            if existing is not None:
+                try:
+                    stored = parse_catalog(load_document(existing.value, key), key)
+                except DocumentError:
+                    stored = None  # a broken catalog is replaced by a good one, not merged with
+            updated = change(stored)
+            if updated.service != service:
+                raise StoreError(f"catalog for {updated.service!r} cannot be written under {service!r}")
+            value = catalog_value(updated, key)
+            compare = _mod(key, existing.mod_revision) if existing else kv.txn_compare_create_revision(key, 0)
+            response = await self.etcd.call(kv.txn, [compare], [kv.txn_op_put(key, value)])
+            if response.succeeded:
+                return updated
+        raise ConflictError(f"catalog of {service!r} kept changing; gave up after {attempts} attempts")
+
+
+def _mod(key: str, revision: int) -> Compare:
+    return Compare(result=Compare.EQUAL, target=Compare.MOD, key=key.encode(), mod_revision=revision)
+
+
+def _check_weights(shadows: Mapping[str, Rollout]) -> None:
+    totals: dict[str, int] = {}
+    for rollout in shadows.values():
+        for region, weight in rollout.weights.items():
+            totals[region] = totals.get(region, 0) + weight
+    over = {r: t for r, t in totals.items() if t > 100}
+    if over:
+        region, total = sorted(over.items())[0]
+        raise StoreError(f"canary weights in region {region!r} would sum to {total}% (at most 100)")

@@ -1,0 +1,86 @@
+"""The disk copy of the last good snapshot: the etcd keys it was made of, in one JSON file.
+
+A sidecar restarted while etcd is unreachable, or while etcd's data does not build, serves from it
+(marked stale) instead of denying everything (see :mod:`authz_sidecar.store.sources.etcd`).
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import fcntl
+import json
+import os
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import structlog
+
+from authz_sidecar.store.sources.files import write_atomically
+
+log = structlog.get_logger("authz_sidecar.store.sources.diskcopy")
+
+CACHE_FORMAT = 1
+
+
+@contextlib.contextmanager
+def _exclusive(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on `path` (created if needed): one writer at a time, across
+    threads and processes."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
+
+
+class DiskCopy:
+    """The keys of the last good snapshot, in one JSON file replaced atomically.
+
+    Saves run in worker threads, several at once when changes come fast. Each writes a temporary
+    file of its own and renames it over the copy while holding the copy's locks (this object's,
+    and an ``flock`` on a lock file beside the copy, for another process given the same file),
+    and a save older than the newest this object has written is dropped: racing saves never leave
+    an older revision, nor a half-written file. Order is (generation, revision): the source starts
+    a new generation when it finds etcd replaced or restored, whose revisions start again lower.
+    """
+
+    def __init__(self, path: Path, prefix: str) -> None:
+        self.path = path
+        self.prefix = prefix
+        self._lock = threading.Lock()
+        self._newest: tuple[int, int] | None = None
+
+    def save(self, kv: Mapping[str, bytes], revision: int, *, generation: int = 0) -> bool:
+        """Write the copy; False if a newer one was written already (this save is dropped)."""
+        order = (generation, revision)
+        with self._lock:
+            if self._newest is not None and order < self._newest:
+                return False
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            data = {
+                "format": CACHE_FORMAT,
+                "prefix": self.prefix,
+                "revision": revision,
+                "saved_at": time.time(),
+                "kvs": {k: base64.b64encode(v).decode() for k, v in kv.items()},
+            }
+            with _exclusive(self.path.with_name(f".{self.path.name}.lock")):
+                write_atomically(self.path, json.dumps(data), durable=True)
+            self._newest = order
+            return True
+
+    def load(self) -> tuple[dict[str, bytes], int] | None:
+        try:
+            data = json.loads(self.path.read_text())
+            if data.get("format") != CACHE_FORMAT or data.get("prefix") != self.prefix:
+                return None
+            return {k: base64.b64decode(v) for k, v in data["kvs"].items()}, int(data["revision"])
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            log.warning("disk_copy_unreadable", path=str(self.path), error=str(exc))
+            return None

@@ -1,0 +1,233 @@
+"""Prometheus metrics (prefix ``authz_``), counted on the hot path without locks.
+
+A Check counts into plain dicts keyed by label tuples and a fixed-bucket histogram; a collector turns
+them into Prometheus families only when /metrics is scraped. prometheus_client's own Counter takes a
+lock per increment, and a decision with three observed shadows would take five of them; here it is
+a few dict operations. Under the GIL each dict operation is atomic; in the threaded server model
+two threads can race on one read-modify-write and lose an increment, which a counter of decisions
+can afford and an answer never depends on.
+"""
+
+from __future__ import annotations
+
+import time
+from bisect import bisect_left
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from authz_sidecar.model.assembly import KINDS
+from authz_sidecar.model.evaluation import Evaluation
+from authz_sidecar.model.reasons import Reason
+from authz_sidecar.model.snapshot import Snapshot
+
+if TYPE_CHECKING:  # the snapshot holder is read, never imported: telemetry sits below the decision path
+    from authz_sidecar.decision.state import SnapshotStore
+
+# Requests refused at a front before any decision, by front and reason (a bounded set of labels).
+REJECTIONS = {
+    "grpc": ("concurrency", "message_too_large"),
+    "http": (Reason.HEADERS_TOO_LARGE.value, Reason.BODY_TOO_LARGE.value, Reason.REQUEST_TIMEOUT.value),
+}
+LATENCY_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1)
+
+
+class LatencyHistogram:
+    """Fixed buckets, counted without a lock."""
+
+    __slots__ = ("bounds", "count", "counts", "total")
+
+    def __init__(self, bounds: tuple[float, ...] = LATENCY_BUCKETS) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
+        self.total = 0.0
+        self.count = 0
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect_left(self.bounds, seconds)] += 1
+        self.total += seconds
+        self.count += 1
+
+    def buckets(self) -> list[tuple[str, float]]:
+        out, running = [], 0
+        for bound, n in zip((*self.bounds, float("inf")), list(self.counts), strict=True):
+            running += n
+            out.append(("+Inf" if bound == float("inf") else repr(bound), float(running)))
+        return out
+
+
+class _HotPathCollector(Collector):
+    def __init__(self, metrics: Metrics) -> None:
+        self._m = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        m = self._m
+        decisions = CounterMetricFamily(
+            "authz_decisions",
+            "Check decisions by the set that decided, the answer, how the set was selected and the reason.",
+            labels=["decided_by", "decision", "selection", "reason"],
+        )
+        for labels, n in dict(m.decisions).items():
+            decisions.add_metric(list(labels), n)
+        yield decisions
+        observed = CounterMetricFamily(
+            "authz_shadow_evaluations", "Evaluations of each observed set beside the enforced one.", labels=["version"]
+        )
+        for version, n in dict(m.observations).items():
+            observed.add_metric([version], n)
+        yield observed
+        per_set = CounterMetricFamily(
+            "authz_set_decisions",
+            "What each live set answered, by kind (active or shadow), version, answer, and whether that "
+            "answer was enforced (the deciding set) or only observed.",
+            labels=["kind", "version", "decision", "enforced"],
+        )
+        for set_labels, n in dict(m.set_decisions).items():
+            per_set.add_metric(list(set_labels), n)
+        yield per_set
+        mismatches = CounterMetricFamily(
+            "authz_mismatches",
+            "Observed sets that disagreed with the enforced set, by observed version, whether the change "
+            "predicted it, and direction (enforced -> observed).",
+            labels=["version", "kind", "direction"],
+        )
+        for mismatch_labels, n in dict(m.mismatches).items():
+            mismatches.add_metric(list(mismatch_labels), n)
+        yield mismatches
+        latency = HistogramMetricFamily(
+            "authz_check_duration_seconds", "Time spent deciding one Check inside the sidecar."
+        )
+        latency.add_metric([], m.latency.buckets(), m.latency.total)
+        yield latency
+        spans = CounterMetricFamily(
+            "authz_spans_dropped",
+            "Trace spans lost before reaching the collector, by reason: queue_full (the exporter's queue "
+            "was full), export_failed (the collector was unreachable, refused the batch or timed out).",
+            labels=["reason"],
+        )
+        for reason, n in dict(m.spans_dropped).items():
+            spans.add_metric([reason], n)
+        yield spans
+
+
+class Metrics:
+    def __init__(self, store: SnapshotStore) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.decisions: dict[tuple[str, str, str, str], int] = {}
+        self.observations: dict[str, int] = {}
+        self.mismatches: dict[tuple[str, str, str], int] = {}
+        self.set_decisions: dict[tuple[str, str, str, str], int] = {}
+        self.latency = LatencyHistogram()
+        # The tracer counts into it (tracing.DROP_REASONS); zeros while tracing is off.
+        self.spans_dropped: dict[str, int] = {"queue_full": 0, "export_failed": 0}
+        r.register(_HotPathCollector(self))
+        # Rare events keep prometheus_client's own types.
+        self.invalid_documents = Counter(
+            "authz_invalid_documents_total",
+            "Documents refused, by kind (active, shadow, catalog, pointer), each counted once when first "
+            "seen: a shadow is left out, an active set or catalog keeps its last good version.",
+            ["kind"],
+            registry=r,
+        )
+        for kind in KINDS:
+            self.invalid_documents.labels(kind)
+        self._rejected = Counter(
+            "authz_rejected",
+            "Requests refused at a front before any decision: over a size or concurrency bound, or too slow.",
+            ["front", "reason"],
+            registry=r,
+        )
+        for front, reasons in REJECTIONS.items():
+            for rejection in reasons:
+                self._rejected.labels(front, rejection)
+        self._revision = Gauge("authz_snapshot_revision", "Source revision of the serving snapshot.", registry=r)
+        self._built = Gauge(
+            "authz_snapshot_built_timestamp_seconds", "When the serving snapshot was built.", registry=r
+        )
+        age = Gauge("authz_snapshot_age_seconds", "Seconds since the serving snapshot was built.", registry=r)
+        age.set_function(lambda: time.time() - store.snapshot.built_at if store.snapshot else float("nan"))
+        ready = Gauge("authz_ready", "1 once a valid snapshot is serving.", registry=r)
+        ready.set_function(lambda: 1.0 if store.snapshot else 0.0)
+        silent = Gauge(
+            "authz_source_silent_seconds",
+            "Seconds since the policy source last heard from its store (etcd: a listing, a change, a progress report).",
+            registry=r,
+        )
+        silent.set_function(store.silence)
+        connected = Gauge(
+            "authz_source_connected",
+            "1 while the policy source is connected to its store (etcd: a watch stream is open).",
+            registry=r,
+        )
+        connected.set_function(lambda: 1.0 if store.source_state == "connected" else 0.0)
+        stale = Gauge("authz_snapshot_stale", "1 while serving the disk copy, not yet confirmed by etcd.", registry=r)
+        stale.set_function(lambda: 1.0 if store.stale and store.snapshot else 0.0)
+        withheld = Gauge(
+            "authz_snapshot_withheld",
+            "1 while the snapshot is withheld because the source was silent longer than --max-staleness.",
+            registry=r,
+        )
+        withheld.set_function(lambda: 1.0 if store.withheld is not None else 0.0)
+        self._info = Gauge(
+            "authz_snapshot_info",
+            "The serving snapshot's active version (value is always 1).",
+            ["active_version"],
+            registry=r,
+        )
+        store.on_install(self.snapshot_installed)
+        store.on_reject(lambda refusal: self.invalid_documents.labels(refusal.kind).inc())
+
+    def snapshot_installed(self, snapshot: Snapshot) -> None:
+        self._revision.set(snapshot.revision)
+        self._built.set(snapshot.built_at)
+        self._info.clear()
+        self._info.labels(snapshot.active_version).set(1)
+
+    def decision(self, evaluation: Evaluation) -> None:
+        allowed = evaluation.allowed
+        key = (
+            evaluation.decided_by,
+            "allow" if allowed else "deny",
+            evaluation.selection.value,
+            evaluation.reason.value,
+        )
+        decisions = self.decisions
+        decisions[key] = decisions.get(key, 0) + 1
+        per_set = self.set_decisions
+        set_key = (
+            "shadow" if evaluation.decided_by == "shadow" else "active",
+            evaluation.enforced.meta.version,
+            key[1],
+            "true",
+        )
+        per_set[set_key] = per_set.get(set_key, 0) + 1
+        observations = self.observations
+        for obs in evaluation.observed:
+            observations[obs.version] = observations.get(obs.version, 0) + 1
+            obs_key = ("shadow" if obs.shadow else "active", obs.version, "allow" if obs.allowed else "deny", "false")
+            per_set[obs_key] = per_set.get(obs_key, 0) + 1
+            if obs.mismatch:
+                mkey = (
+                    obs.version,
+                    "expected" if obs.expected else "unexpected",
+                    "allow_to_deny" if allowed else "deny_to_allow",
+                )
+                self.mismatches[mkey] = self.mismatches.get(mkey, 0) + 1
+
+    def refusal(self, reason: Reason) -> None:
+        """A deny decided before any set was consulted (no identity, unmapped, malformed...)."""
+        key = ("none", "deny", "none", reason.value)
+        self.decisions[key] = self.decisions.get(key, 0) + 1
+
+    def rejected(self, front: str, reason: str) -> None:
+        """A request refused at a front (see REJECTIONS); any other pair is a bug, so it raises."""
+        if reason not in REJECTIONS[front]:
+            raise ValueError(f"unknown rejection {front}/{reason}")
+        self._rejected.labels(front, reason).inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

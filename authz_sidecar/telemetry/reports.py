@@ -1,0 +1,105 @@
+"""Shadow reports: how much traffic has exercised each live shadow, tallied per sidecar.
+
+Each sidecar tallies, per live shadow: how many Checks evaluated it (observed beside the enforced
+set, or deciding itself), its mismatches by kind and direction, the handles requests asked for,
+which of the shadow's predicted-impact entries (principal, handle, scope) traffic actually hit, and
+the (principal, handle) pairs behind unexpected mismatches, so that ``ctl report`` can say who and
+what a change affects that nobody predicted.
+Every few seconds :mod:`authz_sidecar.store.publisher` writes the tally under
+``<prefix>/reports/<version>/<sidecar id>``, attached to a lease that outlives a few publications,
+so a sidecar that dies takes its report with it.
+``authz-sidecar ctl report VERSION`` sums the reports of every sidecar and computes coverage: the
+share of the predicted impact that traffic exercised, and the handles it never did.
+
+The tally is counted on the hot path with dict and set operations (no lock: a rare lost increment
+under the threaded server is acceptable for a report; an answer never depends on it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+
+from authz_sidecar.model.evaluation import Evaluation
+from authz_sidecar.model.snapshot import Snapshot
+
+log = structlog.get_logger("authz_sidecar.telemetry.reports")
+# Impact entries listed per report at most: coverage of a huge change is reported as a count.
+MAX_EXERCISED = 10_000
+# Distinct (principal, handle) pairs behind unexpected mismatches kept per shadow: a change that
+# surprises everyone costs a bounded dict; mismatches of pairs past it are counted, not itemised.
+MAX_UNEXPECTED_PAIRS = 1_000
+# Of those, the most frequent listed in a published report (the rest are counted as unlisted).
+PUBLISHED_UNEXPECTED_PAIRS = 100
+
+
+@dataclass
+class Tally:
+    evaluations: int = 0
+    mismatches: dict[str, int] = field(default_factory=dict)  # "expected/allow_to_deny" -> n
+    handles: set[str] = field(default_factory=set)
+    exercised: set[tuple[str, str, str | None]] = field(default_factory=set)
+    unexpected: dict[tuple[str, str], int] = field(default_factory=dict)  # (principal, handle) -> n
+    unexpected_unlisted: int = 0  # unexpected mismatches of pairs past MAX_UNEXPECTED_PAIRS
+
+    def count_unexpected(self, principal: str, handle: str) -> None:
+        pair = (principal, handle)
+        n = self.unexpected.get(pair)
+        if n is not None:
+            self.unexpected[pair] = n + 1
+        elif len(self.unexpected) < MAX_UNEXPECTED_PAIRS:
+            self.unexpected[pair] = 1
+        else:
+            self.unexpected_unlisted += 1
+
+    def document(self) -> dict[str, Any]:
+        pairs = sorted(self.unexpected.items(), key=lambda item: (-item[1], item[0]))
+        listed = pairs[:PUBLISHED_UNEXPECTED_PAIRS]
+        return {
+            "evaluations": self.evaluations,
+            "mismatches": dict(sorted(self.mismatches.items())),
+            "handles": sorted(self.handles),
+            "exercised": sorted([list(e) for e in self.exercised], key=str)[:MAX_EXERCISED],
+            "unexpected": [[p, h, n] for (p, h), n in listed],
+            "unexpected_unlisted": self.unexpected_unlisted + sum(n for _pair, n in pairs[PUBLISHED_UNEXPECTED_PAIRS:]),
+        }
+
+
+class ShadowReports:
+    def __init__(self) -> None:
+        self.tallies: dict[str, Tally] = {}
+
+    def observe(
+        self, snapshot: Snapshot, evaluation: Evaluation, principal: str, handle: str, scope: str | None
+    ) -> None:
+        """Count one Check against every live shadow it evaluated."""
+        tallies = self.tallies
+        versions = [o for o in evaluation.observed if o.shadow]
+        enforced = evaluation.enforced.meta.version if evaluation.decided_by == "shadow" else None
+        for version in [o.version for o in versions] + ([enforced] if enforced else []):
+            tally = tallies.get(version)
+            if tally is None:
+                tally = tallies[version] = Tally()
+            tally.evaluations += 1
+            tally.handles.add(handle)
+            view = snapshot.by_version.get(version)
+            if view is not None:
+                for entry in ((principal, handle, scope), (principal, handle, None)):
+                    if entry in view.impact:
+                        tally.exercised.add(entry)
+        allowed = evaluation.allowed
+        for observed in versions:
+            if observed.mismatch:
+                key = f"{'expected' if observed.expected else 'unexpected'}/" + (
+                    "allow_to_deny" if allowed else "deny_to_allow"
+                )
+                tally = tallies[observed.version]
+                tally.mismatches[key] = tally.mismatches.get(key, 0) + 1
+                if not observed.expected:
+                    tally.count_unexpected(principal, handle)
+
+    def retain(self, live: set[str]) -> None:
+        """Forget shadows that are no longer live."""
+        self.tallies = {v: t for v, t in self.tallies.items() if v in live}
