@@ -11,8 +11,10 @@ import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from authz_sidecar.decision.identity import SOURCES
+from authz_sidecar.decision.identity import check_sources
+from authz_sidecar.decision.tokens import DEFAULT_ALGORITHMS
 from authz_sidecar.errors import ConfigError
+from authz_sidecar.fronts.grpcfront import SERVER_MODELS
 from authz_sidecar.store.etcd import EtcdOptions
 from authz_sidecar.store.layout import normalise_prefix
 
@@ -62,7 +64,7 @@ class Settings:
     jwks_timeout: float = 5.0
     jwt_issuers: tuple[str, ...] = ()
     jwt_audiences: tuple[str, ...] = ()
-    jwt_algorithms: tuple[str, ...] = ("RS256", "PS256", "ES256", "EdDSA")
+    jwt_algorithms: tuple[str, ...] = DEFAULT_ALGORITHMS
     dev_principal_header: str = ""
     payload_header: str = "x-jwt-payload"
     # Address of the HTTP variant of ext_authz; empty: not served.
@@ -167,8 +169,6 @@ def _validate_jwks(settings: Settings) -> None:
         raise ConfigError("--jwks-refresh-interval and --jwks-timeout must be > 0")
     if settings.jwks_min_refresh_interval <= 0:
         raise ConfigError("--jwks-min-refresh-interval must be > 0 (it rate-limits fetches of the JWKS URL)")
-    if "jwt" in settings.identity_sources() and settings.jwks_file is None and not settings.jwks_url:
-        raise ConfigError("--identity jwt needs --jwks-file FILE or --jwks-url URL")
 
 
 def validate(settings: Settings) -> Settings:
@@ -195,18 +195,18 @@ def validate(settings: Settings) -> Settings:
         raise ConfigError(f"--state-dir {settings.state_dir}: not a directory")
     if settings.policy_dir is not None and not settings.policy_dir.is_dir():
         raise ConfigError(f"--policy-dir {settings.policy_dir}: not a directory")
-    for name in settings.identity_sources():
-        if name not in SOURCES:
-            raise ConfigError(f"--identity: unknown source {name!r} (expected: {', '.join(SOURCES)})")
-    if "header" in settings.identity_sources() and not settings.dev_principal_header:
-        raise ConfigError("--identity header needs --dev-principal-header NAME (development only)")
     _validate_jwks(settings)
+    check_sources(
+        settings.identity_sources(),
+        has_keys=settings.jwks_file is not None or bool(settings.jwks_url),
+        dev_header=settings.dev_principal_header,
+    )
     if any(a.lower() == "none" for a in settings.jwt_algorithms):
         raise ConfigError("--jwt-algorithms: 'none' is never accepted")
     if settings.stickiness not in STICKINESS:
         raise ConfigError(f"--stickiness must be one of {', '.join(STICKINESS)}, not {settings.stickiness!r}")
-    if settings.server_model not in ("aio", "threads"):
-        raise ConfigError(f"--server-model must be aio or threads, not {settings.server_model!r}")
+    if settings.server_model not in SERVER_MODELS:
+        raise ConfigError(f"--server-model must be {' or '.join(SERVER_MODELS)}, not {settings.server_model!r}")
     if not 0.0 <= settings.log_decisions <= 1.0:
         raise ConfigError("--log-decisions is a share of decisions, between 0 and 1")
     if settings.workers < 1:

@@ -1,6 +1,6 @@
 """Exceptions raised by authz-sidecar.
 
-The whole tree::
+The tree of what reaches a user (the CLI prints one line for each and exits non-zero)::
 
     AuthzError                  base of everything the project raises on purpose
     +-- DocumentError           a permission set, shadow or catalog document is invalid;
@@ -11,7 +11,20 @@ The whole tree::
     +-- BindError               an address the settings name cannot be listened on (in use,
                                 not permitted); the settings are fine, the machine is not: exit 1
 
-A deny is not an exception: the hot path returns a Decision with a Reason. Exceptions are for
+Exceptions that stay inside one part, each defined beside the code that raises and handles it::
+
+    store.policy.StoreError             a control-plane write refused; ctl prints it, exit 1
+    +-- ConflictError                   a compare-and-swap lost to a concurrent write
+    +-- OwnedElsewhereError             a handle another service registered
+    +-- CatalogTooLargeError            a catalog over a bound, refused before it is sent
+    store.etcd.WatchLostError           the watch ended or went silent: resume from the revision
+    store.etcd.CompactedError           the resume revision was compacted: list again
+    store.sources.etcd.EtcdMovedError   etcd was replaced or restored: list again
+    model.routes.PathError (ValueError) a path that cannot be normalised: denied as malformed
+    fronts.registry.RegistryError       a Registry call refused, with its gRPC status code
+    telemetry.otlpexport.ExportError    one span export failed: counted as dropped
+
+A deny is not an exception: the hot path returns an Outcome with a Reason. Exceptions are for
 documents and settings, where the right reaction is to refuse the input and keep what was working.
 """
 

@@ -14,10 +14,8 @@ import structlog
 
 from authz_sidecar.v1 import authz_pb2, authz_pb2_grpc
 
-from .conftest import RunningSidecar, shadow, sidecar_settings, write_policy
+from .helpers import RunningSidecar, check, request, scrape, shadow, sidecar_settings, write_policy
 from .otlp import OtlpReceiver
-from .test_check_grpc import check, request
-from .test_metrics import scrape
 
 # Families whose movement must be the same whichever front asked.
 FAMILIES = (

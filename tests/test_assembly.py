@@ -9,7 +9,7 @@ from authz_sidecar.documents import parse_catalog, parse_permission_set, parse_s
 from authz_sidecar.model.assembly import ACTIVE_SLOT, LastGood, Read, Refusal, assemble
 from authz_sidecar.model.values import Catalog, PermissionSet, ShadowSet
 
-from .conftest import ACTIVE, CATALOG, shadow
+from .helpers import ACTIVE, CATALOG, shadow
 
 CAT = "catalogs/things"
 
@@ -36,7 +36,7 @@ def without(handle: str) -> dict[str, Any]:
 
 def test_nothing_to_serve_before_the_first_good_active_set() -> None:
     assert assemble(None, [], [catalog()]).waiting == "no active set yet"
-    bad = Read("sets/v1", Refusal("active", "sets/v1", "not valid JSON"))
+    bad: Read[Any] = Read("sets/v1", Refusal("active", "sets/v1", "not valid JSON"))
     result = assemble(bad, [], [catalog()])
     assert result.snapshot is None and result.waiting == "sets/v1: not valid JSON"
     assert result.refusals == (bad.value,)
@@ -45,7 +45,7 @@ def test_nothing_to_serve_before_the_first_good_active_set() -> None:
 def test_a_refused_active_set_keeps_the_last_good_one() -> None:
     first = assemble(active(), [], [catalog()])
     assert first.snapshot is not None
-    bad = Read("sets/v2", Refusal("active", "sets/v2", "broken"))
+    bad: Read[Any] = Read("sets/v2", Refusal("active", "sets/v2", "broken"))
     second = assemble(bad, [shadow_read("v3")], [catalog()], last=first.last_good)
     assert second.snapshot is not None and second.snapshot.active_version == "v1"
     assert [s.version for s in second.snapshot.shadows] == ["v3"]
@@ -102,12 +102,14 @@ def test_shadows_are_refused_one_by_one_in_version_order() -> None:
 def test_documents_from_a_disk_copy_are_stale_until_the_source_confirms_them() -> None:
     disk = assemble(active(), [], [catalog()]).last_good.from_disk()
     assert disk.unconfirmed == {ACTIVE_SLOT, CAT}
-    missing = Read("sets/v9", Refusal("pointer", "pointers/active", "names version 'v9', which is not in etcd"))
+    missing: Read[Any] = Read(
+        "sets/v9", Refusal("pointer", "pointers/active", "names version 'v9', which is not in etcd")
+    )
     served = assemble(missing, [], [catalog()], last=disk)
     assert served.snapshot is not None and served.stale and served.last_good.unconfirmed == {ACTIVE_SLOT}
     confirmed = assemble(active(), [], [catalog()], last=served.last_good)
     assert not confirmed.stale and confirmed.last_good.unconfirmed == frozenset()
-    broken = Read(CAT, Refusal("catalog", CAT, "not valid JSON"))
+    broken: Read[Any] = Read(CAT, Refusal("catalog", CAT, "not valid JSON"))
     assert assemble(active(), [], [broken], last=disk).last_good.unconfirmed == {CAT}
 
 

@@ -11,52 +11,14 @@ from typing import Any
 import grpc
 import jwt
 import pytest
-from google.protobuf.struct_pb2 import Struct
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from authz_sidecar._proto.envoy.service.auth.v3 import external_auth_pb2 as pb
-from authz_sidecar._proto.envoy.service.auth.v3 import external_auth_pb2_grpc as pb_grpc
 from authz_sidecar.local.tokens import DemoIssuer
 from authz_sidecar.v1 import authz_pb2, authz_pb2_grpc
 
-from .conftest import RunningSidecar, shadow, sidecar_settings, write_policy
-
-JWT_AUTHN = "envoy.filters.http.jwt_authn"
-
-
-def request(
-    path: str = "/things/1",
-    method: str = "GET",
-    headers: dict[str, str] | None = None,
-    sub: str | None = None,
-    extensions: dict[str, str] | None = None,
-    peer: str = "",
-) -> pb.CheckRequest:
-    req = pb.CheckRequest()
-    http = req.attributes.request.http
-    http.method, http.path, http.id = method, path, "req-1"
-    http.headers.update(headers or {})
-    if sub is not None:
-        payload = Struct()
-        payload.update({"jwt_payload": {"sub": sub, "iss": "x"}})
-        req.attributes.metadata_context.filter_metadata[JWT_AUTHN].CopyFrom(payload)
-    req.attributes.context_extensions.update(extensions or {})
-    req.attributes.source.principal = peer
-    return req
-
-
-def check(side: RunningSidecar, req: pb.CheckRequest) -> pb.CheckResponse:
-    return pb_grpc.AuthorizationStub(side.channel).Check(req, timeout=5)  # type: ignore[no-any-return]
-
-
-def status_of(resp: pb.CheckResponse) -> int:
-    return 200 if resp.HasField("ok_response") else int(resp.denied_response.status.code)
-
-
-def headers_of(resp: pb.CheckResponse) -> dict[str, str]:
-    options = resp.ok_response.headers if resp.HasField("ok_response") else resp.denied_response.headers
-    return {h.header.key: h.header.value for h in options}
+from .helpers import RunningSidecar, check, headers_of, request, shadow, sidecar_settings, status_of, write_policy
 
 
 def test_allow_adds_decided_by_headers_and_metadata(running: RunningSidecar) -> None:
@@ -146,7 +108,7 @@ def test_jwt_alg_none_wrong_key_expired_wrong_audience_are_401(running: RunningS
     now = int(time.time())
     claims = {"iss": issuer.issuer, "sub": "alice", "aud": "things", "exp": now + 600}
     bad = {
-        "alg none": jwt.encode(claims, None, algorithm="none"),
+        "alg none": jwt.encode(claims, "", algorithm="none"),
         "wrong key": DemoIssuer(kid=issuer.kid).token("alice"),
         "expired": issuer.token("alice", ttl=-3600),
         "wrong audience": issuer.token("alice", audience="other-service"),
@@ -246,7 +208,6 @@ def test_dev_header_identity_only_when_enabled(running: RunningSidecar) -> None:
 
 @pytest.mark.parametrize("stickiness", ["request_id"])
 def test_request_id_stickiness(tmp_path: Path, stickiness: str) -> None:
-    from .conftest import shadow
 
     policy = write_policy(tmp_path / "p", shadows=[shadow("v2", weights={"us-east": 50})])
     side = RunningSidecar(

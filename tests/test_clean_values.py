@@ -9,6 +9,7 @@ documents written straight into etcd around ctl.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +20,21 @@ from authz_sidecar.errors import DocumentError
 from authz_sidecar.local.etcd import EtcdCluster
 from authz_sidecar.store import layout
 
-from .conftest import ACTIVE, CATALOG, shadow
-from .etcd_helpers import ctl, decision, etcd_sidecar, raw_put, raw_set, seed, unique_prefix, wait_for, write_json
-from .test_etcd_source import status
+from .helpers import (
+    ACTIVE,
+    CATALOG,
+    ctl,
+    decision,
+    etcd_sidecar,
+    raw_put,
+    raw_set,
+    seed,
+    shadow,
+    status,
+    unique_prefix,
+    wait_for,
+    write_json,
+)
 
 DIRTY = ["\n", "\r\n", "\x00", "\x1b[31m", "\x7f", "\t"]
 
@@ -66,9 +79,13 @@ def _with_handle(handle: str) -> dict[str, Any]:
 def test_control_characters_and_trailing_newlines_are_refused(what: str, make: Any, dirt: str) -> None:
     """Each kind of name, with each kind of dirt at its end, is refused with a DocumentError."""
     kind, document = make(dirt)
-    parse = {"set": parse_permission_set, "shadow": parse_shadow, "catalog": parse_catalog}[kind]
+    parsers: dict[str, Callable[[Any, str], object]] = {
+        "set": parse_permission_set,
+        "shadow": parse_shadow,
+        "catalog": parse_catalog,
+    }
     with pytest.raises(DocumentError):
-        parse(document, what)
+        parsers[kind](document, what)
 
 
 def test_ctl_refuses_a_version_with_a_trailing_newline(etcd: EtcdCluster, tmp_path: Path) -> None:

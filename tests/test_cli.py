@@ -17,7 +17,7 @@ from authz_sidecar.local.etcd import EtcdCluster
 from authz_sidecar.local.processes import Process, free_port, wait_for_http
 from authz_sidecar.local.tokens import DemoIssuer
 
-from .conftest import write_policy
+from .helpers import request, seed, shadow, status_of, unique_prefix, write_policy
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -55,7 +55,6 @@ def test_errors_are_one_line_on_stderr(args: list[str], needle: str, code: int) 
 
 
 def test_validate_reports_what_would_serve(tmp_path: Path) -> None:
-    from .conftest import shadow
 
     policy = write_policy(tmp_path / "p", shadows=[shadow("v2", weights={"us-east": 10})])
     result = run_cli("validate", "--policy-dir", str(policy), "--region", "us-east")
@@ -102,9 +101,6 @@ def test_logs_are_json_lines_with_sampled_decisions_mismatches_and_no_secrets(
 
     from authz_sidecar._proto.envoy.service.auth.v3 import external_auth_pb2_grpc as pb_grpc
 
-    from .conftest import shadow
-    from .test_check_grpc import request, status_of
-
     policy = write_policy(tmp_path / "p", shadows=[shadow("v2")])
     jwks = issuer.write_jwks(tmp_path / "jwks.json")
     grpc_port, http_port = free_port(), free_port()
@@ -142,8 +138,6 @@ def test_the_default_disk_copy_works_for_the_images_user(etcd: EtcdCluster, tmp_
     (before: it went to ~/.cache, which that user cannot create, and was never saved)."""
     import shutil
     import tempfile
-
-    from .etcd_helpers import seed, unique_prefix
 
     prefix = unique_prefix()
     seed(etcd.endpoints, prefix, tmp_path / "seed")

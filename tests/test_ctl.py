@@ -23,8 +23,9 @@ from authz_sidecar import cli
 from authz_sidecar.local.etcd import EtcdCluster
 from authz_sidecar.store import layout
 
-from .conftest import ACTIVE, CATALOG
-from .etcd_helpers import (
+from .helpers import (
+    ACTIVE,
+    CATALOG,
     ctl,
     ctl_json,
     decision,

@@ -10,7 +10,7 @@ from authz_sidecar.documents import load_document, parse_catalog, parse_permissi
 from authz_sidecar.errors import DocumentError
 from authz_sidecar.model.snapshot import build_snapshot
 
-from .conftest import ACTIVE, CATALOG, shadow
+from .helpers import ACTIVE, CATALOG, shadow
 
 
 def test_issue_example_set_parses() -> None:
@@ -217,7 +217,7 @@ def test_json_duplicate_keys_are_refused() -> None:
 
 def test_grant_errors_name_their_field() -> None:
     """The fast path for valid grants still reports the exact field of an invalid one."""
-    doc = {
+    doc: dict[str, Any] = {
         "roles": {"r": ["a:b"]},
         "grants": [{"principal": "ok", "roles": ["r"]}, {"principal": " x", "roles": ["r"]}],
     }

@@ -28,7 +28,7 @@ from authz_sidecar.local.processes import LOOPBACK, free_port, wait_for_http, wa
 from authz_sidecar.local.tokens import DEMO_ISSUER, DemoIssuer
 from authz_sidecar.model.selection import stable_bucket
 
-from .conftest import ACTIVE, CATALOG, shadow, write_policy
+from .helpers import ACTIVE, CATALOG, shadow, write_policy
 
 pytestmark = pytest.mark.envoy
 

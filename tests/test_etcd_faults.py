@@ -12,6 +12,7 @@ import json
 import time
 import urllib.request
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -22,9 +23,21 @@ from authz_sidecar.local.processes import free_port
 from authz_sidecar.store import layout
 from authz_sidecar.store.etcd import Etcd, EtcdOptions
 
-from .conftest import ACTIVE, CATALOG, shadow
-from .etcd_helpers import ctl, decision, etcd_sidecar, raw_put, seed, unique_prefix, wait_for, write_json
-from .test_etcd_source import health, status
+from .helpers import (
+    ACTIVE,
+    CATALOG,
+    ctl,
+    decision,
+    etcd_sidecar,
+    health,
+    raw_put,
+    seed,
+    shadow,
+    status,
+    unique_prefix,
+    wait_for,
+    write_json,
+)
 
 
 @pytest.fixture
@@ -207,7 +220,7 @@ def test_three_member_cluster_with_a_member_killed(cluster: EtcdCluster, tmp_pat
             cluster.members[victim].kill()
             alive = ",".join(m.endpoint for i, m in enumerate(cluster.members) if i != victim)
             canary(alive, prefix, weight)
-            wait_for(lambda want=want: decision(side, "bob") == want, timeout=15, what=f"bob -> {want}")
+            wait_for(partial(lambda w: decision(side, "bob") == w, want), timeout=15, what=f"bob -> {want}")
             cluster.restart(cluster.members[victim])
     finally:
         side.close()

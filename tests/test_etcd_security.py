@@ -17,8 +17,7 @@ from authz_sidecar.local.processes import LOOPBACK, Process, free_port, wait_for
 from authz_sidecar.store.etcd import Etcd, EtcdOptions
 
 from .certs import make_certs
-from .conftest import ACTIVE, CATALOG
-from .etcd_helpers import ctl, unique_prefix, wait_for, write_json
+from .helpers import ACTIVE, CATALOG, ctl, unique_prefix, wait_for, write_json
 
 
 def sidecar_process(tmp: Path, args: list[str], env: dict[str, str] | None = None) -> tuple[Process, int]:
@@ -93,11 +92,10 @@ def test_user_and_password_from_the_environment(tmp_path: Path) -> None:
         processes.append(good)
         wait_for_http(f"http://{LOOPBACK}:{good_port}/readyz", good, timeout=30)
         assert status(good_port)["active_version"] == "v1"
-        bad, bad_port = (
-            sidecar_process(tmp_path / "bad", args, env={"AUTHZ_ETCD_USER": "root", "AUTHZ_ETCD_PASSWORD": "wrong"})
-            if (tmp_path / "bad").mkdir() is None
-            else (None, 0)
-        )  # type: ignore[func-returns-value]
+        (tmp_path / "bad").mkdir()
+        bad, bad_port = sidecar_process(
+            tmp_path / "bad", args, env={"AUTHZ_ETCD_USER": "root", "AUTHZ_ETCD_PASSWORD": "wrong"}
+        )
         processes.append(bad)
         wait_for(lambda: _up(bad_port), what="the sidecar with the wrong password to answer /status")
         assert status(bad_port)["ready"] is False  # fails closed: no snapshot, every Check denied

@@ -9,32 +9,28 @@ from __future__ import annotations
 import json
 import statistics
 import time
-import urllib.request
+from functools import partial
 from pathlib import Path
-from typing import Any
 
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 
 from authz_sidecar.local.etcd import EtcdCluster
 from authz_sidecar.store import layout
 
-from .conftest import RunningSidecar, shadow
-from .etcd_helpers import ctl, decision, etcd_sidecar, raw_put, seed, unique_prefix, wait_for, write_json
-
-
-def status(side: RunningSidecar) -> dict[str, Any]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{side.sidecar.http_port}/status", timeout=5) as r:
-        body = r.read()
-    try:
-        return json.loads(body)  # type: ignore[no-any-return]
-    except ValueError:
-        raise AssertionError(f"/status on port {side.sidecar.http_port} answered {body[:300]!r}") from None
-
-
-def health(side: RunningSidecar) -> int:
-    stub = health_pb2_grpc.HealthStub(side.channel)
-    return int(stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=5).status)
+from .helpers import (
+    ctl,
+    decision,
+    etcd_sidecar,
+    health,
+    raw_put,
+    seed,
+    shadow,
+    status,
+    unique_prefix,
+    wait_for,
+    write_json,
+)
 
 
 def test_ctl_writes_change_decisions_and_how_fast(etcd: EtcdCluster, tmp_path: Path) -> None:
@@ -58,7 +54,7 @@ def test_ctl_writes_change_decisions_and_how_fast(etcd: EtcdCluster, tmp_path: P
             weight, want = (100, 200) if i % 2 == 0 else (0, 403)
             started = time.monotonic()
             assert ctl(etcd.endpoints, prefix, "canary", "v2", "--weight", f"us-east={weight}") == 0
-            wait_for(lambda want=want: decision(side, "bob") == want, what=f"bob -> {want}")
+            wait_for(partial(lambda w: decision(side, "bob") == w, want), what=f"bob -> {want}")
             took.append(time.monotonic() - started)
         took.sort()
         print(

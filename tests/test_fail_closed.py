@@ -11,8 +11,7 @@ from authz_sidecar.fronts.extauthz import CheckHandler
 from authz_sidecar.model.snapshot import build_snapshot
 from authz_sidecar.telemetry.metrics import Metrics
 
-from .conftest import ACTIVE, CATALOG
-from .test_check_grpc import request, status_of
+from .helpers import ACTIVE, CATALOG, request, status_of
 
 
 def broken_source(_inputs: RequestIdentityInputs) -> str | None:

@@ -7,12 +7,13 @@ import json
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import yaml
 
 from authz_sidecar.store.sources.files import write_atomically
 
-from .conftest import ACTIVE, RunningSidecar, shadow, sidecar_settings, write_policy
+from .helpers import ACTIVE, RunningSidecar, shadow, sidecar_settings, write_policy
 
 
 def wait_for(predicate, timeout: float = 5.0) -> None:  # type: ignore[no-untyped-def]
@@ -23,8 +24,11 @@ def wait_for(predicate, timeout: float = 5.0) -> None:  # type: ignore[no-untype
         time.sleep(0.02)
 
 
-def status(side: RunningSidecar) -> dict:  # type: ignore[type-arg]
-    return json.loads(urllib.request.urlopen(f"http://127.0.0.1:{side.sidecar.http_port}/status").read())
+def status(side: RunningSidecar) -> dict[str, Any]:
+    found: dict[str, Any] = json.loads(
+        urllib.request.urlopen(f"http://127.0.0.1:{side.sidecar.http_port}/status").read()
+    )
+    return found
 
 
 def test_reload_bad_file_and_recovery(tmp_path: Path) -> None:
@@ -62,7 +66,8 @@ def test_reload_bad_file_and_recovery(tmp_path: Path) -> None:
         (policy / "shadows" / "v3.yaml").write_bytes(b"version: v3\nroles: {r: [\xff]}\n")
         wait_for(lambda: store.invalid_documents >= 3)
         assert "not UTF-8" in (store.last_error or "")
-        assert store.snapshot is not None and [s.version for s in store.snapshot.shadows] == ["v2"]
+        snapshot = store.snapshot
+        assert snapshot is not None and [v.version for v in snapshot.shadows] == ["v2"]
         metrics = urllib.request.urlopen(f"http://127.0.0.1:{side.sidecar.http_port}/metrics").read().decode()
         for kind in ("active", "catalog", "shadow"):
             assert f'authz_invalid_documents_total{{kind="{kind}"}} 1.0' in metrics

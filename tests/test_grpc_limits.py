@@ -5,7 +5,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -14,10 +14,19 @@ import pytest
 from authz_sidecar.local.etcd import EtcdCluster
 from authz_sidecar.v1 import authz_pb2, authz_pb2_grpc, registry_pb2, registry_pb2_grpc
 
-from .conftest import CATALOG, RunningSidecar, sidecar_settings
-from .etcd_helpers import decision, etcd_sidecar, seed, unique_prefix
-from .test_check_grpc import check, request, status_of
-from .test_metrics import scrape
+from .helpers import (
+    CATALOG,
+    RunningSidecar,
+    check,
+    decision,
+    etcd_sidecar,
+    request,
+    scrape,
+    seed,
+    sidecar_settings,
+    status_of,
+    unique_prefix,
+)
 
 MODELS = ["aio", "threads"]
 
@@ -47,7 +56,7 @@ def test_a_message_over_the_default_limit_is_resource_exhausted_and_counted(defa
     over = request(headers={"x-big": "a" * (4 * 1024 * 1024 + 100_000)}, sub="alice")
     with pytest.raises(grpc.RpcError) as err:
         check(default_side, over)
-    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED  # type: ignore[attr-defined]
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert rejected(default_side, "message_too_large") == 1
     assert status_of(check(default_side, request(sub="alice"))) == 200
 
@@ -59,7 +68,7 @@ def test_every_method_refuses_a_message_over_the_configured_limit(policy_dir: Pa
     try:
         assert status_of(check(side, request(headers={"x-fill": "a" * 60_000}, sub="alice"))) == 200
         app = authz_pb2_grpc.AuthzStub(side.channel)
-        calls = [
+        calls: list[Callable[[], object]] = [
             lambda: check(side, request(headers={"x-big": "a" * 70_000}, sub="alice")),
             lambda: app.Check(authz_pb2.CheckRequest(principal="a" * 70_000, permission="things:view"), timeout=5),
             lambda: check(side, request(headers={"x-big": "a" * 2_000_000}, sub="alice")),
@@ -67,12 +76,12 @@ def test_every_method_refuses_a_message_over_the_configured_limit(policy_dir: Pa
         for call in calls:
             with pytest.raises(grpc.RpcError) as err:
                 call()
-            assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED  # type: ignore[attr-defined]
+            assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert rejected(side, "message_too_large") >= 2
         # Bytes that do not parse as the method's request: the client's fault.
         with pytest.raises(grpc.RpcError) as err:
-            side.channel.unary_unary("/authz_sidecar.v1.Authz/Check")(b"\xff\xff\xff", timeout=5)
-        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
+            side.channel.unary_unary("/authz_sidecar.v1.Authz/Check", None, None)(b"\xff\xff\xff", timeout=5)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     finally:
         side.close()
 
@@ -100,7 +109,7 @@ def test_rpcs_beyond_the_concurrency_limit_are_resource_exhausted_and_counted(tm
             try:
                 decision(side, "alice", "GET")
             except grpc.RpcError as exc:
-                assert exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED  # type: ignore[attr-defined]
+                assert exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
                 refused += 1
                 break
             time.sleep(0.01)
@@ -108,7 +117,7 @@ def test_rpcs_beyond_the_concurrency_limit_are_resource_exhausted_and_counted(tm
         for _ in range(2):
             with pytest.raises(grpc.RpcError) as err:
                 decision(side, "alice", "GET")
-            assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED  # type: ignore[attr-defined]
+            assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
             refused += 1
         etcd.resume()
         assert len(held.result(timeout=30).permissions) == len(CATALOG["permissions"])
@@ -117,7 +126,7 @@ def test_rpcs_beyond_the_concurrency_limit_are_resource_exhausted_and_counted(tm
                 if decision(side, "alice", "GET") == 200:
                     break
             except grpc.RpcError as exc:
-                assert exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED  # type: ignore[attr-defined]
+                assert exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
                 refused += 1
             time.sleep(0.01)
         assert decision(side, "alice", "GET") == 200

@@ -14,7 +14,7 @@ import pytest
 
 from authz_sidecar.local.tokens import DemoIssuer
 
-from .conftest import RunningSidecar, sidecar_settings
+from .helpers import RunningSidecar, scrape, sidecar_settings
 
 
 def payload(sub: str) -> str:
@@ -84,7 +84,6 @@ def test_garbage_is_a_400_and_the_connection_closes(http_sidecar: RunningSidecar
 
 
 def rejected(side: RunningSidecar, front: str, reason: str) -> float:
-    from .test_metrics import scrape
 
     return scrape(side).get(("authz_rejected_total", (("front", front), ("reason", reason))), 0.0)
 

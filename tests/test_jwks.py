@@ -26,8 +26,7 @@ from cryptography.hazmat.primitives import serialization
 
 from authz_sidecar.local.tokens import DemoIssuer
 
-from .conftest import RunningSidecar, sidecar_settings
-from .test_check_grpc import check, headers_of, request, status_of
+from .helpers import RunningSidecar, check, headers_of, request, sidecar_settings, status_of
 
 WAIT = 15.0  # generous: a loaded 2-core machine
 

@@ -3,19 +3,16 @@ those its proposal declared and those it did not (a role edited by mistake)."""
 
 from __future__ import annotations
 
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from authz_sidecar.documents import parse_permission_set
 from authz_sidecar.errors import DocumentError
 from authz_sidecar.model.engine import compile_set, declared, impact
 
-from .conftest import CATALOG, RunningSidecar, sidecar_settings, write_policy
-from .test_check_grpc import check, request, status_of
+from .helpers import CATALOG, RunningSidecar, check, moved, request, scrape, sidecar_settings, status_of, write_policy
 
 ROLES = {
     "viewer": ["things:view"],
@@ -51,20 +48,6 @@ def side(tmp_path: Path) -> Iterator[RunningSidecar]:
         yield running
     finally:
         running.close()
-
-
-def scrape(side: RunningSidecar) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{side.sidecar.http_port}/metrics").read().decode()
-    return {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    }
-
-
-def moved(before: dict, after: dict, name: str, **labels: str) -> float:  # type: ignore[type-arg]
-    key = (name, tuple(sorted(labels.items())))
-    return after.get(key, 0.0) - before.get(key, 0.0)
 
 
 def test_expected_and_unexpected_mismatches_are_counted_apart(side: RunningSidecar) -> None:

@@ -18,12 +18,11 @@ import pytest
 from authz_sidecar.errors import ConfigError
 from authz_sidecar.local.processes import free_port
 from authz_sidecar.telemetry import tracing
+from authz_sidecar.telemetry.otlpexport import ExportSettings
 
 from .certs import make_certs
-from .conftest import RunningSidecar, shadow, sidecar_settings, write_policy
+from .helpers import RunningSidecar, check, request, scrape, shadow, sidecar_settings, status_of, write_policy
 from .otlp import OtlpHttpReceiver, OtlpReceiver
-from .test_check_grpc import check, request, status_of
-from .test_metrics import scrape
 
 PROTOCOLS = ["grpc", "http/protobuf"]
 DROPPED = "authz_spans_dropped_total"
@@ -369,8 +368,8 @@ def test_an_export_the_sidecar_cannot_make_is_refused_at_start_up(
 # --- the settings, as the specification reads the variables --------------------------------------------
 
 
-def settings(**env: str) -> tracing.ExportSettings:
-    return tracing.ExportSettings.from_env(env)
+def settings(**env: str) -> ExportSettings:
+    return ExportSettings.from_env(env)
 
 
 def test_endpoints_follow_the_specification() -> None:
@@ -419,8 +418,8 @@ def test_endpoints_follow_the_specification() -> None:
 
 
 def test_timeouts_are_milliseconds_and_headers_are_percent_decoded() -> None:
-    def settings(**env: str) -> tracing.ExportSettings:
-        return tracing.ExportSettings.from_env({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4317", **env})
+    def settings(**env: str) -> ExportSettings:
+        return ExportSettings.from_env({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4317", **env})
 
     timeout, traces_timeout = "OTEL_EXPORTER_OTLP_TIMEOUT", "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT"
     assert settings().timeout == 10.0  # the specification's default, 10000 ms

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, MutableMapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,20 +22,25 @@ from authz_sidecar.local.etcd import EtcdCluster
 from authz_sidecar.store import layout
 from authz_sidecar.store.sources.files import write_atomically
 
-from .conftest import ACTIVE, CATALOG, RunningSidecar, shadow, sidecar_settings, write_policy
-from .etcd_helpers import (
+from .helpers import (
+    ACTIVE,
+    CATALOG,
+    RunningSidecar,
     ctl,
     decision,
     etcd_sidecar,
     raw_put,
     raw_set,
+    scrape,
     seed,
+    shadow,
+    sidecar_settings,
+    status,
     unique_prefix,
     wait_for,
     write_json,
+    write_policy,
 )
-from .test_etcd_source import status
-from .test_metrics import scrape
 
 BILLING: dict[str, Any] = {
     "service": "billing",
@@ -77,12 +82,12 @@ def invalid_counts(side: RunningSidecar) -> dict[str, float]:
     }
 
 
-def invalid_events(logs: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
+def invalid_events(logs: Sequence[Mapping[str, Any]]) -> list[tuple[str, str, str]]:
     return [(e["kind"], e["document"], e["reason"]) for e in logs if e["event"] == "document_invalid"]
 
 
 @pytest.fixture
-def logs() -> Iterator[list[dict[str, Any]]]:
+def logs() -> Iterator[list[MutableMapping[str, Any]]]:
     with capture_logs() as captured:
         yield captured
 

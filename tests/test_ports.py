@@ -11,14 +11,14 @@ import pytest
 
 from authz_sidecar.local.processes import Process, free_port, wait_for_http
 
-from .conftest import write_policy
+from .helpers import write_policy
 
 
 def address(port: int | str) -> str:
     return port if isinstance(port, str) else f"127.0.0.1:{port}"
 
 
-def serve(name: str, tmp: Path, policy: Path, grpc: int | str, http: int, http_authz: int) -> Process:
+def serve(name: str, tmp: Path, policy: Path, grpc: int | str, http: int | str, http_authz: int | str) -> Process:
     argv = [
         sys.executable, "-m", "authz_sidecar", "serve", "--policy-dir", str(policy), "--service", "things",
         "--listen", address(grpc), "--http", address(http), "--http-authz", address(http_authz), "--grace", "0.5",

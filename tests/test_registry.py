@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from functools import partial
 from pathlib import Path
 
 import grpc
@@ -11,9 +12,7 @@ import pytest
 from authz_sidecar.local.etcd import EtcdCluster
 from authz_sidecar.v1 import registry_pb2, registry_pb2_grpc
 
-from .conftest import CATALOG
-from .etcd_helpers import ctl, ctl_json, decision, etcd_sidecar, unique_prefix, wait_for, write_json
-from .test_etcd_source import status
+from .helpers import ACTIVE, CATALOG, ctl, ctl_json, decision, etcd_sidecar, status, unique_prefix, wait_for, write_json
 
 
 def registered(endpoints: str, prefix: str, *args: str) -> dict:  # type: ignore[type-arg]
@@ -50,15 +49,15 @@ def test_registry_put_get_list_and_refusals(etcd: EtcdCluster, tmp_path: Path, m
         for request, code in refusals:
             with pytest.raises(grpc.RpcError) as err:
                 stub.PutPermission(request, timeout=10)
-            assert err.value.code().name == code  # type: ignore[attr-defined]
+            assert err.value.code().name == code
         with pytest.raises(grpc.RpcError) as err:
             stub.GetPermission(registry_pb2.GetPermissionRequest(handle="things:nope"), timeout=10)
-        assert err.value.code() == grpc.StatusCode.NOT_FOUND  # type: ignore[attr-defined]
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
         # There is no Delete.
-        delete = side.channel.unary_unary("/authz_sidecar.v1.Registry/DeletePermission")
+        delete = side.channel.unary_unary("/authz_sidecar.v1.Registry/DeletePermission", None, None)
         with pytest.raises(grpc.RpcError) as err:
             delete(b"", timeout=10)
-        assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED  # type: ignore[attr-defined]
+        assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
         assert "billing:refund" not in str(registered(etcd.endpoints, prefix))
     finally:
         side.close()
@@ -84,7 +83,6 @@ def test_registration_waits_for_etcd_then_lands(tmp_path: Path) -> None:
 
 
 def _active() -> dict:  # type: ignore[type-arg]
-    from .conftest import ACTIVE
 
     return ACTIVE
 
@@ -109,7 +107,9 @@ def test_a_changed_catalog_reaches_every_sidecar_of_the_service(etcd: EtcdCluste
         }
         assert ctl(etcd.endpoints, prefix, "registry", "put", "--file", write_json(tmp_path / "c2.json", changed)) == 0
         for side in sides:
-            wait_for(lambda side=side: decision(side, "bob", "GET", "/things/1/history") == 200, what="the new route")
+            wait_for(
+                partial(lambda s: decision(s, "bob", "GET", "/things/1/history") == 200, side), what="the new route"
+            )
     finally:
         for side in sides:
             side.close()
@@ -146,8 +146,8 @@ def test_registry_put_bounds_handles_descriptions_and_permissions(
         for request, code in refusals:
             with pytest.raises(grpc.RpcError) as err:
                 stub.PutPermission(request, timeout=10)
-            assert err.value.code().name == code, err.value.details()  # type: ignore[attr-defined]
-        assert "1000" in err.value.details()  # type: ignore[attr-defined]
+            assert err.value.code().name == code, err.value.details()
+        assert "1000" in (err.value.details() or "")
         # Describing a permission it already has is not a new one.
         stub.PutPermission(
             registry_pb2.PutPermissionRequest(service="things", handle="things:p1", description="d" * 512), timeout=10

@@ -11,9 +11,19 @@ from authz_sidecar._proto.envoy.service.auth.v3 import external_auth_pb2_grpc as
 from authz_sidecar.local.etcd import EtcdCluster
 from authz_sidecar.local.processes import LOOPBACK, Process, free_port, wait_for_http
 
-from .conftest import ACTIVE
-from .etcd_helpers import ctl, ctl_json, decision, etcd_sidecar, seed, unique_prefix, wait_for, write_json
-from .test_check_grpc import request, status_of
+from .helpers import (
+    ACTIVE,
+    ctl,
+    ctl_json,
+    decision,
+    etcd_sidecar,
+    request,
+    seed,
+    status_of,
+    unique_prefix,
+    wait_for,
+    write_json,
+)
 
 ROLES = {**ACTIVE["roles"], "owner": ["things:view", "things:edit", "things:delete"]}
 # v2: bob becomes an editor; qa-bot an owner (edit and delete): three predicted changes.

@@ -13,7 +13,7 @@ from authz_sidecar.model.reasons import Reason
 from authz_sidecar.model.selection import Selection, select, stable_bucket
 from authz_sidecar.model.snapshot import Snapshot, build_snapshot
 
-from .conftest import ACTIVE, CATALOG, shadow
+from .helpers import ACTIVE, CATALOG, shadow
 
 
 def snap(*shadows: dict, region: str = "us-east") -> Snapshot:  # type: ignore[type-arg]

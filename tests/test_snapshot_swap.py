@@ -20,7 +20,7 @@ from authz_sidecar.documents import parse_catalog, parse_permission_set
 from authz_sidecar.model.snapshot import Snapshot, build_snapshot
 from authz_sidecar.telemetry.metrics import Metrics
 
-from .conftest import CATALOG
+from .helpers import CATALOG
 
 PRINCIPALS = [f"user-{i}" for i in range(4)]
 SWAPS = 400

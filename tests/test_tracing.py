@@ -13,9 +13,8 @@ import pytest
 from authz_sidecar.model.selection import stable_bucket
 from authz_sidecar.telemetry import tracing
 
-from .conftest import RunningSidecar, shadow, sidecar_settings, write_policy
+from .helpers import RunningSidecar, check, request, shadow, sidecar_settings, status_of, write_policy
 from .otlp import OtlpReceiver
-from .test_check_grpc import check, request, status_of
 
 
 def traced_sidecar(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, endpoint: str, model: str) -> RunningSidecar:

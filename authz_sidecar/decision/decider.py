@@ -21,6 +21,7 @@ from typing import Any
 
 import structlog
 
+from authz_sidecar.caches import remember
 from authz_sidecar.decision.identity import Identifier, RequestIdentityInputs
 from authz_sidecar.decision.state import SnapshotStore
 from authz_sidecar.documents import HANDLE_RE, MAX_PRINCIPAL_LEN, SCOPE_RE
@@ -179,9 +180,7 @@ class Decider:
         if found is None:
             ev = evaluate(snapshot, principal, handle, scope, shadow_header=shadow, stickiness_key=principal)
             found = Outcome(ev.reason, ev, handle)
-            if len(memo) >= MEMO_LIMIT:
-                memo.clear()
-            memo[key] = found
+            remember(memo, key, found, MEMO_LIMIT)
         return found
 
     def _record(self, snapshot: Snapshot, outcome: Outcome, principal: str, scope: str | None, request_id: str) -> None:

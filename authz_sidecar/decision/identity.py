@@ -25,6 +25,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from authz_sidecar.caches import remember
 from authz_sidecar.decision.tokens import TokenVerifier
 from authz_sidecar.errors import ConfigError, IdentityError
 
@@ -105,9 +106,7 @@ def payload_header_source(name: str, claim: str) -> Source:
             if not isinstance(claimed, str) or not claimed:
                 raise IdentityError(f"{name} has no string {claim!r} claim")
             principal = _checked(claimed, "payload_header")
-            if len(cache) >= _CACHE_LIMIT:
-                cache.clear()
-            cache[value] = principal
+            remember(cache, value, principal, _CACHE_LIMIT)
         return principal
 
     return read
@@ -145,6 +144,18 @@ class Identifier:
         return None
 
 
+def check_sources(names: Sequence[str], *, has_keys: bool, dev_header: str | None) -> None:
+    """Refuse an unknown source, or one whose prerequisite the settings lack: the one statement of
+    what each source needs, used when settings are validated and when the identifier is built."""
+    for name in names:
+        if name not in SOURCES:
+            raise ConfigError(f"--identity: unknown source {name!r} (expected one of: {', '.join(SOURCES)})")
+        if name == "jwt" and not has_keys:
+            raise ConfigError("--identity jwt needs --jwks-file FILE or --jwks-url URL")
+        if name == "header" and not dev_header:
+            raise ConfigError("--identity header needs --dev-principal-header NAME (development only)")
+
+
 def build_identifier(
     names: Sequence[str],
     *,
@@ -155,22 +166,17 @@ def build_identifier(
     payload_header: str = DEFAULT_PAYLOAD_HEADER,
 ) -> Identifier:
     """Assemble the sources named in `names`, refusing ones whose settings are missing."""
+    check_sources(names, has_keys=verifier is not None, dev_header=dev_header)
     sources: list[tuple[str, Source]] = []
     for name in names:
         if name == "jwt_authn":
             sources.append((name, jwt_authn_source(jwt_authn_payload_key, principal_claim)))
-        elif name == "jwt":
-            if verifier is None:
-                raise ConfigError("identity source 'jwt' needs --jwks-file or --jwks-url")
+        elif name == "jwt" and verifier is not None:
             sources.append((name, bearer_source(verifier)))
         elif name == "mtls":
             sources.append((name, mtls_source))
         elif name == "payload_header":
             sources.append((name, payload_header_source(payload_header.lower(), principal_claim)))
-        elif name == "header":
-            if not dev_header:
-                raise ConfigError("identity source 'header' needs --dev-principal-header (development only)")
+        elif name == "header" and dev_header:
             sources.append((name, header_source(dev_header.lower())))
-        else:
-            raise ConfigError(f"unknown identity source {name!r} (expected one of: {', '.join(SOURCES)})")
     return Identifier(sources)

@@ -20,6 +20,7 @@ from typing import Any
 
 import jwt
 
+from authz_sidecar.caches import remember
 from authz_sidecar.errors import ConfigError, IdentityError
 
 DEFAULT_ALGORITHMS = ("RS256", "PS256", "ES256", "EdDSA")
@@ -152,9 +153,7 @@ class TokenVerifier:
         claimed = claims.get(self._claim)
         if not isinstance(claimed, str) or not claimed:
             raise IdentityError(f"token has no string {self._claim!r} claim")
-        if len(keyset.cache) >= _CACHE_LIMIT:
-            keyset.cache.clear()
-        keyset.cache[token] = (claimed, float(claims["exp"]))
+        remember(keyset.cache, token, (claimed, float(claims["exp"])), _CACHE_LIMIT)
         return claimed
 
     def _verify(self, keyset: KeySet, token: str) -> dict[str, Any]:

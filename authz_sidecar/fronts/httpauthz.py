@@ -29,6 +29,7 @@ from typing import Any
 import httptools
 import structlog
 
+from authz_sidecar.caches import remember
 from authz_sidecar.decision.answering import Answering
 from authz_sidecar.fronts.responses import DECIDED_BY_HEADER, REASON_HEADER, SET_VERSION_HEADER, deny_body
 from authz_sidecar.model.evaluation import Outcome
@@ -71,9 +72,7 @@ class HttpResponses:
                 ).encode("latin-1")
             else:
                 found = deny_bytes(outcome.reason, outcome.permission)
-            if len(self._cache) >= _CACHE_LIMIT:
-                self._cache.clear()
-            self._cache[key] = found
+            remember(self._cache, key, found, _CACHE_LIMIT)
         return found
 
 

@@ -17,6 +17,7 @@ from google.rpc import code_pb2, status_pb2
 from authz_sidecar._proto.envoy.config.core.v3 import base_pb2
 from authz_sidecar._proto.envoy.service.auth.v3 import external_auth_pb2 as pb
 from authz_sidecar._proto.envoy.type.v3 import http_status_pb2
+from authz_sidecar.caches import remember
 from authz_sidecar.model.reasons import Reason
 
 DECIDED_BY_HEADER = "x-authz-decided-by"
@@ -84,9 +85,7 @@ class ResponseCache:
                     dynamic_metadata=metadata,
                 )
             )
-            if len(self._allow) >= _CACHE_LIMIT:
-                self._allow.clear()
-            self._allow[key] = response
+            remember(self._allow, key, response, _CACHE_LIMIT)
         return response
 
     def deny(self, reason: Reason, permission: str | None = None) -> Rendered:
@@ -107,7 +106,5 @@ class ResponseCache:
                     ),
                 )
             )
-            if len(self._deny) >= _CACHE_LIMIT:
-                self._deny.clear()
-            self._deny[key] = response
+            remember(self._deny, key, response, _CACHE_LIMIT)
         return response

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
 from authz_sidecar.errors import DocumentError
+from authz_sidecar.model.selection import regions_over_100
 from authz_sidecar.model.snapshot import CompileCache, Snapshot, build_snapshot, version_key
 from authz_sidecar.model.values import Catalog, PermissionSet, ShadowSet
 
@@ -244,7 +245,7 @@ def _shadow_problem(
     unknown = sorted(shadow.permissions.handles() - known)
     if unknown:
         return f"roles: {_unknown(unknown)}"
-    over = sorted((r, totals.get(r, 0) + w) for r, w in shadow.rollout.weights.items() if totals.get(r, 0) + w > 100)
+    over = regions_over_100(totals, shadow.rollout.weights)
     if over:
         region, total = over[0]
         return (

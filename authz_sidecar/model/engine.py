@@ -59,13 +59,6 @@ class CompiledSet:
             return Reason.UNKNOWN_PRINCIPAL
         return Reason.MISSING_PERMISSION
 
-    def handles_of(self, principal: str, scope: str | None = None) -> frozenset[str]:
-        """Everything `principal` holds in `scope` (unscoped grants included)."""
-        held = self.unscoped.get(principal, _EMPTY)
-        if scope:
-            held = held | self.scoped.get((principal, scope), _EMPTY)
-        return held
-
     def principals(self) -> frozenset[str]:
         return frozenset(self.unscoped) | self.scoped_only
 

@@ -15,6 +15,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from urllib.parse import unquote
 
+from authz_sidecar.caches import remember
 from authz_sidecar.model.values import RouteSpec
 
 _ESCAPED_SEPARATOR = re.compile(r"%(?:2f|5c)", re.IGNORECASE)
@@ -114,9 +115,7 @@ class RouteTable:
                 found = self.match(method, normalise_path(key[1]))
             except PathError:
                 found = _MALFORMED
-            if len(self._cache) >= _CACHE_LIMIT:
-                self._cache.clear()
-            self._cache[key] = found
+            remember(self._cache, key, found, _CACHE_LIMIT)
         if found is _MALFORMED:
             raise PathError("unsafe path")
         return found  # type: ignore[return-value]

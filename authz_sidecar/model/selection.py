@@ -18,6 +18,7 @@ cohorts of the shadows behind it.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from enum import StrEnum
 from hashlib import blake2b
 
@@ -58,3 +59,14 @@ def select(
         if stable_bucket(stickiness_key, shadow.version) < shadow.weight_bp:
             return shadow.compiled, Selection.CANARY
     return snapshot.active, Selection.DEFAULT
+
+
+def regions_over_100(*weights: Mapping[str, int]) -> list[tuple[str, int]]:
+    """The regions where these canary weights (percent per region) sum past 100, with their sums,
+    sorted. The one weight rule: ctl checks it before a write, a sidecar when it assembles a
+    snapshot (where a shadow that pushes a region over is left out)."""
+    totals: dict[str, int] = {}
+    for per_region in weights:
+        for region, weight in per_region.items():
+            totals[region] = totals.get(region, 0) + weight
+    return sorted((region, total) for region, total in totals.items() if total > 100)

@@ -29,8 +29,6 @@ from authz_sidecar.model.values import Rollout
 
 # Under etcd's default 1.5 MiB request limit with room for the key and the request's framing.
 CHUNK_BYTES = 1024 * 1024
-# etcd's default --max-txn-ops.
-MAX_TXN_OPS = 128
 DEFAULT_PREFIX = "/authz"
 
 

@@ -15,6 +15,7 @@ import json
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
+import structlog
 from etcd3aio._protobuf import Compare
 
 from authz_sidecar.documents import (
@@ -26,10 +27,13 @@ from authz_sidecar.documents import (
     parse_catalog,
 )
 from authz_sidecar.errors import DocumentError
+from authz_sidecar.model.selection import regions_over_100
 from authz_sidecar.model.values import Catalog, Permission, PermissionSet, Rollout
 from authz_sidecar.store import layout
 from authz_sidecar.store.etcd import Etcd
 from authz_sidecar.store.layout import Layout
+
+log = structlog.get_logger("authz_sidecar.store.policy")
 
 
 class StoreError(Exception):
@@ -266,8 +270,11 @@ class PolicyStore:
             if existing is not None:
                 try:
                     stored = parse_catalog(load_document(existing.value, key), key)
-                except DocumentError:
-                    stored = None  # a broken catalog is replaced by a good one, not merged with
+                except DocumentError as exc:
+                    # A broken catalog is replaced by a good one, not merged with; say so, since what
+                    # it held (handles other sets may grant) is gone from etcd after this write.
+                    log.warning("catalog_replaced_unparseable", key=key, service=service, error=str(exc))
+                    stored = None
             updated = change(stored)
             if updated.service != service:
                 raise StoreError(f"catalog for {updated.service!r} cannot be written under {service!r}")
@@ -284,11 +291,7 @@ def _mod(key: str, revision: int) -> Compare:
 
 
 def _check_weights(shadows: Mapping[str, Rollout]) -> None:
-    totals: dict[str, int] = {}
-    for rollout in shadows.values():
-        for region, weight in rollout.weights.items():
-            totals[region] = totals.get(region, 0) + weight
-    over = {r: t for r, t in totals.items() if t > 100}
+    over = regions_over_100(*(rollout.weights for rollout in shadows.values()))
     if over:
-        region, total = sorted(over.items())[0]
+        region, total = over[0]
         raise StoreError(f"canary weights in region {region!r} would sum to {total}% (at most 100)")

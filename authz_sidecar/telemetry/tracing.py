@@ -43,6 +43,7 @@ from opentelemetry.proto.trace.v1 import trace_pb2
 from opentelemetry.sdk.resources import Resource
 
 from authz_sidecar import __version__
+from authz_sidecar.caches import remember
 from authz_sidecar.model.evaluation import Outcome
 from authz_sidecar.telemetry.otlpexport import ExportError, ExportSettings, Transport, transport
 
@@ -314,9 +315,7 @@ class CheckTracer:
         if cached is not None and cached[0] is outcome:
             return cached[1]
         encoded = encode_attributes(self.attributes(outcome, active))
-        if len(self._attributes) >= 65_536:
-            self._attributes.clear()
-        self._attributes[key] = (outcome, encoded)
+        remember(self._attributes, key, (outcome, encoded), 65_536)
         return encoded
 
     def attributes(self, outcome: Outcome, active_version: str) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""The interface every policy source implements (files now, etcd next).
+"""The interface every policy source implements (etcd, and a directory for a single machine).
 
 A source owns its I/O and its retry loop, and talks to the sidecar only through the store: whenever
 what it watches changes it reads each document, takes or refuses each one on its own
