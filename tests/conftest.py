@@ -1,7 +1,9 @@
-"""Shared fixtures: policy directories, a demo token issuer, and a sidecar running in a thread."""
+"""Shared fixtures: policy directories, a real etcd, a demo token issuer, a sidecar running in a thread,
+an OTLP receiver, and a clean environment for every test. Plain helpers live in tests/helpers.py."""
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -72,3 +74,11 @@ def receiver() -> Iterator[OtlpReceiver]:
         yield r
     finally:
         r.stop()
+
+
+@pytest.fixture(autouse=True)
+def clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A developer's own AUTHZ_* or OTEL_* variables never reach a test: each sets what it needs."""
+    for name in list(os.environ):
+        if name.startswith(("AUTHZ_", "OTEL_")):
+            monkeypatch.delenv(name)
