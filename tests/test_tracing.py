@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from authz_sidecar.model.selection import stable_bucket
-from authz_sidecar.telemetry import tracing
+from authz_sidecar.telemetry import otlpencoding, sampling, tracecontext, tracing
 
 from .helpers import RunningSidecar, check, request, shadow, sidecar_settings, status_of, write_policy
 from .otlp import OtlpReceiver
@@ -158,13 +158,13 @@ def _wait_envoy(receiver: OtlpReceiver, trace_id: str, timeout: float = 10.0):  
 
 def test_trace_context_from_w3c_and_b3_headers_and_garbage() -> None:
     t, s = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
-    w3c = tracing.parent_from({"traceparent": f"00-{t}-{s}-01", "tracestate": "vendor=x"})
-    assert w3c == tracing.Parent(int(t, 16), int(s, 16), True, "vendor=x")
-    assert tracing.parent_from({"traceparent": f"00-{t}-{s}-00"}).sampled is False  # type: ignore[union-attr]
-    assert tracing.parent_from({"b3": f"{t}-{s}-0"}).sampled is False  # type: ignore[union-attr]
-    assert tracing.parent_from({"b3": f"{t[16:]}-{s}"}).trace_id == int(t[16:], 16)  # type: ignore[union-attr]
+    w3c = tracecontext.parent_from({"traceparent": f"00-{t}-{s}-01", "tracestate": "vendor=x"})
+    assert w3c == tracecontext.Parent(int(t, 16), int(s, 16), True, "vendor=x")
+    assert tracecontext.parent_from({"traceparent": f"00-{t}-{s}-00"}).sampled is False  # type: ignore[union-attr]
+    assert tracecontext.parent_from({"b3": f"{t}-{s}-0"}).sampled is False  # type: ignore[union-attr]
+    assert tracecontext.parent_from({"b3": f"{t[16:]}-{s}"}).trace_id == int(t[16:], 16)  # type: ignore[union-attr]
     multi = {"x-b3-traceid": t, "x-b3-spanid": s, "x-b3-sampled": "1"}
-    assert tracing.parent_from(multi) == tracing.Parent(int(t, 16), int(s, 16), True)
+    assert tracecontext.parent_from(multi) == tracecontext.Parent(int(t, 16), int(s, 16), True)
     for bad in (
         {"traceparent": "00-xyz-abc-01"},
         {"traceparent": f"00-{'0' * 32}-{s}-01"},  # all-zero trace id is invalid
@@ -172,28 +172,28 @@ def test_trace_context_from_w3c_and_b3_headers_and_garbage() -> None:
         {"b3": "0"},  # "deny" in B3 single: no parent
         {"x-b3-traceid": t},
     ):
-        assert tracing.parent_from(bad) is None, bad
+        assert tracecontext.parent_from(bad) is None, bad
 
 
 def test_samplers_follow_the_spec() -> None:
-    parent = tracing.Parent(1, 2, sampled=False)
+    parent = tracecontext.Parent(1, 2, sampled=False)
     env = {"OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0.25"}
-    sampler = tracing.Sampler.from_env(env)
+    sampler = sampling.Sampler.from_env(env)
     assert sampler.sampled(5, parent) is False  # the parent decided
     ids_ = [secrets.randbits(128) for _ in range(20_000)]
     share = sum(sampler.sampled(i, None) for i in ids_) / len(ids_)
     assert 0.22 < share < 0.28
-    assert tracing.Sampler.from_env({"OTEL_TRACES_SAMPLER": "always_off"}).sampled(5, None) is False
-    assert tracing.Sampler.from_env({}).sampled(5, parent) is False  # parentbased_always_on
-    assert tracing.Sampler.from_env({}).sampled(5, None) is True
+    assert sampling.Sampler.from_env({"OTEL_TRACES_SAMPLER": "always_off"}).sampled(5, None) is False
+    assert sampling.Sampler.from_env({}).sampled(5, parent) is False  # parentbased_always_on
+    assert sampling.Sampler.from_env({}).sampled(5, None) is True
 
 
 def test_spans_encoded_by_hand_are_valid_otlp() -> None:
     from opentelemetry.proto.trace.v1 import trace_pb2
 
-    parent = tracing.Parent(0xABC, 0xDEF, True, "k=v")
-    attributes = tracing.encode_attributes({"authz.decision": "allow", "authz.mismatch": True})
-    span = trace_pb2.Span.FromString(tracing.encode_span((0xABC, 0x123, parent, 10, 20, attributes)))
+    parent = tracecontext.Parent(0xABC, 0xDEF, True, "k=v")
+    attributes = otlpencoding.encode_attributes({"authz.decision": "allow", "authz.mismatch": True})
+    span = trace_pb2.Span.FromString(otlpencoding.encode_span((0xABC, 0x123, parent, 10, 20, attributes)))
     assert span.name == "authz.check" and span.kind == trace_pb2.Span.SPAN_KIND_SERVER
     assert span.trace_id.hex() == f"{0xABC:032x}" and span.parent_span_id.hex() == f"{0xDEF:016x}"
     assert (span.start_time_unix_nano, span.end_time_unix_nano, span.trace_state) == (10, 20, "k=v")

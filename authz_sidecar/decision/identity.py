@@ -27,13 +27,13 @@ from typing import Any
 
 from authz_sidecar.caches import remember
 from authz_sidecar.decision.tokens import TokenVerifier
+from authz_sidecar.documents import MAX_PRINCIPAL_LEN
 from authz_sidecar.errors import ConfigError, IdentityError
 
 JWT_AUTHN_NAMESPACE = "envoy.filters.http.jwt_authn"
 SOURCES = ("jwt_authn", "jwt", "mtls", "payload_header", "header")
 DEFAULT_PAYLOAD_HEADER = "x-jwt-payload"
 _CACHE_LIMIT = 10_000
-MAX_PRINCIPAL_LEN = 512
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,9 +19,9 @@ tracing off the hot path holds no tracer; a full queue drops spans rather than w
 collector that is down only makes the exporter thread back off, so it never slows or fails a Check.
 Every span lost either way is counted (``authz_spans_dropped_total{reason}``).
 
-The parent comes from the request's own headers as Envoy forwards them: W3C ``traceparent`` (and
-``tracestate``), B3 single (``b3``) or B3 multi (``x-b3-traceid``, ``x-b3-spanid``,
-``x-b3-sampled``).
+The parts: the parent from the request's headers (:mod:`.tracecontext`), the sampler
+(:mod:`.sampling`), the OTLP bytes (:mod:`.otlpencoding`), the transports (:mod:`.otlpexport`);
+this module queues spans on the hot path and runs the exporter thread.
 """
 
 from __future__ import annotations
@@ -29,41 +29,30 @@ from __future__ import annotations
 import collections
 import os
 import random
-import struct
 import threading
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import structlog
-from opentelemetry.proto.common.v1.common_pb2 import AnyValue, InstrumentationScope, KeyValue
+from opentelemetry.proto.common.v1.common_pb2 import InstrumentationScope, KeyValue
 from opentelemetry.proto.resource.v1.resource_pb2 import Resource as ResourceMessage
-from opentelemetry.proto.trace.v1 import trace_pb2
 from opentelemetry.sdk.resources import Resource
 
 from authz_sidecar import __version__
 from authz_sidecar.caches import remember
 from authz_sidecar.model.evaluation import Outcome
+from authz_sidecar.telemetry.otlpencoding import QueuedSpan, any_value, encode_attributes, length_delimited, spans_field
 from authz_sidecar.telemetry.otlpexport import ExportError, ExportSettings, Transport, transport
+from authz_sidecar.telemetry.sampling import Sampler
+from authz_sidecar.telemetry.tracecontext import parent_from
 
 if TYPE_CHECKING:  # the snapshot holder is read, never imported: telemetry sits below the decision path
     from authz_sidecar.decision.state import SnapshotStore
 
 log = structlog.get_logger("authz_sidecar.telemetry.tracing")
-SPAN_NAME = "authz.check"
 DROP_REASONS = ("queue_full", "export_failed")
 _ENDPOINT_VARIABLES = ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT")
-_SAMPLERS = (
-    "always_on",
-    "always_off",
-    "traceidratio",
-    "parentbased_always_on",
-    "parentbased_always_off",
-    "parentbased_traceidratio",
-)
-_HEX = frozenset("0123456789abcdef")
-_MASK64 = (1 << 64) - 1
 
 
 def _exporters(environ: Mapping[str, str]) -> list[str]:
@@ -77,178 +66,6 @@ def enabled(environ: Mapping[str, str] = os.environ) -> bool:
     if exporters:
         return "otlp" in exporters
     return any(environ.get(name, "").strip() for name in _ENDPOINT_VARIABLES)
-
-
-# --- trace context from headers ------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Parent:
-    trace_id: int
-    span_id: int
-    sampled: bool
-    trace_state: str = ""
-
-
-def _hex_id(text: str, digits: int) -> int | None:
-    text = text.strip().lower()
-    if len(text) == 16 and digits == 32:  # B3 allows 64-bit trace ids
-        text = text.rjust(32, "0")
-    if len(text) != digits or not _HEX.issuperset(text):
-        return None
-    value = int(text, 16)
-    return value or None
-
-
-def parent_from(headers: Mapping[str, str]) -> Parent | None:
-    """The remote parent named by W3C or B3 headers, or None (also for malformed ones: a bad
-    header starts a new trace rather than fail the Check)."""
-    traceparent = headers.get("traceparent")
-    if traceparent:
-        parts = traceparent.strip().split("-")
-        if len(parts) >= 4 and parts[0] != "ff" and len(parts[3]) == 2 and _HEX.issuperset(parts[3].lower()):
-            trace_id, span_id = _hex_id(parts[1], 32), _hex_id(parts[2], 16)
-            if trace_id and span_id:
-                return Parent(trace_id, span_id, bool(int(parts[3], 16) & 1), headers.get("tracestate", ""))
-    b3 = headers.get("b3")
-    if b3 and "-" in b3:
-        parts = b3.strip().split("-")
-        trace_id, span_id = _hex_id(parts[0], 32), _hex_id(parts[1], 16)
-        if trace_id and span_id:
-            sampled = len(parts) < 3 or parts[2] in ("1", "d")
-            return Parent(trace_id, span_id, sampled)
-    b3_trace = headers.get("x-b3-traceid")
-    if b3_trace:
-        trace_id, span_id = _hex_id(b3_trace, 32), _hex_id(headers.get("x-b3-spanid", ""), 16)
-        if trace_id and span_id:
-            flag = headers.get("x-b3-sampled", "1")
-            return Parent(trace_id, span_id, flag in ("1", "true") or headers.get("x-b3-flags") == "1")
-    return None
-
-
-# --- sampling -------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Sampler:
-    """The OTEL_TRACES_SAMPLER choices, with the spec's trace id ratio rule (the trace id's low
-    64 bits under ratio * 2^64), so every process of a trace agrees."""
-
-    name: str = "parentbased_always_on"
-    ratio: float = 1.0
-
-    @classmethod
-    def from_env(cls, environ: Mapping[str, str]) -> Sampler:
-        name = environ.get("OTEL_TRACES_SAMPLER", "parentbased_always_on").strip().lower()
-        if name not in _SAMPLERS:
-            log.warning("unknown_sampler", sampler=name, using="parentbased_always_on")
-            name = "parentbased_always_on"
-        ratio = 1.0
-        if name.endswith("traceidratio"):
-            try:
-                ratio = min(1.0, max(0.0, float(environ.get("OTEL_TRACES_SAMPLER_ARG", "1.0"))))
-            except ValueError:
-                log.warning("bad_sampler_arg", value=environ.get("OTEL_TRACES_SAMPLER_ARG"))
-        return cls(name, ratio)
-
-    def sampled(self, trace_id: int, parent: Parent | None) -> bool:
-        if parent is not None and self.name.startswith("parentbased"):
-            return parent.sampled
-        base = self.name.removeprefix("parentbased_")
-        if base == "always_on":
-            return True
-        if base == "always_off":
-            return False
-        return (trace_id & _MASK64) < self.ratio * 2**64
-
-
-# --- OTLP wire encoding ---------------------------------------------------------------------------
-
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while value > 0x7F:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
-def _field(number: int, data: bytes) -> bytes:
-    """A length-delimited protobuf field."""
-    return _varint(number << 3 | 2) + _varint(len(data)) + data
-
-
-_FIXED64 = struct.Struct("<Q")
-# What the hot path queues: trace id, span id, parent, start and end (ns), serialised attributes.
-QueuedSpan = tuple[int, int, "Parent | None", int, int, bytes]
-
-# A span is the same sequence of fields every time: written with one precompiled struct per shape
-# (with or without a parent), then the attributes (field 9, serialised once per outcome).
-_HEAD = _field(1, bytes(16))[:2]  # tag and length of the 16-byte trace id
-_SPAN_ID = _field(2, bytes(8))[:2]
-_PARENT = _field(4, bytes(8))[:2]
-_MIDDLE = _field(5, SPAN_NAME.encode()) + _varint(6 << 3) + _varint(trace_pb2.Span.SPAN_KIND_SERVER)
-_START, _END = _varint(7 << 3 | 1), _varint(8 << 3 | 1)
-_ROOT = struct.Struct(f"<2s16s2s8s{len(_MIDDLE)}s{len(_START)}sQ{len(_END)}sQ")
-_CHILD = struct.Struct(f"<2s16s2s8s2s8s{len(_MIDDLE)}s{len(_START)}sQ{len(_END)}sQ")
-
-
-def encode_span(span: QueuedSpan) -> bytes:
-    """One opentelemetry.proto.trace.v1.Span, written field by field."""
-    trace_id, span_id, parent, start_ns, end_ns, attributes = span
-    tid, sid = trace_id.to_bytes(16, "big"), span_id.to_bytes(8, "big")
-    if parent is None:
-        head = _ROOT.pack(_HEAD, tid, _SPAN_ID, sid, _MIDDLE, _START, start_ns, _END, end_ns)
-    elif parent.trace_state:  # rare: keep field order simple rather than fast
-        head = (
-            _field(1, tid)
-            + _field(2, sid)
-            + _field(3, parent.trace_state.encode())
-            + _field(4, parent.span_id.to_bytes(8, "big"))
-            + _MIDDLE
-            + _START
-            + _FIXED64.pack(start_ns)
-            + _END
-            + _FIXED64.pack(end_ns)
-        )
-    else:
-        pid = parent.span_id.to_bytes(8, "big")
-        head = _CHILD.pack(_HEAD, tid, _SPAN_ID, sid, _PARENT, pid, _MIDDLE, _START, start_ns, _END, end_ns)
-    return head + attributes
-
-
-_LENGTHS: dict[int, bytes] = {}
-
-
-def _spans_field(items: list[QueuedSpan]) -> bytes:
-    """Field 2 of ScopeSpans, repeated: each span with its tag and length (lengths repeat, so their
-    varints are cached)."""
-    parts = []
-    for item in items:
-        span = encode_span(item)
-        n = len(span)
-        prefix = _LENGTHS.get(n)
-        if prefix is None:
-            prefix = _LENGTHS[n] = b"\x12" + _varint(n)
-        parts.append(prefix)
-        parts.append(span)
-    return b"".join(parts)
-
-
-def _any(value: Any) -> AnyValue:
-    if isinstance(value, bool):
-        return AnyValue(bool_value=value)
-    return AnyValue(string_value=str(value))
-
-
-def encode_attributes(attributes: Mapping[str, Any]) -> bytes:
-    """Field 9 of a Span: the repeated KeyValue entries, serialised once."""
-    message = trace_pb2.Span(attributes=[KeyValue(key=k, value=_any(v)) for k, v in attributes.items()])
-    return message.SerializeToString()
-
-
-# --- the tracer -----------------------------------------------------------------------------------
 
 
 class CheckTracer:
@@ -285,11 +102,11 @@ class CheckTracer:
             self.drops.setdefault(reason, 0)
         self._transport = transport(export)  # made here, so that a TLS file that does not load fails start-up
         resource_message = ResourceMessage(
-            attributes=[KeyValue(key=k, value=_any(v)) for k, v in resource.attributes.items()]
+            attributes=[KeyValue(key=k, value=any_value(v)) for k, v in resource.attributes.items()]
         )
         scope = InstrumentationScope(name="authz_sidecar", version=__version__)
-        self._resource = _field(1, resource_message.SerializeToString())
-        self._scope = _field(1, scope.SerializeToString())
+        self._resource = length_delimited(1, resource_message.SerializeToString())
+        self._scope = length_delimited(1, scope.SerializeToString())
         self._thread = threading.Thread(target=self._run, name="otlp-exporter", daemon=True)
         self._thread.start()
 
@@ -368,8 +185,8 @@ class CheckTracer:
         queue = self._queue
         while queue:
             items = [queue.popleft() for _ in range(min(self._batch, len(queue)))]
-            spans = _spans_field(items)
-            request = _field(1, self._resource + _field(2, self._scope + spans))
+            spans = spans_field(items)
+            request = length_delimited(1, self._resource + length_delimited(2, self._scope + spans))
             try:
                 transport.send(request)
             except Exception as exc:  # ExportError, or a fault of the transport: never end the thread
