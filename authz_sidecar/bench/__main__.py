@@ -14,6 +14,7 @@ from typing import Any
 import structlog
 
 from authz_sidecar.bench import h2load, propagation, scale
+from authz_sidecar.bench import plan as plan_bench
 from authz_sidecar.bench.run import Bench, Point, Row, machine_facts, to_json
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -78,6 +79,20 @@ def _only(plan: list[tuple[Row, Callable[[Row], None]]], texts: list[str]) -> li
     return [(row, body) for row, body in plan if row.name in wanted]
 
 
+def _at_scale(quick: bool) -> dict[str, Any]:
+    """What is measured beside the rows: decisions and rebuilds at scale, propagation over sidecars
+    on a real etcd, and the plan of a change over 100,000 principals."""
+    sizes = [100, 10_000, 100_000] if quick else [100, 10_000, 1_000_000]
+    print(f"  measuring scale at {', '.join(f'{s:,}' for s in sizes)} grants ...", flush=True)
+    scaled = scale.run(sizes)
+    sidecars, changes = (3, 10) if quick else (10, 100)
+    print(f"  measuring propagation over {sidecars} sidecars x {changes} changes ...", flush=True)
+    propagated = propagation.run(sidecars, changes)
+    print("  measuring the plan of a change over 100,000 principals ...", flush=True)
+    planned = plan_bench.run(100_000, rounds=1 if quick else 3)
+    return {"scale": scaled, "propagation": propagated, "plan": planned}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="one second per point (CI): checks, not numbers")
@@ -128,25 +143,19 @@ def main() -> int:
             plan = _only(plan, args.only)
         bench.run(plan, rounds)
         facts = machine_facts()
-    scaled: list[dict[str, float]] = []
-    propagated: dict[str, Any] = {}
-    if not args.only:
-        sizes = [100, 10_000, 100_000] if args.quick else [100, 10_000, 1_000_000]
-        print(f"  measuring scale at {', '.join(f'{s:,}' for s in sizes)} grants ...", flush=True)
-        scaled = scale.run(sizes)
-        sidecars, changes = (3, 10) if args.quick else (10, 100)
-        print(f"  measuring propagation over {sidecars} sidecars x {changes} changes ...", flush=True)
-        propagated = propagation.run(sidecars, changes)
+    at_scale: dict[str, Any] = {} if args.only else _at_scale(args.quick)
     print()
     print(table(bench))
-    if scaled:
+    if at_scale:
         print()
-        print(scale.table(scaled))
+        print(scale.table(at_scale["scale"]))
         print()
-        print(propagation.table(propagated))
+        print(propagation.table(at_scale["propagation"]))
+        print()
+        print(plan_bench.line(at_scale["plan"]))
     args.out.mkdir(parents=True, exist_ok=True)
     out = args.out / f"bench-{time.strftime('%Y%m%dT%H%M%S')}{'-quick' if args.quick else ''}.json"
-    out.write_text(json.dumps({**to_json(bench, facts), "scale": scaled, "propagation": propagated}, indent=2))
+    out.write_text(json.dumps({**to_json(bench, facts), **at_scale}, indent=2))
     print(f"\nwritten: {out.relative_to(REPO_ROOT) if out.is_relative_to(REPO_ROOT) else out}")
     if bench.errors:
         print("\nbenchmark FAILED: answers other than the expected ones were measured:", file=sys.stderr)

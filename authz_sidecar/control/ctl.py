@@ -33,6 +33,7 @@ from authz_sidecar.documents import (
 from authz_sidecar.errors import AuthzError, ConfigError, DocumentError
 from authz_sidecar.model.assembly import check_handles
 from authz_sidecar.model.engine import compile_set, declared, impact
+from authz_sidecar.model.plan import Plan, plan
 from authz_sidecar.model.values import Permission, PermissionSet
 from authz_sidecar.store import layout
 from authz_sidecar.store.etcd import Etcd, EtcdOptions
@@ -41,6 +42,8 @@ from authz_sidecar.store.policy import PolicyStore, StoreError
 Command = Callable[[PolicyStore, argparse.Namespace], Awaitable[Any]]
 # Principals and handles `ctl report` lists behind unexpected mismatches.
 TOP_UNEXPECTED = 10
+# Flips listed per page of a plan (ctl propose, ctl diff --limit).
+PLAN_PAGE = 50
 
 
 def _read(path: str) -> Any:
@@ -84,6 +87,16 @@ async def cmd_propose(store: PolicyStore, ns: argparse.Namespace) -> dict[str, A
     )
     permissions = replace(shadow.permissions, meta=meta)
     await _check_against_catalogs(store, permissions, "shadow set")
+    # The plan, before anything is written: a flip the declared changes do not explain stops here.
+    change = plan(await _active_set(store, pointers.active), permissions)
+    if change.undeclared and not ns.accept_undeclared:
+        shown = "; ".join(f.describe() for f in change.undeclared[:PLAN_PAGE])
+        more = len(change.undeclared) - PLAN_PAGE
+        raise StoreError(
+            f"shadow set {permissions.version}: {len(change.undeclared)} flip(s) its declared changes do not "
+            f"explain: {shown}{f'; and {more} more' if more > 0 else ''} (fix the set, declare them in "
+            "'changes:', or pass --accept-undeclared to count them as unexpected)"
+        )
     await store.propose(permissions, dump_permission_set(permissions), shadow.rollout)
     return {
         "proposed": permissions.version,
@@ -93,7 +106,41 @@ async def cmd_propose(store: PolicyStore, ns: argparse.Namespace) -> dict[str, A
         "author": meta.author,
         "weights": dict(shadow.rollout.weights),
         "testers": sorted(shadow.rollout.testers),
+        "plan": _plan_document(change, 0, PLAN_PAGE),
     }
+
+
+async def _active_set(store: PolicyStore, version: str | None) -> PermissionSet:
+    if version is None:
+        raise StoreError("no active set yet; start with 'ctl init'")
+    return parse_permission_set(load_document(await store.document(version), version), version)
+
+
+def _plan_document(change: Plan, offset: int, limit: int) -> dict[str, Any]:
+    """The plan as ctl prints it: counts per handle, then one page of the flips (and every
+    undeclared one, up to a page)."""
+    return {
+        "active": change.active,
+        "proposed": change.proposed,
+        "principals": change.principals(),
+        "flips": len(change.flips),
+        "by_handle": change.by_handle(),
+        "listed": [f.describe() for f in change.flips[offset : offset + limit]],
+        "offset": offset,
+        "undeclared": len(change.undeclared),
+        "undeclared_listed": [f.describe() for f in change.undeclared[:limit]],
+    }
+
+
+async def cmd_diff(store: PolicyStore, ns: argparse.Namespace) -> dict[str, Any]:
+    """The plan of a live shadow against the active set, again, a page at a time."""
+    pointers = await store.pointers()
+    pointers.shadow(ns.version)
+    active = await _active_set(store, pointers.active)
+    shadow = parse_permission_set(load_document(await store.document(ns.version), ns.version), ns.version)
+    if ns.limit < 1 or ns.offset < 0:
+        raise ConfigError("--limit must be at least 1 and --offset at least 0")
+    return _plan_document(plan(active, shadow), ns.offset, ns.limit)
 
 
 def _weights(values: list[str]) -> dict[str, int]:
@@ -250,9 +297,18 @@ def add_parser(
     propose.add_argument("--request-id", default="", help="the change request this implements (default: the file's)")
     propose.add_argument("--reason", default="", help="why, in a sentence (default: the file's)")
     propose.add_argument("--author", default="", help="who proposes it (default: the file's)")
+    propose.add_argument(
+        "--accept-undeclared",
+        action="store_true",
+        help="propose it although its plan has flips its declared changes do not explain (counted as unexpected)",
+    )
     canary = command("canary", "set a shadow's canary weight per region", cmd_canary)
     canary.add_argument("version")
     canary.add_argument("--weight", action="append", default=[], metavar="REGION=PERCENT", help="repeatable")
+    diff = command("diff", "a live shadow's plan: who gains or loses which handle, against the active set", cmd_diff)
+    diff.add_argument("version")
+    diff.add_argument("--limit", type=int, default=PLAN_PAGE, help="flips listed per page")
+    diff.add_argument("--offset", type=int, default=0, help="flips skipped before the page")
     command("status", "what is active and live", cmd_status)
     report = command("report", "a shadow's traffic over every sidecar: evaluations, mismatches, coverage", cmd_report)
     report.add_argument("version")
