@@ -19,6 +19,8 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any, NoReturn
 
+import structlog
+
 from authz_sidecar import __version__
 from authz_sidecar.config import Settings, validate
 from authz_sidecar.decision.identity import SOURCES
@@ -277,6 +279,11 @@ def _ctl(ns: argparse.Namespace) -> int:
         normalise_prefix(ns.prefix)
     except ValueError as exc:
         raise ConfigError(f"--prefix: {exc}") from None
+    if not structlog.is_configured():
+        # Audit records are logged as JSON lines on stderr; stdout stays the command's output alone.
+        from authz_sidecar.telemetry import logs
+
+        logs.configure("info")
     return ctl.run(ns, Settings(**_etcd_settings(ns)).etcd_options().validate())
 
 

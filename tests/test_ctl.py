@@ -218,6 +218,8 @@ def test_propose_takes_request_id_reason_and_author_from_the_file(etcd: EtcdClus
         "platform-team",
     )
 
+    # v3 changes the handle v2 holds a lock on: v2 is rolled back first.
+    assert ctl(etcd.endpoints, prefix, "rollback", "v2", "--request-id", "RB-7", "--reason", "superseded") == 0
     v3 = write_json(tmp_path / "v3.json", shadow_doc("v3", **meta))
     proposed = ctl_json(etcd.endpoints, prefix, "propose", "--file", v3, "--request-id", "CR-8", "--author", "ops")
     assert (proposed["request_id"], proposed["reason"], proposed["author"]) == ("CR-8", "bob edits things", "ops")

@@ -76,7 +76,7 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
         shadows=[
             shadow("v2", weights={"us-east": 10}, testers=["qa-bot"], grants=v2_grants),
             # A more permissive proposal with no testers: only a canary weight could ever reach it.
-            shadow("v3", grants=[*ACTIVE["grants"], {"principal": "mallory", "roles": ["editor"]}]),
+            shadow("v3", grants=[*ACTIVE["grants"], {"principal": "mallory", "roles": ["viewer"]}]),
         ],
         catalog=CATALOG,
     )
@@ -137,7 +137,7 @@ def test_shadow_picked_by_header(mesh: Mesh) -> None:
 
 def test_outsider_cannot_pick_a_shadow_without_testers(mesh: Mesh) -> None:
     """Envoy passes x-authz-shadow-version from the client: a shadow without testers ignores it."""
-    status, _h, raw = mesh.request("PUT", "/things/7", "mallory", {"x-authz-shadow-version": "v3"})
+    status, _h, raw = mesh.request("GET", "/things/7", "mallory", {"x-authz-shadow-version": "v3"})
     assert status == 403 and body(raw)["reason"] == "unknown_principal"
     status, _h, raw = mesh.request("GET", "/things/7", "alice", {"x-authz-shadow-version": "v3"})
     assert status == 200 and body(raw)["set_version"] == "v1"

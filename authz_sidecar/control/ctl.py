@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import json
+import os
 import sys
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -35,9 +37,9 @@ from authz_sidecar.model.assembly import check_handles
 from authz_sidecar.model.engine import compile_set, declared, impact
 from authz_sidecar.model.plan import Plan, plan
 from authz_sidecar.model.values import Permission, PermissionSet
-from authz_sidecar.store import layout
+from authz_sidecar.store import audit, layout
 from authz_sidecar.store.etcd import Etcd, EtcdOptions
-from authz_sidecar.store.policy import PolicyStore, StoreError
+from authz_sidecar.store.policy import Change, PolicyStore, StoreError
 
 Command = Callable[[PolicyStore, argparse.Namespace], Awaitable[Any]]
 # Principals and handles `ctl report` lists behind unexpected mismatches.
@@ -77,6 +79,11 @@ async def cmd_propose(store: PolicyStore, ns: argparse.Namespace) -> dict[str, A
     for value, flag, name in ((request_id, "--request-id ID", "request_id"), (reason, "--reason TEXT", "reason")):
         if not value:
             raise ConfigError(f"ctl propose needs {flag}, or {name} in {ns.file}")
+    # Idempotent by request id: the same file proposed again returns what it did the first time.
+    subject = f"{shadow.version}@{_digest(shadow.permissions)}"
+    done = await store.done_before(Change("propose", request_id, subject=subject))
+    if done is not None:
+        return {"proposed": shadow.version, "repeated": True, "request_id": request_id, "audit_seq": done.get("seq")}
     pointers = await store.pointers()
     meta = replace(
         written,
@@ -97,9 +104,27 @@ async def cmd_propose(store: PolicyStore, ns: argparse.Namespace) -> dict[str, A
             f"explain: {shown}{f'; and {more} more' if more > 0 else ''} (fix the set, declare them in "
             "'changes:', or pass --accept-undeclared to count them as unexpected)"
         )
-    await store.propose(permissions, dump_permission_set(permissions), shadow.rollout)
+    change_record = Change(
+        "propose",
+        request_id,
+        subject=subject,
+        fields={
+            "who": meta.author or _who(),
+            "reason": reason,
+            "version": permissions.version,
+            "parent": meta.parent,
+            "impact": {
+                "flips": len(change.flips),
+                "principals": change.principals(),
+                "undeclared": len(change.undeclared),
+            },
+        },
+        take_locks=dict.fromkeys(change.by_handle(), permissions.version),
+    )
+    done = await store.propose(permissions, dump_permission_set(permissions), shadow.rollout, change_record)
     return {
         "proposed": permissions.version,
+        "repeated": done["repeated"],
         "parent": meta.parent,
         "request_id": meta.request_id,
         "reason": meta.reason,
@@ -108,6 +133,69 @@ async def cmd_propose(store: PolicyStore, ns: argparse.Namespace) -> dict[str, A
         "testers": sorted(shadow.rollout.testers),
         "plan": _plan_document(change, 0, PLAN_PAGE),
     }
+
+
+def _who() -> str:
+    return os.environ.get("USER") or os.environ.get("LOGNAME") or "unknown"
+
+
+def _digest(permissions: PermissionSet) -> str:
+    """A short digest of a set's content: the same request id with other content is refused."""
+    return hashlib.sha256(dump_permission_set(permissions)).hexdigest()[:16]
+
+
+def _lifecycle_change(ns: argparse.Namespace, action: str, version: str) -> Change:
+    if not ns.request_id or not ns.reason:
+        raise ConfigError(f"ctl {action} needs --request-id ID and --reason TEXT (they are audited)")
+    return Change(
+        action,
+        ns.request_id,
+        subject=version,
+        fields={"who": ns.author or _who(), "reason": ns.reason, "version": version},
+    )
+
+
+async def cmd_promote(store: PolicyStore, ns: argparse.Namespace) -> dict[str, Any]:
+    """Make a live shadow active, in one transaction (see PolicyStore.promote)."""
+    change = _lifecycle_change(ns, "promote", ns.version)
+    done = await store.done_before(change)
+    if done is not None:
+        return {"active": ns.version, "repeated": True, "audit_seq": done.get("seq")}
+    pointers = await store.pointers()
+    pointers.shadow(ns.version)
+    shadow = parse_permission_set(load_document(await store.document(ns.version), ns.version), ns.version)
+    parent = shadow.meta.parent or (pointers.active or "")
+    impact: dict[str, int] = {}
+    if parent == pointers.active:
+        promoted = plan(await _active_set(store, pointers.active), shadow)
+        impact = {"flips": len(promoted.flips), "principals": promoted.principals()}
+    result = await store.promote(ns.version, parent, replace(change, fields={**change.fields, "impact": impact}))
+    return {
+        "active": ns.version,
+        "repeated": result["repeated"],
+        "stale": result.get("stale", []),
+        "audit_seq": result["seq"],
+    }
+
+
+async def cmd_rollback(store: PolicyStore, ns: argparse.Namespace) -> dict[str, Any]:
+    """Discard a live shadow: no traffic reaches it again, its locks are released."""
+    result = await store.discard(ns.version, _lifecycle_change(ns, "rollback", ns.version))
+    return {"rolled_back": ns.version, "repeated": result["repeated"], "audit_seq": result["seq"]}
+
+
+async def cmd_audit(store: PolicyStore, ns: argparse.Namespace) -> dict[str, Any]:
+    """The audit chain, newest last; with --verify, every break named (and the exit is 1)."""
+    records = await store.audit_records()
+    head, _revision = await store.chain_head()
+    result: dict[str, Any] = {
+        "head": {"seq": head.seq, "hash": head.hash},
+        "records": [json.loads(value) for _key, value in records[-ns.last :]] if ns.last else [],
+    }
+    if ns.verify:
+        result["problems"] = audit.verify(records, head)
+        result["verified"] = not result["problems"]
+    return result
 
 
 async def _active_set(store: PolicyStore, version: str | None) -> PermissionSet:
@@ -164,6 +252,7 @@ async def cmd_status(store: PolicyStore, _ns: argparse.Namespace) -> dict[str, A
     """What the pointers name, and whether each named set is there and builds the way a sidecar
     builds it: a problem is listed (and the exit is 1), never shown as if it were live."""
     pointers = await store.pointers()
+    head, _head_revision = await store.chain_head()
     revision, kvs = await store.etcd.list_prefix(store.layout.catalogs)
     problems: list[str] = []
     catalogs = []
@@ -185,6 +274,8 @@ async def cmd_status(store: PolicyStore, _ns: argparse.Namespace) -> dict[str, A
         "active": pointers.active,
         "shadows": {v: layout.rollout_document(r) for v, r in sorted(pointers.shadows.items())},
         "catalogs": {c.service: {"permissions": len(c.permissions), "routes": len(c.routes)} for c in catalogs},
+        "locks": await store.locks(),
+        "audit_head": {"seq": head.seq, "hash": head.hash},
         "problems": problems,
     }
 
@@ -302,6 +393,22 @@ def add_parser(
         action="store_true",
         help="propose it although its plan has flips its declared changes do not explain (counted as unexpected)",
     )
+    for name, text, handler in (
+        ("promote", "make a live shadow the active set (one transaction, audited)", cmd_promote),
+        ("rollback", "discard a live shadow: weights gone, locks released (audited)", cmd_rollback),
+    ):
+        lifecycle = command(name, text, handler)
+        lifecycle.add_argument("version")
+        lifecycle.add_argument(
+            "--request-id", default="", help="the change request (running it again does nothing twice)"
+        )
+        lifecycle.add_argument("--reason", default="", help="why, in a sentence (audited)")
+        lifecycle.add_argument("--author", default="", help="who (default: $USER)")
+    audit_command = command("audit", "the audit chain: who changed what, when and why", cmd_audit)
+    audit_command.add_argument(
+        "--verify", action="store_true", help="check every link; name each edited or removed record"
+    )
+    audit_command.add_argument("--last", type=int, default=20, help="records listed, newest last (0: none)")
     canary = command("canary", "set a shadow's canary weight per region", cmd_canary)
     canary.add_argument("version")
     canary.add_argument("--weight", action="append", default=[], metavar="REGION=PERCENT", help="repeatable")

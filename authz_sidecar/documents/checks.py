@@ -26,7 +26,8 @@ REGION_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
 ROLE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 SERVICE_RE = re.compile(r"[a-z][a-z0-9_-]{0,62}")
 HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
-SHADOW_STATES = frozenset({"proposed", "canary"})
+# stale: its parent is no longer active (another change was promoted); it is never enforced again.
+SHADOW_STATES = frozenset({"proposed", "canary", "stale"})
 MAX_PRINCIPAL_LEN = 512
 # Bounds on what a service registers (catalogs, the Registry, ctl registry put); see docs/policy-files.md.
 MAX_HANDLE_LEN = 128

@@ -34,6 +34,8 @@ class ShadowView:
     weight_bp: int
     # (principal, handle, scope) triples the change is predicted to alter; scope None = unscoped.
     impact: frozenset[tuple[str, str, str | None]]
+    # Its parent is no longer the active set (or it was marked stale on a promotion): never enforced.
+    stale: bool = False
 
     @property
     def version(self) -> str:
@@ -41,8 +43,9 @@ class ShadowView:
 
     def is_tester(self, principal: str) -> bool:
         """Whether the principal may pick this shadow by header. A privilege, never a default: Envoy
-        passes the header from outside, and a proposal may allow more than the active set."""
-        return principal in self.rollout.testers
+        passes the header from outside, and a proposal may allow more than the active set. Nobody
+        may pick a stale shadow."""
+        return not self.stale and principal in self.rollout.testers
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,12 +182,17 @@ def build_snapshot(
                     field=f"weights.{r}",
                     value=w,
                 )
+        # Made against a set that is no longer active: enforcing it would revert whatever was promoted
+        # since, for everyone it reached. It is still observed (its mismatches stay visible).
+        parent = shadow.permissions.meta.parent
+        stale = shadow.rollout.state == "stale" or bool(parent and parent != active.version)
         views.append(
             ShadowView(
                 compiled=cache.compiled(shadow.permissions),
                 rollout=shadow.rollout,
-                weight_bp=shadow.rollout.weights.get(region, 0) * 100,
+                weight_bp=0 if stale else shadow.rollout.weights.get(region, 0) * 100,
                 impact=cache.impact(active, shadow.permissions),
+                stale=stale,
             )
         )
     own = [c for c in catalogs if c.service == service] if service else list(catalogs)

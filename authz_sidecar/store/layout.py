@@ -71,6 +71,30 @@ class Layout:
     def head(self, version: str) -> str:
         return f"{self.prefix}/sets/{version}"
 
+    @property
+    def audit_head(self) -> str:
+        """The audit chain's newest record: its sequence number and hash."""
+        return f"{self.prefix}/audit/head"
+
+    @property
+    def audit_records(self) -> str:
+        return f"{self.prefix}/audit/records/"
+
+    def audit_record(self, seq: int) -> str:
+        return f"{self.prefix}/audit/records/{seq:012d}"
+
+    @property
+    def locks(self) -> str:
+        return f"{self.prefix}/locks/"
+
+    def lock(self, handle: str) -> str:
+        """Held by the live proposal that changes `handle`, until it is promoted or rolled back."""
+        return f"{self.prefix}/locks/{handle}"
+
+    def request(self, request_id: str) -> str:
+        """What a request id did, so that running it again does nothing twice."""
+        return f"{self.prefix}/requests/{request_id}"
+
     def chunk(self, version: str, digest: str, index: int) -> str:
         return f"{self.prefix}/sets/{version}/{digest}/{index:05d}"
 

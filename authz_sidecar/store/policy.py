@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 import structlog
 from etcd3aio._protobuf import Compare
@@ -29,7 +30,8 @@ from authz_sidecar.documents import (
 from authz_sidecar.errors import DocumentError
 from authz_sidecar.model.selection import regions_over_100
 from authz_sidecar.model.values import Catalog, Permission, PermissionSet, Rollout
-from authz_sidecar.store import layout
+from authz_sidecar.store import audit, layout
+from authz_sidecar.store.audit import ChainHead
 from authz_sidecar.store.etcd import Etcd
 from authz_sidecar.store.layout import Layout
 
@@ -72,6 +74,21 @@ class Pointers:
             live = ", ".join(sorted(self.shadows)) or "none"
             raise StoreError(f"{version!r} is not a live shadow (live: {live})")
         return rollout
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """What one control-plane write records and holds beside the pointers it flips: its audit
+    record's fields, the request id that makes it idempotent, and the handle locks it takes or
+    releases, all in the pointers' own transaction."""
+
+    action: str
+    request_id: str = ""
+    fields: Mapping[str, Any] = field(default_factory=dict)
+    # The request's identity for idempotency: the same request id with other content is refused.
+    subject: str = ""
+    take_locks: Mapping[str, str] = field(default_factory=dict)  # handle -> holder (the version)
+    release_locks: tuple[str, ...] = ()
 
 
 def catalog_document(catalog: Catalog) -> bytes:
@@ -180,8 +197,33 @@ class PolicyStore:
             raise ConflictError(f"version {version!r} was written by someone else at the same time")
         return True
 
-    async def _flip(self, seen: Pointers, active: str | None, shadows: Mapping[str, Rollout]) -> None:
-        """Write both pointers in one transaction, if neither changed since `seen` was read."""
+    async def chain_head(self) -> tuple[ChainHead, int]:
+        """The audit chain's head and its key's mod revision (0 before the first record)."""
+        found = await self.etcd.get(self.layout.audit_head)
+        return (ChainHead.decode(found.value), found.mod_revision) if found else (ChainHead(), 0)
+
+    async def done_before(self, change: Change) -> dict[str, Any] | None:
+        """What `change.request_id` already did, if it did exactly this; StoreError if it was used
+        for something else; None if it is new."""
+        if not change.request_id:
+            return None
+        found = await self.etcd.get(self.layout.request(change.request_id))
+        if found is None:
+            return None
+        done: dict[str, Any] = json.loads(found.value)
+        if done.get("action") != change.action or done.get("subject") != change.subject:
+            raise StoreError(
+                f"request id {change.request_id!r} was already used to {done.get('action')} "
+                f"{done.get('subject')!r}; a request id names one change"
+            )
+        return done
+
+    async def _flip(
+        self, seen: Pointers, active: str | None, shadows: Mapping[str, Rollout], change: Change | None = None
+    ) -> dict[str, Any] | None:
+        """Write both pointers in one transaction, if neither changed since `seen` was read, with
+        the change's audit record, request id and locks in the same transaction. Returns the audit
+        record written (None without a change)."""
         kv = self.etcd.kv
         compares = []
         for key, revision in ((self.layout.active, seen.active_revision), (self.layout.shadows, seen.shadows_revision)):
@@ -192,23 +234,75 @@ class PolicyStore:
         ops = [kv.txn_op_put(self.layout.shadows, layout.encode_shadows(shadows))]
         if active is not None:
             ops.append(kv.txn_op_put(self.layout.active, layout.encode_active(active)))
+        entry = None
+        if change is not None:
+            head, head_revision = await self.chain_head()
+            entry = audit.record(
+                head,
+                change.action,
+                {"request_id": change.request_id, "subject": change.subject, **change.fields},
+            )
+            compares.append(
+                _mod(self.layout.audit_head, head_revision)
+                if head_revision
+                else kv.txn_compare_create_revision(self.layout.audit_head, 0)
+            )
+            ops.append(kv.txn_op_put(self.layout.audit_record(entry["seq"]), json.dumps(entry, sort_keys=True)))
+            ops.append(kv.txn_op_put(self.layout.audit_head, ChainHead(entry["seq"], entry["hash"]).encode()))
+            if change.request_id:
+                request_key = self.layout.request(change.request_id)
+                compares.append(kv.txn_compare_create_revision(request_key, 0))
+                done = {"action": change.action, "subject": change.subject, "seq": entry["seq"]}
+                ops.append(kv.txn_op_put(request_key, json.dumps(done, sort_keys=True)))
+            for handle, holder in sorted(change.take_locks.items()):
+                lock_key = self.layout.lock(handle)
+                compares.append(kv.txn_compare_create_revision(lock_key, 0))
+                lock = {"version": holder, "request_id": change.request_id}
+                ops.append(kv.txn_op_put(lock_key, json.dumps(lock, sort_keys=True)))
+            ops.extend(kv.txn_op_delete(self.layout.lock(handle)) for handle in sorted(change.release_locks))
         response = await self.etcd.call(kv.txn, compares, ops)
         if not response.succeeded:
             raise ConflictError("the live pointers changed while this command ran; run it again")
         self.last_revision = response.header.revision
+        if entry is not None:
+            log.info("audit", **{k: v for k, v in entry.items() if k != "at"})
+        return entry
 
-    async def init(self, permissions: PermissionSet, document: bytes) -> None:
+    async def locks(self) -> dict[str, dict[str, str]]:
+        """Every held lock: handle -> the version holding it and its request id."""
+        _revision, kvs = await self.etcd.list_prefix(self.layout.locks)
+        return {kv.key.removeprefix(self.layout.locks): json.loads(kv.value) for kv in kvs}
+
+    async def audit_records(self) -> list[tuple[str, bytes]]:
+        _revision, kvs = await self.etcd.list_prefix(self.layout.audit_records)
+        return sorted((kv.key, kv.value) for kv in kvs)
+
+    async def init(self, permissions: PermissionSet, document: bytes, change: Change | None = None) -> None:
         """Make `permissions` the first active set. Refused once any active set exists."""
         seen = await self.pointers()
         if seen.active is not None:
             raise StoreError(f"an active set already exists ({seen.active}); changes go through 'ctl propose'")
         await self.write_set(permissions, document)
-        await self._flip(seen, permissions.version, seen.shadows)
+        change = change or Change("init", permissions.meta.request_id, subject=permissions.version)
+        await self._flip(
+            seen,
+            permissions.version,
+            seen.shadows,
+            replace(change, fields={**change.fields, "after": permissions.version}),
+        )
 
-    async def propose(self, permissions: PermissionSet, document: bytes, rollout: Rollout) -> None:
-        """Store a shadow version and make it live beside the active set with `rollout`."""
-        seen = await self.pointers()
+    async def propose(
+        self, permissions: PermissionSet, document: bytes, rollout: Rollout, change: Change | None = None
+    ) -> dict[str, Any]:
+        """Store a shadow version and make it live beside the active set with `rollout`, taking the
+        locks of the handles it changes. Run again with the same request id and content, it does
+        nothing and says so (``repeated``)."""
         version = permissions.version
+        change = change or Change("propose", permissions.meta.request_id, subject=version)
+        done = await self.done_before(change)
+        if done is not None:
+            return {"repeated": True, "seq": done.get("seq")}
+        seen = await self.pointers()
         if seen.active is None:
             raise StoreError("no active set yet; start with 'ctl init'")
         if version == seen.active or version in seen.shadows:
@@ -217,19 +311,90 @@ class PolicyStore:
         if parent and parent != seen.active:
             raise StoreError(f"this change was made against {parent!r} but the active set is {seen.active!r}")
         _check_weights({**seen.shadows, version: rollout})
+        held = {h: lock for h, lock in (await self.locks()).items() if h in change.take_locks}
+        if held:
+            handle, lock = sorted(held.items())[0]
+            raise StoreError(
+                f"{handle!r} is locked by {lock.get('version')!r} (request {lock.get('request_id')!r}); "
+                "promote or roll that back first"
+            )
         await self.write_set(permissions, document)
-        await self._flip(seen, None, {**seen.shadows, version: rollout})
+        entry = await self._flip(seen, None, {**seen.shadows, version: rollout}, change)
+        return {"repeated": False, "seq": entry["seq"] if entry else None}
 
-    async def canary(self, version: str, weights: Mapping[str, int]) -> Rollout:
+    async def canary(self, version: str, weights: Mapping[str, int], change: Change | None = None) -> Rollout:
         """Set a live shadow's canary weight in the given regions (0 takes it out of a region)."""
         seen = await self.pointers()
         current = seen.shadow(version)
+        if current.state == "stale":
+            raise StoreError(f"{version!r} is stale (another change was promoted over its parent); rebase it")
         merged = {**current.weights, **weights}
         merged = {r: w for r, w in merged.items() if w > 0}
         rollout = Rollout(weights=merged, testers=current.testers, state="canary" if merged else "proposed")
         _check_weights({**seen.shadows, version: rollout})
-        await self._flip(seen, None, {**seen.shadows, version: rollout})
+        change = change or Change("canary", subject=version)
+        await self._flip(
+            seen, None, {**seen.shadows, version: rollout}, replace(change, fields={**change.fields, "weights": merged})
+        )
         return rollout
+
+    async def promote(self, version: str, parent: str, change: Change, attempts: int = 5) -> dict[str, Any]:
+        """Make a live shadow the active set in one transaction that compares the pointers it read:
+        the shadow leaves the live ones, its locks are released, every other live shadow becomes
+        stale with its weights zeroed (enforcing one would revert this change for its cohort), and
+        the audit record is appended. `parent` is the version the shadow was made against; a shadow
+        whose parent is no longer active is refused as stale. Idempotent by request id."""
+        for _ in range(attempts):
+            done = await self.done_before(change)
+            if done is not None:
+                return {"repeated": True, "seq": done.get("seq"), "active": version}
+            seen = await self.pointers()
+            rollout = seen.shadow(version)
+            if rollout.state == "stale" or parent != seen.active:
+                raise StoreError(
+                    f"{version!r} was made against {parent!r} but the active set is {seen.active!r}: it is stale; "
+                    f"rebase it onto {seen.active!r} with 'ctl propose --rebase {version}'"
+                )
+            others = {
+                v: Rollout(weights={}, testers=r.testers, state="stale")
+                for v, r in seen.shadows.items()
+                if v != version
+            }
+            fields = {**change.fields, "before": seen.active, "after": version, "made_stale": sorted(others)}
+            releasing = replace(change, fields=fields, release_locks=await self.locks_of(version))
+            try:
+                entry = await self._flip(seen, version, others, releasing)
+            except ConflictError:
+                continue  # someone else wrote first: read again, and decide again on what is there now
+            return {
+                "repeated": False,
+                "seq": entry["seq"] if entry else None,
+                "active": version,
+                "stale": sorted(others),
+            }
+        raise ConflictError(f"the live pointers kept changing; {version!r} was not promoted")
+
+    async def discard(self, version: str, change: Change, attempts: int = 5) -> dict[str, Any]:
+        """Roll back a live shadow: it leaves the live ones (no traffic reaches it again) and its
+        locks are released, with the audit record, in one transaction. Idempotent by request id."""
+        for _ in range(attempts):
+            done = await self.done_before(change)
+            if done is not None:
+                return {"repeated": True, "seq": done.get("seq"), "discarded": version}
+            seen = await self.pointers()
+            seen.shadow(version)
+            remaining = {v: r for v, r in seen.shadows.items() if v != version}
+            releasing = replace(change, release_locks=await self.locks_of(version))
+            try:
+                entry = await self._flip(seen, None, remaining, releasing)
+            except ConflictError:
+                continue
+            return {"repeated": False, "seq": entry["seq"] if entry else None, "discarded": version}
+        raise ConflictError(f"the live pointers kept changing; {version!r} was not rolled back")
+
+    async def locks_of(self, version: str) -> tuple[str, ...]:
+        """The handles `version` holds locks on."""
+        return tuple(sorted(h for h, lock in (await self.locks()).items() if lock.get("version") == version))
 
     async def register_catalog(self, catalog: Catalog, attempts: int = 5) -> Catalog:
         """Merge a service's catalog into etcd (see :func:`merge_catalogs`), compare-and-swap."""

@@ -1,0 +1,232 @@
+"""The change lifecycle over a real etcd: propose (with its plan and locks), promote in one
+transaction, roll back, every write audited in a hash chain, each request id done once."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from authz_sidecar.local.etcd import EtcdCluster
+from authz_sidecar.store import layout
+from authz_sidecar.store.etcd import Etcd, EtcdOptions
+
+from .helpers import ctl, ctl_json, decision, etcd_sidecar, raw_put, seed, unique_prefix, wait_for, write_json
+
+ROLES = {
+    "viewer": ["things:view"],
+    "editor": ["things:view", "things:edit"],
+    "admin": ["things:view", "things:edit", "things:delete"],
+}
+ACTIVE: dict[str, Any] = {
+    "version": "v1",
+    "roles": ROLES,
+    "grants": [
+        {"principal": "ann", "roles": ["admin"]},
+        {"principal": "ed", "roles": ["editor"]},
+        {"principal": "eli", "roles": ["editor"]},
+        {"principal": "vic", "roles": ["viewer"]},
+    ],
+}
+
+
+def no_edit_for_editors(version: str = "v2", request_id: str = "CR-2") -> dict[str, Any]:
+    """Editors stop editing: a declared change of one role."""
+    return {
+        **ACTIVE,
+        "version": version,
+        "parent": "v1",
+        "request_id": request_id,
+        "reason": "editors only view now",
+        "roles": {**ROLES, "editor": ["things:view"]},
+        "changes": [{"role": "editor", "remove": ["things:edit"]}],
+    }
+
+
+def no_delete_for_admins(version: str = "v3", request_id: str = "CR-3") -> dict[str, Any]:
+    return {
+        **ACTIVE,
+        "version": version,
+        "parent": "v1",
+        "request_id": request_id,
+        "reason": "nobody deletes",
+        "roles": {**ROLES, "admin": ["things:view", "things:edit"]},
+        "changes": [{"role": "admin", "remove": ["things:delete"]}],
+    }
+
+
+def run(endpoints: str, prefix: str, *args: str) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = ctl(endpoints, prefix, *args)
+    return code, out.getvalue(), err.getvalue()
+
+
+def errors(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.startswith("authz-sidecar:")]
+
+
+def test_the_whole_story_propose_plan_promote_and_the_sidecars_follow(etcd: EtcdCluster, tmp_path: Path) -> None:
+    prefix = unique_prefix()
+    seed(etcd.endpoints, prefix, tmp_path, active=ACTIVE)
+    side = etcd_sidecar(etcd.endpoints, prefix, tmp_path / "side")
+    try:
+        side.wait_ready()
+        assert decision(side, "ed", "PUT") == 200
+        proposed = ctl_json(
+            etcd.endpoints, prefix, "propose", "--file", write_json(tmp_path / "v2.json", no_edit_for_editors())
+        )
+        plan = proposed["plan"]
+        assert plan["listed"] == ["ed loses things:edit", "eli loses things:edit"] and plan["undeclared"] == 0
+        assert ctl_json(etcd.endpoints, prefix, "status")["locks"] == {
+            "things:edit": {"version": "v2", "request_id": "CR-2"}
+        }
+        promoted = ctl_json(
+            etcd.endpoints, prefix, "promote", "v2", "--request-id", "PR-2", "--reason", "reviewed", "--author", "ops"
+        )
+        assert promoted["active"] == "v2" and not promoted["repeated"]
+        wait_for(lambda: decision(side, "ed", "PUT") == 403, what="the sidecar to decide with v2")
+        assert decision(side, "ann", "PUT") == 200
+        status = ctl_json(etcd.endpoints, prefix, "status")
+        assert status["active"] == "v2" and status["shadows"] == {} and status["locks"] == {}
+        chain = ctl_json(etcd.endpoints, prefix, "audit", "--verify")
+        assert chain["verified"] and [r["action"] for r in chain["records"]] == ["init", "propose", "promote"]
+        promote = chain["records"][-1]
+        assert (promote["before"], promote["after"], promote["who"], promote["request_id"]) == (
+            "v1",
+            "v2",
+            "ops",
+            "PR-2",
+        )
+        assert promote["impact"] == {"flips": 2, "principals": 2}
+        assert status["audit_head"] == {"seq": 3, "hash": promote["hash"]}
+    finally:
+        side.close()
+
+
+def test_two_promotions_of_one_parent_at_once_exactly_one_wins(etcd: EtcdCluster, tmp_path: Path) -> None:
+    """Two ctl processes promote two shadows of v1 at the same moment: one becomes active, the
+    other is refused as stale and its weights are zero; the audit chain holds."""
+    prefix = unique_prefix()
+    seed(etcd.endpoints, prefix, tmp_path, active=ACTIVE)
+    v2 = write_json(tmp_path / "v2.json", {**no_edit_for_editors(), "weights": {"us-east": 10}})
+    v3 = write_json(tmp_path / "v3.json", {**no_delete_for_admins(), "weights": {"us-east": 20}})
+    for path in (v2, v3):
+        assert ctl(etcd.endpoints, prefix, "propose", "--file", path) == 0
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    processes = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "authz_sidecar",
+                "ctl",
+                "promote",
+                version,
+                "--request-id",
+                f"PR-{version}",
+                "--reason",
+                "race",
+                "--etcd",
+                etcd.endpoints,
+                "--prefix",
+                prefix,
+                "--json",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for version in ("v2", "v3")
+    ]
+    results = []
+    for process in processes:
+        out, err = process.communicate(timeout=60)
+        results.append((process.returncode, out, err))
+    winners = [json.loads(out)["active"] for code, out, _err in results if code == 0]
+    losers = [errors(err) for code, _out, err in results if code != 0]
+    assert len(winners) == 1 and len(losers) == 1, results
+    assert "stale" in losers[0][0] and "--rebase" in losers[0][0]
+    loser = "v3" if winners[0] == "v2" else "v2"
+    status = ctl_json(etcd.endpoints, prefix, "status")
+    assert status["active"] == winners[0]
+    assert status["shadows"] == {loser: {"state": "stale", "testers": [], "weights": {}}}
+    assert ctl_json(etcd.endpoints, prefix, "audit", "--verify")["verified"]
+    code, _out, err = run(etcd.endpoints, prefix, "canary", loser, "--weight", "us-east=5")
+    assert code == 1 and "stale" in errors(err)[0]
+
+
+def test_a_locked_handle_refuses_a_second_proposal_until_the_first_is_rolled_back(
+    etcd: EtcdCluster, tmp_path: Path
+) -> None:
+    prefix = unique_prefix()
+    seed(etcd.endpoints, prefix, tmp_path, active=ACTIVE)
+    assert (
+        ctl(etcd.endpoints, prefix, "propose", "--file", write_json(tmp_path / "v2.json", no_edit_for_editors())) == 0
+    )
+    second = write_json(tmp_path / "v4.json", no_edit_for_editors("v4", "CR-4"))
+    code, _out, err = run(etcd.endpoints, prefix, "propose", "--file", second)
+    assert code == 1 and "'things:edit' is locked by 'v2' (request 'CR-2')" in errors(err)[0]
+    rolled = ctl_json(etcd.endpoints, prefix, "rollback", "v2", "--request-id", "RB-2", "--reason", "not now")
+    assert rolled["rolled_back"] == "v2"
+    assert ctl_json(etcd.endpoints, prefix, "status")["locks"] == {}
+    assert ctl(etcd.endpoints, prefix, "propose", "--file", second) == 0
+
+
+def test_each_request_id_has_one_effect_and_one_record(etcd: EtcdCluster, tmp_path: Path) -> None:
+    prefix = unique_prefix()
+    seed(etcd.endpoints, prefix, tmp_path, active=ACTIVE)
+    v2 = write_json(tmp_path / "v2.json", no_edit_for_editors())
+    assert not ctl_json(etcd.endpoints, prefix, "propose", "--file", v2)["repeated"]
+    assert ctl_json(etcd.endpoints, prefix, "propose", "--file", v2)["repeated"]
+    other = write_json(tmp_path / "v2b.json", {**no_edit_for_editors(), "reason": "other content", "grants": []})
+    code, _out, err = run(etcd.endpoints, prefix, "propose", "--file", other)
+    assert code == 1 and "request id 'CR-2' was already used" in errors(err)[0]
+    why = ("--request-id", "PR-2", "--reason", "go")
+    assert not ctl_json(etcd.endpoints, prefix, "promote", "v2", *why)["repeated"]
+    assert ctl_json(etcd.endpoints, prefix, "promote", "v2", *why)["repeated"]
+    chain = ctl_json(etcd.endpoints, prefix, "audit", "--verify")
+    assert [r["action"] for r in chain["records"]] == ["init", "propose", "promote"] and chain["verified"]
+
+
+def test_an_edited_and_a_removed_audit_record_are_named(etcd: EtcdCluster, tmp_path: Path) -> None:
+    prefix = unique_prefix()
+    seed(etcd.endpoints, prefix, tmp_path, active=ACTIVE)
+    assert (
+        ctl(etcd.endpoints, prefix, "propose", "--file", write_json(tmp_path / "v2.json", no_edit_for_editors())) == 0
+    )
+    assert ctl(etcd.endpoints, prefix, "rollback", "v2", "--request-id", "RB-2", "--reason", "r") == 0
+    assert (
+        ctl(etcd.endpoints, prefix, "propose", "--file", write_json(tmp_path / "v3.json", no_delete_for_admins())) == 0
+    )
+    lay = layout.Layout(prefix)
+    records = {r["seq"]: r for r in ctl_json(etcd.endpoints, prefix, "audit")["records"]}
+    assert sorted(records) == [1, 2, 3, 4]
+    edited = {**records[2], "reason": "nothing to see here"}
+    raw_put(etcd.endpoints, lay.audit_record(2), json.dumps(edited).encode())
+    code, out, err = run(etcd.endpoints, prefix, "audit", "--verify", "--json")
+    problems = json.loads(out)["problems"]
+    assert code == 1 and problems == [f"{lay.audit_record(2)}: its content does not match its hash (edited)"]
+    assert "1 problem(s)" in errors(err)[0]
+
+    async def remove() -> None:
+        async with Etcd(EtcdOptions(endpoints=tuple(etcd.endpoints.split(",")))) as client:
+            await client.call(client.kv.delete, lay.audit_record(3))
+
+    asyncio.run(remove())
+    problems = ctl_json_failing(etcd.endpoints, prefix, "audit", "--verify")["problems"]
+    assert f"{lay.audit_record(4)}: record(s) 3 missing before it (removed)" in problems
+
+
+def ctl_json_failing(endpoints: str, prefix: str, *args: str) -> Any:
+    """`ctl ... --json` for a command that reports problems (exit 1) and still prints its result."""
+    code, out, _err = run(endpoints, prefix, *args, "--json")
+    assert code == 1
+    return json.loads(out)
