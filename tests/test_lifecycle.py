@@ -230,3 +230,49 @@ def ctl_json_failing(endpoints: str, prefix: str, *args: str) -> Any:
     code, out, _err = run(endpoints, prefix, *args, "--json")
     assert code == 1
     return json.loads(out)
+
+
+def test_a_rollback_while_etcd_is_down_is_queued_locally_and_retried_exactly_once(tmp_path: Path) -> None:
+    """etcd is stopped when a rollback is asked for: after its retries it lands in the local
+    dead-letter file (one line says so); once etcd is back, `dlq retry` completes it, once."""
+    member = EtcdCluster(tmp_path / "etcd")
+    try:
+        member.start()
+        prefix = unique_prefix()
+        seed(member.endpoints, prefix, tmp_path, active=ACTIVE)
+        assert (
+            ctl(member.endpoints, prefix, "propose", "--file", write_json(tmp_path / "v2.json", no_edit_for_editors()))
+            == 0
+        )
+        dlq = tmp_path / "dlq.json"
+        member.members[0].kill()
+        args = (
+            "rollback",
+            "v2",
+            "--request-id",
+            "RB-9",
+            "--reason",
+            "bad change",
+            "--retries",
+            "2",
+            "--dlq-file",
+            str(dlq),
+        )
+        code, _out, err = run(member.endpoints, prefix, *args)
+        assert code == 1 and len(errors(err)) == 1
+        assert f"queued in the dead-letter queue (local file {dlq})" in errors(err)[0]
+        assert json.loads(dlq.read_text())["RB-9"]["version"] == "v2"
+
+        member.restart(member.members[0])
+        listed = ctl_json(member.endpoints, prefix, "dlq", "list", "--dlq-file", str(dlq))
+        assert list(listed["local"]) == ["RB-9"] and listed["etcd"] == {}
+        retried = ctl_json(member.endpoints, prefix, "dlq", "retry", "--dlq-file", str(dlq))
+        assert retried["retried"] == [{"request_id": "RB-9", "version": "v2", "repeated": False, "from": "local"}]
+        assert json.loads(dlq.read_text()) == {}
+        assert ctl_json(member.endpoints, prefix, "status")["shadows"] == {}
+        # Nothing is left to retry, and the rollback is in the audit chain once.
+        assert ctl_json(member.endpoints, prefix, "dlq", "retry", "--dlq-file", str(dlq))["retried"] == []
+        chain = ctl_json(member.endpoints, prefix, "audit", "--verify")
+        assert [r["action"] for r in chain["records"]].count("rollback") == 1 and chain["verified"]
+    finally:
+        member.stop()

@@ -24,6 +24,7 @@ from typing import Any
 import grpc
 from etcd3aio.errors import EtcdError
 
+from authz_sidecar.control import deadletters
 from authz_sidecar.documents import (
     check_handle,
     dump_permission_set,
@@ -179,9 +180,79 @@ async def cmd_promote(store: PolicyStore, ns: argparse.Namespace) -> dict[str, A
 
 
 async def cmd_rollback(store: PolicyStore, ns: argparse.Namespace) -> dict[str, Any]:
-    """Discard a live shadow: no traffic reaches it again, its locks are released."""
-    result = await store.discard(ns.version, _lifecycle_change(ns, "rollback", ns.version))
+    """Discard a live shadow: no traffic reaches it again, its locks are released. Retried with
+    backoff; a rollback that still fails goes to the dead-letter queue, never nowhere."""
+    change = _lifecycle_change(ns, "rollback", ns.version)
+    try:
+        result = await deadletters.with_retries(lambda: store.discard(ns.version, change), attempts=ns.retries)
+    except deadletters.TRANSIENT as exc:
+        error = str(exc) or type(exc).__name__
+        dead = deadletters.letter(change, ns.version, error, ns.retries)
+        where = await _queue(store, Path(ns.dlq_file), change.request_id, dead)
+        raise StoreError(
+            f"rollback of {ns.version} (request {change.request_id}) failed after {ns.retries} attempt(s): "
+            f"{error.splitlines()[0] if error else error}; queued in the dead-letter queue ({where}); "
+            f"complete it with 'ctl dlq retry {change.request_id}'"
+        ) from None
     return {"rolled_back": ns.version, "repeated": result["repeated"], "audit_seq": result["seq"]}
+
+
+async def _queue(store: PolicyStore, local: Path, request_id: str, dead: dict[str, Any]) -> str:
+    """Queue a dead letter in etcd if it takes it, else in the local file; say where."""
+    try:
+        await asyncio.wait_for(store.add_dead_letter(request_id, dead), timeout=5)
+    except deadletters.TRANSIENT:
+        deadletters.LocalQueue(local).add(request_id, dead)
+        return f"local file {local}"
+    return "etcd"
+
+
+async def cmd_dlq_list(store: PolicyStore, ns: argparse.Namespace) -> dict[str, Any]:
+    """Every dead letter, in etcd and in the local file."""
+    local = deadletters.LocalQueue(Path(ns.dlq_file)).load()
+    try:
+        remote = await store.dead_letters()
+    except deadletters.TRANSIENT as exc:
+        return {"local": local, "etcd": None, "etcd_error": str(exc) or type(exc).__name__}
+    return {"local": local, "etcd": remote}
+
+
+async def cmd_dlq_retry(store: PolicyStore, ns: argparse.Namespace) -> dict[str, Any]:
+    """Replay dead letters (one, or all) with their own request ids: done at most once, and removed
+    from the queue once done."""
+    queue = deadletters.LocalQueue(Path(ns.dlq_file))
+    letters = [("local", rid, dead) for rid, dead in queue.load().items()]
+    letters += [("etcd", rid, dead) for rid, dead in (await store.dead_letters()).items()]
+    if ns.request_id:
+        letters = [entry for entry in letters if entry[1] == ns.request_id]
+        if not letters:
+            raise StoreError(f"no dead letter for request {ns.request_id!r}")
+    done = []
+    for where, rid, dead in letters:
+        change = deadletters.replayed(rid, dead)
+        result = await store.discard(dead["version"], change)
+        if where == "local":
+            queue.remove(rid)
+        else:
+            await store.remove_dead_letter(rid)
+        done.append({"request_id": rid, "version": dead["version"], "repeated": result["repeated"], "from": where})
+    return {"retried": done}
+
+
+async def cmd_dlq_drop(store: PolicyStore, ns: argparse.Namespace) -> dict[str, Any]:
+    """Give up on a dead letter, with a reason, audited."""
+    if not ns.reason:
+        raise ConfigError("ctl dlq drop needs --reason TEXT (it is audited)")
+    queue = deadletters.LocalQueue(Path(ns.dlq_file))
+    local, remote = queue.load(), await store.dead_letters()
+    dead = local.get(ns.request_id) or remote.get(ns.request_id)
+    if dead is None:
+        raise StoreError(f"no dead letter for request {ns.request_id!r}")
+    fields = {"who": ns.author or _who(), "reason": ns.reason, "dropped": dead}
+    ops = [store.etcd.kv.txn_op_delete(store.layout.dead_letter(ns.request_id))] if ns.request_id in remote else []
+    entry = await store.record(Change("dlq_drop", subject=ns.request_id, fields=fields), ops)
+    queue.remove(ns.request_id)
+    return {"dropped": ns.request_id, "audit_seq": entry["seq"]}
 
 
 async def cmd_audit(store: PolicyStore, ns: argparse.Namespace) -> dict[str, Any]:
@@ -357,6 +428,58 @@ async def cmd_registry_put(store: PolicyStore, ns: argparse.Namespace) -> dict[s
     return {"service": stored.service, "permissions": [p.handle for p in stored.permissions]}
 
 
+def _dlq_file() -> str:
+    return os.environ.get("AUTHZ_DLQ_FILE") or str(deadletters.default_file())
+
+
+def _add_lifecycle_commands(command: Callable[..., argparse.ArgumentParser]) -> None:
+    """promote, rollback and audit: the audited steps of a change."""
+    for name, text, handler in (
+        ("promote", "make a live shadow the active set (one transaction, audited)", cmd_promote),
+        ("rollback", "discard a live shadow: weights gone, locks released (audited)", cmd_rollback),
+    ):
+        lifecycle = command(name, text, handler)
+        if name == "rollback":
+            lifecycle.add_argument("--retries", type=int, default=5, help="attempts before the dead-letter queue")
+            lifecycle.add_argument(
+                "--dlq-file", default=_dlq_file(), help="the local dead-letter file (etcd unreachable)"
+            )
+        lifecycle.add_argument("version")
+        lifecycle.add_argument(
+            "--request-id", default="", help="the change request (running it again does nothing twice)"
+        )
+        lifecycle.add_argument("--reason", default="", help="why, in a sentence (audited)")
+        lifecycle.add_argument("--author", default="", help="who (default: $USER)")
+    audit_command = command("audit", "the audit chain: who changed what, when and why", cmd_audit)
+    audit_command.add_argument(
+        "--verify", action="store_true", help="check every link; name each edited or removed record"
+    )
+    audit_command.add_argument("--last", type=int, default=20, help="records listed, newest last (0: none)")
+
+
+def _add_dlq_commands(
+    commands: Any,
+    command: Callable[..., argparse.ArgumentParser],
+    connection: Callable[[argparse.ArgumentParser, bool], None],
+) -> None:
+    """dlq list|retry|drop: the rollbacks that failed after their retries."""
+    dlq = commands.add_parser("dlq", help="rollbacks that failed after their retries")
+    connection(dlq, True)
+    dlq_commands = dlq.add_subparsers(dest="dlq_command", required=True, metavar="COMMAND")
+    for name, text, handler in (
+        ("list", "the dead letters, in etcd and in the local file", cmd_dlq_list),
+        ("retry", "replay dead letters with their own request ids (done at most once)", cmd_dlq_retry),
+        ("drop", "give up on a dead letter (needs --reason; audited)", cmd_dlq_drop),
+    ):
+        sub_command = command(name, text, handler, dlq_commands)
+        sub_command.add_argument("--dlq-file", default=_dlq_file(), help="the local dead-letter file")
+        if name != "list":
+            sub_command.add_argument("request_id", nargs="?" if name == "retry" else None, default="")
+        if name == "drop":
+            sub_command.add_argument("--reason", default="", help="why (audited)")
+            sub_command.add_argument("--author", default="", help="who (default: $USER)")
+
+
 def add_parser(
     sub: Any, add_flag: Callable[..., None], add_etcd_flags: Callable[[argparse.ArgumentParser, bool], None]
 ) -> None:
@@ -393,22 +516,7 @@ def add_parser(
         action="store_true",
         help="propose it although its plan has flips its declared changes do not explain (counted as unexpected)",
     )
-    for name, text, handler in (
-        ("promote", "make a live shadow the active set (one transaction, audited)", cmd_promote),
-        ("rollback", "discard a live shadow: weights gone, locks released (audited)", cmd_rollback),
-    ):
-        lifecycle = command(name, text, handler)
-        lifecycle.add_argument("version")
-        lifecycle.add_argument(
-            "--request-id", default="", help="the change request (running it again does nothing twice)"
-        )
-        lifecycle.add_argument("--reason", default="", help="why, in a sentence (audited)")
-        lifecycle.add_argument("--author", default="", help="who (default: $USER)")
-    audit_command = command("audit", "the audit chain: who changed what, when and why", cmd_audit)
-    audit_command.add_argument(
-        "--verify", action="store_true", help="check every link; name each edited or removed record"
-    )
-    audit_command.add_argument("--last", type=int, default=20, help="records listed, newest last (0: none)")
+    _add_lifecycle_commands(command)
     canary = command("canary", "set a shadow's canary weight per region", cmd_canary)
     canary.add_argument("version")
     canary.add_argument("--weight", action="append", default=[], metavar="REGION=PERCENT", help="repeatable")
@@ -419,6 +527,7 @@ def add_parser(
     command("status", "what is active and live", cmd_status)
     report = command("report", "a shadow's traffic over every sidecar: evaluations, mismatches, coverage", cmd_report)
     report.add_argument("version")
+    _add_dlq_commands(commands, command, connection)
     registry = commands.add_parser("registry", help="the permission registry")
     connection(registry, True)
     registry_commands = registry.add_subparsers(dest="registry_command", required=True, metavar="COMMAND")

@@ -91,6 +91,14 @@ class Layout:
         """Held by the live proposal that changes `handle`, until it is promoted or rolled back."""
         return f"{self.prefix}/locks/{handle}"
 
+    @property
+    def dead_letters(self) -> str:
+        return f"{self.prefix}/dlq/"
+
+    def dead_letter(self, request_id: str) -> str:
+        """A request that failed after its retries (a rollback), waiting for an operator."""
+        return f"{self.prefix}/dlq/{request_id}"
+
     def request(self, request_id: str) -> str:
         """What a request id did, so that running it again does nothing twice."""
         return f"{self.prefix}/requests/{request_id}"

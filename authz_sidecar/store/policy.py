@@ -236,30 +236,7 @@ class PolicyStore:
             ops.append(kv.txn_op_put(self.layout.active, layout.encode_active(active)))
         entry = None
         if change is not None:
-            head, head_revision = await self.chain_head()
-            entry = audit.record(
-                head,
-                change.action,
-                {"request_id": change.request_id, "subject": change.subject, **change.fields},
-            )
-            compares.append(
-                _mod(self.layout.audit_head, head_revision)
-                if head_revision
-                else kv.txn_compare_create_revision(self.layout.audit_head, 0)
-            )
-            ops.append(kv.txn_op_put(self.layout.audit_record(entry["seq"]), json.dumps(entry, sort_keys=True)))
-            ops.append(kv.txn_op_put(self.layout.audit_head, ChainHead(entry["seq"], entry["hash"]).encode()))
-            if change.request_id:
-                request_key = self.layout.request(change.request_id)
-                compares.append(kv.txn_compare_create_revision(request_key, 0))
-                done = {"action": change.action, "subject": change.subject, "seq": entry["seq"]}
-                ops.append(kv.txn_op_put(request_key, json.dumps(done, sort_keys=True)))
-            for handle, holder in sorted(change.take_locks.items()):
-                lock_key = self.layout.lock(handle)
-                compares.append(kv.txn_compare_create_revision(lock_key, 0))
-                lock = {"version": holder, "request_id": change.request_id}
-                ops.append(kv.txn_op_put(lock_key, json.dumps(lock, sort_keys=True)))
-            ops.extend(kv.txn_op_delete(self.layout.lock(handle)) for handle in sorted(change.release_locks))
+            entry = await self._recorded(change, compares, ops)
         response = await self.etcd.call(kv.txn, compares, ops)
         if not response.succeeded:
             raise ConflictError("the live pointers changed while this command ran; run it again")
@@ -267,6 +244,59 @@ class PolicyStore:
         if entry is not None:
             log.info("audit", **{k: v for k, v in entry.items() if k != "at"})
         return entry
+
+    async def _recorded(self, change: Change, compares: list[Any], ops: list[Any]) -> dict[str, Any]:
+        """Add to a transaction what every audited change carries: the next audit record and the
+        head (compared, so that two writers never fork the chain), its request id (create-only, so
+        that it is done once) and the locks it takes (create-only) or releases. Returns the record."""
+        kv = self.etcd.kv
+        head, head_revision = await self.chain_head()
+        entry = audit.record(
+            head, change.action, {"request_id": change.request_id, "subject": change.subject, **change.fields}
+        )
+        compares.append(
+            _mod(self.layout.audit_head, head_revision)
+            if head_revision
+            else kv.txn_compare_create_revision(self.layout.audit_head, 0)
+        )
+        ops.append(kv.txn_op_put(self.layout.audit_record(entry["seq"]), json.dumps(entry, sort_keys=True)))
+        ops.append(kv.txn_op_put(self.layout.audit_head, ChainHead(entry["seq"], entry["hash"]).encode()))
+        if change.request_id:
+            request_key = self.layout.request(change.request_id)
+            compares.append(kv.txn_compare_create_revision(request_key, 0))
+            done = {"action": change.action, "subject": change.subject, "seq": entry["seq"]}
+            ops.append(kv.txn_op_put(request_key, json.dumps(done, sort_keys=True)))
+        for handle, holder in sorted(change.take_locks.items()):
+            lock_key = self.layout.lock(handle)
+            compares.append(kv.txn_compare_create_revision(lock_key, 0))
+            lock = {"version": holder, "request_id": change.request_id}
+            ops.append(kv.txn_op_put(lock_key, json.dumps(lock, sort_keys=True)))
+        ops.extend(kv.txn_op_delete(self.layout.lock(handle)) for handle in sorted(change.release_locks))
+        return entry
+
+    async def record(self, change: Change, ops: list[Any] | None = None) -> dict[str, Any]:
+        """An audited change that moves no pointer (dropping a dead letter), with `ops` in its
+        transaction."""
+        compares: list[Any] = []
+        ops = list(ops or [])
+        entry = await self._recorded(change, compares, ops)
+        response = await self.etcd.call(self.etcd.kv.txn, compares, ops)
+        if not response.succeeded:
+            raise ConflictError("the audit chain moved while this command ran; run it again")
+        log.info("audit", **{k: v for k, v in entry.items() if k != "at"})
+        return entry
+
+    # --- the dead-letter queue in etcd ----------------------------------------------------------
+
+    async def dead_letters(self) -> dict[str, dict[str, Any]]:
+        _revision, kvs = await self.etcd.list_prefix(self.layout.dead_letters)
+        return {kv.key.removeprefix(self.layout.dead_letters): json.loads(kv.value) for kv in kvs}
+
+    async def add_dead_letter(self, request_id: str, letter: Mapping[str, Any]) -> None:
+        await self.etcd.call(self.etcd.kv.put, self.layout.dead_letter(request_id), json.dumps(letter, sort_keys=True))
+
+    async def remove_dead_letter(self, request_id: str) -> None:
+        await self.etcd.call(self.etcd.kv.delete, self.layout.dead_letter(request_id))
 
     async def locks(self) -> dict[str, dict[str, str]]:
         """Every held lock: handle -> the version holding it and its request id."""
