@@ -128,3 +128,33 @@ def test_propose_refuses_undeclared_flips_unless_accepted_and_then_they_are_unex
         assert moved(before, after, "authz_mismatches_total", kind="expected", **labels) == 0
     finally:
         side.close()
+
+
+def test_coverage_covers_the_whole_impact_and_names_what_traffic_never_exercised(
+    etcd: EtcdCluster, tmp_path: Path
+) -> None:
+    """A change declared for admins that also touches editors (accepted): traffic that reaches
+    neither flip leaves both handles named, each with how many principals it changes for, the
+    undeclared one included; a request that does reach a flip counts it as exercised."""
+    prefix = unique_prefix()
+    seed(etcd.endpoints, prefix, tmp_path, active=ACTIVE)
+    mistaken = write_json(tmp_path / "v2.json", proposal(mistake=True))
+    assert _propose(etcd.endpoints, prefix, mistaken, "--accept-undeclared")[0] == 0
+    side = etcd_sidecar(etcd.endpoints, prefix, tmp_path / "side", report_interval=0.3)
+    try:
+        side.wait_ready()
+        wait_for(lambda: side.sidecar.store.snapshot is not None and bool(side.sidecar.store.snapshot.shadows))
+        assert decision(side, "vic", "GET") == 200  # not in the impact at all
+
+        def report() -> Any:
+            return ctl_json(etcd.endpoints, prefix, "report", "v2")
+
+        wait_for(lambda: report()["evaluations"] >= 1, what="the sidecar's report")
+        summed = report()
+        assert summed["impact"] == 3 and summed["predicted_impact"] == 1 and summed["coverage"] == 0
+        assert summed["never_exercised_principals"] == {"things:delete": 1, "things:edit": 2}
+        assert decision(side, "ed", "PUT") == 200  # v1 allows, v2 would not: the undeclared flip, hit
+        wait_for(lambda: report()["exercised"] == 1, what="the flip to count as exercised")
+        assert report()["never_exercised_principals"] == {"things:delete": 1}
+    finally:
+        side.close()

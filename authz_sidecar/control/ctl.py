@@ -379,10 +379,17 @@ async def cmd_report(store: PolicyStore, ns: argparse.Namespace) -> dict[str, An
     active, shadow = [
         parse_permission_set(load_document(await store.document(v), v), v) for v in (pointers.active, ns.version)
     ]
-    # Predicted from what the proposal declared it changes, as the sidecars predict it.
-    predicted = impact(compile_set(active), compile_set(declared(active, shadow)))
-    hit = exercised & predicted
-    never = sorted({h for _p, h, _s in predicted} - {h for _p, h, _s in hit})
+    # Coverage is of the whole impact, declared or not: a rarely used permission the change also
+    # touches would otherwise go off weeks later. (Predicted: what the declared changes explain.)
+    compiled_active = compile_set(active)
+    whole = impact(compiled_active, compile_set(shadow))
+    predicted = impact(compiled_active, compile_set(declared(active, shadow)))
+    hit = exercised & whole
+    never = sorted({h for _p, h, _s in whole} - {h for _p, h, _s in hit})
+    affected: dict[str, set[str]] = {}
+    for principal, handle, _scope in whole:
+        if handle in never:
+            affected.setdefault(handle, set()).add(principal)
     return {
         "version": ns.version,
         "sidecars": sorted(r.get("sidecar", "?") for r in reports),
@@ -393,10 +400,13 @@ async def cmd_report(store: PolicyStore, ns: argparse.Namespace) -> dict[str, An
         "unexpected_principals": _top(principals, "principal"),
         "unexpected_handles": _top(handles, "handle"),
         "unexpected_unlisted": unlisted,
+        "impact": len(whole),
         "predicted_impact": len(predicted),
         "exercised": len(hit),
-        "coverage": round(len(hit) / len(predicted), 4) if predicted else 1.0,
+        "coverage": round(len(hit) / len(whole), 4) if whole else 1.0,
         "handles_never_exercised": never,
+        # How many principals each of those handles changes for: what would go off unseen.
+        "never_exercised_principals": {h: len(affected[h]) for h in never},
     }
 
 

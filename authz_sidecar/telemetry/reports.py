@@ -77,18 +77,26 @@ class ShadowReports:
         """Count one Check against every live shadow it evaluated."""
         tallies = self.tallies
         versions = [o for o in evaluation.observed if o.shadow]
-        enforced = evaluation.enforced.meta.version if evaluation.decided_by == "shadow" else None
-        for version in [o.version for o in versions] + ([enforced] if enforced else []):
+        by_shadow = evaluation.decided_by == "shadow"
+        enforced = evaluation.enforced.meta.version if by_shadow else None
+        # What the active set answered: a shadow that answered otherwise exercised its impact, the
+        # whole of it (declared or not): `ctl report` intersects these with the exact impact.
+        active_allowed = (
+            next((o.allowed for o in evaluation.observed if not o.shadow), evaluation.allowed)
+            if by_shadow
+            else evaluation.allowed
+        )
+        answers = [(o.version, o.allowed) for o in versions] + ([(enforced, evaluation.allowed)] if enforced else [])
+        for version, allowed in answers:
             tally = tallies.get(version)
             if tally is None:
                 tally = tallies[version] = Tally()
             tally.evaluations += 1
             tally.handles.add(handle)
-            view = snapshot.by_version.get(version)
-            if view is not None:
-                for entry in ((principal, handle, scope), (principal, handle, None)):
-                    if entry in view.impact:
-                        tally.exercised.add(entry)
+            if allowed != active_allowed:
+                tally.exercised.add((principal, handle, scope))
+                if scope is not None:
+                    tally.exercised.add((principal, handle, None))
         allowed = evaluation.allowed
         for observed in versions:
             if observed.mismatch:
