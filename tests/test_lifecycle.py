@@ -276,3 +276,33 @@ def test_a_rollback_while_etcd_is_down_is_queued_locally_and_retried_exactly_onc
         assert [r["action"] for r in chain["records"]].count("rollback") == 1 and chain["verified"]
     finally:
         member.stop()
+
+
+def test_history_lists_the_active_sets_and_old_ones_are_pruned_keeping_their_digest(
+    etcd: EtcdCluster, tmp_path: Path
+) -> None:
+    """Three active sets in turn with --keep 1: the oldest document is deleted from etcd, its place
+    in the history (who, why, digest) stays."""
+    prefix = unique_prefix()
+    seed(etcd.endpoints, prefix, tmp_path, active=ACTIVE)
+    assert (
+        ctl(etcd.endpoints, prefix, "propose", "--file", write_json(tmp_path / "v2.json", no_edit_for_editors())) == 0
+    )
+    first = ctl_json(etcd.endpoints, prefix, "promote", "v2", "--request-id", "PR-2", "--reason", "a", "--keep", "1")
+    assert first["pruned"] == []
+    v3 = {
+        **no_delete_for_admins(),
+        "parent": "v2",
+        "roles": {**ROLES, "editor": ["things:view"], "admin": ["things:view", "things:edit"]},
+    }
+    assert ctl(etcd.endpoints, prefix, "propose", "--file", write_json(tmp_path / "v3.json", v3)) == 0
+    second = ctl_json(etcd.endpoints, prefix, "promote", "v3", "--request-id", "PR-3", "--reason", "b", "--keep", "1")
+    assert second["pruned"] == ["v1"]
+    history = ctl_json(etcd.endpoints, prefix, "history")["history"]
+    assert [(h["version"], h["action"], h["stored"]) for h in history] == [
+        ("v1", "init", False),
+        ("v2", "promote", True),
+        ("v3", "promote", True),
+    ]
+    assert len(history[0]["sha256"]) == 64 and history[2]["reason"] == "b" and history[2]["before"] == "v2"
+    assert ctl_json(etcd.endpoints, prefix, "status")["problems"] == []

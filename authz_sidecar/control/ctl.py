@@ -171,12 +171,20 @@ async def cmd_promote(store: PolicyStore, ns: argparse.Namespace) -> dict[str, A
         promoted = plan(await _active_set(store, pointers.active), shadow)
         impact = {"flips": len(promoted.flips), "principals": promoted.principals()}
     result = await store.promote(ns.version, parent, replace(change, fields={**change.fields, "impact": impact}))
+    # Former active sets beyond the newest --keep are deleted; their records and digests stay.
+    pruned = await store.prune(ns.keep)
     return {
         "active": ns.version,
         "repeated": result["repeated"],
         "stale": result.get("stale", []),
         "audit_seq": result["seq"],
+        "pruned": pruned,
     }
+
+
+async def cmd_history(store: PolicyStore, _ns: argparse.Namespace) -> dict[str, Any]:
+    """The active sets, oldest first: who made each active, when, why, its impact, if still stored."""
+    return {"history": await store.history()}
 
 
 async def cmd_rollback(store: PolicyStore, ns: argparse.Namespace) -> dict[str, Any]:
@@ -449,6 +457,8 @@ def _add_lifecycle_commands(command: Callable[..., argparse.ArgumentParser]) -> 
         ("rollback", "discard a live shadow: weights gone, locks released (audited)", cmd_rollback),
     ):
         lifecycle = command(name, text, handler)
+        if name == "promote":
+            lifecycle.add_argument("--keep", type=int, default=10, help="former active sets kept in etcd")
         if name == "rollback":
             lifecycle.add_argument("--retries", type=int, default=5, help="attempts before the dead-letter queue")
             lifecycle.add_argument(
@@ -460,6 +470,7 @@ def _add_lifecycle_commands(command: Callable[..., argparse.ArgumentParser]) -> 
         )
         lifecycle.add_argument("--reason", default="", help="why, in a sentence (audited)")
         lifecycle.add_argument("--author", default="", help="who (default: $USER)")
+    command("history", "the active sets, oldest first: who, when, why, impact", cmd_history)
     audit_command = command("audit", "the audit chain: who changed what, when and why", cmd_audit)
     audit_command.add_argument(
         "--verify", action="store_true", help="check every link; name each edited or removed record"

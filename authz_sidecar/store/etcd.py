@@ -227,6 +227,11 @@ class Etcd:
         listing = await self.listing(prefix)
         return listing.revision, listing.kvs
 
+    async def keys(self, prefix: str) -> list[str]:
+        """The keys under `prefix`, without their values (a set's chunks can be megabytes)."""
+        response = await self.call(self.kv.get, prefix, prefix_range_end(prefix.encode()), keys_only=True)
+        return [_key(kv.key) for kv in response.kvs]
+
     async def get(self, key: str) -> KeyValue | None:
         response = await self.call(self.kv.get, key)
         if not response.kvs:

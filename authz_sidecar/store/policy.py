@@ -18,6 +18,7 @@ from typing import Any
 
 import structlog
 from etcd3aio._protobuf import Compare
+from etcd3aio.kv import prefix_range_end
 
 from authz_sidecar.documents import (
     MAX_CATALOG_PERMISSIONS,
@@ -318,7 +319,14 @@ class PolicyStore:
             seen,
             permissions.version,
             seen.shadows,
-            replace(change, fields={**change.fields, "after": permissions.version}),
+            replace(
+                change,
+                fields={
+                    **change.fields,
+                    "after": permissions.version,
+                    "after_sha256": await self.digest_of(permissions.version),
+                },
+            ),
         )
 
     async def propose(
@@ -390,7 +398,13 @@ class PolicyStore:
                 for v, r in seen.shadows.items()
                 if v != version
             }
-            fields = {**change.fields, "before": seen.active, "after": version, "made_stale": sorted(others)}
+            fields = {
+                **change.fields,
+                "before": seen.active,
+                "after": version,
+                "after_sha256": await self.digest_of(version),
+                "made_stale": sorted(others),
+            }
             releasing = replace(change, fields=fields, release_locks=await self.locks_of(version))
             try:
                 entry = await self._flip(seen, version, others, releasing)
@@ -403,6 +417,57 @@ class PolicyStore:
                 "stale": sorted(others),
             }
         raise ConflictError(f"the live pointers kept changing; {version!r} was not promoted")
+
+    async def digest_of(self, version: str) -> str:
+        """The SHA-256 of a stored set's document (what its head says): kept in the audit record,
+        so a pruned set can still be recognised."""
+        found = await self.etcd.get(self.layout.head(version))
+        return layout.decode_head(found.value, found.key, version).sha256 if found else ""
+
+    async def history(self) -> list[dict[str, Any]]:
+        """The active sets in order, oldest first, from the audit chain: who made each active, when,
+        why, with what impact, and whether its document is still stored."""
+        entries = []
+        for _key, value in await self.audit_records():
+            record = json.loads(value)
+            if record.get("action") in ("init", "promote", "restore"):
+                entries.append(record)
+        sets = f"{self.layout.prefix}/sets/"
+        stored = {name for name in (key.removeprefix(sets) for key in await self.etcd.keys(sets)) if "/" not in name}
+        return [
+            {
+                "version": r.get("after"),
+                "action": r.get("action"),
+                "at": r.get("at"),
+                "who": r.get("who", ""),
+                "request_id": r.get("request_id", ""),
+                "reason": r.get("reason", ""),
+                "before": r.get("before"),
+                "impact": r.get("impact", {}),
+                "sha256": r.get("after_sha256", ""),
+                "stored": r.get("after") in stored,
+                "audit_seq": r.get("seq"),
+            }
+            for r in entries
+        ]
+
+    async def prune(self, keep: int) -> list[str]:
+        """Delete the documents of former active sets beyond the newest `keep` (their audit records
+        and digests stay): etcd's space quota must never fill with old sets. A set any pointer
+        still names is never deleted."""
+        seen = await self.pointers()
+        live = {seen.active, *seen.shadows}
+        former = [h["version"] for h in await self.history() if h["stored"] and h["version"] not in live]
+        # Newest first, without repeats (a version can have been active twice after a restore).
+        order = list(dict.fromkeys(reversed(former)))
+        pruned = []
+        for version in order[keep:]:
+            head = self.layout.head(version)
+            # The head first: a reader then sees the set gone, never a head without its chunks.
+            await self.etcd.call(self.etcd.kv.delete, head)
+            await self.etcd.call(self.etcd.kv.delete, f"{head}/", prefix_range_end(f"{head}/".encode()))
+            pruned.append(version)
+        return pruned
 
     async def discard(self, version: str, change: Change, attempts: int = 5) -> dict[str, Any]:
         """Roll back a live shadow: it leaves the live ones (no traffic reaches it again) and its
