@@ -306,3 +306,34 @@ def test_history_lists_the_active_sets_and_old_ones_are_pruned_keeping_their_dig
     ]
     assert len(history[0]["sha256"]) == 64 and history[2]["reason"] == "b" and history[2]["before"] == "v2"
     assert ctl_json(etcd.endpoints, prefix, "status")["problems"] == []
+
+
+def test_rollback_to_an_earlier_active_set_restores_it_as_a_new_version_and_shows_its_plan(
+    etcd: EtcdCluster, tmp_path: Path
+) -> None:
+    """A promoted change turns out wrong: `rollback --to v1` makes v1's content active again as a new
+    version whose plan names who gets back what; live shadows become stale; done once per request id."""
+    prefix = unique_prefix()
+    seed(etcd.endpoints, prefix, tmp_path, active=ACTIVE)
+    side = etcd_sidecar(etcd.endpoints, prefix, tmp_path / "side")
+    try:
+        side.wait_ready()
+        assert (
+            ctl(etcd.endpoints, prefix, "propose", "--file", write_json(tmp_path / "v2.json", no_edit_for_editors()))
+            == 0
+        )
+        assert ctl(etcd.endpoints, prefix, "promote", "v2", "--request-id", "PR-2", "--reason", "go") == 0
+        wait_for(lambda: decision(side, "ed", "PUT") == 403, what="v2 to decide")
+        why = ("--to", "v1", "--request-id", "RS-1", "--reason", "editors need to edit after all")
+        restored = ctl_json(etcd.endpoints, prefix, "rollback", *why)
+        assert restored["active"] == "v1-r4" and not restored["repeated"]
+        assert restored["plan"]["listed"] == ["ed gains things:edit", "eli gains things:edit"]
+        wait_for(lambda: decision(side, "ed", "PUT") == 200, what="the restored set to decide")
+        assert ctl_json(etcd.endpoints, prefix, "rollback", *why)["repeated"]
+        history = ctl_json(etcd.endpoints, prefix, "history")["history"]
+        assert [(h["version"], h["action"]) for h in history][-1] == ("v1-r4", "restore")
+        assert ctl_json(etcd.endpoints, prefix, "audit", "--verify")["verified"]
+        code, _out, err = run(etcd.endpoints, prefix, "rollback", "--to", "v9", "--request-id", "RS-2", "--reason", "x")
+        assert code == 1 and "'v9' is not stored" in errors(err)[0]
+    finally:
+        side.close()

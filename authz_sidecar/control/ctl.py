@@ -189,20 +189,64 @@ async def cmd_history(store: PolicyStore, _ns: argparse.Namespace) -> dict[str, 
 
 async def cmd_rollback(store: PolicyStore, ns: argparse.Namespace) -> dict[str, Any]:
     """Discard a live shadow: no traffic reaches it again, its locks are released. Retried with
-    backoff; a rollback that still fails goes to the dead-letter queue, never nowhere."""
-    change = _lifecycle_change(ns, "rollback", ns.version)
+    backoff; a rollback that still fails goes to the dead-letter queue, never nowhere. With --to,
+    the emergency path: an earlier active set is restored as a new version (see _restore)."""
+    if bool(ns.to) == bool(ns.version):
+        raise ConfigError("ctl rollback takes a live shadow VERSION, or --to an earlier active VERSION")
+    target = ns.to or ns.version
+    change = _lifecycle_change(ns, "restore" if ns.to else "rollback", target)
     try:
+        if ns.to:
+            return await deadletters.with_retries(lambda: _restore(store, ns.to, change), attempts=ns.retries)
         result = await deadletters.with_retries(lambda: store.discard(ns.version, change), attempts=ns.retries)
     except deadletters.TRANSIENT as exc:
         error = str(exc) or type(exc).__name__
-        dead = deadletters.letter(change, ns.version, error, ns.retries)
+        dead = deadletters.letter(change, target, error, ns.retries)
         where = await _queue(store, Path(ns.dlq_file), change.request_id, dead)
         raise StoreError(
-            f"rollback of {ns.version} (request {change.request_id}) failed after {ns.retries} attempt(s): "
+            f"{change.action} of {target} (request {change.request_id}) failed after {ns.retries} attempt(s): "
             f"{error.splitlines()[0] if error else error}; queued in the dead-letter queue ({where}); "
             f"complete it with 'ctl dlq retry {change.request_id}'"
         ) from None
     return {"rolled_back": ns.version, "repeated": result["repeated"], "audit_seq": result["seq"]}
+
+
+async def _restore(store: PolicyStore, former_version: str, change: Change) -> dict[str, Any]:
+    """Restore an earlier active set as a new version whose parent is the active set it replaces,
+    and show its plan: what the restore itself changes for whom."""
+    done = await store.done_before(change)
+    if done is not None:
+        return {"restored": former_version, "repeated": True, "audit_seq": done.get("seq")}
+    pointers = await store.pointers()
+    active = await _active_set(store, pointers.active)
+    try:
+        document = await store.document(former_version)
+    except (StoreError, DocumentError):
+        raise StoreError(f"{former_version!r} is not stored (pruned, or never written); see 'ctl history'") from None
+    former = parse_permission_set(load_document(document, former_version), former_version)
+    head, _revision = await store.chain_head()
+    version = f"{former_version}-r{head.seq + 1}"
+    meta = replace(
+        former.meta,
+        version=version,
+        parent=active.version,
+        request_id=change.request_id,
+        reason=str(change.fields.get("reason", "")),
+        author=str(change.fields.get("who", "")),
+    )
+    restored = replace(former, meta=meta, changes=())
+    change_plan = plan(active, restored)
+    impact = {"flips": len(change_plan.flips), "principals": change_plan.principals()}
+    result = await store.restore(
+        restored, replace(change, fields={**change.fields, "from": former_version, "impact": impact})
+    )
+    return {
+        "restored": former_version,
+        "active": version,
+        "repeated": result["repeated"],
+        "audit_seq": result["seq"],
+        "plan": _plan_document(change_plan, 0, PLAN_PAGE),
+    }
 
 
 async def _queue(store: PolicyStore, local: Path, request_id: str, dead: dict[str, Any]) -> str:
@@ -238,7 +282,10 @@ async def cmd_dlq_retry(store: PolicyStore, ns: argparse.Namespace) -> dict[str,
     done = []
     for where, rid, dead in letters:
         change = deadletters.replayed(rid, dead)
-        result = await store.discard(dead["version"], change)
+        if change.action == "restore":
+            result = await _restore(store, dead["version"], change)
+        else:
+            result = await store.discard(dead["version"], change)
         if where == "local":
             queue.remove(rid)
         else:
@@ -464,7 +511,9 @@ def _add_lifecycle_commands(command: Callable[..., argparse.ArgumentParser]) -> 
             lifecycle.add_argument(
                 "--dlq-file", default=_dlq_file(), help="the local dead-letter file (etcd unreachable)"
             )
-        lifecycle.add_argument("version")
+        lifecycle.add_argument("version", nargs="?" if name == "rollback" else None, default="")
+        if name == "rollback":
+            lifecycle.add_argument("--to", default="", help="restore this earlier active set as a new version")
         lifecycle.add_argument(
             "--request-id", default="", help="the change request (running it again does nothing twice)"
         )

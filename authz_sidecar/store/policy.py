@@ -25,6 +25,7 @@ from authz_sidecar.documents import (
     MAX_CATALOG_ROUTES,
     check_description,
     check_handle,
+    dump_permission_set,
     load_document,
     parse_catalog,
 )
@@ -417,6 +418,33 @@ class PolicyStore:
                 "stale": sorted(others),
             }
         raise ConflictError(f"the live pointers kept changing; {version!r} was not promoted")
+
+    async def restore(self, former: PermissionSet, change: Change, attempts: int = 5) -> dict[str, Any]:
+        """The emergency path: make `former` (an earlier active set, re-versioned by the caller, its
+        parent the active set it replaces) the active set at once, without a shadow phase. Every live
+        shadow becomes stale, as on a promotion. Idempotent by request id."""
+        for _ in range(attempts):
+            done = await self.done_before(change)
+            if done is not None:
+                return {"repeated": True, "seq": done.get("seq"), "active": former.version}
+            seen = await self.pointers()
+            if former.meta.parent != seen.active:
+                raise ConflictError(f"the active set moved to {seen.active!r} while the restore was prepared")
+            await self.write_set(former, dump_permission_set(former))
+            others = {v: Rollout(weights={}, testers=r.testers, state="stale") for v, r in seen.shadows.items()}
+            fields = {
+                **change.fields,
+                "before": seen.active,
+                "after": former.version,
+                "after_sha256": await self.digest_of(former.version),
+                "made_stale": sorted(others),
+            }
+            try:
+                entry = await self._flip(seen, former.version, others, replace(change, fields=fields))
+            except ConflictError:
+                continue
+            return {"repeated": False, "seq": entry["seq"] if entry else None, "active": former.version}
+        raise ConflictError(f"the live pointers kept changing; {former.version!r} was not restored")
 
     async def digest_of(self, version: str) -> str:
         """The SHA-256 of a stored set's document (what its head says): kept in the audit record,
