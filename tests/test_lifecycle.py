@@ -337,3 +337,62 @@ def test_rollback_to_an_earlier_active_set_restores_it_as_a_new_version_and_show
         assert code == 1 and "'v9' is not stored" in errors(err)[0]
     finally:
         side.close()
+
+
+def test_a_stale_shadow_is_rebased_by_re_applying_its_declared_changes(etcd: EtcdCluster, tmp_path: Path) -> None:
+    """v2 and v3 both start from v1; v2 is promoted, so v3 is stale. Rebasing v3 re-applies its
+    declared change onto v2 as a new version (v2's change kept), which replaces v3 and its locks."""
+    prefix = unique_prefix()
+    seed(etcd.endpoints, prefix, tmp_path, active=ACTIVE)
+    for name, document in (("v2", no_edit_for_editors()), ("v3", no_delete_for_admins())):
+        assert ctl(etcd.endpoints, prefix, "propose", "--file", write_json(tmp_path / f"{name}.json", document)) == 0
+    assert ctl(etcd.endpoints, prefix, "promote", "v2", "--request-id", "PR-2", "--reason", "go") == 0
+    code, _out, err = run(etcd.endpoints, prefix, "promote", "v3", "--request-id", "PR-3", "--reason", "go")
+    assert code == 1 and "ctl propose --rebase v3" in errors(err)[0]
+
+    rebased = ctl_json(
+        etcd.endpoints, prefix, "propose", "--rebase", "v3", "--request-id", "CR-3b", "--reason", "rebase"
+    )
+    version = rebased["proposed"]
+    assert version.startswith("v3-r") and rebased["parent"] == "v2"
+    assert rebased["plan"]["listed"] == ["ann loses things:delete"] and rebased["plan"]["undeclared"] == 0
+    status = ctl_json(etcd.endpoints, prefix, "status")
+    assert list(status["shadows"]) == [version]
+    assert status["locks"] == {"things:delete": {"request_id": "CR-3b", "version": version}}
+    assert ctl(etcd.endpoints, prefix, "promote", version, "--request-id", "PR-3b", "--reason", "go") == 0
+    side = etcd_sidecar(etcd.endpoints, prefix, tmp_path / "side")
+    try:
+        side.wait_ready()
+        assert decision(side, "ed", "PUT") == 403  # v2's change kept
+        assert decision(side, "ann", "PUT") == 200
+    finally:
+        side.close()
+
+
+def test_a_promotion_killed_midway_is_wholly_before_or_after_and_a_rerun_finishes_it(
+    etcd: EtcdCluster, tmp_path: Path
+) -> None:
+    """ctl promote killed with SIGKILL at several moments: each time the pointers show v1 with v2
+    live, or v2 active, never a mix; running the same request id again completes it, once."""
+    import signal
+    import time
+
+    for attempt, delay in enumerate((0.05, 0.2, 0.4, 0.8)):
+        prefix = unique_prefix()
+        seed(etcd.endpoints, prefix, tmp_path / f"a{attempt}", active=ACTIVE)
+        v2 = write_json(tmp_path / f"v2-{attempt}.json", no_edit_for_editors())
+        assert ctl(etcd.endpoints, prefix, "propose", "--file", v2) == 0
+        argv = [sys.executable, "-m", "authz_sidecar", "ctl", "promote", "v2", "--request-id", "PR-K", "--reason", "k",
+                "--etcd", etcd.endpoints, "--prefix", prefix]  # fmt: skip
+        process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(delay)
+        process.send_signal(signal.SIGKILL)
+        process.wait(10)
+        status = ctl_json(etcd.endpoints, prefix, "status")
+        before = status["active"] == "v1" and list(status["shadows"]) == ["v2"] and status["locks"]
+        after = status["active"] == "v2" and status["shadows"] == {} and not status["locks"]
+        assert before or after, status
+        assert ctl(etcd.endpoints, prefix, "promote", "v2", "--request-id", "PR-K", "--reason", "k") == 0
+        chain = ctl_json(etcd.endpoints, prefix, "audit", "--verify")
+        assert chain["verified"] and [r["action"] for r in chain["records"]].count("promote") == 1
+        assert ctl_json(etcd.endpoints, prefix, "status")["active"] == "v2"

@@ -37,7 +37,7 @@ from authz_sidecar.errors import AuthzError, ConfigError, DocumentError
 from authz_sidecar.model.assembly import check_handles
 from authz_sidecar.model.engine import compile_set, declared, impact
 from authz_sidecar.model.plan import Plan, plan
-from authz_sidecar.model.values import Permission, PermissionSet
+from authz_sidecar.model.values import Permission, PermissionSet, Rollout, ShadowSet
 from authz_sidecar.store import audit, layout
 from authz_sidecar.store.etcd import Etcd, EtcdOptions
 from authz_sidecar.store.policy import Change, PolicyStore, StoreError
@@ -72,14 +72,38 @@ async def cmd_init(store: PolicyStore, ns: argparse.Namespace) -> dict[str, Any]
     return {"active": permissions.version, "grants": len(permissions.grants)}
 
 
+async def _rebased(store: PolicyStore, stale_version: str) -> ShadowSet:
+    """A stale shadow's declared changes re-applied onto the current active set, as a new version
+    (never the stale set itself applied over someone else's promoted change)."""
+    pointers = await store.pointers()
+    rollout = pointers.shadow(stale_version)
+    stale = parse_permission_set(load_document(await store.document(stale_version), stale_version), stale_version)
+    if stale.meta.parent == pointers.active and rollout.state != "stale":
+        raise StoreError(f"{stale_version!r} is not stale: it was made against the active set {pointers.active!r}")
+    if not stale.changes:
+        raise StoreError(
+            f"{stale_version!r} declares no changes to re-apply; write it again against {pointers.active!r}"
+        )
+    active = await _active_set(store, pointers.active)
+    head, _revision = await store.chain_head()
+    rebased = declared(active, stale)
+    meta = replace(stale.meta, version=f"{stale_version}-r{head.seq + 1}", parent=active.version)
+    return ShadowSet(
+        permissions=replace(rebased, meta=meta, changes=stale.changes),
+        rollout=Rollout(weights={}, testers=rollout.testers, state="proposed"),
+    )
+
+
 async def cmd_propose(store: PolicyStore, ns: argparse.Namespace) -> dict[str, Any]:
-    shadow = parse_shadow(_read(ns.file), ns.file)
+    if bool(ns.file) == bool(ns.rebase):
+        raise ConfigError("ctl propose takes --file SHADOW, or --rebase VERSION of a stale shadow")
+    shadow = await _rebased(store, ns.rebase) if ns.rebase else parse_shadow(_read(ns.file), ns.file)
     written = shadow.permissions.meta
     # A flag wins over the file's own field; one of them must say why and for which request.
     request_id, reason = ns.request_id or written.request_id, ns.reason or written.reason
     for value, flag, name in ((request_id, "--request-id ID", "request_id"), (reason, "--reason TEXT", "reason")):
         if not value:
-            raise ConfigError(f"ctl propose needs {flag}, or {name} in {ns.file}")
+            raise ConfigError(f"ctl propose needs {flag}, or {name} in {ns.file or 'the shadow'}")
     # Idempotent by request id: the same file proposed again returns what it did the first time.
     subject = f"{shadow.version}@{_digest(shadow.permissions)}"
     done = await store.done_before(Change("propose", request_id, subject=subject))
@@ -122,7 +146,11 @@ async def cmd_propose(store: PolicyStore, ns: argparse.Namespace) -> dict[str, A
         },
         take_locks=dict.fromkeys(change.by_handle(), permissions.version),
     )
-    done = await store.propose(permissions, dump_permission_set(permissions), shadow.rollout, change_record)
+    if ns.rebase:  # the stale shadow leaves in the same transaction, handing over its locks
+        change_record = replace(change_record, fields={**change_record.fields, "rebased": ns.rebase})
+    done = await store.propose(
+        permissions, dump_permission_set(permissions), shadow.rollout, change_record, replaces=ns.rebase or None
+    )
     return {
         "proposed": permissions.version,
         "repeated": done["repeated"],
@@ -577,7 +605,8 @@ def add_parser(
     init = command("init", "make a set the first active set (only when none exists)", cmd_init)
     init.add_argument("--file", required=True, help="the set (YAML or JSON)")
     propose = command("propose", "store a shadow set beside the active one", cmd_propose)
-    propose.add_argument("--file", required=True, help="the shadow set: roles, grants, weights, testers")
+    propose.add_argument("--file", default="", help="the shadow set: roles, grants, weights, testers")
+    propose.add_argument("--rebase", default="", metavar="VERSION", help="re-apply a stale shadow's changes")
     propose.add_argument("--request-id", default="", help="the change request this implements (default: the file's)")
     propose.add_argument("--reason", default="", help="why, in a sentence (default: the file's)")
     propose.add_argument("--author", default="", help="who proposes it (default: the file's)")

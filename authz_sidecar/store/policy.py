@@ -268,12 +268,16 @@ class PolicyStore:
             compares.append(kv.txn_compare_create_revision(request_key, 0))
             done = {"action": change.action, "subject": change.subject, "seq": entry["seq"]}
             ops.append(kv.txn_op_put(request_key, json.dumps(done, sort_keys=True)))
+        handed_over = set(change.take_locks) & set(change.release_locks)  # a rebase keeps these locked
         for handle, holder in sorted(change.take_locks.items()):
             lock_key = self.layout.lock(handle)
-            compares.append(kv.txn_compare_create_revision(lock_key, 0))
+            if handle not in handed_over:
+                compares.append(kv.txn_compare_create_revision(lock_key, 0))
             lock = {"version": holder, "request_id": change.request_id}
             ops.append(kv.txn_op_put(lock_key, json.dumps(lock, sort_keys=True)))
-        ops.extend(kv.txn_op_delete(self.layout.lock(handle)) for handle in sorted(change.release_locks))
+        ops.extend(
+            kv.txn_op_delete(self.layout.lock(handle)) for handle in sorted(set(change.release_locks) - handed_over)
+        )
         return entry
 
     async def record(self, change: Change, ops: list[Any] | None = None) -> dict[str, Any]:
@@ -331,7 +335,13 @@ class PolicyStore:
         )
 
     async def propose(
-        self, permissions: PermissionSet, document: bytes, rollout: Rollout, change: Change | None = None
+        self,
+        permissions: PermissionSet,
+        document: bytes,
+        rollout: Rollout,
+        change: Change | None = None,
+        *,
+        replaces: str | None = None,
     ) -> dict[str, Any]:
         """Store a shadow version and make it live beside the active set with `rollout`, taking the
         locks of the handles it changes. Run again with the same request id and content, it does
@@ -349,8 +359,17 @@ class PolicyStore:
         parent = permissions.meta.parent
         if parent and parent != seen.active:
             raise StoreError(f"this change was made against {parent!r} but the active set is {seen.active!r}")
-        _check_weights({**seen.shadows, version: rollout})
-        held = {h: lock for h, lock in (await self.locks()).items() if h in change.take_locks}
+        # A rebase: the stale shadow it replaces leaves, and hands over its locks, in this transaction.
+        live = {v: r for v, r in seen.shadows.items() if v != replaces}
+        if replaces:
+            seen.shadow(replaces)
+            change = replace(change, release_locks=await self.locks_of(replaces))
+        _check_weights({**live, version: rollout})
+        held = {
+            h: lock
+            for h, lock in (await self.locks()).items()
+            if h in change.take_locks and lock.get("version") != replaces
+        }
         if held:
             handle, lock = sorted(held.items())[0]
             raise StoreError(
@@ -358,7 +377,7 @@ class PolicyStore:
                 "promote or roll that back first"
             )
         await self.write_set(permissions, document)
-        entry = await self._flip(seen, None, {**seen.shadows, version: rollout}, change)
+        entry = await self._flip(seen, None, {**live, version: rollout}, change)
         return {"repeated": False, "seq": entry["seq"] if entry else None}
 
     async def canary(self, version: str, weights: Mapping[str, int], change: Change | None = None) -> Rollout:
