@@ -396,3 +396,39 @@ def test_a_promotion_killed_midway_is_wholly_before_or_after_and_a_rerun_finishe
         chain = ctl_json(etcd.endpoints, prefix, "audit", "--verify")
         assert chain["verified"] and [r["action"] for r in chain["records"]].count("promote") == 1
         assert ctl_json(etcd.endpoints, prefix, "status")["active"] == "v2"
+
+
+def test_a_change_file_is_applied_to_the_active_set_with_a_version_assigned(etcd: EtcdCluster, tmp_path: Path) -> None:
+    """Operations against the active set: a role created and granted, a role's handle removed, a
+    grant's scope moved; the version is assigned; the same request id and file again is the same
+    shadow, and the plan is exact."""
+    prefix = unique_prefix()
+    seed(etcd.endpoints, prefix, tmp_path, active=ACTIVE)
+    change = {
+        "request_id": "CR-50",
+        "reason": "auditors, and eli only edits acme's things",
+        "changes": [
+            {"role": "auditor", "create": ["things:view"]},
+            {"principal": "vic", "grant": ["auditor"], "revoke": ["viewer"]},
+            {"principal": "eli", "role": "editor", "to": "account:acme"},
+            {"role": "admin", "remove": ["things:delete"]},
+        ],
+    }
+    path = write_json(tmp_path / "change.json", change)
+    proposed = ctl_json(etcd.endpoints, prefix, "propose", "--file", path)
+    version = proposed["proposed"]
+    assert version.startswith("v1-c") and proposed["parent"] == "v1" and not proposed["repeated"]
+    assert proposed["plan"]["undeclared"] == 0
+    # vic keeps viewing through the new role; eli keeps editing inside account:acme only.
+    assert proposed["plan"]["listed"] == ["ann loses things:delete", "eli loses things:edit", "eli loses things:view"]
+    again = ctl_json(etcd.endpoints, prefix, "propose", "--file", path)
+    assert again["repeated"] and again["proposed"] == version
+    side = etcd_sidecar(etcd.endpoints, prefix, tmp_path / "side")
+    try:
+        side.wait_ready()
+        assert ctl(etcd.endpoints, prefix, "promote", version, "--request-id", "PR-50", "--reason", "go") == 0
+        wait_for(lambda: decision(side, "eli", "PUT") == 403, what="the change to decide")
+        assert decision(side, "eli", "GET", "/accounts/acme/things") == 200
+        assert decision(side, "vic", "GET") == 200
+    finally:
+        side.close()

@@ -31,6 +31,7 @@ from authz_sidecar.documents import (
     load_document,
     parse_catalog,
     parse_permission_set,
+    parse_rollout,
     parse_shadow,
 )
 from authz_sidecar.errors import AuthzError, ConfigError, DocumentError
@@ -45,6 +46,8 @@ from authz_sidecar.store.policy import Change, PolicyStore, StoreError
 Command = Callable[[PolicyStore, argparse.Namespace], Awaitable[Any]]
 # Principals and handles `ctl report` lists behind unexpected mismatches.
 TOP_UNEXPECTED = 10
+# The fields a shadow file may carry beside a set: its rollout.
+_ROLLOUT_FIELDS = frozenset({"weights", "testers", "state"})
 # Flips listed per page of a plan (ctl propose, ctl diff --limit).
 PLAN_PAGE = 50
 
@@ -72,6 +75,29 @@ async def cmd_init(store: PolicyStore, ns: argparse.Namespace) -> dict[str, Any]
     return {"active": permissions.version, "grants": len(permissions.grants)}
 
 
+def _subject(path: str) -> str:
+    """What a proposal's request id stands for: the file's own content (a change file's version
+    may be assigned, so the content, not the derived set, is what a rerun must match)."""
+    data = _read(path)
+    named = data.get("version") if isinstance(data, dict) else None
+    content = json.dumps(data, sort_keys=True, default=str).encode()
+    return f"{named or 'change'}@{hashlib.sha256(content).hexdigest()[:16]}"
+
+
+async def _from_change_file(store: PolicyStore, data: Any, path: str) -> ShadowSet:
+    """A change file: operations against the active set (``changes:`` only, no roles or grants),
+    applied to it to make the shadow; its version is assigned when the file names none."""
+    written = parse_permission_set(data, path, extra_fields=_ROLLOUT_FIELDS)
+    rollout = parse_rollout(data, path)
+    pointers = await store.pointers()
+    active = await _active_set(store, pointers.active)
+    head, _revision = await store.chain_head()
+    version = written.version or f"{active.version}-c{head.seq + 1}"
+    applied = declared(active, written)
+    meta = replace(written.meta, version=version, parent=active.version)
+    return ShadowSet(permissions=replace(applied, meta=meta, changes=written.changes), rollout=rollout)
+
+
 async def _rebased(store: PolicyStore, stale_version: str) -> ShadowSet:
     """A stale shadow's declared changes re-applied onto the current active set, as a new version
     (never the stale set itself applied over someone else's promoted change)."""
@@ -97,7 +123,12 @@ async def _rebased(store: PolicyStore, stale_version: str) -> ShadowSet:
 async def cmd_propose(store: PolicyStore, ns: argparse.Namespace) -> dict[str, Any]:
     if bool(ns.file) == bool(ns.rebase):
         raise ConfigError("ctl propose takes --file SHADOW, or --rebase VERSION of a stale shadow")
-    shadow = await _rebased(store, ns.rebase) if ns.rebase else parse_shadow(_read(ns.file), ns.file)
+    if ns.rebase:
+        shadow = await _rebased(store, ns.rebase)
+    else:
+        data = _read(ns.file)
+        is_change_file = isinstance(data, dict) and "changes" in data and not {"roles", "grants"} & set(data)
+        shadow = await _from_change_file(store, data, ns.file) if is_change_file else parse_shadow(data, ns.file)
     written = shadow.permissions.meta
     # A flag wins over the file's own field; one of them must say why and for which request.
     request_id, reason = ns.request_id or written.request_id, ns.reason or written.reason
@@ -105,10 +136,11 @@ async def cmd_propose(store: PolicyStore, ns: argparse.Namespace) -> dict[str, A
         if not value:
             raise ConfigError(f"ctl propose needs {flag}, or {name} in {ns.file or 'the shadow'}")
     # Idempotent by request id: the same file proposed again returns what it did the first time.
-    subject = f"{shadow.version}@{_digest(shadow.permissions)}"
+    subject = f"{ns.rebase}@{_digest(shadow.permissions)}" if ns.rebase else _subject(ns.file)
     done = await store.done_before(Change("propose", request_id, subject=subject))
     if done is not None:
-        return {"proposed": shadow.version, "repeated": True, "request_id": request_id, "audit_seq": done.get("seq")}
+        proposed = done.get("version") or shadow.version
+        return {"proposed": proposed, "repeated": True, "request_id": request_id, "audit_seq": done.get("seq")}
     pointers = await store.pointers()
     meta = replace(
         written,

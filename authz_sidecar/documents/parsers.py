@@ -50,7 +50,7 @@ from authz_sidecar.model.values import (
 
 _META_FIELDS = frozenset({"version", "request_id", "parent", "author", "reason", "created_at"})
 _SET_FIELDS = frozenset({"roles", "grants", "changes"}) | _META_FIELDS
-_CHANGE_FIELDS = frozenset({"role", "add", "remove", "principal", "grant", "revoke"})
+_CHANGE_FIELDS = frozenset({"role", "add", "remove", "principal", "grant", "revoke", "create", "delete", "scope", "to"})
 _ROLLOUT_FIELDS = frozenset({"weights", "testers", "state"})
 _GRANT_FIELDS = frozenset({"principal", "roles", "scope"})
 
@@ -105,18 +105,27 @@ def _changes(raw: Any, document: str) -> tuple[DeclaredChange, ...]:
             return tuple(check(v, document, f"{where}.{key}[{j}]") for j, v in enumerate(values))
 
         role, principal = entry.get("role"), entry.get("principal")
-        if (role is None) == (principal is None):
-            raise DocumentError("a change names exactly one of role or principal", document=document, field=where)
-        if role is not None:
-            if set(entry) & {"grant", "revoke"}:
-                raise DocumentError("a role change adds or removes handles", document=document, field=where)
+        if role is not None and principal is not None:
+            change = _scope_change(entry, document, where)
+        elif (role is None) == (principal is None):
+            raise DocumentError(
+                "a change names a role, a principal, or both to move a scope", document=document, field=where
+            )
+        elif role is not None:
+            if set(entry) & {"grant", "revoke", "scope", "to"}:
+                raise DocumentError("a role change adds, removes, creates or deletes", document=document, field=where)
+            delete = entry.get("delete", False)
+            if not isinstance(delete, bool) or (delete and set(entry) & {"add", "remove", "create"}):
+                raise DocumentError("'delete: true' stands alone in its change", document=document, field=where)
             change = DeclaredChange(
                 role=check_role(role, document, f"{where}.role"),
                 add=names("add", check_handle),
                 remove=names("remove", check_handle),
+                create=names("create", check_handle),
+                delete=delete,
             )
         else:
-            if set(entry) & {"add", "remove"}:
+            if set(entry) & {"add", "remove", "create", "delete", "scope", "to"}:
                 raise DocumentError("a principal change grants or revokes roles", document=document, field=where)
             change = DeclaredChange(
                 principal=check_principal(principal, document, f"{where}.principal"),
@@ -125,6 +134,23 @@ def _changes(raw: Any, document: str) -> tuple[DeclaredChange, ...]:
             )
         changes.append(change)
     return tuple(changes)
+
+
+def _scope_change(entry: Mapping[Any, Any], document: str, where: str) -> DeclaredChange:
+    """``{principal, role, scope, to}``: the role moves from the principal's grant in `scope`
+    (absent: its unscoped grant) to a grant in `to`."""
+    if set(entry) - {"principal", "role", "scope", "to"} or "to" not in entry:
+        raise DocumentError(
+            "a scope change names principal, role, to, and the scope it moves from (absent: unscoped)",
+            document=document,
+            field=where,
+        )
+    return DeclaredChange(
+        principal=check_principal(entry["principal"], document, f"{where}.principal"),
+        role=check_role(entry["role"], document, f"{where}.role"),
+        scope=check_scope(entry["scope"], document, f"{where}.scope") if entry.get("scope") else "",
+        to=check_scope(entry["to"], document, f"{where}.to"),
+    )
 
 
 def dump_permission_set(permissions: PermissionSet) -> bytes:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from itertools import chain
 
 from authz_sidecar.model.reasons import Reason
-from authz_sidecar.model.values import Grant, Metadata, PermissionSet
+from authz_sidecar.model.values import DeclaredChange, Grant, Metadata, PermissionSet
 
 _EMPTY: frozenset[str] = frozenset()
 
@@ -137,6 +137,25 @@ def impact(active: CompiledSet, proposed: CompiledSet) -> frozenset[tuple[str, s
     return frozenset(changed)
 
 
+def _moved(grants: list[Grant], change: DeclaredChange) -> list[Grant]:
+    """The grants with `change.role` moved, for `change.principal`, from its grant in
+    `change.scope` (empty: unscoped) to one in `change.to`."""
+    source = change.scope or None
+    kept: list[Grant] = []
+    moved = False
+    for grant in grants:
+        if grant.principal == change.principal and grant.scope == source and change.role in grant.roles:
+            remaining = tuple(r for r in grant.roles if r != change.role)
+            if remaining:
+                kept.append(Grant(grant.principal, remaining, grant.scope))
+            moved = True
+        else:
+            kept.append(grant)
+    if moved:
+        kept.append(Grant(change.principal, (change.role,), change.to))
+    return kept
+
+
 def declared(active: PermissionSet, proposal: PermissionSet) -> PermissionSet:
     """The active set with only the changes `proposal` declares applied: what the proposer meant.
 
@@ -149,9 +168,13 @@ def declared(active: PermissionSet, proposal: PermissionSet) -> PermissionSet:
     roles = {name: list(handles) for name, handles in active.roles.items()}
     grants = list(active.grants)
     for change in proposal.changes:
-        if change.role:
-            held = [h for h in roles.get(change.role, []) if h not in change.remove]
-            roles[change.role] = held + [h for h in change.add if h not in held]
+        if change.role and change.principal:
+            grants = _moved(grants, change)
+        elif change.role and change.delete:
+            roles.pop(change.role, None)
+        elif change.role:
+            held = [h for h in roles.get(change.role, list(change.create)) if h not in change.remove]
+            roles[change.role] = held + [h for h in (*change.create, *change.add) if h not in held]
         else:
             revoked = set(change.revoke)
             kept = []
@@ -165,6 +188,11 @@ def declared(active: PermissionSet, proposal: PermissionSet) -> PermissionSet:
             grants = kept
             if change.grant:
                 grants.append(Grant(change.principal, change.grant, None))
+    # A deleted (or never defined) role leaves the grants that held it; a grant left with no role goes.
     known = set(roles)
-    grants = [g for g in grants if set(g.roles) <= known]
+    grants = [
+        g if set(g.roles) <= known else Grant(g.principal, tuple(r for r in g.roles if r in known), g.scope)
+        for g in grants
+    ]
+    grants = [g for g in grants if g.roles]
     return PermissionSet(roles={k: tuple(v) for k, v in roles.items()}, grants=tuple(grants), meta=proposal.meta)

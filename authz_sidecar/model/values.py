@@ -34,8 +34,14 @@ class Metadata:
 
 @dataclass(frozen=True, slots=True)
 class DeclaredChange:
-    """One change a proposal says it makes, applied to the active set to predict its impact: a
-    role's handles added or removed, or roles granted to or revoked from a principal (unscoped)."""
+    """One change a proposal says it makes, applied to the active set to predict its impact:
+
+    - a role's handles added or removed (``role`` with ``add``/``remove``), a role created with its
+      handles (``role`` with ``create``) or deleted, and with it from every grant (``delete``);
+    - roles granted to or revoked from a principal, unscoped (``principal`` with ``grant``/``revoke``);
+    - a principal's role moved from one scope to another (``principal``, ``role``, ``scope``: the
+      scope it has now, empty for its unscoped grant, and ``to``).
+    """
 
     role: str = ""
     add: tuple[str, ...] = ()
@@ -43,6 +49,10 @@ class DeclaredChange:
     principal: str = ""
     grant: tuple[str, ...] = ()
     revoke: tuple[str, ...] = ()
+    create: tuple[str, ...] = ()
+    delete: bool = False
+    scope: str = ""
+    to: str = ""
 
 
 @dataclass(frozen=True, slots=True)

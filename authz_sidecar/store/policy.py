@@ -266,7 +266,12 @@ class PolicyStore:
         if change.request_id:
             request_key = self.layout.request(change.request_id)
             compares.append(kv.txn_compare_create_revision(request_key, 0))
-            done = {"action": change.action, "subject": change.subject, "seq": entry["seq"]}
+            done = {
+                "action": change.action,
+                "subject": change.subject,
+                "seq": entry["seq"],
+                "version": change.fields.get("version", ""),
+            }
             ops.append(kv.txn_op_put(request_key, json.dumps(done, sort_keys=True)))
         handed_over = set(change.take_locks) & set(change.release_locks)  # a rebase keeps these locked
         for handle, holder in sorted(change.take_locks.items()):
