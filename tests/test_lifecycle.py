@@ -13,6 +13,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from authz_sidecar.local.etcd import EtcdCluster
 from authz_sidecar.store import layout
 from authz_sidecar.store.etcd import Etcd, EtcdOptions
@@ -72,7 +74,9 @@ def errors(text: str) -> list[str]:
     return [line for line in text.splitlines() if line.startswith("authz-sidecar:")]
 
 
-def test_the_whole_story_propose_plan_promote_and_the_sidecars_follow(etcd: EtcdCluster, tmp_path: Path) -> None:
+def test_the_whole_story_propose_plan_promote_and_the_sidecars_follow(
+    etcd: EtcdCluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     prefix = unique_prefix()
     seed(etcd.endpoints, prefix, tmp_path, active=ACTIVE)
     side = etcd_sidecar(etcd.endpoints, prefix, tmp_path / "side")
@@ -87,9 +91,11 @@ def test_the_whole_story_propose_plan_promote_and_the_sidecars_follow(etcd: Etcd
         assert ctl_json(etcd.endpoints, prefix, "status")["locks"] == {
             "things:edit": {"version": "v2", "request_id": "CR-2"}
         }
-        promoted = ctl_json(
-            etcd.endpoints, prefix, "promote", "v2", "--request-id", "PR-2", "--reason", "reviewed", "--author", "ops"
-        )
+        trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
+        monkeypatch.setenv("TRACEPARENT", f"00-{trace_id}-00f067aa0ba902b7-01")  # ctl run inside a trace
+        why = ("--request-id", "PR-2", "--reason", "reviewed", "--author", "ops")
+        promoted = ctl_json(etcd.endpoints, prefix, "promote", "v2", *why)
+        monkeypatch.delenv("TRACEPARENT")
         assert promoted["active"] == "v2" and not promoted["repeated"]
         wait_for(lambda: decision(side, "ed", "PUT") == 403, what="the sidecar to decide with v2")
         assert decision(side, "ann", "PUT") == 200
@@ -104,7 +110,8 @@ def test_the_whole_story_propose_plan_promote_and_the_sidecars_follow(etcd: Etcd
             "ops",
             "PR-2",
         )
-        assert promote["impact"] == {"flips": 2, "principals": 2}
+        assert promote["impact"] == {"flips": 2, "principals": 2} and promote["trace_id"] == trace_id
+        assert status["dead_letters"] == 0
         assert status["audit_head"] == {"seq": 3, "hash": promote["hash"]}
     finally:
         side.close()

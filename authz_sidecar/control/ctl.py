@@ -461,6 +461,7 @@ async def cmd_status(store: PolicyStore, _ns: argparse.Namespace) -> dict[str, A
         "shadows": {v: layout.rollout_document(r) for v, r in sorted(pointers.shadows.items())},
         "catalogs": {c.service: {"permissions": len(c.permissions), "routes": len(c.routes)} for c in catalogs},
         "locks": await store.locks(),
+        "dead_letters": len(await store.dead_letters()),
         "audit_head": {"seq": head.seq, "hash": head.hash},
         "problems": problems,
     }

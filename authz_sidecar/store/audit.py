@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -40,6 +41,15 @@ def digest(record: Mapping[str, Any]) -> str:
     """The SHA-256 of a record's canonical JSON, its own ``hash`` field left out."""
     body = {k: v for k, v in record.items() if k != "hash"}
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def trace_id() -> str:
+    """The trace this write belongs to, when the caller runs inside one: the W3C ``TRACEPARENT``
+    environment variable, as OpenTelemetry propagates context to a command (e.g. a CI job)."""
+    parts = os.environ.get("TRACEPARENT", "").strip().split("-")
+    if len(parts) >= 4 and len(parts[1]) == 32 and all(c in "0123456789abcdef" for c in parts[1]):
+        return parts[1]
+    return ""
 
 
 def record(head: ChainHead, action: str, fields: Mapping[str, Any]) -> dict[str, Any]:

@@ -253,9 +253,11 @@ class PolicyStore:
         that it is done once) and the locks it takes (create-only) or releases. Returns the record."""
         kv = self.etcd.kv
         head, head_revision = await self.chain_head()
-        entry = audit.record(
-            head, change.action, {"request_id": change.request_id, "subject": change.subject, **change.fields}
-        )
+        fields = {"request_id": change.request_id, "subject": change.subject, **change.fields}
+        trace_id = audit.trace_id()
+        if trace_id:
+            fields["trace_id"] = trace_id
+        entry = audit.record(head, change.action, fields)
         compares.append(
             _mod(self.layout.audit_head, head_revision)
             if head_revision
