@@ -196,11 +196,14 @@ def test_each_request_id_has_one_effect_and_one_record(etcd: EtcdCluster, tmp_pa
     other = write_json(tmp_path / "v2b.json", {**no_edit_for_editors(), "reason": "other content", "grants": []})
     code, _out, err = run(etcd.endpoints, prefix, "propose", "--file", other)
     assert code == 1 and "request id 'CR-2' was already used" in errors(err)[0]
+    step = ("canary", "v2", "--weight", "us-east=10", "--request-id", "CN-2")
+    assert not ctl_json(etcd.endpoints, prefix, *step)["repeated"]
+    assert ctl_json(etcd.endpoints, prefix, *step)["repeated"]
     why = ("--request-id", "PR-2", "--reason", "go")
     assert not ctl_json(etcd.endpoints, prefix, "promote", "v2", *why)["repeated"]
     assert ctl_json(etcd.endpoints, prefix, "promote", "v2", *why)["repeated"]
     chain = ctl_json(etcd.endpoints, prefix, "audit", "--verify")
-    assert [r["action"] for r in chain["records"]] == ["init", "propose", "promote"] and chain["verified"]
+    assert [r["action"] for r in chain["records"]] == ["init", "propose", "canary", "promote"] and chain["verified"]
 
 
 def test_an_edited_and_a_removed_audit_record_are_named(etcd: EtcdCluster, tmp_path: Path) -> None:

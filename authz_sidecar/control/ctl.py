@@ -430,8 +430,15 @@ def _weights(values: list[str]) -> dict[str, int]:
 
 
 async def cmd_canary(store: PolicyStore, ns: argparse.Namespace) -> dict[str, Any]:
-    rollout = await store.canary(ns.version, _weights(ns.weight))
-    return {"version": ns.version, "weights": dict(rollout.weights), "state": rollout.state}
+    weights = _weights(ns.weight)
+    # With a request id, a rerun of the same canary step does nothing twice.
+    subject = f"{ns.version}:" + ",".join(f"{r}={w}" for r, w in sorted(weights.items()))
+    change = Change("canary", ns.request_id, subject=subject, fields={"who": _who(), "version": ns.version})
+    done = await store.done_before(change)
+    if done is not None:
+        return {"version": ns.version, "repeated": True, "audit_seq": done.get("seq")}
+    rollout = await store.canary(ns.version, weights, change)
+    return {"version": ns.version, "weights": dict(rollout.weights), "state": rollout.state, "repeated": False}
 
 
 async def cmd_status(store: PolicyStore, _ns: argparse.Namespace) -> dict[str, Any]:
@@ -652,6 +659,7 @@ def add_parser(
     canary = command("canary", "set a shadow's canary weight per region", cmd_canary)
     canary.add_argument("version")
     canary.add_argument("--weight", action="append", default=[], metavar="REGION=PERCENT", help="repeatable")
+    canary.add_argument("--request-id", default="", help="the change request (a rerun does nothing twice)")
     diff = command("diff", "a live shadow's plan: who gains or loses which handle, against the active set", cmd_diff)
     diff.add_argument("version")
     diff.add_argument("--limit", type=int, default=PLAN_PAGE, help="flips listed per page")
