@@ -53,6 +53,13 @@ CATALOG: dict[str, Any] = {
 }
 
 
+# Roles for the lifecycle tests: an admin can also delete.
+ROLES_WITH_ADMIN = {
+    "viewer": ["things:view"],
+    "editor": ["things:view", "things:edit"],
+    "admin": ["things:view", "things:edit", "things:delete"],
+}
+
 ACTIVE: dict[str, Any] = {
     "version": "v1",
     "roles": {"viewer": ["things:view"], "editor": ["things:view", "things:edit"]},

@@ -19,13 +19,9 @@ from authz_sidecar.local.etcd import EtcdCluster
 from authz_sidecar.store import layout
 from authz_sidecar.store.etcd import Etcd, EtcdOptions
 
+from .helpers import ROLES_WITH_ADMIN as ROLES
 from .helpers import ctl, ctl_json, decision, etcd_sidecar, raw_put, seed, unique_prefix, wait_for, write_json
 
-ROLES = {
-    "viewer": ["things:view"],
-    "editor": ["things:view", "things:edit"],
-    "admin": ["things:view", "things:edit", "things:delete"],
-}
 ACTIVE: dict[str, Any] = {
     "version": "v1",
     "roles": ROLES,

@@ -14,6 +14,9 @@ from authz_sidecar.local.etcd import EtcdCluster
 from authz_sidecar.model.plan import Flip, plan
 
 from .helpers import (
+    ROLES_WITH_ADMIN as ROLES,
+)
+from .helpers import (
     ctl,
     ctl_json,
     decision,
@@ -26,11 +29,6 @@ from .helpers import (
     write_json,
 )
 
-ROLES = {
-    "viewer": ["things:view"],
-    "editor": ["things:view", "things:edit"],
-    "admin": ["things:view", "things:edit", "things:delete"],
-}
 ACTIVE: dict[str, Any] = {
     "version": "v1",
     "roles": ROLES,
