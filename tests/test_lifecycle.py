@@ -438,3 +438,18 @@ def test_a_change_file_is_applied_to_the_active_set_with_a_version_assigned(etcd
         assert decision(side, "vic", "GET") == 200
     finally:
         side.close()
+
+
+def test_a_dead_letter_dropped_with_a_reason_is_audited(etcd: EtcdCluster, tmp_path: Path) -> None:
+    """An operator gives up on a dead letter: it leaves the queue and the audit chain says who and why."""
+    prefix = unique_prefix()
+    seed(etcd.endpoints, prefix, tmp_path, active=ACTIVE)
+    dlq = tmp_path / "dlq.json"
+    letter = {"action": "rollback", "version": "v9", "request_id": "RB-X", "reason": "r", "who": "ops"}
+    dlq.write_text(json.dumps({"RB-X": letter}))
+    code, _out, err = run(etcd.endpoints, prefix, "dlq", "drop", "RB-X", "--dlq-file", str(dlq))
+    assert code == 2 and "--reason" in errors(err)[0]
+    dropped = ctl_json(etcd.endpoints, prefix, "dlq", "drop", "RB-X", "--reason", "v9 is gone", "--dlq-file", str(dlq))
+    assert dropped["dropped"] == "RB-X" and json.loads(dlq.read_text()) == {}
+    record = ctl_json(etcd.endpoints, prefix, "audit")["records"][-1]
+    assert (record["action"], record["reason"], record["dropped"]["version"]) == ("dlq_drop", "v9 is gone", "v9")
