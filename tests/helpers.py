@@ -245,12 +245,19 @@ def ctl(endpoints: str, prefix: str, *args: str) -> int:
     return cli.main(["ctl", *args, "--etcd", endpoints, "--prefix", prefix, "--etcd-timeout", "3"])
 
 
+def ctl_captured(endpoints: str, prefix: str, *args: str) -> tuple[int, str, str]:
+    """`ctl ...` with its exit code, stdout and stderr (kept apart from the logs of sidecars here)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = ctl(endpoints, prefix, *args)
+    return code, out.getvalue(), err.getvalue()
+
+
 def ctl_json(endpoints: str, prefix: str, *args: str) -> Any:
-    """`ctl ... --json`, its output parsed (and kept apart from the logs of sidecars in this process)."""
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        assert ctl(endpoints, prefix, *args, "--json") == 0
-    return json.loads(out.getvalue())
+    """`ctl ... --json`, its output parsed."""
+    code, out, _err = ctl_captured(endpoints, prefix, *args, "--json")
+    assert code == 0
+    return json.loads(out)
 
 
 def write_json(path: Path, data: dict[str, Any]) -> str:

@@ -4,8 +4,6 @@ transaction, roll back, every write audited in a hash chain, each request id don
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import io
 import json
 import os
 import subprocess
@@ -20,7 +18,18 @@ from authz_sidecar.store import layout
 from authz_sidecar.store.etcd import Etcd, EtcdOptions
 
 from .helpers import ROLES_WITH_ADMIN as ROLES
-from .helpers import ctl, ctl_json, decision, etcd_sidecar, raw_put, seed, unique_prefix, wait_for, write_json
+from .helpers import (
+    ctl,
+    ctl_captured,
+    ctl_json,
+    decision,
+    etcd_sidecar,
+    raw_put,
+    seed,
+    unique_prefix,
+    wait_for,
+    write_json,
+)
 
 ACTIVE: dict[str, Any] = {
     "version": "v1",
@@ -57,13 +66,6 @@ def no_delete_for_admins(version: str = "v3", request_id: str = "CR-3") -> dict[
         "roles": {**ROLES, "admin": ["things:view", "things:edit"]},
         "changes": [{"role": "admin", "remove": ["things:delete"]}],
     }
-
-
-def run(endpoints: str, prefix: str, *args: str) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = ctl(endpoints, prefix, *args)
-    return code, out.getvalue(), err.getvalue()
 
 
 def errors(text: str) -> list[str]:
@@ -162,7 +164,7 @@ def test_two_promotions_of_one_parent_at_once_exactly_one_wins(etcd: EtcdCluster
     assert status["active"] == winners[0]
     assert status["shadows"] == {loser: {"state": "stale", "testers": [], "weights": {}}}
     assert ctl_json(etcd.endpoints, prefix, "audit", "--verify")["verified"]
-    code, _out, err = run(etcd.endpoints, prefix, "canary", loser, "--weight", "us-east=5")
+    code, _out, err = ctl_captured(etcd.endpoints, prefix, "canary", loser, "--weight", "us-east=5")
     assert code == 1 and "stale" in errors(err)[0]
 
 
@@ -175,7 +177,7 @@ def test_a_locked_handle_refuses_a_second_proposal_until_the_first_is_rolled_bac
         ctl(etcd.endpoints, prefix, "propose", "--file", write_json(tmp_path / "v2.json", no_edit_for_editors())) == 0
     )
     second = write_json(tmp_path / "v4.json", no_edit_for_editors("v4", "CR-4"))
-    code, _out, err = run(etcd.endpoints, prefix, "propose", "--file", second)
+    code, _out, err = ctl_captured(etcd.endpoints, prefix, "propose", "--file", second)
     assert code == 1 and "'things:edit' is locked by 'v2' (request 'CR-2')" in errors(err)[0]
     rolled = ctl_json(etcd.endpoints, prefix, "rollback", "v2", "--request-id", "RB-2", "--reason", "not now")
     assert rolled["rolled_back"] == "v2"
@@ -190,7 +192,7 @@ def test_each_request_id_has_one_effect_and_one_record(etcd: EtcdCluster, tmp_pa
     assert not ctl_json(etcd.endpoints, prefix, "propose", "--file", v2)["repeated"]
     assert ctl_json(etcd.endpoints, prefix, "propose", "--file", v2)["repeated"]
     other = write_json(tmp_path / "v2b.json", {**no_edit_for_editors(), "reason": "other content", "grants": []})
-    code, _out, err = run(etcd.endpoints, prefix, "propose", "--file", other)
+    code, _out, err = ctl_captured(etcd.endpoints, prefix, "propose", "--file", other)
     assert code == 1 and "request id 'CR-2' was already used" in errors(err)[0]
     step = ("canary", "v2", "--weight", "us-east=10", "--request-id", "CN-2")
     assert not ctl_json(etcd.endpoints, prefix, *step)["repeated"]
@@ -217,7 +219,7 @@ def test_an_edited_and_a_removed_audit_record_are_named(etcd: EtcdCluster, tmp_p
     assert sorted(records) == [1, 2, 3, 4]
     edited = {**records[2], "reason": "nothing to see here"}
     raw_put(etcd.endpoints, lay.audit_record(2), json.dumps(edited).encode())
-    code, out, err = run(etcd.endpoints, prefix, "audit", "--verify", "--json")
+    code, out, err = ctl_captured(etcd.endpoints, prefix, "audit", "--verify", "--json")
     problems = json.loads(out)["problems"]
     assert code == 1 and problems == [f"{lay.audit_record(2)}: its content does not match its hash (edited)"]
     assert "1 problem(s)" in errors(err)[0]
@@ -233,7 +235,7 @@ def test_an_edited_and_a_removed_audit_record_are_named(etcd: EtcdCluster, tmp_p
 
 def ctl_json_failing(endpoints: str, prefix: str, *args: str) -> Any:
     """`ctl ... --json` for a command that reports problems (exit 1) and still prints its result."""
-    code, out, _err = run(endpoints, prefix, *args, "--json")
+    code, out, _err = ctl_captured(endpoints, prefix, *args, "--json")
     assert code == 1
     return json.loads(out)
 
@@ -264,7 +266,7 @@ def test_a_rollback_while_etcd_is_down_is_queued_locally_and_retried_exactly_onc
             "--dlq-file",
             str(dlq),
         )
-        code, _out, err = run(member.endpoints, prefix, *args)
+        code, _out, err = ctl_captured(member.endpoints, prefix, *args)
         assert code == 1 and len(errors(err)) == 1
         assert f"queued in the dead-letter queue (local file {dlq})" in errors(err)[0]
         assert json.loads(dlq.read_text())["RB-9"]["version"] == "v2"
@@ -339,7 +341,9 @@ def test_rollback_to_an_earlier_active_set_restores_it_as_a_new_version_and_show
         history = ctl_json(etcd.endpoints, prefix, "history")["history"]
         assert [(h["version"], h["action"]) for h in history][-1] == ("v1-r4", "restore")
         assert ctl_json(etcd.endpoints, prefix, "audit", "--verify")["verified"]
-        code, _out, err = run(etcd.endpoints, prefix, "rollback", "--to", "v9", "--request-id", "RS-2", "--reason", "x")
+        code, _out, err = ctl_captured(
+            etcd.endpoints, prefix, "rollback", "--to", "v9", "--request-id", "RS-2", "--reason", "x"
+        )
         assert code == 1 and "'v9' is not stored" in errors(err)[0]
     finally:
         side.close()
@@ -353,7 +357,7 @@ def test_a_stale_shadow_is_rebased_by_re_applying_its_declared_changes(etcd: Etc
     for name, document in (("v2", no_edit_for_editors()), ("v3", no_delete_for_admins())):
         assert ctl(etcd.endpoints, prefix, "propose", "--file", write_json(tmp_path / f"{name}.json", document)) == 0
     assert ctl(etcd.endpoints, prefix, "promote", "v2", "--request-id", "PR-2", "--reason", "go") == 0
-    code, _out, err = run(etcd.endpoints, prefix, "promote", "v3", "--request-id", "PR-3", "--reason", "go")
+    code, _out, err = ctl_captured(etcd.endpoints, prefix, "promote", "v3", "--request-id", "PR-3", "--reason", "go")
     assert code == 1 and "ctl propose --rebase v3" in errors(err)[0]
 
     rebased = ctl_json(
@@ -447,7 +451,7 @@ def test_a_dead_letter_dropped_with_a_reason_is_audited(etcd: EtcdCluster, tmp_p
     dlq = tmp_path / "dlq.json"
     letter = {"action": "rollback", "version": "v9", "request_id": "RB-X", "reason": "r", "who": "ops"}
     dlq.write_text(json.dumps({"RB-X": letter}))
-    code, _out, err = run(etcd.endpoints, prefix, "dlq", "drop", "RB-X", "--dlq-file", str(dlq))
+    code, _out, err = ctl_captured(etcd.endpoints, prefix, "dlq", "drop", "RB-X", "--dlq-file", str(dlq))
     assert code == 2 and "--reason" in errors(err)[0]
     dropped = ctl_json(etcd.endpoints, prefix, "dlq", "drop", "RB-X", "--reason", "v9 is gone", "--dlq-file", str(dlq))
     assert dropped["dropped"] == "RB-X" and json.loads(dlq.read_text()) == {}

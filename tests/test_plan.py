@@ -3,8 +3,6 @@ not declare, which ``ctl propose`` refuses unless it is accepted (and then count
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 from pathlib import Path
 from typing import Any
@@ -13,11 +11,9 @@ from authz_sidecar.documents import parse_permission_set
 from authz_sidecar.local.etcd import EtcdCluster
 from authz_sidecar.model.plan import Flip, plan
 
+from .helpers import ROLES_WITH_ADMIN as ROLES
 from .helpers import (
-    ROLES_WITH_ADMIN as ROLES,
-)
-from .helpers import (
-    ctl,
+    ctl_captured,
     ctl_json,
     decision,
     etcd_sidecar,
@@ -83,10 +79,7 @@ def test_flips_the_declared_changes_do_not_explain_are_undeclared() -> None:
 
 
 def _propose(endpoints: str, prefix: str, path: str, *extra: str) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = ctl(endpoints, prefix, "propose", "--file", path, "--request-id", "CR-7", "--reason", "r", *extra)
-    return code, out.getvalue(), err.getvalue()
+    return ctl_captured(endpoints, prefix, "propose", "--file", path, "--request-id", "CR-7", "--reason", "r", *extra)
 
 
 def test_propose_refuses_undeclared_flips_unless_accepted_and_then_they_are_unexpected(

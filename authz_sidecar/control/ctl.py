@@ -75,10 +75,9 @@ async def cmd_init(store: PolicyStore, ns: argparse.Namespace) -> dict[str, Any]
     return {"active": permissions.version, "grants": len(permissions.grants)}
 
 
-def _subject(path: str) -> str:
+def _subject(data: Any) -> str:
     """What a proposal's request id stands for: the file's own content (a change file's version
     may be assigned, so the content, not the derived set, is what a rerun must match)."""
-    data = _read(path)
     named = data.get("version") if isinstance(data, dict) else None
     content = json.dumps(data, sort_keys=True, default=str).encode()
     return f"{named or 'change'}@{hashlib.sha256(content).hexdigest()[:16]}"
@@ -123,6 +122,7 @@ async def _rebased(store: PolicyStore, stale_version: str) -> ShadowSet:
 async def cmd_propose(store: PolicyStore, ns: argparse.Namespace) -> dict[str, Any]:
     if bool(ns.file) == bool(ns.rebase):
         raise ConfigError("ctl propose takes --file SHADOW, or --rebase VERSION of a stale shadow")
+    data: Any = None
     if ns.rebase:
         shadow = await _rebased(store, ns.rebase)
     else:
@@ -136,7 +136,7 @@ async def cmd_propose(store: PolicyStore, ns: argparse.Namespace) -> dict[str, A
         if not value:
             raise ConfigError(f"ctl propose needs {flag}, or {name} in {ns.file or 'the shadow'}")
     # Idempotent by request id: the same file proposed again returns what it did the first time.
-    subject = f"{ns.rebase}@{_digest(shadow.permissions)}" if ns.rebase else _subject(ns.file)
+    subject = f"{ns.rebase}@{_digest(shadow.permissions)}" if ns.rebase else _subject(data)
     done = await store.done_before(Change("propose", request_id, subject=subject))
     if done is not None:
         proposed = done.get("version") or shadow.version
@@ -152,12 +152,12 @@ async def cmd_propose(store: PolicyStore, ns: argparse.Namespace) -> dict[str, A
     permissions = replace(shadow.permissions, meta=meta)
     await _check_against_catalogs(store, permissions, "shadow set")
     # The plan, before anything is written: a flip the declared changes do not explain stops here.
-    change = plan(await _active_set(store, pointers.active), permissions)
-    if change.undeclared and not ns.accept_undeclared:
-        shown = "; ".join(f.describe() for f in change.undeclared[:PLAN_PAGE])
-        more = len(change.undeclared) - PLAN_PAGE
+    change_plan = plan(await _active_set(store, pointers.active), permissions)
+    if change_plan.undeclared and not ns.accept_undeclared:
+        shown = "; ".join(f.describe() for f in change_plan.undeclared[:PLAN_PAGE])
+        more = len(change_plan.undeclared) - PLAN_PAGE
         raise StoreError(
-            f"shadow set {permissions.version}: {len(change.undeclared)} flip(s) its declared changes do not "
+            f"shadow set {permissions.version}: {len(change_plan.undeclared)} flip(s) its declared changes do not "
             f"explain: {shown}{f'; and {more} more' if more > 0 else ''} (fix the set, declare them in "
             "'changes:', or pass --accept-undeclared to count them as unexpected)"
         )
@@ -171,12 +171,12 @@ async def cmd_propose(store: PolicyStore, ns: argparse.Namespace) -> dict[str, A
             "version": permissions.version,
             "parent": meta.parent,
             "impact": {
-                "flips": len(change.flips),
-                "principals": change.principals(),
-                "undeclared": len(change.undeclared),
+                "flips": len(change_plan.flips),
+                "principals": change_plan.principals(),
+                "undeclared": len(change_plan.undeclared),
             },
         },
-        take_locks=dict.fromkeys(change.by_handle(), permissions.version),
+        take_locks=dict.fromkeys(change_plan.by_handle(), permissions.version),
     )
     if ns.rebase:  # the stale shadow leaves in the same transaction, handing over its locks
         change_record = replace(change_record, fields={**change_record.fields, "rebased": ns.rebase})
@@ -192,7 +192,7 @@ async def cmd_propose(store: PolicyStore, ns: argparse.Namespace) -> dict[str, A
         "author": meta.author,
         "weights": dict(shadow.rollout.weights),
         "testers": sorted(shadow.rollout.testers),
-        "plan": _plan_document(change, 0, PLAN_PAGE),
+        "plan": _plan_document(change_plan, 0, PLAN_PAGE),
     }
 
 

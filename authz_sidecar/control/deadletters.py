@@ -23,6 +23,7 @@ import grpc
 from etcd3aio.errors import EtcdError
 
 from authz_sidecar.store.policy import Change, ConflictError
+from authz_sidecar.store.sources.files import write_atomically
 
 # What a retry can outlast: etcd unreachable or slow, a transaction that lost a race.
 TRANSIENT: tuple[type[BaseException], ...] = (EtcdError, grpc.aio.AioRpcError, TimeoutError, OSError, ConflictError)
@@ -63,9 +64,8 @@ class LocalQueue:
 
     def _save(self, letters: dict[str, dict[str, Any]]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(letters, indent=2, sort_keys=True))
-        tmp.replace(self.path)
+        # Durable: a dead letter is written because etcd could not take it; it must survive a crash.
+        write_atomically(self.path, json.dumps(letters, indent=2, sort_keys=True), durable=True)
 
     def add(self, request_id: str, letter: dict[str, Any]) -> None:
         self._save({**self.load(), request_id: letter})
