@@ -14,11 +14,17 @@ from pathlib import Path
 from authz_sidecar.decision.identity import check_sources
 from authz_sidecar.decision.tokens import DEFAULT_ALGORITHMS
 from authz_sidecar.errors import ConfigError
-from authz_sidecar.fronts.grpcfront import SERVER_MODELS
+from authz_sidecar.fronts.grpcfront import SERVER_MODELS, RpcLimits
+from authz_sidecar.fronts.httpauthz import HttpLimits
 from authz_sidecar.store.etcd import EtcdOptions
 from authz_sidecar.store.layout import normalise_prefix
 
 STICKINESS = ("principal", "request_id")
+
+
+# The fronts' own default bounds, which the settings start from.
+_HTTP_LIMITS = HttpLimits()
+_RPC_LIMITS = RpcLimits()
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,19 +75,19 @@ class Settings:
     payload_header: str = "x-jwt-payload"
     # Address of the HTTP variant of ext_authz; empty: not served.
     http_authz: str = ""
-    # Bounds on what one HTTP ext_authz request may send (docs/operations.md#bounded-input). Headers:
-    # Envoy's own default (max_request_headers_kb 60); the URL counts within them, and alone up to 16 KiB.
-    http_authz_max_url_bytes: int = 16 * 1024
-    http_authz_max_headers: int = 128
-    http_authz_max_header_bytes: int = 60 * 1024
-    http_authz_max_body_bytes: int = 1024 * 1024
-    # Seconds a request may take from its first byte to its last, and a connection may sit idle.
-    http_authz_request_timeout: float = 10.0
-    http_authz_idle_timeout: float = 120.0
-    # gRPC: RPCs in flight (queued ones included) and the size of one request message. 1024 is Envoy's
-    # default circuit breaker on a cluster's requests; 4 MiB is gRPC's own default message limit.
-    grpc_max_concurrent_rpcs: int = 1024
-    grpc_max_message_bytes: int = 4 * 1024 * 1024
+    # Bounds on what one HTTP ext_authz request may send (docs/operations.md#bounded-input); the
+    # defaults are the front's own (HttpLimits): headers as Envoy's max_request_headers_kb 60, the URL
+    # within them and alone up to 16 KiB, a request's whole time and a connection's idle time.
+    http_authz_max_url_bytes: int = _HTTP_LIMITS.max_url_bytes
+    http_authz_max_headers: int = _HTTP_LIMITS.max_headers
+    http_authz_max_header_bytes: int = _HTTP_LIMITS.max_header_bytes
+    http_authz_max_body_bytes: int = _HTTP_LIMITS.max_body_bytes
+    http_authz_request_timeout: float = _HTTP_LIMITS.request_timeout
+    http_authz_idle_timeout: float = _HTTP_LIMITS.idle_timeout
+    # gRPC: RPCs in flight (queued ones included) and the size of one request message; the defaults
+    # are the front's own (RpcLimits): Envoy's default circuit breaker, gRPC's own message limit.
+    grpc_max_concurrent_rpcs: int = _RPC_LIMITS.max_concurrent_rpcs
+    grpc_max_message_bytes: int = _RPC_LIMITS.max_message_bytes
     stickiness: str = "principal"
     grace: float = 5.0
     # How Check is served. The thread pool measured fastest here (docs/performance.md): the handler never
@@ -91,6 +97,21 @@ class Settings:
     log_level: str = "info"
     # Share of decisions logged as "decision" events; mismatches are always logged.
     log_decisions: float = 0.01
+
+    def http_limits(self) -> HttpLimits:
+        return HttpLimits(
+            max_url_bytes=self.http_authz_max_url_bytes,
+            max_headers=self.http_authz_max_headers,
+            max_header_bytes=self.http_authz_max_header_bytes,
+            max_body_bytes=self.http_authz_max_body_bytes,
+            request_timeout=self.http_authz_request_timeout,
+            idle_timeout=self.http_authz_idle_timeout,
+        )
+
+    def rpc_limits(self) -> RpcLimits:
+        return RpcLimits(
+            max_concurrent_rpcs=self.grpc_max_concurrent_rpcs, max_message_bytes=self.grpc_max_message_bytes
+        )
 
     def etcd_options(self) -> EtcdOptions:
         return EtcdOptions(

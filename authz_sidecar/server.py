@@ -30,8 +30,8 @@ from authz_sidecar.documents import load_document, parse_catalog
 from authz_sidecar.errors import BindError, ConfigError
 from authz_sidecar.fronts.appapi import AppAuthzServicer
 from authz_sidecar.fronts.extauthz import CheckHandler
-from authz_sidecar.fronts.grpcfront import GrpcFront, RpcLimits
-from authz_sidecar.fronts.httpauthz import HttpAuthz, HttpLimits
+from authz_sidecar.fronts.grpcfront import GrpcFront
+from authz_sidecar.fronts.httpauthz import HttpAuthz
 from authz_sidecar.fronts.opshttp import OpsHttp
 from authz_sidecar.fronts.registry import RegistryService
 from authz_sidecar.model.snapshot import Snapshot
@@ -132,14 +132,7 @@ class Sidecar:
             HttpAuthz(
                 self.answering,
                 self.metrics,
-                HttpLimits(
-                    max_url_bytes=settings.http_authz_max_url_bytes,
-                    max_headers=settings.http_authz_max_headers,
-                    max_header_bytes=settings.http_authz_max_header_bytes,
-                    max_body_bytes=settings.http_authz_max_body_bytes,
-                    request_timeout=settings.http_authz_request_timeout,
-                    idle_timeout=settings.http_authz_idle_timeout,
-                ),
+                settings.http_limits(),
             )
             if settings.http_authz
             else None
@@ -157,10 +150,7 @@ class Sidecar:
             AppAuthzServicer(self.answering),
             self.registry,
             settings.workers,
-            limits=RpcLimits(
-                max_concurrent_rpcs=settings.grpc_max_concurrent_rpcs,
-                max_message_bytes=settings.grpc_max_message_bytes,
-            ),
+            limits=settings.rpc_limits(),
             rejected=lambda reason: self.metrics.rejected("grpc", reason),
         )
         self.grpc_port = 0
