@@ -102,3 +102,41 @@ def test_the_unexpected_tally_is_bounded_and_its_report_accounts_for_every_misma
     assert len(listed) == PUBLISHED_UNEXPECTED_PAIRS
     assert listed[0] == ["user-3", "things:edit", 8]
     assert sum(n for _p, _h, n in listed) + document["unexpected_unlisted"] == MAX_UNEXPECTED_PAIRS + 500 + 8
+
+
+def test_a_request_the_shadow_decides_counts_its_disagreement_with_the_active_set() -> None:
+    """At 100% in a region every request is decided by the shadow: its disagreements with the active
+    set (what a canary's gates judge) must be tallied as mismatches, with their direction, whether
+    the change predicted them, and the principals it denied."""
+    from authz_sidecar.documents import parse_catalog, parse_permission_set, parse_shadow
+    from authz_sidecar.model.evaluation import evaluate
+    from authz_sidecar.model.snapshot import build_snapshot
+    from authz_sidecar.telemetry.reports import ShadowReports
+
+    from .helpers import CATALOG
+
+    active = parse_permission_set({**ACTIVE, "roles": ROLES}, "active")
+    # v2 takes things:edit from editors (declared) and, by mistake, things:view from viewers.
+    roles = {**ROLES, "editor": ["things:view"], "viewer": []}
+    v2 = parse_shadow(
+        {
+            **ACTIVE,
+            "version": "v2",
+            "parent": "v1",
+            "roles": roles,
+            "changes": [{"role": "editor", "remove": ["things:edit"]}],
+            "weights": {"us-east": 100},
+        },
+        "v2",
+    )
+    snapshot = build_snapshot(active, [v2], [parse_catalog(CATALOG, "catalog")], region="us-east")
+    reports = ShadowReports()
+    for principal, handle in (("alice", "things:edit"), ("alice", "things:view"), ("bob", "things:view")):
+        evaluation = evaluate(snapshot, principal, handle, None)
+        assert evaluation.decided_by == "shadow"
+        reports.observe(snapshot, evaluation, principal, handle, None)
+    tally = reports.tallies["v2"]
+    assert tally.evaluations == 3
+    assert tally.mismatches == {"expected/allow_to_deny": 1, "unexpected/allow_to_deny": 1}, tally.mismatches
+    assert tally.denied == {"alice", "bob"}
+    assert tally.unexpected == {("bob", "things:view"): 1}

@@ -33,6 +33,9 @@ MAX_EXERCISED = 10_000
 MAX_UNEXPECTED_PAIRS = 1_000
 # Of those, the most frequent listed in a published report (the rest are counted as unlisted).
 PUBLISHED_UNEXPECTED_PAIRS = 100
+# Distinct principals the shadow denied where the active set allowed, kept per shadow: enough for
+# any sane denial budget (a controller's gate); denials of principals past it are counted.
+MAX_DENIED_PRINCIPALS = 1_000
 
 
 @dataclass
@@ -43,6 +46,8 @@ class Tally:
     exercised: set[tuple[str, str, str | None]] = field(default_factory=set)
     unexpected: dict[tuple[str, str], int] = field(default_factory=dict)  # (principal, handle) -> n
     unexpected_unlisted: int = 0  # unexpected mismatches of pairs past MAX_UNEXPECTED_PAIRS
+    denied: set[str] = field(default_factory=set)  # principals behind allow_to_deny mismatches
+    denied_unlisted: int = 0  # allow_to_deny mismatches of principals past MAX_DENIED_PRINCIPALS
 
     def count_unexpected(self, principal: str, handle: str) -> None:
         pair = (principal, handle)
@@ -54,6 +59,15 @@ class Tally:
         else:
             self.unexpected_unlisted += 1
 
+    def count_denied(self, principal: str) -> None:
+        denied = self.denied
+        if principal in denied:
+            return
+        if len(denied) < MAX_DENIED_PRINCIPALS:
+            denied.add(principal)
+        else:
+            self.denied_unlisted += 1
+
     def document(self) -> dict[str, Any]:
         pairs = sorted(self.unexpected.items(), key=lambda item: (-item[1], item[0]))
         listed = pairs[:PUBLISHED_UNEXPECTED_PAIRS]
@@ -64,6 +78,8 @@ class Tally:
             "exercised": sorted([list(e) for e in self.exercised], key=str)[:MAX_EXERCISED],
             "unexpected": [[p, h, n] for (p, h), n in listed],
             "unexpected_unlisted": self.unexpected_unlisted + sum(n for _pair, n in pairs[PUBLISHED_UNEXPECTED_PAIRS:]),
+            "denied_principals": sorted(self.denied),
+            "denied_unlisted": self.denied_unlisted,
         }
 
 
@@ -97,16 +113,20 @@ class ShadowReports:
                 tally.exercised.add((principal, handle, scope))
                 if scope is not None:
                     tally.exercised.add((principal, handle, None))
-        allowed = evaluation.allowed
-        for observed in versions:
-            if observed.mismatch:
-                key = f"{'expected' if observed.expected else 'unexpected'}/" + (
-                    "allow_to_deny" if allowed else "deny_to_allow"
-                )
-                tally = tallies[observed.version]
-                tally.mismatches[key] = tally.mismatches.get(key, 0) + 1
-                if not observed.expected:
-                    tally.count_unexpected(principal, handle)
+        # A mismatch goes to the shadow that disagreed; its direction is from the set it disagreed
+        # with to the shadow. For a request the shadow decided (a canary, a tester), that is its
+        # disagreement with the active set, the one a canary's gates judge.
+        mismatched = [(o.version, o.expected, evaluation.allowed) for o in versions if o.mismatch]
+        if enforced is not None:
+            mismatched += [(enforced, o.expected, o.allowed) for o in evaluation.observed if not o.shadow and o.mismatch]
+        for version, expected, before in mismatched:
+            key = ("expected/" if expected else "unexpected/") + ("allow_to_deny" if before else "deny_to_allow")
+            tally = tallies[version]
+            tally.mismatches[key] = tally.mismatches.get(key, 0) + 1
+            if not expected:
+                tally.count_unexpected(principal, handle)
+            if before:
+                tally.count_denied(principal)
 
     def retain(self, live: set[str]) -> None:
         """Forget shadows that are no longer live."""
