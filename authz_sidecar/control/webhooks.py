@@ -322,7 +322,9 @@ class Webhooks:
             self.events_dropped += 1
             log.warning("webhook_event_dropped", pending=len(self._pending), dropped_total=self.events_dropped, **lost)
         self._pending.append((body, about))
-        if self._worker is None or self._worker.done():
+        worker = self._worker
+        # A worker left on another loop (a previous asyncio.run) would never run again.
+        if worker is None or worker.done() or worker.get_loop() is not loop:
             self._worker = loop.create_task(self._deliver_pending(), name="authz-sidecar-webhook-events")
 
     async def drain(self, timeout: float) -> None:  # noqa: ASYNC109 - the controller's interface
