@@ -22,7 +22,7 @@ from typing import Any, NoReturn
 import structlog
 
 from authz_sidecar import __version__
-from authz_sidecar.config import Settings, validate
+from authz_sidecar.config import Settings, parse_address, validate
 from authz_sidecar.decision.identity import SOURCES
 from authz_sidecar.errors import AuthzError, ConfigError
 from authz_sidecar.store.layout import normalise_prefix
@@ -157,6 +157,23 @@ def _build_parser() -> argparse.ArgumentParser:
 
     ctl.add_parser(sub, _add, _add_etcd_flags)
 
+    controller = sub.add_parser("controller", help="run the rollout plans: canary, analyse, promote, roll back")
+    _add(controller, "--etcd", text="comma-separated etcd endpoints")
+    _add(controller, "--prefix", text="etcd key prefix")
+    _add_etcd_flags(controller)
+    _add(controller, "--controller-id", text="this controller's name in the election (default: controller@host:pid)")
+    _add(
+        controller,
+        "--tick",
+        text="seconds between passes over the plans (failing gates are judged every pass)",
+        default="1",
+    )
+    _add(controller, "--lease-ttl", text="seconds a leader's term outlives its last renewal", default="5")
+    _add(controller, "--retries", text="attempts of a rollback before the dead-letter queue", default="5")
+    _add(controller, "--dlq-file", text="the local dead-letter file (etcd unreachable)", default="")
+    _add(controller, "--metrics", text="host:port for the controller's /metrics (empty: none)", default="")
+    _add(controller, "--log-level", text="debug, info, warning or error")
+
     check = sub.add_parser("validate", help="validate a policy directory and print what it would serve")
     _add(check, "--policy-dir", text="directory to validate", metavar="DIR")
     _add(check, "--service", text="this service's name")
@@ -287,6 +304,38 @@ def _ctl(ns: argparse.Namespace) -> int:
     return ctl.run(ns, Settings(**_etcd_settings(ns)).etcd_options().validate())
 
 
+def _controller(ns: argparse.Namespace) -> int:
+    from authz_sidecar.control import deadletters
+    from authz_sidecar.control.controller import serve_controller
+    from authz_sidecar.telemetry import logs
+
+    try:
+        prefix = normalise_prefix(ns.prefix)
+        logs.configure(ns.log_level)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    options = Settings(**_etcd_settings(ns)).etcd_options().validate()
+    tick, lease_ttl, retries = _number(ns, "tick"), _integer(ns, "lease_ttl"), _integer(ns, "retries")
+    if tick <= 0 or lease_ttl < 2 or retries < 1:
+        raise ConfigError("--tick must be > 0, --lease-ttl at least 2 and --retries at least 1")
+    metrics = parse_address(ns.metrics, "--metrics") if ns.metrics else None
+    if isinstance(metrics, str):
+        raise ConfigError("--metrics takes host:port")
+    asyncio.run(
+        serve_controller(
+            options,
+            prefix,
+            ident=ns.controller_id or "",
+            tick=tick,
+            lease_ttl=lease_ttl,
+            retries=retries,
+            dlq_file=Path(ns.dlq_file or os.environ.get("AUTHZ_DLQ_FILE") or deadletters.default_file()),
+            metrics_address=metrics,
+        )
+    )
+    return 0
+
+
 def _validate(ns: argparse.Namespace) -> int:
     from authz_sidecar.store.sources.files import FilePolicySource
 
@@ -322,6 +371,8 @@ def _run(ns: argparse.Namespace) -> int:
         return _serve(ns)
     if ns.command == "ctl":
         return _ctl(ns)
+    if ns.command == "controller":
+        return _controller(ns)
     return _validate(ns)
 
 

@@ -232,6 +232,7 @@ class Sidecar:
                     ident,
                     region=self.settings.region,
                     interval=self.settings.report_interval,
+                    snapshot=lambda: self.store.snapshot,
                 )
         with _naming("--listen", self.settings.listen):
             self.grpc_port = await self.front.start(parse_address(self.settings.listen, "--listen"))

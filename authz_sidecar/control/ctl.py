@@ -24,7 +24,7 @@ from typing import Any
 import grpc
 from etcd3aio.errors import EtcdError
 
-from authz_sidecar.control import deadletters
+from authz_sidecar.control import deadletters, rollouts
 from authz_sidecar.documents import (
     check_handle,
     dump_permission_set,
@@ -41,13 +41,14 @@ from authz_sidecar.model.plan import Plan, plan
 from authz_sidecar.model.values import Permission, PermissionSet, Rollout, ShadowSet
 from authz_sidecar.store import audit, layout
 from authz_sidecar.store.etcd import Etcd, EtcdOptions
+from authz_sidecar.store.plans import PlanStore
 from authz_sidecar.store.policy import Change, PolicyStore, StoreError
 
 Command = Callable[[PolicyStore, argparse.Namespace], Awaitable[Any]]
 # Principals and handles `ctl report` lists behind unexpected mismatches.
 TOP_UNEXPECTED = 10
 # The fields a shadow file may carry beside a set: its rollout.
-_ROLLOUT_FIELDS = frozenset({"weights", "testers", "state"})
+_ROLLOUT_FIELDS = frozenset({"weights", "testers", "state", "plan"})
 # Flips listed per page of a plan (ctl propose, ctl diff --limit).
 PLAN_PAGE = 50
 
@@ -180,9 +181,18 @@ async def cmd_propose(store: PolicyStore, ns: argparse.Namespace) -> dict[str, A
     )
     if ns.rebase:  # the stale shadow leaves in the same transaction, handing over its locks
         change_record = replace(change_record, fields={**change_record.fields, "rebased": ns.rebase})
+    rollout_plan = rollouts.from_shadow_file(data, ns.file) if data is not None else None
+    if rollout_plan is not None and shadow.rollout.weights:
+        raise ConfigError(f"{ns.file}: give weights or a plan, not both (the plan sets the weights step by step)")
     done = await store.propose(
         permissions, dump_permission_set(permissions), shadow.rollout, change_record, replaces=ns.rebase or None
     )
+    if rollout_plan is not None and not done["repeated"]:
+        await PlanStore(store).start(
+            permissions.version,
+            rollout_plan,
+            rollouts.start_change(permissions.version, rollout_plan, request_id, meta.author),
+        )
     return {
         "proposed": permissions.version,
         "repeated": done["repeated"],
@@ -193,6 +203,7 @@ async def cmd_propose(store: PolicyStore, ns: argparse.Namespace) -> dict[str, A
         "weights": dict(shadow.rollout.weights),
         "testers": sorted(shadow.rollout.testers),
         "plan": _plan_document(change_plan, 0, PLAN_PAGE),
+        **({"rollout_plan": rollout_plan.describe()} if rollout_plan is not None else {}),
     }
 
 
@@ -430,7 +441,14 @@ def _weights(values: list[str]) -> dict[str, int]:
 
 
 async def cmd_canary(store: PolicyStore, ns: argparse.Namespace) -> dict[str, Any]:
+    if ns.plan:
+        if ns.weight:
+            raise ConfigError("ctl canary takes --weight REGION=PERCENT, or --plan REGION=W1,W2,..., not both")
+        return await rollouts.cmd_start(store, ns)
+    if ns.then or ns.accept_unexercised:
+        raise ConfigError("--then and --accept-unexercised go with --plan")
     weights = _weights(ns.weight)
+    await rollouts.refuse_if_planned(store, ns.version)
     # With a request id, a rerun of the same canary step does nothing twice.
     subject = f"{ns.version}:" + ",".join(f"{r}={w}" for r, w in sorted(weights.items()))
     change = Change("canary", ns.request_id, subject=subject, fields={"who": _who(), "version": ns.version})
@@ -470,6 +488,7 @@ async def cmd_status(store: PolicyStore, _ns: argparse.Namespace) -> dict[str, A
         "locks": await store.locks(),
         "dead_letters": len(await store.dead_letters()),
         "audit_head": {"seq": head.seq, "hash": head.hash},
+        **await rollouts.status(store, problems),
         "problems": problems,
     }
 
@@ -660,11 +679,13 @@ def add_parser(
     canary.add_argument("version")
     canary.add_argument("--weight", action="append", default=[], metavar="REGION=PERCENT", help="repeatable")
     canary.add_argument("--request-id", default="", help="the change request (a rerun does nothing twice)")
+    rollouts.add_plan_flags(canary)
     diff = command("diff", "a live shadow's plan: who gains or loses which handle, against the active set", cmd_diff)
     diff.add_argument("version")
     diff.add_argument("--limit", type=int, default=PLAN_PAGE, help="flips listed per page")
     diff.add_argument("--offset", type=int, default=0, help="flips skipped before the page")
     command("status", "what is active and live", cmd_status)
+    rollouts.add_commands(command)
     report = command("report", "a shadow's traffic over every sidecar: evaluations, mismatches, coverage", cmd_report)
     report.add_argument("version")
     _add_dlq_commands(commands, command, connection)

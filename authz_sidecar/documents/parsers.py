@@ -51,7 +51,8 @@ from authz_sidecar.model.values import (
 _META_FIELDS = frozenset({"version", "request_id", "parent", "author", "reason", "created_at"})
 _SET_FIELDS = frozenset({"roles", "grants", "changes"}) | _META_FIELDS
 _CHANGE_FIELDS = frozenset({"role", "add", "remove", "principal", "grant", "revoke", "create", "delete", "scope", "to"})
-_ROLLOUT_FIELDS = frozenset({"weights", "testers", "state"})
+# A shadow file may also carry its rollout plan (read by ctl; see documents.rolloutplans).
+_ROLLOUT_FIELDS = frozenset({"weights", "testers", "state", "plan"})
 _GRANT_FIELDS = frozenset({"principal", "roles", "scope"})
 
 

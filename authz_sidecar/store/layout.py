@@ -99,6 +99,19 @@ class Layout:
         """A request that failed after its retries (a rollback), waiting for an operator."""
         return f"{self.prefix}/dlq/{request_id}"
 
+    @property
+    def plans(self) -> str:
+        return f"{self.prefix}/plans/"
+
+    def plan(self, version: str) -> str:
+        """A shadow's rollout plan and its progress (the controller's memory lives here, not in it)."""
+        return f"{self.prefix}/plans/{version}"
+
+    @property
+    def leader(self) -> str:
+        """The controllers' election key: held, on its lease, by the one that acts."""
+        return f"{self.prefix}/controller/leader"
+
     def request(self, request_id: str) -> str:
         """What a request id did, so that running it again does nothing twice."""
         return f"{self.prefix}/requests/{request_id}"

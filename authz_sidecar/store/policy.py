@@ -11,8 +11,9 @@ The lifecycle issue extends this module (promote, rollback, history); sidecars u
 
 from __future__ import annotations
 
+import copy
 import json
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -46,6 +47,23 @@ class StoreError(Exception):
 
 class ConflictError(StoreError):
     """Someone else changed what this operation read; read again and retry."""
+
+
+class FencedError(StoreError):
+    """A fenced write refused because what it was decided on is gone: the controller's term ended,
+    or the plan moved since it was read. Never retried: the decision itself is void."""
+
+
+@dataclass(frozen=True, slots=True)
+class Fence:
+    """What every write of a fenced store also carries: compares that hold only while the writer's
+    decision is still valid (its leadership term, the revision of what it read), and ops written
+    with the change in the same transaction (the plan's progress). `holds` says, after a failed
+    transaction, whether the fence is why."""
+
+    compares: tuple[Any, ...]
+    ops: tuple[Any, ...]
+    holds: Callable[[], Awaitable[bool]]
 
 
 class OwnedElsewhereError(StoreError):
@@ -151,6 +169,26 @@ class PolicyStore:
         self.layout = Layout(layout.normalise_prefix(prefix))
         # etcd's revision after this store's last successful pointer change.
         self.last_revision = 0
+        self.fence: Fence | None = None
+
+    def fenced(self, fence: Fence) -> PolicyStore:
+        """This store, with every write it makes carrying `fence` (see :class:`Fence`)."""
+        clone = copy.copy(self)
+        clone.fence = fence
+        return clone
+
+    async def _commit(self, compares: list[Any], ops: list[Any], conflict: str) -> Any:
+        """Run one write transaction with the fence, if any; FencedError if the fence broke,
+        ConflictError (with `conflict`) if something else it compared moved."""
+        if self.fence is not None:
+            compares = [*compares, *self.fence.compares]
+            ops = [*ops, *self.fence.ops]
+        response = await self.etcd.call(self.etcd.kv.txn, compares, ops)
+        if not response.succeeded:
+            if self.fence is not None and not await self.fence.holds():
+                raise FencedError("refused: the decision was taken on a term or a plan revision that is gone")
+            raise ConflictError(conflict)
+        return response
 
     # --- reading -------------------------------------------------------------------------------
 
@@ -230,7 +268,7 @@ class PolicyStore:
         compares = []
         for key, revision in ((self.layout.active, seen.active_revision), (self.layout.shadows, seen.shadows_revision)):
             if revision:
-                compares.append(_mod(key, revision))
+                compares.append(mod_is(key, revision))
             else:
                 compares.append(kv.txn_compare_create_revision(key, 0))
         ops = [kv.txn_op_put(self.layout.shadows, layout.encode_shadows(shadows))]
@@ -239,9 +277,7 @@ class PolicyStore:
         entry = None
         if change is not None:
             entry = await self._recorded(change, compares, ops)
-        response = await self.etcd.call(kv.txn, compares, ops)
-        if not response.succeeded:
-            raise ConflictError("the live pointers changed while this command ran; run it again")
+        response = await self._commit(compares, ops, "the live pointers changed while this command ran; run it again")
         self.last_revision = response.header.revision
         if entry is not None:
             log.info("audit", **{k: v for k, v in entry.items() if k != "at"})
@@ -259,7 +295,7 @@ class PolicyStore:
             fields["trace_id"] = trace_id
         entry = audit.record(head, change.action, fields)
         compares.append(
-            _mod(self.layout.audit_head, head_revision)
+            mod_is(self.layout.audit_head, head_revision)
             if head_revision
             else kv.txn_compare_create_revision(self.layout.audit_head, 0)
         )
@@ -287,15 +323,16 @@ class PolicyStore:
         )
         return entry
 
-    async def record(self, change: Change, ops: list[Any] | None = None) -> dict[str, Any]:
-        """An audited change that moves no pointer (dropping a dead letter), with `ops` in its
-        transaction."""
-        compares: list[Any] = []
+    async def record(
+        self, change: Change, ops: list[Any] | None = None, compares: list[Any] | None = None
+    ) -> dict[str, Any]:
+        """An audited change that moves no pointer (dropping a dead letter, pausing a plan), with
+        `ops` in its transaction, made only if `compares` hold."""
+        compares = list(compares or [])
         ops = list(ops or [])
         entry = await self._recorded(change, compares, ops)
-        response = await self.etcd.call(self.etcd.kv.txn, compares, ops)
-        if not response.succeeded:
-            raise ConflictError("the audit chain moved while this command ran; run it again")
+        response = await self._commit(compares, ops, "the audit chain moved while this command ran; run it again")
+        self.last_revision = response.header.revision
         log.info("audit", **{k: v for k, v in entry.items() if k != "at"})
         return entry
 
@@ -593,14 +630,15 @@ class PolicyStore:
             if updated.service != service:
                 raise StoreError(f"catalog for {updated.service!r} cannot be written under {service!r}")
             value = catalog_value(updated, key)
-            compare = _mod(key, existing.mod_revision) if existing else kv.txn_compare_create_revision(key, 0)
+            compare = mod_is(key, existing.mod_revision) if existing else kv.txn_compare_create_revision(key, 0)
             response = await self.etcd.call(kv.txn, [compare], [kv.txn_op_put(key, value)])
             if response.succeeded:
                 return updated
         raise ConflictError(f"catalog of {service!r} kept changing; gave up after {attempts} attempts")
 
 
-def _mod(key: str, revision: int) -> Compare:
+def mod_is(key: str, revision: int) -> Compare:
+    """True in a transaction while `key` is as it was at `revision`."""
     return Compare(result=Compare.EQUAL, target=Compare.MOD, key=key.encode(), mod_revision=revision)
 
 

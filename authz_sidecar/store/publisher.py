@@ -11,11 +11,13 @@ import json
 import os
 import socket
 import time
+from collections.abc import Callable
 
 import grpc
 import structlog
 from etcd3aio.errors import EtcdError
 
+from authz_sidecar.model.snapshot import Snapshot
 from authz_sidecar.store.etcd import Etcd
 from authz_sidecar.store.layout import Layout
 from authz_sidecar.telemetry.reports import ShadowReports
@@ -32,7 +34,15 @@ class ReportPublisher:
     a few intervals' life (the previous lease is revoked once the key has moved to the new one)."""
 
     def __init__(
-        self, etcd: Etcd, layout: Layout, reports: ShadowReports, ident: str, *, region: str, interval: float = 2.0
+        self,
+        etcd: Etcd,
+        layout: Layout,
+        reports: ShadowReports,
+        ident: str,
+        *,
+        region: str,
+        interval: float = 2.0,
+        snapshot: Callable[[], Snapshot | None] = lambda: None,
     ) -> None:
         self.etcd = etcd
         self.layout = layout
@@ -40,6 +50,7 @@ class ReportPublisher:
         self.ident = ident
         self.region = region
         self.interval = interval
+        self.snapshot = snapshot
         self.ttl = max(2, round(interval * 3))
         # The lease the published keys hang on; revoked once they have moved to the next one.
         self._lease: int | None = None
@@ -51,8 +62,21 @@ class ReportPublisher:
         if not self.reports.tallies:
             return
         lease = await self.etcd.call(self.etcd.lease.grant, self.ttl)
+        serving = self.snapshot()
         for version, tally in list(self.reports.tallies.items()):
-            document = {"sidecar": self.ident, "region": self.region, "at": time.time(), **tally.document()}
+            # What a controller needs to trust the report: which snapshot it was counted under and
+            # how the shadow stands in it (a sidecar behind the pointers is not evidence yet).
+            view = serving.by_version.get(version) if serving is not None else None
+            document = {
+                "sidecar": self.ident,
+                "region": self.region,
+                "at": time.time(),
+                "interval": self.interval,
+                "revision": serving.revision if serving is not None else 0,
+                "state": ("stale" if view.stale else view.rollout.state) if view is not None else "",
+                "weight": view.weight_bp // 100 if view is not None else 0,
+                **tally.document(),
+            }
             await self.etcd.call(self.etcd.kv.put, self.key(version), json.dumps(document), lease=lease.ID)
         previous, self._lease = self._lease, lease.ID
         if previous is not None:

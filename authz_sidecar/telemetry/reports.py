@@ -118,7 +118,9 @@ class ShadowReports:
         # disagreement with the active set, the one a canary's gates judge.
         mismatched = [(o.version, o.expected, evaluation.allowed) for o in versions if o.mismatch]
         if enforced is not None:
-            mismatched += [(enforced, o.expected, o.allowed) for o in evaluation.observed if not o.shadow and o.mismatch]
+            mismatched += [
+                (enforced, o.expected, o.allowed) for o in evaluation.observed if not o.shadow and o.mismatch
+            ]
         for version, expected, before in mismatched:
             key = ("expected/" if expected else "unexpected/") + ("allow_to_deny" if before else "deny_to_allow")
             tally = tallies[version]
