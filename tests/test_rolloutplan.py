@@ -46,8 +46,7 @@ def report(sidecar: str = "a", region: str = "eu-west", *, at: float = 100.0, **
         revision=int(counts.pop("revision", 50)),
         state="canary",
         counters=Counters(counts.get("evaluations", 0), counts.get("unexpected", 0), counts.get("denied", 0)),
-        denied=frozenset(f"p{i}" for i in range(counts.get("denied_principals", 0))),
-        denied_unlisted=0,
+        denied={f"p{i}": float(counts.get("denied_at", 100)) for i in range(counts.get("denied_principals", 0))},
         exercised=frozenset(),
     )
 
@@ -118,7 +117,7 @@ def test_progress_round_trips_through_its_document() -> None:
         step=2,
         applied=True,
         successes=1,
-        window=Window(started=5.0, baseline={"a": Counters(3, 0, 1)}, denied=frozenset({"bob"})),
+        window=Window(started=5.0, baseline={"a": Counters(3, 0, 1, 0)}),
         message="why",
         history=({"move": "apply"},),
     )
@@ -161,12 +160,15 @@ def test_only_the_steps_region_counts_and_other_regions_never_fail_it() -> None:
     assert judged(0, [report(evaluations=50), elsewhere])[0] is Outcome.SUCCESSFUL
 
 
-def test_the_denial_budget_counts_requests_and_newly_denied_principals() -> None:
-    window = opening([report(denied=0, denied_principals=1)], 0.0)
+def test_the_denial_budget_counts_requests_and_the_principals_denied_within_the_interval() -> None:
+    window = opening([report(denied=0, denied_principals=1)], 50.0)
     outcome, gates = judged(0, [report(evaluations=50, denied=6, denied_principals=1)], window)
     assert outcome is Outcome.FAILED and gates["denied_requests"] is False
     outcome, gates = judged(0, [report(evaluations=50, denied=3, denied_principals=4)], window)
     assert outcome is Outcome.FAILED and gates == {**gates, "denied_requests": True, "denied_principals": False}
+    # Principals denied before the window opened (the dark launch saw them) are not this interval's.
+    stale = report(evaluations=50, denied=3, denied_principals=4, denied_at=10)
+    assert judged(0, [stale], window)[0] is Outcome.SUCCESSFUL
 
 
 def test_a_report_behind_the_pointers_or_old_is_not_evidence() -> None:

@@ -180,7 +180,6 @@ def progress_document(progress: Progress) -> dict[str, Any]:
         else {
             "started": window.started,
             "baseline": {s: list(c) for s, c in sorted(window.baseline.items())},
-            "denied": sorted(window.denied),
         },
         "message": progress.message,
         "last": progress.last,
@@ -197,7 +196,6 @@ def parse_progress(data: Any, document: str) -> Progress:
             window = Window(
                 started=float(window_raw["started"]),
                 baseline={str(s): Counters(*map(int, c)) for s, c in window_raw.get("baseline", {}).items()},
-                denied=frozenset(map(str, window_raw.get("denied", []))),
             )
         return Progress(
             state=PlanState(raw.get("state", "running")),

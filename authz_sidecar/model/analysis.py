@@ -15,7 +15,7 @@ Pure: the controller reads etcd, this decides.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,8 +35,9 @@ class Report:
     revision: int  # the etcd revision of the snapshot it serves
     state: str  # the shadow's state in that snapshot ("" when it does not have the shadow)
     counters: Counters
-    denied: frozenset[str]  # principals the shadow denied where the active set allowed (bounded)
-    denied_unlisted: int  # such denials of principals past the bound
+    # Principals the shadow denied where the active set allowed, each with when it last did (the
+    # sidecar's clock; bounded: the denials of principals past the bound are Counters.unlisted).
+    denied: Mapping[str, float]
     exercised: frozenset[Triple]
 
 
@@ -100,8 +101,8 @@ def fresh(report: Report, now: float, live_revision: int) -> str:
 
 
 def window_counts(reports: Iterable[Report], window: Window) -> tuple[Counters, frozenset[str], int]:
-    """The counts since `window` opened, summed over `reports`, the principals newly denied in it,
-    and the denials of principals past the reports' bound (counted as possibly new)."""
+    """The counts since `window` opened, summed over `reports`, the principals denied in it, and
+    the denials in it of principals past the reports' bound (each counted as one more principal)."""
     evaluations = unexpected = denied = unlisted = 0
     principals: set[str] = set()
     for report in reports:
@@ -111,19 +112,14 @@ def window_counts(reports: Iterable[Report], window: Window) -> tuple[Counters, 
         evaluations += report.counters.evaluations - base.evaluations
         unexpected += report.counters.unexpected - base.unexpected
         denied += report.counters.denied - base.denied
-        principals |= report.denied
-        unlisted += report.denied_unlisted
-    return Counters(evaluations, unexpected, denied), frozenset(principals - window.denied), unlisted
+        unlisted += report.counters.unlisted - base.unlisted
+        principals.update(p for p, last in report.denied.items() if last >= window.started)
+    return Counters(evaluations, unexpected, denied, unlisted), frozenset(principals), unlisted
 
 
 def opening(reports: Iterable[Report], now: float) -> Window:
-    """A window opening at `now`: every report's counters and denied principals as they are."""
-    reports = list(reports)
-    return Window(
-        started=now,
-        baseline={r.sidecar: r.counters for r in reports},
-        denied=frozenset(p for r in reports for p in r.denied),
-    )
+    """A window opening at `now`: every report's counters as they are."""
+    return Window(started=now, baseline={r.sidecar: r.counters for r in reports})
 
 
 def analyse(
@@ -143,7 +139,7 @@ def analyse(
     everywhere = list(reports)
     region = plan.steps[step].region
     here = [r for r in everywhere if r.region == region]
-    counts, newly_denied, unlisted = window_counts(here, window)
+    counts, denied, unlisted = window_counts(here, window)
     gates = [
         Gate(
             "unexpected_mismatches",
@@ -162,11 +158,11 @@ def analyse(
         ),
         Gate(
             "denied_principals",
-            len(newly_denied) + unlisted,
+            len(denied) + unlisted,
             plan.gates.max_denied_principals,
-            len(newly_denied) + unlisted <= plan.gates.max_denied_principals,
+            len(denied) + unlisted <= plan.gates.max_denied_principals,
             failing=True,
-            detail=", ".join(sorted(newly_denied)[:5]) + (" ..." if len(newly_denied) > 5 else ""),
+            detail=", ".join(sorted(denied)[:5]) + (" ..." if len(denied) > 5 else ""),
         ),
     ]
     failed = [g for g in gates if not g.passed]

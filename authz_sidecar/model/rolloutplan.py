@@ -118,17 +118,16 @@ class Counters(NamedTuple):
     evaluations: int = 0
     unexpected: int = 0
     denied: int = 0  # allow_to_deny mismatches, expected or not
+    unlisted: int = 0  # of those, denials of principals past the report's bound (not itemised)
 
 
 @dataclass(frozen=True, slots=True)
 class Window:
     """What the next analysis measures from: when it opened and every reporting sidecar's counters
-    then (a sidecar not listed started after: all its counts are new), and the principals already
-    denied, so that only newly denied ones count against the interval's budget."""
+    then (a sidecar not listed started after: all its counts are new)."""
 
     started: float
     baseline: Mapping[str, Counters] = field(default_factory=dict)
-    denied: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)

@@ -88,9 +88,9 @@ def report_of(document: Any) -> Report | None:
                 evaluations=int(document.get("evaluations", 0)),
                 unexpected=sum(n for kind, n in mismatches.items() if kind.startswith("unexpected/")),
                 denied=sum(n for kind, n in mismatches.items() if kind.endswith("/allow_to_deny")),
+                unlisted=int(document.get("denied_unlisted", 0)),
             ),
-            denied=frozenset(map(str, document.get("denied_principals", []))),
-            denied_unlisted=int(document.get("denied_unlisted", 0)),
+            denied={str(p): float(t) for p, t in document.get("denied_principals", [])},
             exercised=frozenset(
                 (str(p), str(h), None if s is None else str(s)) for p, h, s in document.get("exercised", [])
             ),

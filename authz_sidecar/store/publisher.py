@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import secrets
 import socket
 import time
 from collections.abc import Callable
@@ -26,7 +27,9 @@ log = structlog.get_logger("authz_sidecar.store.publisher")
 
 
 def sidecar_id(service: str) -> str:
-    return f"{service or 'sidecar'}@{socket.gethostname()}:{os.getpid()}"
+    """Unique per sidecar instance: host and pid say where it runs, the suffix tells two sidecars
+    of one process apart (and a restarted one from its predecessor, whose counts it does not have)."""
+    return f"{service or 'sidecar'}@{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
 
 
 class ReportPublisher:

@@ -17,6 +17,7 @@ under the threaded server is acceptable for a report; an answer never depends on
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,7 +47,9 @@ class Tally:
     exercised: set[tuple[str, str, str | None]] = field(default_factory=set)
     unexpected: dict[tuple[str, str], int] = field(default_factory=dict)  # (principal, handle) -> n
     unexpected_unlisted: int = 0  # unexpected mismatches of pairs past MAX_UNEXPECTED_PAIRS
-    denied: set[str] = field(default_factory=set)  # principals behind allow_to_deny mismatches
+    # Principals behind allow_to_deny mismatches, with when each last was (wall clock: a controller
+    # elsewhere counts the ones within its analysis window).
+    denied: dict[str, float] = field(default_factory=dict)
     denied_unlisted: int = 0  # allow_to_deny mismatches of principals past MAX_DENIED_PRINCIPALS
 
     def count_unexpected(self, principal: str, handle: str) -> None:
@@ -61,10 +64,8 @@ class Tally:
 
     def count_denied(self, principal: str) -> None:
         denied = self.denied
-        if principal in denied:
-            return
-        if len(denied) < MAX_DENIED_PRINCIPALS:
-            denied.add(principal)
+        if principal in denied or len(denied) < MAX_DENIED_PRINCIPALS:
+            denied[principal] = time.time()
         else:
             self.denied_unlisted += 1
 
@@ -78,7 +79,7 @@ class Tally:
             "exercised": sorted([list(e) for e in self.exercised], key=str)[:MAX_EXERCISED],
             "unexpected": [[p, h, n] for (p, h), n in listed],
             "unexpected_unlisted": self.unexpected_unlisted + sum(n for _pair, n in pairs[PUBLISHED_UNEXPECTED_PAIRS:]),
-            "denied_principals": sorted(self.denied),
+            "denied_principals": sorted([p, round(t, 3)] for p, t in self.denied.items()),
             "denied_unlisted": self.denied_unlisted,
         }
 

@@ -1,0 +1,474 @@
+"""The controller over a real etcd, with real sidecars in two regions publishing real reports from
+real Checks: plans advance region by region and promote, harm rolls back unaided, coverage holds
+the promotion until traffic or a named waiver covers it, webhooks gate, and controllers take over
+from each other without a step taken twice."""
+
+from __future__ import annotations
+
+import asyncio
+import http.server
+import json
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from concurrent.futures import Future
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from authz_sidecar.control.controller import Controller
+from authz_sidecar.local.etcd import EtcdCluster
+from authz_sidecar.local.processes import LOOPBACK, Process, free_port
+from authz_sidecar.store.etcd import Etcd, EtcdOptions
+from authz_sidecar.store.plans import PlanStore
+from authz_sidecar.store.policy import FencedError
+
+from .helpers import ROLES_WITH_ADMIN as ROLES
+from .helpers import (
+    RunningSidecar,
+    ctl,
+    ctl_captured,
+    ctl_json,
+    decision,
+    etcd_sidecar,
+    seed,
+    unique_prefix,
+    wait_for,
+    write_json,
+)
+
+ACTIVE: dict[str, Any] = {
+    "version": "v1",
+    "roles": ROLES,
+    "grants": [
+        {"principal": "alice", "roles": ["editor"]},
+        {"principal": "bob", "roles": ["viewer"]},
+        {"principal": "vic", "roles": ["viewer"]},
+        {"principal": "qa-bot", "roles": ["viewer"]},
+    ],
+}
+# Every sidecar sees these, round and round: reads by everyone, edits by bob and qa-bot.
+REQUESTS = [
+    ("alice", "GET"),
+    ("alice", "PUT"),
+    ("bob", "GET"),
+    ("bob", "PUT"),
+    ("vic", "GET"),
+    ("qa-bot", "GET"),
+    ("qa-bot", "PUT"),
+]
+# Fast plans for tests: an analysis a second, a few evaluations enough.
+FAST = ["--interval", "1s", "--min-evaluations", "3"]
+
+
+class RunningController:
+    """A Controller on its own event loop in a thread."""
+
+    def __init__(self, endpoints: str, prefix: str, **kw: Any) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self._thread.start()
+        values: dict[str, Any] = {"tick": 0.2, "lease_ttl": 2, "retries": 2}
+        values.update(kw)
+        options = EtcdOptions(endpoints=tuple(endpoints.split(",")), timeout=2.0)
+        self.etcd, self.controller, self.stop_event = self.call(self._make(options, prefix, values))
+        self.running: Future[None] = asyncio.run_coroutine_threadsafe(self.controller.run(self.stop_event), self.loop)
+
+    @staticmethod
+    async def _make(
+        options: EtcdOptions, prefix: str, values: dict[str, Any]
+    ) -> tuple[Etcd, Controller, asyncio.Event]:
+        etcd = Etcd(options)
+        return etcd, Controller(etcd, prefix, **values), asyncio.Event()
+
+    def call(self, coro: Any, timeout: float = 15) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.stop_event.set)
+        try:
+            self.running.result(15)
+        finally:
+            self.call(self.etcd.close())
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(5)
+            self.loop.close()
+
+
+class Traffic:
+    """Checks from many principals against sidecars, in a thread, until stopped; every answer kept."""
+
+    def __init__(self, sides: dict[str, RunningSidecar], requests: list[tuple[str, str]] = REQUESTS) -> None:
+        self.sides = sides
+        self.requests = requests
+        self.answers: list[tuple[float, str, str, str, int]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            for region, side in self.sides.items():
+                for principal, method in self.requests:
+                    try:
+                        status = decision(side, principal, method)
+                    except grpc.RpcError:  # the sidecar is closing under a failed test
+                        return
+                    self.answers.append((time.time(), region, principal, method, status))
+            time.sleep(0.01)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+
+@pytest.fixture
+def mesh(etcd: EtcdCluster, tmp_path: Path) -> Iterator[tuple[str, dict[str, RunningSidecar]]]:
+    """A prefix seeded with ACTIVE and a sidecar in each of two regions, reporting every 0.3 s."""
+    prefix = unique_prefix()
+    seed(etcd.endpoints, prefix, tmp_path, active=ACTIVE)
+    sides: dict[str, RunningSidecar] = {}
+    try:
+        for region in ("eu-west", "us-east"):
+            sides[region] = etcd_sidecar(etcd.endpoints, prefix, tmp_path / region, region=region, report_interval=0.3)
+            sides[region].wait_ready()
+        yield prefix, sides
+    finally:
+        for side in sides.values():
+            side.close()
+
+
+def propose(endpoints: str, prefix: str, tmp: Path, document: dict[str, Any], *extra: str) -> None:
+    path = write_json(tmp / f"{document['version']}.json", document)
+    code, _out, err = ctl_captured(
+        endpoints, prefix, "propose", "--file", path, "--request-id", f"CR-{document['version']}",
+        "--reason", "test", *extra,
+    )  # fmt: skip
+    assert code == 0, err
+
+
+def change(version: str, *changes: dict[str, Any]) -> dict[str, Any]:
+    return {"version": version, "changes": list(changes)}
+
+
+def plan_of(endpoints: str, prefix: str, version: str) -> dict[str, Any]:
+    plans: dict[str, Any] = ctl_json(endpoints, prefix, "status")["plans"]
+    return plans.get(version, {})  # type: ignore[no-any-return]
+
+
+def wait_state(endpoints: str, prefix: str, version: str, state: str, timeout: float = 30) -> dict[str, Any]:
+    seen: list[str] = []
+
+    def reached() -> bool:
+        plan = plan_of(endpoints, prefix, version)
+        line = f"{plan.get('state')} {plan.get('step')} {plan.get('at')}: {plan.get('message')}"
+        if not seen or seen[-1] != line:
+            seen.append(line)
+        return plan.get("state") == state
+
+    try:
+        wait_for(reached, timeout=timeout, what=f"plan of {version} {state}")
+    except TimeoutError:
+        raise AssertionError(f"plan of {version} never {state}; it went: " + " | ".join(seen)) from None
+    return plan_of(endpoints, prefix, version)
+
+
+def audit_records(endpoints: str, prefix: str) -> list[dict[str, Any]]:
+    return ctl_json(endpoints, prefix, "audit", "--last", "1000")["records"]  # type: ignore[no-any-return]
+
+
+def test_a_plan_over_two_regions_advances_step_by_step_and_promotes(
+    etcd: EtcdCluster, tmp_path: Path, mesh: tuple[str, dict[str, RunningSidecar]]
+) -> None:
+    prefix, sides = mesh
+    propose(etcd.endpoints, prefix, tmp_path, change("v2", {"principal": "bob", "grant": ["editor"]}))
+    started = ctl_json(
+        etcd.endpoints, prefix, "canary", "v2", "--plan", "eu-west=50,100", "--then", "us-east=100", *FAST
+    )
+    assert started["plan"] == "eu-west=50,100 then us-east=100 every 1s"
+    traffic = Traffic(sides)
+    controller = RunningController(etcd.endpoints, prefix)
+    steps_seen: list[tuple[int, str]] = []
+    try:
+
+        def promoted() -> bool:
+            plan = plan_of(etcd.endpoints, prefix, "v2")
+            if (plan.get("step"), plan.get("at")) not in steps_seen:
+                steps_seen.append((plan.get("step"), plan.get("at")))  # type: ignore[arg-type]
+            return plan.get("state") == "promoted"
+
+        wait_for(promoted, timeout=40, what="v2 promoted by its plan")
+    finally:
+        controller.close()
+        traffic.stop()
+    status = ctl_json(etcd.endpoints, prefix, "status")
+    assert status["active"] == "v2" and "v2" not in status["shadows"]
+    # ctl status showed each step as the plan went through it.
+    for step, at in ((1, "eu-west 50%"), (2, "eu-west 100%"), (3, "us-east 100%")):
+        assert (step, at) in steps_seen, steps_seen
+    # The audit says what was done, in order, and by whom: each step once, then the promotion.
+    records = [r for r in audit_records(etcd.endpoints, prefix) if r.get("version") == "v2"]
+    canaries = [r["weights"] for r in records if r["action"] == "canary"]
+    assert canaries == [{"eu-west": 50}, {"eu-west": 100}, {"eu-west": 100, "us-east": 100}]
+    promotion = next(r for r in records if r["action"] == "promote")
+    assert promotion["request_id"].startswith("plan-v2-") and promotion["who"].startswith("controller@")
+    assert promotion["analysis"]["outcome"] == "Successful"
+    # The sidecars follow: bob edits everywhere now.
+    wait_for(lambda: all(decision(s, "bob", "PUT") == 200 for s in sides.values()), what="bob edits")
+
+
+def test_unexpected_mismatches_in_the_canary_region_roll_back_and_the_other_region_is_never_touched(
+    etcd: EtcdCluster, tmp_path: Path, mesh: tuple[str, dict[str, RunningSidecar]]
+) -> None:
+    prefix, sides = mesh
+    # Declared: bob becomes an editor. By accident, viewers lose things:view too (accepted at propose).
+    accident = {
+        **ACTIVE,
+        "version": "v3",
+        "parent": "v1",
+        "roles": {**ROLES, "viewer": []},
+        "grants": [*ACTIVE["grants"][:1], {"principal": "bob", "roles": ["editor"]}, *ACTIVE["grants"][2:]],
+        "changes": [{"principal": "bob", "grant": ["editor"]}],
+    }
+    propose(etcd.endpoints, prefix, tmp_path, accident, "--accept-undeclared")
+    ctl_json(etcd.endpoints, prefix, "canary", "v3", "--plan", "eu-west=10,100", "--then", "us-east=100", *FAST)
+    traffic = Traffic(sides)
+    controller = RunningController(etcd.endpoints, prefix)
+    try:
+        plan = wait_state(etcd.endpoints, prefix, "v3", "rolled_back", timeout=30)
+    finally:
+        controller.close()
+        traffic.stop()
+    assert "unexpected_mismatches" in plan["message"] and "eu-west" in plan["message"]
+    status = ctl_json(etcd.endpoints, prefix, "status")
+    assert status["active"] == "v1" and "v3" not in status["shadows"] and status["locks"] == {}
+    records = [r for r in audit_records(etcd.endpoints, prefix) if r.get("version") == "v3"]
+    assert [r["weights"] for r in records if r["action"] == "canary"] == [{"eu-west": 10}]
+    rollback = next(r for r in records if r["action"] == "rollback")
+    assert rollback["analysis"]["outcome"] == "Failed" and rollback["request_id"].startswith("plan-v3-")
+    # us-east was never given a weight, so nobody there was decided by v3.
+    assert not any(r for r in traffic.answers if r[1] == "us-east" and r[2] == "vic" and r[4] != 200)
+
+
+def test_a_deny_budget_exceeded_by_a_declared_change_stops_it(
+    etcd: EtcdCluster, tmp_path: Path, mesh: tuple[str, dict[str, RunningSidecar]]
+) -> None:
+    prefix, sides = mesh
+    # Declared and planned: viewers stop viewing. It hurts bob, vic and qa-bot: over a budget of 1.
+    propose(etcd.endpoints, prefix, tmp_path, change("v4", {"role": "viewer", "remove": ["things:view"]}))
+    ctl_json(etcd.endpoints, prefix, "canary", "v4", "--plan", "eu-west=10,100", *FAST, "--max-denied-principals", "1")
+    traffic = Traffic(sides)
+    controller = RunningController(etcd.endpoints, prefix)
+    try:
+        plan = wait_state(etcd.endpoints, prefix, "v4", "rolled_back", timeout=30)
+    finally:
+        controller.close()
+        traffic.stop()
+    assert "denied_principals" in plan["message"]
+    assert "v4" not in ctl_json(etcd.endpoints, prefix, "status")["shadows"]
+
+
+def test_a_changed_handle_nobody_exercised_holds_the_promotion_until_waived_by_name(
+    etcd: EtcdCluster, tmp_path: Path, mesh: tuple[str, dict[str, RunningSidecar]]
+) -> None:
+    prefix, sides = mesh
+    # bob becomes an editor (exercised by his edits) and qa-bot an admin: things:delete, which no
+    # route of this service reaches, changes for qa-bot and no request will ever show it.
+    propose(
+        etcd.endpoints, prefix, tmp_path,
+        change("v5", {"principal": "bob", "grant": ["editor"]}, {"principal": "qa-bot", "grant": ["admin"]}),
+    )  # fmt: skip
+    ctl_json(etcd.endpoints, prefix, "canary", "v5", "--plan", "eu-west=100", *FAST, "--inconclusive-limit", "1000")
+    traffic = Traffic(sides)
+    controller = RunningController(etcd.endpoints, prefix)
+    try:
+
+        def held() -> bool:
+            last = plan_of(etcd.endpoints, prefix, "v5").get("last_analysis") or {}
+            return "unexercised_handles [things:delete]" in (last.get("reason") or "")
+
+        wait_for(held, timeout=30, what="the promotion held on things:delete")
+        analysed = ctl_json(etcd.endpoints, prefix, "analyze", "v5")
+        gate = next(g for g in analysed["gates"] if g["gate"] == "unexercised_handles")
+        assert gate["value"] == ["things:delete"] and gate["passed"] is False
+        assert ctl_json(etcd.endpoints, prefix, "status")["active"] == "v1"
+        code, _out, err = ctl_captured(etcd.endpoints, prefix, "resume", "v5", "--accept-unexercised", "things:delete")
+        assert code == 2 and "--reason" in err
+        waived = ctl_json(
+            etcd.endpoints, prefix, "resume", "v5", "--accept-unexercised", "things:delete",
+            "--reason", "only the nightly purge deletes; checked by hand",
+        )  # fmt: skip
+        assert waived["waived"] == ["things:delete"]
+        wait_state(etcd.endpoints, prefix, "v5", "promoted", timeout=30)
+    finally:
+        controller.close()
+        traffic.stop()
+    records = audit_records(etcd.endpoints, prefix)
+    assert any(r["action"] == "plan_resume" and "nightly purge" in r["reason"] for r in records)
+
+
+class Hook(http.server.ThreadingHTTPServer):
+    """A webhook receiver on loopback whose answer the test sets; it keeps every request's payload."""
+
+    def __init__(self) -> None:
+        self.answer = 500
+        self.received: list[dict[str, Any]] = []
+        hook = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                hook.received.append(json.loads(body))
+                self.send_response(hook.answer)
+                self.send_header("Content-Length", "2")
+                self.end_headers()
+                self.wfile.write(b"no")
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        super().__init__((LOOPBACK, 0), Handler)
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://{LOOPBACK}:{self.server_address[1]}/confirm"
+
+
+def test_a_confirm_webhook_holds_the_promotion_until_it_answers_2xx_and_a_dead_event_hook_never_blocks(
+    etcd: EtcdCluster, tmp_path: Path, mesh: tuple[str, dict[str, RunningSidecar]]
+) -> None:
+    prefix, sides = mesh
+    hook = Hook()
+    dead = f"http://{LOOPBACK}:{free_port()}/events"  # nothing listens there
+    propose(etcd.endpoints, prefix, tmp_path, change("v6", {"principal": "bob", "grant": ["editor"]}))
+    ctl_json(
+        etcd.endpoints, prefix, "canary", "v6", "--plan", "eu-west=100", *FAST,
+        "--confirm-promotion-url", hook.url, "--event-url", dead, "--webhook-timeout", "0.5", "--webhook-retries", "0",
+    )  # fmt: skip
+    traffic = Traffic(sides)
+    controller = RunningController(etcd.endpoints, prefix)
+    try:
+        started = time.monotonic()
+
+        def held() -> bool:
+            return "held by the confirm-promotion webhook" in plan_of(etcd.endpoints, prefix, "v6").get("message", "")
+
+        wait_for(held, timeout=30, what="the promotion held by the webhook")
+        # The dead event hook did not slow the plan: the first analysis came within its interval.
+        assert time.monotonic() - started < 15
+        assert "answered 500" in plan_of(etcd.endpoints, prefix, "v6")["message"]
+        assert ctl_json(etcd.endpoints, prefix, "status")["active"] == "v1"
+        payload = hook.received[-1]
+        assert payload["version"] == "v6" and payload["type"] == "confirm_promotion"
+        assert payload["outcome"] == "Successful" and payload["gates"]
+        hook.answer = 200
+        wait_state(etcd.endpoints, prefix, "v6", "promoted", timeout=30)
+        failed = controller.controller._hooks  # the event feed counted its failures, never raised
+        assert sum(h.events_failed for h in failed.values()) >= 1
+    finally:
+        controller.close()
+        traffic.stop()
+        hook.shutdown()
+        hook.server_close()
+
+
+def test_a_deposed_leaders_write_is_refused(etcd: EtcdCluster, tmp_path: Path) -> None:
+    prefix = unique_prefix()
+    seed(etcd.endpoints, prefix, tmp_path, active=ACTIVE)
+    propose(etcd.endpoints, prefix, tmp_path, change("v7", {"principal": "bob", "grant": ["editor"]}))
+    ctl_json(etcd.endpoints, prefix, "canary", "v7", "--plan", "eu-west=10,100", *FAST)
+
+    async def scenario() -> None:
+        options = EtcdOptions(endpoints=(etcd.endpoints,), timeout=2.0)
+        async with Etcd(options) as one, Etcd(options) as other:
+            first = Controller(one, prefix, ident="first", lease_ttl=2)
+            second = Controller(other, prefix, ident="second", lease_ttl=2)
+            first.leadership = await first.election.try_lead()
+            assert first.leadership is not None and await second.election.try_lead() is None
+            stored = await PlanStore(first.policy).require("v7")
+            # The first leader's term ends without it noticing (paused past its lease) ...
+            await one.call(one.lease.revoke, first.leadership.lease)
+            second.leadership = await second.election.try_lead()
+            assert second.leadership is not None
+            # ... and every write it still tries is refused: the progress alone, and a step.
+            with pytest.raises(FencedError):
+                await first._write(stored, replace(stored.progress, message="from a ghost"))
+            with pytest.raises(FencedError):
+                await first.apply(stored)
+            after = await PlanStore(first.policy).require("v7")
+            assert after.progress.message != "from a ghost" and not after.progress.applied
+            # The new leader's write goes through.
+            await second.apply(after)
+            assert (await PlanStore(second.policy).require("v7")).progress.applied
+
+    asyncio.run(scenario())
+    assert ctl_json(etcd.endpoints, prefix, "status")["shadows"]["v7"]["weights"] == {"eu-west": 10}
+
+
+def controller_process(endpoints: str, prefix: str, tmp: Path, name: str) -> Process:
+    argv = [
+        sys.executable, "-m", "authz_sidecar", "controller", "--etcd", endpoints, "--prefix", prefix,
+        "--controller-id", name, "--tick", "0.2", "--lease-ttl", "2", "--dlq-file", str(tmp / f"{name}-dlq.json"),
+    ]  # fmt: skip
+    return Process(name, argv, tmp)
+
+
+def test_killing_the_leader_mid_plan_the_other_controller_takes_over_and_no_step_is_taken_twice(
+    etcd: EtcdCluster, tmp_path: Path, mesh: tuple[str, dict[str, RunningSidecar]]
+) -> None:
+    prefix, sides = mesh
+    propose(etcd.endpoints, prefix, tmp_path, change("v8", {"principal": "bob", "grant": ["editor"]}))
+    ctl_json(etcd.endpoints, prefix, "canary", "v8", "--plan", "eu-west=20,40,60,80,100", *FAST)
+    traffic = Traffic(sides)
+    controllers = {name: controller_process(etcd.endpoints, prefix, tmp_path, name) for name in ("ctl-a", "ctl-b")}
+    try:
+        wait_for(lambda: (plan_of(etcd.endpoints, prefix, "v8").get("step") or 0) >= 2, timeout=30, what="step 2")
+        leader = ctl_json(etcd.endpoints, prefix, "status")["controller"]["leader"]
+        controllers[leader].kill()
+        other = next(name for name in controllers if name != leader)
+        wait_state(etcd.endpoints, prefix, "v8", "promoted", timeout=40)
+        assert ctl_json(etcd.endpoints, prefix, "status")["controller"]["leader"] == other
+    finally:
+        for process in controllers.values():
+            process.stop()
+        traffic.stop()
+    records = [r for r in audit_records(etcd.endpoints, prefix) if r.get("version") == "v8"]
+    steps = Counter(r["subject"] for r in records if r["action"] == "canary")
+    assert steps == Counter({f"v8:step{i}": 1 for i in range(1, 6)}), steps
+    assert {r["who"] for r in records if r["action"] == "canary"} == {"ctl-a", "ctl-b"}
+    assert [r["action"] for r in records].count("promote") == 1
+
+
+def test_plan_usage_errors_are_one_line(etcd: EtcdCluster, tmp_path: Path) -> None:
+    prefix = unique_prefix()
+    seed(etcd.endpoints, prefix, tmp_path, active=ACTIVE)
+    propose(etcd.endpoints, prefix, tmp_path, change("v9", {"principal": "bob", "grant": ["editor"]}))
+    for args, needle in (
+        (["canary", "v9", "--plan", "eu-west=0"], "1..100"),
+        (["canary", "v9", "--plan", "eu-west=5", "--interval", "forever"], "duration"),
+        (["canary", "v9", "--plan", "eu-west=5", "--weight", "eu-west=5"], "not both"),
+        (["canary", "v9", "--plan", "eu-west=5", "--event-url", "ftp://x"], "event"),
+        (["canary", "v9", "--plan", "eu-west=5", "--accept-unexercised", "things:edit"], "--reason"),
+        (["pause", "v9"], "--reason"),
+    ):
+        code, out, err = ctl_captured(etcd.endpoints, prefix, *args)
+        assert (code, out) == (2, ""), (args, err)
+        assert len(err.strip().splitlines()) == 1 and needle in err, (args, err)
+    assert ctl(etcd.endpoints, prefix, "pause", "v9", "--reason", "x") == 1  # no plan: one line, exit 1
+    ctl_json(etcd.endpoints, prefix, "canary", "v9", "--plan", "eu-west=5")
+    code, _out, err = ctl_captured(etcd.endpoints, prefix, "canary", "v9", "--weight", "eu-west=50")
+    assert code == 1 and "abort it first" in err
+    code, _out, err = ctl_captured(etcd.endpoints, prefix, "canary", "v9", "--plan", "eu-west=5")
+    assert code == 1 and "already has a running plan" in err
+    assert ctl_json(etcd.endpoints, prefix, "pause", "v9", "--reason", "lunch")["state"] == "paused"
+    assert ctl_json(etcd.endpoints, prefix, "resume", "v9", "--reason", "back")["state"] == "running"
+    assert ctl_json(etcd.endpoints, prefix, "abort", "v9", "--reason", "wrong day")["state"] == "aborted"
+    assert "v9" in ctl_json(etcd.endpoints, prefix, "status")["shadows"]  # still observed
+    actions = [r["action"] for r in audit_records(etcd.endpoints, prefix) if r.get("version") == "v9"]
+    assert actions[-4:] == ["plan_start", "plan_pause", "plan_resume", "plan_abort"]
