@@ -74,8 +74,9 @@ class RunningController:
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self._thread.start()
         values: dict[str, Any] = {"tick": 0.2, "lease_ttl": 2, "retries": 2}
+        user, password = kw.pop("user", ""), kw.pop("password", "")
         values.update(kw)
-        options = EtcdOptions(endpoints=tuple(endpoints.split(",")), timeout=2.0)
+        options = EtcdOptions(endpoints=tuple(endpoints.split(",")), timeout=2.0, user=user, password=password)
         self.etcd, self.controller, self.stop_event = self.call(self._make(options, prefix, values))
         self.running: Future[None] = asyncio.run_coroutine_threadsafe(self.controller.run(self.stop_event), self.loop)
 
@@ -472,3 +473,102 @@ def test_plan_usage_errors_are_one_line(etcd: EtcdCluster, tmp_path: Path) -> No
     assert "v9" in ctl_json(etcd.endpoints, prefix, "status")["shadows"]  # still observed
     actions = [r["action"] for r in audit_records(etcd.endpoints, prefix) if r.get("version") == "v9"]
     assert actions[-4:] == ["plan_start", "plan_pause", "plan_resume", "plan_abort"]
+
+
+def _grant(endpoint: str, prefix: str, *, writable: tuple[str, ...] | None) -> None:
+    """As etcd's root: the controller's role may write everything under `prefix` (None), or only
+    under `writable` (and read the rest)."""
+    from etcd3aio.auth import AuthService
+    from etcd3aio.kv import prefix_range_end
+    from etcd3aio.auth import PermissionType
+
+    async def grant() -> None:
+        options = EtcdOptions(endpoints=(endpoint,), user="root", password="root-pw")  # noqa: S106
+        async with Etcd(options) as etcd:
+            await etcd.authenticate()
+            auth = AuthService(etcd._channel)
+            auth.set_token(etcd._token)
+            root = f"{prefix}/".encode()
+            roles = await auth.role_list()
+            if "controller" not in roles.roles:
+                await auth.role_add("controller")
+                await auth.user_add("controller", "controller-pw")
+                await auth.user_grant_role("controller", "controller")
+            else:
+                await auth.role_revoke_permission("controller", root, prefix_range_end(root))
+            if writable is None:
+                await auth.role_grant_permission(
+                    "controller", root, prefix_range_end(root), perm_type=PermissionType.READWRITE
+                )
+                return
+            await auth.role_grant_permission("controller", root, prefix_range_end(root), perm_type=PermissionType.READ)
+            for part in writable:
+                key = f"{prefix}/{part}/".encode()
+                await auth.role_grant_permission(
+                    "controller", key, prefix_range_end(key), perm_type=PermissionType.READWRITE
+                )
+
+    asyncio.run(grant())
+
+
+def test_a_rollback_whose_etcd_write_fails_lands_in_the_dead_letter_queue_and_the_plan_shows_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from .test_etcd_security import _enable_auth
+
+    cluster = EtcdCluster(tmp_path / "etcd").start()
+    sides: dict[str, RunningSidecar] = {}
+    controller = None
+    traffic = None
+    try:
+        _enable_auth(cluster.endpoints, "root-pw")
+        prefix = unique_prefix()
+        monkeypatch.setenv("AUTHZ_ETCD_USER", "root")
+        monkeypatch.setenv("AUTHZ_ETCD_PASSWORD", "root-pw")
+        seed(cluster.endpoints, prefix, tmp_path, active=ACTIVE)
+        accident = {
+            **ACTIVE, "version": "v3", "parent": "v1", "roles": {**ROLES, "viewer": []},
+            "changes": [{"role": "admin", "remove": ["things:delete"]}],
+        }  # fmt: skip
+        propose(cluster.endpoints, prefix, tmp_path, accident, "--accept-undeclared")
+        ctl_json(
+            cluster.endpoints, prefix, "canary", "v3", "--plan", "eu-west=10", *FAST, "--inconclusive-limit", "1000"
+        )
+        sides["eu-west"] = etcd_sidecar(
+            cluster.endpoints, prefix, tmp_path / "eu", region="eu-west", report_interval=0.3,
+            etcd_user="root", etcd_password="root-pw",
+        )  # fmt: skip
+        _grant(cluster.endpoints, prefix, writable=None)
+        controller = RunningController(
+            cluster.endpoints,
+            prefix,
+            retries=3,
+            dlq_file=tmp_path / "dlq.json",
+            user="controller",
+            password="controller-pw",
+        )
+        wait_for(lambda: "eu-west at 10%" in plan_of(cluster.endpoints, prefix, "v3").get("message", ""), what="step 1")
+        # Someone narrows the controller's etcd role: it may still read, and write its plans and the
+        # dead-letter queue, but no longer the live pointers. Then the evidence turns.
+        _grant(cluster.endpoints, prefix, writable=("plans", "dlq"))
+        traffic = Traffic(sides)
+        plan = wait_state(cluster.endpoints, prefix, "v3", "dead_letter", timeout=40)
+        request_id = next(w.strip(":'") for w in plan["message"].split() if w.startswith("plan-v3-"))
+        assert "dead-letter queue (etcd)" in plan["message"] and "unexpected_mismatches" in plan["message"]
+        letters = ctl_json(cluster.endpoints, prefix, "dlq", "list", "--dlq-file", str(tmp_path / "none.json"))
+        assert letters["etcd"][request_id]["action"] == "rollback" and letters["etcd"][request_id]["attempts"] == 3
+        assert "v3" in ctl_json(cluster.endpoints, prefix, "status")["shadows"]  # not rolled back: it could not be
+        # An operator with the rights completes it, under the same request id: done once.
+        done = ctl_json(
+            cluster.endpoints, prefix, "dlq", "retry", request_id, "--dlq-file", str(tmp_path / "none.json")
+        )
+        assert done["retried"][0]["request_id"] == request_id
+        assert "v3" not in ctl_json(cluster.endpoints, prefix, "status")["shadows"]
+    finally:
+        if traffic is not None:
+            traffic.stop()
+        if controller is not None:
+            controller.close()
+        for side in sides.values():
+            side.close()
+        cluster.stop()
