@@ -478,12 +478,11 @@ def test_plan_usage_errors_are_one_line(etcd: EtcdCluster, tmp_path: Path) -> No
 def _grant(endpoint: str, prefix: str, *, writable: tuple[str, ...] | None) -> None:
     """As etcd's root: the controller's role may write everything under `prefix` (None), or only
     under `writable` (and read the rest)."""
-    from etcd3aio.auth import AuthService
+    from etcd3aio.auth import AuthService, PermissionType
     from etcd3aio.kv import prefix_range_end
-    from etcd3aio.auth import PermissionType
 
     async def grant() -> None:
-        options = EtcdOptions(endpoints=(endpoint,), user="root", password="root-pw")  # noqa: S106
+        options = EtcdOptions(endpoints=(endpoint,), user="root", password="root-pw")
         async with Etcd(options) as etcd:
             await etcd.authenticate()
             auth = AuthService(etcd._channel)
