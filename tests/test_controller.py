@@ -571,3 +571,48 @@ def test_a_rollback_whose_etcd_write_fails_lands_in_the_dead_letter_queue_and_th
         for side in sides.values():
             side.close()
         cluster.stop()
+
+
+def test_the_controller_survives_an_etcd_restart_and_its_own_restart_mid_plan(tmp_path: Path) -> None:
+    """The plan's progress lives in etcd: etcd killed and started again mid-plan, then the controller
+    itself replaced by a new one, and the plan goes on from where it was, each step taken once. The
+    plan here comes from the shadow file itself."""
+    cluster = EtcdCluster(tmp_path / "etcd").start()
+    sides: dict[str, RunningSidecar] = {}
+    controller: RunningController | None = None
+    traffic: Traffic | None = None
+    try:
+        prefix = unique_prefix()
+        seed(cluster.endpoints, prefix, tmp_path, active=ACTIVE)
+        plan = {"steps": [{"region": "eu-west", "weight": w} for w in (10, 30, 60, 100)], "interval": "1s"}
+        shadow = {
+            **change("v2", {"principal": "bob", "grant": ["editor"]}),
+            "plan": {**plan, "gates": {"min_evaluations": 3}},
+        }
+        propose(cluster.endpoints, prefix, tmp_path, shadow)
+        assert plan_of(cluster.endpoints, prefix, "v2")["plan"] == "eu-west=10,30,60,100 every 1s"
+        sides["eu-west"] = etcd_sidecar(
+            cluster.endpoints, prefix, tmp_path / "eu", region="eu-west", report_interval=0.3
+        )
+        traffic = Traffic(sides)
+        controller = RunningController(cluster.endpoints, prefix)
+        wait_for(lambda: plan_of(cluster.endpoints, prefix, "v2").get("step", 0) >= 2, timeout=30, what="step 2")
+        member = cluster.members[0]
+        member.kill()
+        time.sleep(2)  # the controller's passes fail meanwhile; it must not give up
+        cluster.restart(member)
+        wait_for(lambda: plan_of(cluster.endpoints, prefix, "v2").get("step", 0) >= 3, timeout=30, what="step 3")
+        controller.close()
+        controller = RunningController(cluster.endpoints, prefix)  # a new process, as far as etcd can tell
+        wait_state(cluster.endpoints, prefix, "v2", "promoted", timeout=40)
+        records = [r for r in audit_records(cluster.endpoints, prefix) if r.get("version") == "v2"]
+        steps = Counter(r["subject"] for r in records if r["action"] == "canary")
+        assert steps == Counter({f"v2:step{i}": 1 for i in range(1, 5)}), steps
+    finally:
+        if traffic is not None:
+            traffic.stop()
+        if controller is not None:
+            controller.close()
+        for side in sides.values():
+            side.close()
+        cluster.stop()
