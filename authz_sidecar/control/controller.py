@@ -171,13 +171,15 @@ class Controller:
         version, progress = stored.version, stored.progress
         rollout = pointers.shadows.get(version)
         if rollout is None:
-            await self._settle(
-                stored, PlanState.ENDED, "the shadow is no longer live (promoted or rolled back by hand)"
-            )
+            reason = "the shadow is no longer live (promoted or rolled back by hand)"
+            await self._settle(stored, PlanState.ENDED, "plan_end", reason)
             return
         if rollout.state == "stale":
             await self._settle(
-                stored, PlanState.PAUSED, f"stale: another change was promoted over its parent; rebase {version}"
+                stored,
+                PlanState.PAUSED,
+                "plan_pause",
+                f"stale: another change was promoted over its parent; rebase {version}",
             )
             return
         if not progress.applied:
@@ -405,10 +407,8 @@ class Controller:
         log.warning(action, version=stored.version, reason=reason)
         self._event(stored, action, progress, None)
 
-    async def _settle(self, stored: StoredPlan, state: PlanState, reason: str) -> None:
-        await self._audited(
-            stored, replace(stored.progress, state=state, message=reason), f"plan_{state.value}", reason
-        )
+    async def _settle(self, stored: StoredPlan, state: PlanState, action: str, reason: str) -> None:
+        await self._audited(stored, replace(stored.progress, state=state, message=reason), action, reason)
 
     # --- evidence and hooks --------------------------------------------------------------------
 
