@@ -11,6 +11,7 @@ import json
 import sys
 import threading
 import time
+import urllib.request
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import Future
@@ -412,12 +413,25 @@ def test_a_deposed_leaders_write_is_refused(etcd: EtcdCluster, tmp_path: Path) -
     assert ctl_json(etcd.endpoints, prefix, "status")["shadows"]["v7"]["weights"] == {"eu-west": 10}
 
 
-def controller_process(endpoints: str, prefix: str, tmp: Path, name: str) -> Process:
+def controller_process(endpoints: str, prefix: str, tmp: Path, name: str, metrics: int) -> Process:
     argv = [
         sys.executable, "-m", "authz_sidecar", "controller", "--etcd", endpoints, "--prefix", prefix,
         "--controller-id", name, "--tick", "0.2", "--lease-ttl", "2", "--dlq-file", str(tmp / f"{name}-dlq.json"),
+        "--metrics", f"{LOOPBACK}:{metrics}",
     ]  # fmt: skip
     return Process(name, argv, tmp)
+
+
+def controller_metrics(port: int) -> dict[str, float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://{LOOPBACK}:{port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    return {
+        s.name + "".join(f"{{{k}={v}}}" for k, v in sorted(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
 
 
 def test_killing_the_leader_mid_plan_the_other_controller_takes_over_and_no_step_is_taken_twice(
@@ -427,7 +441,8 @@ def test_killing_the_leader_mid_plan_the_other_controller_takes_over_and_no_step
     propose(etcd.endpoints, prefix, tmp_path, change("v8", {"principal": "bob", "grant": ["editor"]}))
     ctl_json(etcd.endpoints, prefix, "canary", "v8", "--plan", "eu-west=20,40,60,80,100", *FAST)
     traffic = Traffic(sides)
-    controllers = {name: controller_process(etcd.endpoints, prefix, tmp_path, name) for name in ("ctl-a", "ctl-b")}
+    ports = {name: free_port() for name in ("ctl-a", "ctl-b")}
+    controllers = {name: controller_process(etcd.endpoints, prefix, tmp_path, name, ports[name]) for name in ports}
     try:
         wait_for(lambda: (plan_of(etcd.endpoints, prefix, "v8").get("step") or 0) >= 2, timeout=30, what="step 2")
         leader = ctl_json(etcd.endpoints, prefix, "status")["controller"]["leader"]
@@ -435,6 +450,10 @@ def test_killing_the_leader_mid_plan_the_other_controller_takes_over_and_no_step
         other = next(name for name in controllers if name != leader)
         wait_state(etcd.endpoints, prefix, "v8", "promoted", timeout=40)
         assert ctl_json(etcd.endpoints, prefix, "status")["controller"]["leader"] == other
+        metrics = controller_metrics(ports[other])
+        assert metrics["authz_controller_leader"] == 1
+        assert metrics["authz_controller_moves_total{move=promote}"] == 1
+        assert metrics["authz_controller_analyses_total{outcome=Successful}"] >= 1
     finally:
         for process in controllers.values():
             process.stop()
