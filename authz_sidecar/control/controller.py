@@ -147,14 +147,17 @@ class Controller:
             log.warning("plan_unreadable", key=key, error=why)
         running = [p for p in plans.values() if p.progress.state is PlanState.RUNNING]
         self.metrics.plans.set(len(running))
-        for stored in running:
-            try:
-                await self.advance(stored, pointers)
-            except FencedError as exc:
-                await self._check_term(exc)
-            except _SURVIVABLE as exc:
-                self.metrics.errors.inc()
-                log.warning("plan_tick_failed", version=stored.version, error=str(exc) or type(exc).__name__)
+        # Side by side: one plan waiting on a slow webhook must not delay another's rollback.
+        await asyncio.gather(*(self._advance_one(stored, pointers) for stored in running))
+
+    async def _advance_one(self, stored: StoredPlan, pointers: Pointers) -> None:
+        try:
+            await self.advance(stored, pointers)
+        except FencedError as exc:
+            await self._check_term(exc)
+        except _SURVIVABLE as exc:
+            self.metrics.errors.inc()
+            log.warning("plan_tick_failed", version=stored.version, error=str(exc) or type(exc).__name__)
 
     async def _check_term(self, exc: FencedError) -> None:
         """A fenced write was refused: if the term is over, stop acting now."""
