@@ -159,7 +159,9 @@ def change(version: str, *changes: dict[str, Any]) -> dict[str, Any]:
 
 
 def plan_of(endpoints: str, prefix: str, version: str) -> dict[str, Any]:
-    plans: dict[str, Any] = ctl_json(endpoints, prefix, "status")["plans"]
+    """The plan as `ctl status` shows it (status exits 1 when it lists a problem, and still prints)."""
+    _code, out, _err = ctl_captured(endpoints, prefix, "status", "--json")
+    plans: dict[str, Any] = json.loads(out)["plans"]
     return plans.get(version, {})  # type: ignore[no-any-return]
 
 
@@ -635,3 +637,22 @@ def test_the_controller_survives_an_etcd_restart_and_its_own_restart_mid_plan(tm
         for side in sides.values():
             side.close()
         cluster.stop()
+
+
+def test_an_unreadable_plan_is_shown_as_a_problem_and_never_stops_the_others(etcd: EtcdCluster, tmp_path: Path) -> None:
+    from .helpers import raw_put
+
+    prefix = unique_prefix()
+    seed(etcd.endpoints, prefix, tmp_path, active=ACTIVE)
+    propose(etcd.endpoints, prefix, tmp_path, change("v2", {"principal": "bob", "grant": ["editor"]}))
+    ctl_json(etcd.endpoints, prefix, "canary", "v2", "--plan", "eu-west=10", *FAST)
+    raw_put(etcd.endpoints, f"{prefix}/plans/broken", b"{not json")
+    raw_put(etcd.endpoints, f"{prefix}/reports/v2/liar", b'{"sidecar": "liar", "evaluations": "many"}')
+    code, out, err = ctl_captured(etcd.endpoints, prefix, "status", "--json")
+    assert code == 1 and f"plan {prefix}/plans/broken" in err and len(err.strip().splitlines()) == 1
+    assert json.loads(out)["plans"]["v2"]["state"] == "running"
+    controller = RunningController(etcd.endpoints, prefix)
+    try:
+        wait_for(lambda: "eu-west at 10%" in plan_of(etcd.endpoints, prefix, "v2").get("message", ""), what="step 1")
+    finally:
+        controller.close()

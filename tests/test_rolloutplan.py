@@ -198,3 +198,18 @@ def test_coverage_holds_the_last_step_until_every_changed_handle_is_seen_or_waiv
     waived = replace(PLAN, waived={"things:delete": "only a nightly job deletes"})
     analysis = analyse(waived, last, Window(0.0), [here], now=100, live_revision=50, impact=whole, complete=True)
     assert analysis.outcome is Outcome.SUCCESSFUL, analysis.reason
+
+
+def test_a_report_that_does_not_parse_is_not_evidence() -> None:
+    from authz_sidecar.store.plans import report_of
+
+    for bad in (
+        None,
+        [],
+        {"evaluations": 3},
+        {"sidecar": "a", "evaluations": "many"},
+        {"sidecar": "a", "exercised": [1]},
+    ):
+        assert report_of(bad) is None
+    good = report_of({"sidecar": "a", "region": "eu-west", "mismatches": {"unexpected/allow_to_deny": 2}})
+    assert good is not None and good.counters == Counters(0, 2, 2, 0)
