@@ -203,6 +203,7 @@ def test_coverage_holds_the_last_step_until_every_changed_handle_is_seen_or_waiv
 def test_a_report_that_does_not_parse_is_not_evidence() -> None:
     from authz_sidecar.store.plans import report_of
 
+    bad: object
     for bad in (
         None,
         [],
