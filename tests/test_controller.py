@@ -6,6 +6,7 @@ from each other without a step taken twice."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import http.server
 import json
 import sys
@@ -92,6 +93,8 @@ class RunningController:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
     def close(self) -> None:
+        if self.loop.is_closed():
+            return
         self.loop.call_soon_threadsafe(self.stop_event.set)
         try:
             self.running.result(15)
@@ -127,6 +130,13 @@ class Traffic:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(10)
+
+
+@pytest.fixture
+def cleanup() -> Iterator[contextlib.ExitStack]:
+    """What a test starts is stopped at its end, in reverse order, whether it passed or not."""
+    with contextlib.ExitStack() as stack:
+        yield stack
 
 
 @pytest.fixture
@@ -187,7 +197,7 @@ def audit_records(endpoints: str, prefix: str) -> list[dict[str, Any]]:
 
 
 def test_a_plan_over_two_regions_advances_step_by_step_and_promotes(
-    etcd: EtcdCluster, tmp_path: Path, mesh: tuple[str, dict[str, RunningSidecar]]
+    etcd: EtcdCluster, tmp_path: Path, mesh: tuple[str, dict[str, RunningSidecar]], cleanup: contextlib.ExitStack
 ) -> None:
     prefix, sides = mesh
     propose(etcd.endpoints, prefix, tmp_path, change("v2", {"principal": "bob", "grant": ["editor"]}))
@@ -196,20 +206,18 @@ def test_a_plan_over_two_regions_advances_step_by_step_and_promotes(
     )
     assert started["plan"] == "eu-west=50,100 then us-east=100 every 1s"
     traffic = Traffic(sides)
+    cleanup.callback(traffic.stop)
     controller = RunningController(etcd.endpoints, prefix)
+    cleanup.callback(controller.close)
     steps_seen: list[tuple[int, str]] = []
-    try:
 
-        def promoted() -> bool:
-            plan = plan_of(etcd.endpoints, prefix, "v2")
-            if (plan.get("step"), plan.get("at")) not in steps_seen:
-                steps_seen.append((plan.get("step"), plan.get("at")))  # type: ignore[arg-type]
-            return plan.get("state") == "promoted"
+    def promoted() -> bool:
+        plan = plan_of(etcd.endpoints, prefix, "v2")
+        if (plan.get("step"), plan.get("at")) not in steps_seen:
+            steps_seen.append((plan.get("step"), plan.get("at")))  # type: ignore[arg-type]
+        return plan.get("state") == "promoted"
 
-        wait_for(promoted, timeout=40, what="v2 promoted by its plan")
-    finally:
-        controller.close()
-        traffic.stop()
+    wait_for(promoted, timeout=40, what="v2 promoted by its plan")
     status = ctl_json(etcd.endpoints, prefix, "status")
     assert status["active"] == "v2" and "v2" not in status["shadows"]
     # ctl status showed each step as the plan went through it.
@@ -227,7 +235,7 @@ def test_a_plan_over_two_regions_advances_step_by_step_and_promotes(
 
 
 def test_unexpected_mismatches_in_the_canary_region_roll_back_and_the_other_region_is_never_touched(
-    etcd: EtcdCluster, tmp_path: Path, mesh: tuple[str, dict[str, RunningSidecar]]
+    etcd: EtcdCluster, tmp_path: Path, mesh: tuple[str, dict[str, RunningSidecar]], cleanup: contextlib.ExitStack
 ) -> None:
     prefix, sides = mesh
     # Declared: bob becomes an editor. By accident, viewers lose things:view too (accepted at propose).
@@ -242,12 +250,10 @@ def test_unexpected_mismatches_in_the_canary_region_roll_back_and_the_other_regi
     propose(etcd.endpoints, prefix, tmp_path, accident, "--accept-undeclared")
     ctl_json(etcd.endpoints, prefix, "canary", "v3", "--plan", "eu-west=10,100", "--then", "us-east=100", *FAST)
     traffic = Traffic(sides)
+    cleanup.callback(traffic.stop)
     controller = RunningController(etcd.endpoints, prefix)
-    try:
-        plan = wait_state(etcd.endpoints, prefix, "v3", "rolled_back", timeout=30)
-    finally:
-        controller.close()
-        traffic.stop()
+    cleanup.callback(controller.close)
+    plan = wait_state(etcd.endpoints, prefix, "v3", "rolled_back", timeout=30)
     assert "unexpected_mismatches" in plan["message"] and "eu-west" in plan["message"]
     status = ctl_json(etcd.endpoints, prefix, "status")
     assert status["active"] == "v1" and "v3" not in status["shadows"] and status["locks"] == {}
@@ -260,25 +266,23 @@ def test_unexpected_mismatches_in_the_canary_region_roll_back_and_the_other_regi
 
 
 def test_a_deny_budget_exceeded_by_a_declared_change_stops_it(
-    etcd: EtcdCluster, tmp_path: Path, mesh: tuple[str, dict[str, RunningSidecar]]
+    etcd: EtcdCluster, tmp_path: Path, mesh: tuple[str, dict[str, RunningSidecar]], cleanup: contextlib.ExitStack
 ) -> None:
     prefix, sides = mesh
     # Declared and planned: viewers stop viewing. It hurts bob, vic and qa-bot: over a budget of 1.
     propose(etcd.endpoints, prefix, tmp_path, change("v4", {"role": "viewer", "remove": ["things:view"]}))
     ctl_json(etcd.endpoints, prefix, "canary", "v4", "--plan", "eu-west=10,100", *FAST, "--max-denied-principals", "1")
     traffic = Traffic(sides)
+    cleanup.callback(traffic.stop)
     controller = RunningController(etcd.endpoints, prefix)
-    try:
-        plan = wait_state(etcd.endpoints, prefix, "v4", "rolled_back", timeout=30)
-    finally:
-        controller.close()
-        traffic.stop()
+    cleanup.callback(controller.close)
+    plan = wait_state(etcd.endpoints, prefix, "v4", "rolled_back", timeout=30)
     assert "denied_principals" in plan["message"]
     assert "v4" not in ctl_json(etcd.endpoints, prefix, "status")["shadows"]
 
 
 def test_a_changed_handle_nobody_exercised_holds_the_promotion_until_waived_by_name(
-    etcd: EtcdCluster, tmp_path: Path, mesh: tuple[str, dict[str, RunningSidecar]]
+    etcd: EtcdCluster, tmp_path: Path, mesh: tuple[str, dict[str, RunningSidecar]], cleanup: contextlib.ExitStack
 ) -> None:
     prefix, sides = mesh
     # bob becomes an editor (exercised by his edits) and qa-bot an admin: things:delete, which no
@@ -289,29 +293,27 @@ def test_a_changed_handle_nobody_exercised_holds_the_promotion_until_waived_by_n
     )  # fmt: skip
     ctl_json(etcd.endpoints, prefix, "canary", "v5", "--plan", "eu-west=100", *FAST, "--inconclusive-limit", "1000")
     traffic = Traffic(sides)
+    cleanup.callback(traffic.stop)
     controller = RunningController(etcd.endpoints, prefix)
-    try:
+    cleanup.callback(controller.close)
 
-        def held() -> bool:
-            last = plan_of(etcd.endpoints, prefix, "v5").get("last_analysis") or {}
-            return "unexercised_handles [things:delete]" in (last.get("reason") or "")
+    def held() -> bool:
+        last = plan_of(etcd.endpoints, prefix, "v5").get("last_analysis") or {}
+        return "unexercised_handles [things:delete]" in (last.get("reason") or "")
 
-        wait_for(held, timeout=30, what="the promotion held on things:delete")
-        analysed = ctl_json(etcd.endpoints, prefix, "analyze", "v5")
-        gate = next(g for g in analysed["gates"] if g["gate"] == "unexercised_handles")
-        assert gate["value"] == ["things:delete"] and gate["passed"] is False
-        assert ctl_json(etcd.endpoints, prefix, "status")["active"] == "v1"
-        code, _out, err = ctl_captured(etcd.endpoints, prefix, "resume", "v5", "--accept-unexercised", "things:delete")
-        assert code == 2 and "--reason" in err
-        waived = ctl_json(
-            etcd.endpoints, prefix, "resume", "v5", "--accept-unexercised", "things:delete",
-            "--reason", "only the nightly purge deletes; checked by hand",
-        )  # fmt: skip
-        assert waived["waived"] == ["things:delete"]
-        wait_state(etcd.endpoints, prefix, "v5", "promoted", timeout=30)
-    finally:
-        controller.close()
-        traffic.stop()
+    wait_for(held, timeout=30, what="the promotion held on things:delete")
+    analysed = ctl_json(etcd.endpoints, prefix, "analyze", "v5")
+    gate = next(g for g in analysed["gates"] if g["gate"] == "unexercised_handles")
+    assert gate["value"] == ["things:delete"] and gate["passed"] is False
+    assert ctl_json(etcd.endpoints, prefix, "status")["active"] == "v1"
+    code, _out, err = ctl_captured(etcd.endpoints, prefix, "resume", "v5", "--accept-unexercised", "things:delete")
+    assert code == 2 and "--reason" in err
+    waived = ctl_json(
+        etcd.endpoints, prefix, "resume", "v5", "--accept-unexercised", "things:delete",
+        "--reason", "only the nightly purge deletes; checked by hand",
+    )  # fmt: skip
+    assert waived["waived"] == ["things:delete"]
+    wait_state(etcd.endpoints, prefix, "v5", "promoted", timeout=30)
     records = audit_records(etcd.endpoints, prefix)
     assert any(r["action"] == "plan_resume" and "nightly purge" in r["reason"] for r in records)
 
@@ -345,10 +347,12 @@ class Hook(http.server.ThreadingHTTPServer):
 
 
 def test_a_confirm_webhook_holds_the_promotion_until_it_answers_2xx_and_a_dead_event_hook_never_blocks(
-    etcd: EtcdCluster, tmp_path: Path, mesh: tuple[str, dict[str, RunningSidecar]]
+    etcd: EtcdCluster, tmp_path: Path, mesh: tuple[str, dict[str, RunningSidecar]], cleanup: contextlib.ExitStack
 ) -> None:
     prefix, sides = mesh
     hook = Hook()
+    cleanup.callback(hook.server_close)
+    cleanup.callback(hook.shutdown)
     dead = f"http://{LOOPBACK}:{free_port()}/events"  # nothing listens there
     propose(etcd.endpoints, prefix, tmp_path, change("v6", {"principal": "bob", "grant": ["editor"]}))
     ctl_json(
@@ -356,30 +360,26 @@ def test_a_confirm_webhook_holds_the_promotion_until_it_answers_2xx_and_a_dead_e
         "--confirm-promotion-url", hook.url, "--event-url", dead, "--webhook-timeout", "0.5", "--webhook-retries", "0",
     )  # fmt: skip
     traffic = Traffic(sides)
+    cleanup.callback(traffic.stop)
     controller = RunningController(etcd.endpoints, prefix)
-    try:
-        started = time.monotonic()
+    cleanup.callback(controller.close)
+    started = time.monotonic()
 
-        def held() -> bool:
-            return "held by the confirm-promotion webhook" in plan_of(etcd.endpoints, prefix, "v6").get("message", "")
+    def held() -> bool:
+        return "held by the confirm-promotion webhook" in plan_of(etcd.endpoints, prefix, "v6").get("message", "")
 
-        wait_for(held, timeout=30, what="the promotion held by the webhook")
-        # The dead event hook did not slow the plan: the first analysis came within its interval.
-        assert time.monotonic() - started < 15
-        assert "answered 500" in plan_of(etcd.endpoints, prefix, "v6")["message"]
-        assert ctl_json(etcd.endpoints, prefix, "status")["active"] == "v1"
-        payload = hook.received[-1]
-        assert payload["version"] == "v6" and payload["type"] == "confirm_promotion"
-        assert payload["outcome"] == "Successful" and payload["gates"]
-        hook.answer = 200
-        wait_state(etcd.endpoints, prefix, "v6", "promoted", timeout=30)
-        failed = controller.controller._hooks  # the event feed counted its failures, never raised
-        assert sum(h.events_failed for h in failed.values()) >= 1
-    finally:
-        controller.close()
-        traffic.stop()
-        hook.shutdown()
-        hook.server_close()
+    wait_for(held, timeout=30, what="the promotion held by the webhook")
+    # The dead event hook did not slow the plan: the first analysis came within its interval.
+    assert time.monotonic() - started < 15
+    assert "answered 500" in plan_of(etcd.endpoints, prefix, "v6")["message"]
+    assert ctl_json(etcd.endpoints, prefix, "status")["active"] == "v1"
+    payload = hook.received[-1]
+    assert payload["version"] == "v6" and payload["type"] == "confirm_promotion"
+    assert payload["outcome"] == "Successful" and payload["gates"]
+    hook.answer = 200
+    wait_state(etcd.endpoints, prefix, "v6", "promoted", timeout=30)
+    failed = controller.controller._hooks  # the event feed counted its failures, never raised
+    assert sum(h.events_failed for h in failed.values()) >= 1
 
 
 def test_a_deposed_leaders_write_is_refused(etcd: EtcdCluster, tmp_path: Path) -> None:
@@ -532,114 +532,99 @@ def _grant(endpoint: str, prefix: str, *, writable: tuple[str, ...] | None) -> N
 
 
 def test_a_rollback_whose_etcd_write_fails_lands_in_the_dead_letter_queue_and_the_plan_shows_it(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cleanup: contextlib.ExitStack
 ) -> None:
     from .test_etcd_security import _enable_auth
 
     cluster = EtcdCluster(tmp_path / "etcd").start()
+    cleanup.callback(cluster.stop)
     sides: dict[str, RunningSidecar] = {}
-    controller = None
-    traffic = None
-    try:
-        _enable_auth(cluster.endpoints, "root-pw")
-        prefix = unique_prefix()
-        monkeypatch.setenv("AUTHZ_ETCD_USER", "root")
-        monkeypatch.setenv("AUTHZ_ETCD_PASSWORD", "root-pw")
-        seed(cluster.endpoints, prefix, tmp_path, active=ACTIVE)
-        accident = {
-            **ACTIVE, "version": "v3", "parent": "v1", "roles": {**ROLES, "viewer": []},
-            "changes": [{"role": "admin", "remove": ["things:delete"]}],
-        }  # fmt: skip
-        propose(cluster.endpoints, prefix, tmp_path, accident, "--accept-undeclared")
-        ctl_json(
-            cluster.endpoints, prefix, "canary", "v3", "--plan", "eu-west=10", *FAST, "--inconclusive-limit", "1000"
-        )
-        sides["eu-west"] = etcd_sidecar(
-            cluster.endpoints, prefix, tmp_path / "eu", region="eu-west", report_interval=0.3,
-            etcd_user="root", etcd_password="root-pw",
-        )  # fmt: skip
-        _grant(cluster.endpoints, prefix, writable=None)
-        controller = RunningController(
-            cluster.endpoints,
-            prefix,
-            retries=3,
-            dlq_file=tmp_path / "dlq.json",
-            user="controller",
-            password="controller-pw",
-        )
-        wait_for(lambda: "eu-west at 10%" in plan_of(cluster.endpoints, prefix, "v3").get("message", ""), what="step 1")
-        # Someone narrows the controller's etcd role: it may still read, and write its plans and the
-        # dead-letter queue, but no longer the live pointers. Then the evidence turns.
-        _grant(cluster.endpoints, prefix, writable=("plans", "dlq"))
-        traffic = Traffic(sides)
-        plan = wait_state(cluster.endpoints, prefix, "v3", "dead_letter", timeout=40)
-        request_id = next(w.strip(":'") for w in plan["message"].split() if w.startswith("plan-v3-"))
-        assert "dead-letter queue (etcd)" in plan["message"] and "unexpected_mismatches" in plan["message"]
-        letters = ctl_json(cluster.endpoints, prefix, "dlq", "list", "--dlq-file", str(tmp_path / "none.json"))
-        assert letters["etcd"][request_id]["action"] == "rollback" and letters["etcd"][request_id]["attempts"] == 3
-        assert "v3" in ctl_json(cluster.endpoints, prefix, "status")["shadows"]  # not rolled back: it could not be
-        # An operator with the rights completes it, under the same request id: done once.
-        done = ctl_json(
-            cluster.endpoints, prefix, "dlq", "retry", request_id, "--dlq-file", str(tmp_path / "none.json")
-        )
-        assert done["retried"][0]["request_id"] == request_id
-        assert "v3" not in ctl_json(cluster.endpoints, prefix, "status")["shadows"]
-    finally:
-        if traffic is not None:
-            traffic.stop()
-        if controller is not None:
-            controller.close()
-        for side in sides.values():
-            side.close()
-        cluster.stop()
+    _enable_auth(cluster.endpoints, "root-pw")
+    prefix = unique_prefix()
+    monkeypatch.setenv("AUTHZ_ETCD_USER", "root")
+    monkeypatch.setenv("AUTHZ_ETCD_PASSWORD", "root-pw")
+    seed(cluster.endpoints, prefix, tmp_path, active=ACTIVE)
+    accident = {
+        **ACTIVE, "version": "v3", "parent": "v1", "roles": {**ROLES, "viewer": []},
+        "changes": [{"role": "admin", "remove": ["things:delete"]}],
+    }  # fmt: skip
+    propose(cluster.endpoints, prefix, tmp_path, accident, "--accept-undeclared")
+    ctl_json(cluster.endpoints, prefix, "canary", "v3", "--plan", "eu-west=10", *FAST, "--inconclusive-limit", "1000")
+    sides["eu-west"] = etcd_sidecar(
+        cluster.endpoints, prefix, tmp_path / "eu", region="eu-west", report_interval=0.3,
+        etcd_user="root", etcd_password="root-pw",
+    )  # fmt: skip
+    cleanup.callback(sides["eu-west"].close)
+    _grant(cluster.endpoints, prefix, writable=None)
+    controller = RunningController(
+        cluster.endpoints,
+        prefix,
+        retries=3,
+        dlq_file=tmp_path / "dlq.json",
+        user="controller",
+        password="controller-pw",
+    )
+    cleanup.callback(controller.close)
+    wait_for(lambda: "eu-west at 10%" in plan_of(cluster.endpoints, prefix, "v3").get("message", ""), what="step 1")
+    # Someone narrows the controller's etcd role: it may still read, and write its plans and the
+    # dead-letter queue, but no longer the live pointers. Then the evidence turns.
+    _grant(cluster.endpoints, prefix, writable=("plans", "dlq"))
+    traffic = Traffic(sides)
+    cleanup.callback(traffic.stop)
+    plan = wait_state(cluster.endpoints, prefix, "v3", "dead_letter", timeout=40)
+    request_id = next(w.strip(":'") for w in plan["message"].split() if w.startswith("plan-v3-"))
+    assert "dead-letter queue (etcd)" in plan["message"] and "unexpected_mismatches" in plan["message"]
+    letters = ctl_json(cluster.endpoints, prefix, "dlq", "list", "--dlq-file", str(tmp_path / "none.json"))
+    assert letters["etcd"][request_id]["action"] == "rollback" and letters["etcd"][request_id]["attempts"] == 3
+    assert "v3" in ctl_json(cluster.endpoints, prefix, "status")["shadows"]  # not rolled back: it could not be
+    # An operator with the rights completes it, under the same request id: done once.
+    done = ctl_json(cluster.endpoints, prefix, "dlq", "retry", request_id, "--dlq-file", str(tmp_path / "none.json"))
+    assert done["retried"][0]["request_id"] == request_id
+    assert "v3" not in ctl_json(cluster.endpoints, prefix, "status")["shadows"]
 
 
-def test_the_controller_survives_an_etcd_restart_and_its_own_restart_mid_plan(tmp_path: Path) -> None:
+def test_the_controller_survives_an_etcd_restart_and_its_own_restart_mid_plan(
+    tmp_path: Path, cleanup: contextlib.ExitStack
+) -> None:
     """The plan's progress lives in etcd: etcd killed and started again mid-plan, then the controller
     itself replaced by a new one, and the plan goes on from where it was, each step taken once. The
     plan here comes from the shadow file itself."""
     cluster = EtcdCluster(tmp_path / "etcd").start()
+    cleanup.callback(cluster.stop)
     sides: dict[str, RunningSidecar] = {}
-    controller: RunningController | None = None
-    traffic: Traffic | None = None
-    try:
-        prefix = unique_prefix()
-        seed(cluster.endpoints, prefix, tmp_path, active=ACTIVE)
-        plan = {"steps": [{"region": "eu-west", "weight": w} for w in (10, 30, 60, 100)], "interval": "1s"}
-        shadow = {
-            **change("v2", {"principal": "bob", "grant": ["editor"]}),
-            "plan": {**plan, "gates": {"min_evaluations": 3}},
-        }
-        propose(cluster.endpoints, prefix, tmp_path, shadow)
-        assert plan_of(cluster.endpoints, prefix, "v2")["plan"] == "eu-west=10,30,60,100 every 1s"
-        sides["eu-west"] = etcd_sidecar(
-            cluster.endpoints, prefix, tmp_path / "eu", region="eu-west", report_interval=0.3
-        )
-        traffic = Traffic(sides)
-        controller = RunningController(cluster.endpoints, prefix)
-        wait_for(lambda: plan_of(cluster.endpoints, prefix, "v2").get("step", 0) >= 2, timeout=30, what="step 2")
-        member = cluster.members[0]
-        member.kill()
-        time.sleep(2)  # the controller's passes fail meanwhile; it must not give up
-        cluster.restart(member)
-        wait_for(lambda: plan_of(cluster.endpoints, prefix, "v2").get("step", 0) >= 3, timeout=30, what="step 3")
-        controller.close()
-        controller = RunningController(cluster.endpoints, prefix)  # a new process, as far as etcd can tell
-        wait_state(cluster.endpoints, prefix, "v2", "promoted", timeout=40)
-        records = [r for r in audit_records(cluster.endpoints, prefix) if r.get("version") == "v2"]
-        steps = Counter(r["subject"] for r in records if r["action"] == "canary")
-        assert steps == Counter({f"v2:step{i}": 1 for i in range(1, 5)}), steps
-    finally:
-        if traffic is not None:
-            traffic.stop()
-        if controller is not None:
-            controller.close()
-        for side in sides.values():
-            side.close()
-        cluster.stop()
+    prefix = unique_prefix()
+    seed(cluster.endpoints, prefix, tmp_path, active=ACTIVE)
+    plan = {"steps": [{"region": "eu-west", "weight": w} for w in (10, 30, 60, 100)], "interval": "1s"}
+    shadow = {
+        **change("v2", {"principal": "bob", "grant": ["editor"]}),
+        "plan": {**plan, "gates": {"min_evaluations": 3}},
+    }
+    propose(cluster.endpoints, prefix, tmp_path, shadow)
+    assert plan_of(cluster.endpoints, prefix, "v2")["plan"] == "eu-west=10,30,60,100 every 1s"
+    sides["eu-west"] = etcd_sidecar(cluster.endpoints, prefix, tmp_path / "eu", region="eu-west", report_interval=0.3)
+    cleanup.callback(sides["eu-west"].close)
+    traffic = Traffic(sides)
+    cleanup.callback(traffic.stop)
+    controller = RunningController(cluster.endpoints, prefix)
+    cleanup.callback(controller.close)
+    wait_for(lambda: plan_of(cluster.endpoints, prefix, "v2").get("step", 0) >= 2, timeout=30, what="step 2")
+    member = cluster.members[0]
+    member.kill()
+    time.sleep(2)  # the controller's passes fail meanwhile; it must not give up
+    cluster.restart(member)
+    wait_for(lambda: plan_of(cluster.endpoints, prefix, "v2").get("step", 0) >= 3, timeout=30, what="step 3")
+    controller.close()
+    controller = RunningController(cluster.endpoints, prefix)  # a new process, as far as etcd can tell
+    cleanup.callback(controller.close)
+    wait_state(cluster.endpoints, prefix, "v2", "promoted", timeout=40)
+    records = [r for r in audit_records(cluster.endpoints, prefix) if r.get("version") == "v2"]
+    steps = Counter(r["subject"] for r in records if r["action"] == "canary")
+    assert steps == Counter({f"v2:step{i}": 1 for i in range(1, 5)}), steps
 
 
-def test_an_unreadable_plan_is_shown_as_a_problem_and_never_stops_the_others(etcd: EtcdCluster, tmp_path: Path) -> None:
+def test_an_unreadable_plan_is_shown_as_a_problem_and_never_stops_the_others(
+    etcd: EtcdCluster, tmp_path: Path, cleanup: contextlib.ExitStack
+) -> None:
     from .helpers import raw_put
 
     prefix = unique_prefix()
@@ -652,7 +637,5 @@ def test_an_unreadable_plan_is_shown_as_a_problem_and_never_stops_the_others(etc
     assert code == 1 and f"plan {prefix}/plans/broken" in err and len(err.strip().splitlines()) == 1
     assert json.loads(out)["plans"]["v2"]["state"] == "running"
     controller = RunningController(etcd.endpoints, prefix)
-    try:
-        wait_for(lambda: "eu-west at 10%" in plan_of(etcd.endpoints, prefix, "v2").get("message", ""), what="step 1")
-    finally:
-        controller.close()
+    cleanup.callback(controller.close)
+    wait_for(lambda: "eu-west at 10%" in plan_of(etcd.endpoints, prefix, "v2").get("message", ""), what="step 1")

@@ -290,24 +290,11 @@ class Controller:
         shadow = parse_permission_set(load_document(document, stored.version), stored.version)
         pointers = await self.policy.pointers()
         parent = shadow.meta.parent or (pointers.active or "")
-        change = Change(
-            "promote",
-            stored.request_id("promote"),
-            subject=stored.version,
-            fields={
-                "who": self.ident,
-                "reason": after.message,
-                "version": stored.version,
-                "plan": stored.plan_id,
-                "analysis": analysis.document(time.time()),
-            },
-        )
+        change = self._decided("promote", stored, after, analysis)
         after = with_history(after, {"at": time.time(), "move": "promote", "message": after.message})
         try:
             await self._fenced(stored, after).promote(stored.version, parent, change)
-        except FencedError:
-            raise
-        except ConflictError:
+        except (FencedError, ConflictError):
             raise
         except StoreError as exc:  # stale: someone promoted another change over its parent
             await self._audited(
@@ -322,18 +309,7 @@ class Controller:
     async def rollback(self, stored: StoredPlan, after: Progress, analysis: Analysis) -> None:
         """An analysis failed: discard the shadow at once, retried with backoff; still failing, the
         rollback goes to the dead-letter queue and the plan says so."""
-        change = Change(
-            "rollback",
-            stored.request_id("rollback"),
-            subject=stored.version,
-            fields={
-                "who": self.ident,
-                "reason": after.message,
-                "version": stored.version,
-                "plan": stored.plan_id,
-                "analysis": analysis.document(time.time()),
-            },
-        )
+        change = self._decided("rollback", stored, after, analysis)
         after = with_history(after, {"at": time.time(), "move": "rollback", "message": after.message})
         fenced = self._fenced(stored, after)
         try:
@@ -346,6 +322,22 @@ class Controller:
         self.metrics.moves.labels("rollback").inc()
         log.warning("rolled_back", version=stored.version, plan=stored.plan_id, reason=after.message)
         self._event(stored, "rolled_back", after, analysis)
+
+    def _decided(self, action: str, stored: StoredPlan, after: Progress, analysis: Analysis) -> Change:
+        """The lifecycle's own change, under a request id derived from the plan (so that whichever
+        controller makes it, it is made once), audited with the analysis that decided it."""
+        return Change(
+            action,
+            stored.request_id(action),
+            subject=stored.version,
+            fields={
+                "who": self.ident,
+                "reason": after.message,
+                "version": stored.version,
+                "plan": stored.plan_id,
+                "analysis": analysis.document(time.time()),
+            },
+        )
 
     async def _dead_letter(self, stored: StoredPlan, after: Progress, change: Change, error: str) -> None:
         letter = deadletters.letter(change, stored.version, error, self.retries)
