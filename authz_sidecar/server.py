@@ -129,6 +129,9 @@ class Sidecar:
             if settings.decision_log is not None
             else None
         )
+        if self.decision_log is not None:
+            decision_log = self.decision_log
+            self.store.on_install(lambda _snapshot: decision_log.forget())
         self.decider = Decider(
             self.store,
             identifier,

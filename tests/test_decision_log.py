@@ -238,3 +238,22 @@ def test_bad_rotation_settings_are_usage_errors(tmp_path: Path, flag: str, value
     result = run_cli("serve", "--policy-dir", str(tmp_path), "--decision-log", str(tmp_path / "d"), flag, value)
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and flag in result.stderr and needle in result.stderr
+
+
+def test_a_new_snapshot_lets_the_writer_forget_the_old_sets(tmp_path: Path) -> None:
+    """The writer caches each line's JSON by evaluation; once told of a new snapshot it drops those
+    of the old one, so a replaced million-grant set is not kept alive by the log."""
+    writer = DecisionLog(tmp_path / "d.log", interval=0.01)
+    writer.start()
+    try:
+        old, new = _evaluation("v1"), _evaluation("v2")
+        writer.record("ann", "things:view", None, old)
+        wait_for(lambda: writer.written == 1, what="the first line")
+        assert any(cached is old for cached, _prefix in writer._prefixes.values())
+        writer.forget()
+        writer.record("ann", "things:view", None, new)
+        wait_for(lambda: writer.written == 2, what="the second line")
+        assert [cached for cached, _prefix in writer._prefixes.values()] == [new]
+    finally:
+        writer.stop()
+    assert [r["version"] for r in lines_of(tmp_path / "d.log")] == ["v1", "v2"]

@@ -88,6 +88,8 @@ class DecisionLog:
         self.written = 0
         self.rotations = 0
         self._prefixes: dict[tuple[str, str, str | None, int], tuple[Evaluation, str]] = {}
+        # Set by forget() (any thread), acted on by the writer thread, which alone owns _prefixes.
+        self._forget = False
         self._file: BinaryIO | None = None
         self._size = 0
         self._wake = threading.Event()
@@ -128,6 +130,11 @@ class DecisionLog:
         thread.join(timeout)
         self._thread = None
 
+    def forget(self) -> None:
+        """A new snapshot is serving: the cached prefixes hold evaluations of the old one, and
+        through them its compiled sets, which must not outlive it here."""
+        self._forget = True
+
     @property
     def queued(self) -> int:
         return len(self._queue)
@@ -164,6 +171,9 @@ class DecisionLog:
 
     def _drain(self) -> None:
         """Write everything queued, a batch at a time, then flush."""
+        if self._forget:
+            self._forget = False
+            self._prefixes = {}
         queue = self._queue
         while queue:
             items = [queue.popleft() for _ in range(min(self._batch, len(queue)))]
