@@ -68,7 +68,11 @@ def decision_files(patterns: Iterable[str]) -> list[Path]:
                 why = "not a file" if path.exists() else "no such file"
                 raise AuthzError(f"--decisions {pattern}: {why}")
             found.append(path)
-    return list(dict.fromkeys(found))  # a file named twice (a path and a glob) counts once
+    # A file named twice (a path and a glob, relative and absolute) is read once, where first named.
+    unique: dict[Path, Path] = {}
+    for path in found:
+        unique.setdefault(path.resolve(), path)
+    return list(unique.values())
 
 
 def read_decisions(paths: Iterable[Path], recorded: Recorded | None = None) -> Recorded:
