@@ -152,6 +152,9 @@ def _build_parser() -> argparse.ArgumentParser:
     _add(serve, "--workers", text="worker threads for --server-model threads (the number of cores unless set)")
     _add(serve, "--log-level", text="debug, info, warning or error")
     _add(serve, "--log-decisions", text="share of decisions logged (0..1); mismatches are always logged")
+    _add(serve, "--decision-log", text="write every decision as a JSON line here (for ctl replay)", metavar="FILE")
+    _add(serve, "--decision-log-max-bytes", text="rotate the decision log before it passes this size", metavar="BYTES")
+    _add(serve, "--decision-log-keep", text="rotated decision logs kept (FILE.1 ... FILE.N)", metavar="N")
 
     from authz_sidecar.control import ctl
 
@@ -267,6 +270,9 @@ def settings_from(ns: argparse.Namespace) -> Settings:
             workers=int(_number(ns, "workers")),
             log_level=ns.log_level,
             log_decisions=_number(ns, "log_decisions"),
+            decision_log=_path(ns.decision_log),
+            decision_log_max_bytes=_integer(ns, "decision_log_max_bytes"),
+            decision_log_keep=_integer(ns, "decision_log_keep"),
         )
     )
 

@@ -18,6 +18,7 @@ from authz_sidecar.fronts.grpcfront import SERVER_MODELS, RpcLimits
 from authz_sidecar.fronts.httpauthz import HttpLimits
 from authz_sidecar.store.etcd import EtcdOptions
 from authz_sidecar.store.layout import normalise_prefix
+from authz_sidecar.telemetry.decisionlog import DEFAULT_KEEP, DEFAULT_MAX_BYTES
 
 STICKINESS = ("principal", "request_id")
 
@@ -97,6 +98,11 @@ class Settings:
     log_level: str = "info"
     # Share of decisions logged as "decision" events; mismatches are always logged.
     log_decisions: float = 0.01
+    # Every decision as a JSON line in this file (telemetry/decisionlog.py), for `ctl replay`;
+    # None: off. Rotated when it would pass max_bytes, keeping `keep` rotated files.
+    decision_log: Path | None = None
+    decision_log_max_bytes: int = DEFAULT_MAX_BYTES
+    decision_log_keep: int = DEFAULT_KEEP
 
     def http_limits(self) -> HttpLimits:
         return HttpLimits(
@@ -160,6 +166,7 @@ _POSITIVE = (
     "http_authz_idle_timeout",
     "grpc_max_concurrent_rpcs",
     "grpc_max_message_bytes",
+    "decision_log_max_bytes",
 )
 
 
@@ -230,6 +237,8 @@ def validate(settings: Settings) -> Settings:
         raise ConfigError(f"--server-model must be {' or '.join(SERVER_MODELS)}, not {settings.server_model!r}")
     if not 0.0 <= settings.log_decisions <= 1.0:
         raise ConfigError("--log-decisions is a share of decisions, between 0 and 1")
+    if settings.decision_log_keep < 0:
+        raise ConfigError("--decision-log-keep must be >= 0 (rotated files kept)")
     if settings.workers < 1:
         raise ConfigError("--workers must be at least 1")
     if settings.grace < 0 or settings.poll_interval <= 0:

@@ -43,6 +43,7 @@ from authz_sidecar.store.registration import Registrar
 from authz_sidecar.store.sources.base import PolicySource
 from authz_sidecar.store.sources.files import FilePolicySource
 from authz_sidecar.telemetry import tracing
+from authz_sidecar.telemetry.decisionlog import DecisionLog
 from authz_sidecar.telemetry.metrics import Metrics
 from authz_sidecar.telemetry.reports import ShadowReports
 
@@ -117,6 +118,20 @@ class Sidecar:
         if self.reports is not None:
             reports = self.reports
             self.store.on_install(lambda snapshot: reports.retain({v.version for v in snapshot.shadows}))
+        # Opened on start (a path that cannot be opened is a ConfigError naming --decision-log).
+        self.decision_log = (
+            DecisionLog(
+                settings.decision_log,
+                max_bytes=settings.decision_log_max_bytes,
+                keep=settings.decision_log_keep,
+                dropped=self.metrics.decision_log_dropped,
+            )
+            if settings.decision_log is not None
+            else None
+        )
+        if self.decision_log is not None:
+            decision_log = self.decision_log
+            self.store.on_install(lambda _snapshot: decision_log.forget())
         self.decider = Decider(
             self.store,
             identifier,
@@ -124,6 +139,7 @@ class Sidecar:
             stickiness=settings.stickiness,
             log_decisions=settings.log_decisions,
             reports=self.reports,
+            decision_log=self.decision_log,
         )
         self.tracer = tracing.build(self.store, settings.region, dropped=self.metrics.spans_dropped)
         self.answering = Answering(self.decider, self.metrics, self.tracer)
@@ -190,6 +206,7 @@ class Sidecar:
             "policy_source": self.source.describe(),
             "jwks": self.jwks.status() if self.jwks is not None else None,
             "registration": self.registrar.status() if self.registrar else None,
+            "decision_log": self.decision_log.status() if self.decision_log is not None else None,
             "uptime_seconds": round(time.time() - self._started_at, 3),
         }
 
@@ -218,6 +235,11 @@ class Sidecar:
         for flag, value in self._addresses():
             check_free(flag, value)
         catalog = self._own_catalog()
+        if self.decision_log is not None:
+            try:
+                self.decision_log.start()
+            except OSError as exc:
+                raise ConfigError(f"--decision-log {self.decision_log.path}: {exc.strerror or exc}") from None
         if self.settings.etcd:
             self.etcd = Etcd(self.settings.etcd_options())
             store = self.registry.store = PolicyStore(self.etcd, self.settings.prefix)
@@ -268,6 +290,7 @@ class Sidecar:
             region=self.settings.region,
             identity_sources=list(self.identity_sources),
             tracing=self.tracer is not None,
+            decision_log=str(self.settings.decision_log) if self.settings.decision_log else None,
         )
         self._running = True
 
@@ -280,6 +303,9 @@ class Sidecar:
             await self.front.stop(grace)
         if self.http_authz is not None:
             await self.http_authz.stop()
+        if self.decision_log is not None:
+            # After the fronts: the decisions of the RPCs that finished in the grace period are written too.
+            await asyncio.to_thread(self.decision_log.stop)
         for task in [self._source_task, *self._tasks]:
             if task is not None:
                 task.cancel()

@@ -15,6 +15,7 @@ import structlog
 
 from authz_sidecar.bench import h2load, propagation, scale
 from authz_sidecar.bench import plan as plan_bench
+from authz_sidecar.bench import replay as replay_bench
 from authz_sidecar.bench.run import Bench, Point, Row, machine_facts, to_json
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -24,6 +25,8 @@ SIDECAR_GRPC = "Envoy + ext_authz gRPC -> authz-sidecar (default: threads)"
 # The same sidecar with tracing on, against it with tracing off (metrics are always on).
 TRACED_100 = "Envoy + ext_authz gRPC -> authz-sidecar, tracing 100%"
 TRACED_1 = "Envoy + ext_authz gRPC -> authz-sidecar, tracing 1%"
+# The same sidecar writing every decision to --decision-log, against it without (the goal: within 10%).
+DECISION_LOG_100 = "Envoy + ext_authz gRPC -> authz-sidecar, decision log 100%"
 
 
 def _fmt_point(p: Point | None) -> str:
@@ -81,7 +84,8 @@ def _only(plan: list[tuple[Row, Callable[[Row], None]]], texts: list[str]) -> li
 
 def _at_scale(quick: bool) -> dict[str, Any]:
     """What is measured beside the rows: decisions and rebuilds at scale, propagation over sidecars
-    on a real etcd, and the plan of a change over 100,000 principals."""
+    on a real etcd, the plan of a change over 100,000 principals, and the replay of a decision log
+    (1,000,000 decisions; 100,000 in quick mode)."""
     sizes = [100, 10_000, 100_000] if quick else [100, 10_000, 1_000_000]
     print(f"  measuring scale at {', '.join(f'{s:,}' for s in sizes)} grants ...", flush=True)
     scaled = scale.run(sizes)
@@ -90,7 +94,10 @@ def _at_scale(quick: bool) -> dict[str, Any]:
     propagated = propagation.run(sidecars, changes)
     print("  measuring the plan of a change over 100,000 principals ...", flush=True)
     planned = plan_bench.run(100_000, rounds=1 if quick else 3)
-    return {"scale": scaled, "propagation": propagated, "plan": planned}
+    decisions = 100_000 if quick else 1_000_000
+    print(f"  measuring the replay of {decisions:,} recorded decisions ...", flush=True)
+    replayed = replay_bench.run(decisions, rounds=1 if quick else 3)
+    return {"scale": scaled, "propagation": propagated, "plan": planned, "replay": replayed}
 
 
 def main() -> int:
@@ -130,6 +137,7 @@ def main() -> int:
             ),
             (Row(TRACED_100, SIDECAR_GRPC), bench.row_sidecar_traced(1.0)),
             (Row(TRACED_1, SIDECAR_GRPC), bench.row_sidecar_traced(0.01)),
+            (Row(DECISION_LOG_100, SIDECAR_GRPC), bench.row_sidecar_decision_log()),
             (
                 Row("Envoy + ext_authz gRPC -> authz-sidecar (grpc.aio + uvloop)", FASTEST_GRPC),
                 bench.row_sidecar("grpc", "--server-model", "aio"),
@@ -153,6 +161,7 @@ def main() -> int:
         print(propagation.table(at_scale["propagation"]))
         print()
         print(plan_bench.line(at_scale["plan"]))
+        print(replay_bench.line(at_scale["replay"]))
     args.out.mkdir(parents=True, exist_ok=True)
     out = args.out / f"bench-{time.strftime('%Y%m%dT%H%M%S')}{'-quick' if args.quick else ''}.json"
     out.write_text(json.dumps({**to_json(bench, facts), **at_scale}, indent=2))

@@ -7,6 +7,7 @@ absolute numbers move with the machine. Nothing here asserts a time.
 
 from __future__ import annotations
 
+import itertools
 import os
 import platform
 import subprocess
@@ -260,7 +261,45 @@ class Bench:
 
         return body
 
-    def row_sidecar(self, envoy_kind: str, *extra: str, env: dict[str, str] | None = None) -> Callable[[Row], None]:
+    def row_sidecar_decision_log(self) -> Callable[[Row], None]:
+        """The default sidecar writing every decision to a decision log (serve --decision-log) at its
+        default rotation. A row that wrote no line failed; lines lost to a full queue are said, not
+        failed: they are the price the log pays so that no Check ever waits for it."""
+        rounds = itertools.count(1)
+
+        def body(row: Row) -> None:
+            directory = self.workdir / f"decisions-{next(rounds)}"
+            directory.mkdir()
+            log = directory / "decisions.jsonl"
+            counted: list[tuple[float, float]] = []
+
+            def scrape(http_port: int) -> None:
+                counted.append(logged_decisions(http_port))
+
+            self.row_sidecar("grpc", "--decision-log", str(log), after=scrape)(row)
+            files = list(directory.iterdir())
+            written = sum(f.read_bytes().count(b"\n") for f in files)
+            for file in files:
+                file.unlink()
+            directory.rmdir()
+            decided, dropped = counted[0]
+            print(
+                f"    decision log: {written:,} lines for {decided:,.0f} decisions, {dropped:,.0f} dropped", flush=True
+            )
+            if written == 0:
+                self.errors.append(f"{row.name}: the decision log has no line")
+
+        return body
+
+    def row_sidecar(
+        self,
+        envoy_kind: str,
+        *extra: str,
+        env: dict[str, str] | None = None,
+        after: Callable[[int], None] | None = None,
+    ) -> Callable[[Row], None]:
+        """`after(http_port)` runs once the row is measured, before the sidecar stops."""
+
         def body(row: Row) -> None:
             grpc_port, http_port, authz_http = free_port(), free_port(), free_port()
             argv = self.sidecar_argv(grpc_port, http_port, *extra)
@@ -276,6 +315,8 @@ class Bench:
                 url = f"http://{LOOPBACK}:{listen}/things/1"
                 self.check_answers(row, url)
                 self.measure(row, url, {"envoy": proxy, "server": server})
+                if after is not None:
+                    after(http_port)
 
         return body
 
@@ -285,6 +326,25 @@ class Bench:
 
         rps, p50, p99, n = direct_check_rate(self.policy, self.seconds, ALLOWED)
         row.points.append(Point(1, rps, p50, p99, n, {200: n}))
+
+
+def logged_decisions(http_port: int) -> tuple[float, float]:
+    """A running sidecar's decisions made with a set (the ones the decision log writes) and
+    authz_decision_log_dropped_total, every reason summed."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://{LOOPBACK}:{http_port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    decided = dropped = 0.0
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "authz_decisions_total" and sample.labels.get("decided_by") != "none":
+                decided += sample.value
+            elif sample.name == "authz_decision_log_dropped_total":
+                dropped += sample.value
+    return decided, dropped
 
 
 def nghttpd_binary() -> str:

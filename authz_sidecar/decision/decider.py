@@ -30,6 +30,7 @@ from authz_sidecar.model.evaluation import Outcome, evaluate
 from authz_sidecar.model.reasons import Reason
 from authz_sidecar.model.routes import PathError
 from authz_sidecar.model.snapshot import Snapshot
+from authz_sidecar.telemetry.decisionlog import DecisionLog
 from authz_sidecar.telemetry.metrics import Metrics
 from authz_sidecar.telemetry.reports import ShadowReports
 
@@ -54,9 +55,12 @@ class Decider:
         stickiness: str = "principal",
         log_decisions: float = 0.0,
         reports: ShadowReports | None = None,
+        decision_log: DecisionLog | None = None,
     ) -> None:
         self._store = store
         self._reports = reports
+        # Every decision as a JSON line (serve --decision-log), for ctl replay; None: off.
+        self._decision_log = decision_log
         # Share of decisions logged as "decision" events (mismatches are always logged).
         self._log_rate = log_decisions
         self._identifier = identifier
@@ -190,6 +194,8 @@ class Decider:
         self._metrics.decision(evaluation)
         if self._reports is not None and snapshot.shadows:
             self._reports.observe(snapshot, evaluation, principal, outcome.permission or "", scope)
+        if self._decision_log is not None:
+            self._decision_log.record(principal, outcome.permission or "", scope, evaluation)
         sampled = self._log_rate and random.random() < self._log_rate  # noqa: S311 - sampling, not a secret
         if not sampled and not evaluation.mismatch:
             return

@@ -111,6 +111,15 @@ class _HotPathCollector(Collector):
         for reason, n in dict(m.spans_dropped).items():
             spans.add_metric([reason], n)
         yield spans
+        decision_log = CounterMetricFamily(
+            "authz_decision_log_dropped",
+            "Decisions not written to the decision log (--decision-log), by reason: queue_full (the "
+            "writer thread's queue was full; the Check did not wait), write_failed (the disk refused).",
+            labels=["reason"],
+        )
+        for reason, n in dict(m.decision_log_dropped).items():
+            decision_log.add_metric([reason], n)
+        yield decision_log
 
 
 class Metrics:
@@ -124,6 +133,8 @@ class Metrics:
         self.latency = LatencyHistogram()
         # The tracer counts into it (tracing.DROP_REASONS); zeros while tracing is off.
         self.spans_dropped: dict[str, int] = {"queue_full": 0, "export_failed": 0}
+        # The decision log counts into it (decisionlog.DROP_REASONS); zeros while it is off.
+        self.decision_log_dropped: dict[str, int] = {"queue_full": 0, "write_failed": 0}
         r.register(_HotPathCollector(self))
         # Rare events keep prometheus_client's own types.
         self.invalid_documents = Counter(
