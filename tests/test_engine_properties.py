@@ -130,3 +130,22 @@ def test_no_magic_scope_or_principal_is_accepted(word: str) -> None:
     if "*" not in word or word == "*":
         with pytest.raises(DocumentError, match="not a principal"):
             parse_permission_set({"roles": {"r": ["a:b"]}, "grants": [{"principal": word, "roles": ["r"]}]}, "s")
+
+
+@given(roles_st, st.lists(grant_st, max_size=8))
+def test_explain_gives_the_engines_answer_and_names_a_grant_for_every_allow(
+    roles: dict[str, list[str]], grants: list[Grant]
+) -> None:
+    from authz_sidecar.model.explain import NO_GRANT, explain
+
+    ps = make(roles, grants)
+    for (principal, handle, scope), allowed in decisions(ps).items():
+        why = explain(ps, principal, handle, scope)
+        assert why.allowed == allowed
+        if allowed:
+            assert why.because and all(
+                b.grant.principal == principal and b.grant.scope in (None, scope) and handle in ps.roles[b.role]
+                for b in why.because
+            )
+        else:
+            assert why.reason().startswith(NO_GRANT)

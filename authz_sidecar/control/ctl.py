@@ -25,6 +25,7 @@ import grpc
 from etcd3aio.errors import EtcdError
 
 from authz_sidecar.control import deadletters, rollouts
+from authz_sidecar.control.explaining import add_explain_command
 from authz_sidecar.control.replay import add_replay_command
 from authz_sidecar.documents import (
     check_handle,
@@ -690,6 +691,7 @@ def add_parser(
     report = command("report", "a shadow's traffic over every sidecar: evaluations, mismatches, coverage", cmd_report)
     report.add_argument("version")
     add_replay_command(command)
+    add_explain_command(command)
     _add_dlq_commands(commands, command, connection)
     registry = commands.add_parser("registry", help="the permission registry")
     connection(registry, True)
