@@ -8,7 +8,7 @@ from pathlib import Path
 from authz_sidecar.local.etcd import EtcdCluster
 from authz_sidecar.model.selection import stable_bucket
 
-from .helpers import ACTIVE, ctl_captured, ctl_json, seed, unique_prefix, write_json
+from .helpers import ctl_captured, ctl_json, seed, unique_prefix, write_json
 
 
 def test_explain_names_the_grant_and_role_that_allow_and_says_none_does_for_a_deny(
