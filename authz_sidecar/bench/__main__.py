@@ -13,6 +13,7 @@ from typing import Any
 
 import structlog
 
+from authz_sidecar.bench import combos as combos_bench
 from authz_sidecar.bench import h2load, propagation, scale
 from authz_sidecar.bench import plan as plan_bench
 from authz_sidecar.bench import replay as replay_bench
@@ -84,8 +85,9 @@ def _only(plan: list[tuple[Row, Callable[[Row], None]]], texts: list[str]) -> li
 
 def _at_scale(quick: bool) -> dict[str, Any]:
     """What is measured beside the rows: decisions and rebuilds at scale, propagation over sidecars
-    on a real etcd, the plan of a change over 100,000 principals, and the replay of a decision log
-    (1,000,000 decisions; 100,000 in quick mode)."""
+    on a real etcd, the plan of a change over 100,000 principals, the replay of a decision log
+    (1,000,000 decisions; 100,000 in quick mode) and the role combinations of 1,000,000 principals
+    (100,000 in quick mode)."""
     sizes = [100, 10_000, 100_000] if quick else [100, 10_000, 1_000_000]
     print(f"  measuring scale at {', '.join(f'{s:,}' for s in sizes)} grants ...", flush=True)
     scaled = scale.run(sizes)
@@ -97,7 +99,10 @@ def _at_scale(quick: bool) -> dict[str, Any]:
     decisions = 100_000 if quick else 1_000_000
     print(f"  measuring the replay of {decisions:,} recorded decisions ...", flush=True)
     replayed = replay_bench.run(decisions, rounds=1 if quick else 3)
-    return {"scale": scaled, "propagation": propagated, "plan": planned, "replay": replayed}
+    holders = 100_000 if quick else 1_000_000
+    print(f"  measuring the role combinations of {holders:,} principals ...", flush=True)
+    combined = combos_bench.run(holders, rounds=1)
+    return {"scale": scaled, "propagation": propagated, "plan": planned, "replay": replayed, "combos": combined}
 
 
 def main() -> int:
@@ -162,6 +167,7 @@ def main() -> int:
         print()
         print(plan_bench.line(at_scale["plan"]))
         print(replay_bench.line(at_scale["replay"]))
+        print(combos_bench.line(at_scale["combos"]))
     args.out.mkdir(parents=True, exist_ok=True)
     out = args.out / f"bench-{time.strftime('%Y%m%dT%H%M%S')}{'-quick' if args.quick else ''}.json"
     out.write_text(json.dumps({**to_json(bench, facts), **at_scale}, indent=2))

@@ -27,6 +27,7 @@ from etcd3aio.errors import EtcdError
 from authz_sidecar.control import deadletters, rollouts
 from authz_sidecar.control.explaining import add_explain_command
 from authz_sidecar.control.replay import add_replay_command
+from authz_sidecar.control.rolecombos import add_roles_commands
 from authz_sidecar.documents import (
     check_handle,
     dump_permission_set,
@@ -639,6 +640,25 @@ def _add_dlq_commands(
             sub_command.add_argument("--author", default="", help="who (default: $USER)")
 
 
+def _add_registry_commands(
+    commands: Any,
+    command: Callable[..., argparse.ArgumentParser],
+    connection: Callable[[argparse.ArgumentParser, bool], None],
+) -> None:
+    """registry get|put: the permissions services registered."""
+    registry = commands.add_parser("registry", help="the permission registry")
+    connection(registry, True)
+    registry_commands = registry.add_subparsers(dest="registry_command", required=True, metavar="COMMAND")
+    get = command("get", "show registered permissions", cmd_registry_get, registry_commands)
+    get.add_argument("handle", nargs="?", default="", help="one handle (default: all)")
+    get.add_argument("--service", default="", help="only this service's")
+    put = command("put", "register permissions (never removes one)", cmd_registry_put, registry_commands)
+    put.add_argument("--file", default="", help="a whole catalog (permissions and routes)")
+    put.add_argument("--service", default="", help="the owning service")
+    put.add_argument("--handle", default="", help="one permission handle")
+    put.add_argument("--description", default="", help="what it allows")
+
+
 def add_parser(
     sub: Any, add_flag: Callable[..., None], add_etcd_flags: Callable[[argparse.ArgumentParser, bool], None]
 ) -> None:
@@ -692,18 +712,9 @@ def add_parser(
     report.add_argument("version")
     add_replay_command(command)
     add_explain_command(command)
+    add_roles_commands(commands, command, connection)
     _add_dlq_commands(commands, command, connection)
-    registry = commands.add_parser("registry", help="the permission registry")
-    connection(registry, True)
-    registry_commands = registry.add_subparsers(dest="registry_command", required=True, metavar="COMMAND")
-    get = command("get", "show registered permissions", cmd_registry_get, registry_commands)
-    get.add_argument("handle", nargs="?", default="", help="one handle (default: all)")
-    get.add_argument("--service", default="", help="only this service's")
-    put = command("put", "register permissions (never removes one)", cmd_registry_put, registry_commands)
-    put.add_argument("--file", default="", help="a whole catalog (permissions and routes)")
-    put.add_argument("--service", default="", help="the owning service")
-    put.add_argument("--handle", default="", help="one permission handle")
-    put.add_argument("--description", default="", help="what it allows")
+    _add_registry_commands(commands, command, connection)
 
 
 def _print(result: dict[str, Any], as_json: bool) -> None:
