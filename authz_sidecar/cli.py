@@ -354,6 +354,20 @@ def _validate(ns: argparse.Namespace) -> int:
         extra_catalogs=(Path(ns.catalog),) if ns.catalog else (),
     )
     snapshot = source.load()
+    from authz_sidecar.control.testing import directory_cases
+    from authz_sidecar.model.values import PermissionSet
+
+    assembled = source.assembled
+    active = source.last.active.value if source.last.active is not None else None
+    sets = [active] if isinstance(active, PermissionSet) else []
+    sets += [s.permissions for s in (assembled.shadows.values() if assembled is not None else ())]
+    cases = directory_cases(Path(ns.policy_dir), sets, snapshot.catalogs)
+    failed = [
+        f"{version}: case {r.case.name!r} expected {'allow' if r.case.allow else 'deny'}: {r.error or r.why}"
+        for version, results in cases.items()
+        for r in results
+        if not r.passed
+    ]
     print(
         json.dumps(
             {
@@ -365,10 +379,21 @@ def _validate(ns: argparse.Namespace) -> int:
                     s.version: {"weight_here": s.weight_bp / 100, "predicted_impact": len(s.impact)}
                     for s in snapshot.shadows
                 },
+                "cases": {
+                    version: {
+                        "passed": sum(r.passed for r in results),
+                        "failed": [r.document() for r in results if not r.passed],
+                    }
+                    for version, results in cases.items()
+                },
             },
             indent=2,
         )
     )
+    if failed:
+        sys.stdout.flush()
+        print(f"authz-sidecar: {len(failed)} case(s) failed: {'; '.join(failed)}", file=sys.stderr)
+        return EXIT_ERROR
     return 0
 
 

@@ -639,3 +639,33 @@ def test_an_unreadable_plan_is_shown_as_a_problem_and_never_stops_the_others(
     controller = RunningController(etcd.endpoints, prefix)
     cleanup.callback(controller.close)
     wait_for(lambda: "eu-west at 10%" in plan_of(etcd.endpoints, prefix, "v2").get("message", ""), what="step 1")
+
+
+def test_a_shadow_failing_a_registered_case_is_held_with_the_cases_name_until_the_case_is_fixed(
+    etcd: EtcdCluster, tmp_path: Path, mesh: tuple[str, dict[str, RunningSidecar]], cleanup: contextlib.ExitStack
+) -> None:
+    prefix, sides = mesh
+    cases = {
+        "service": "things",
+        "cases": [{"name": "bob never edits", "principal": "bob", "route": "PUT /things/1", "expect": "deny"}],
+    }
+    ctl_json(etcd.endpoints, prefix, "cases", "put", "--file", write_json(tmp_path / "cases.json", cases))
+    propose(etcd.endpoints, prefix, tmp_path, change("v2", {"principal": "bob", "grant": ["editor"]}))
+    ctl_json(etcd.endpoints, prefix, "canary", "v2", "--plan", "eu-west=100", *FAST, "--inconclusive-limit", "1000")
+    traffic = Traffic(sides)
+    cleanup.callback(traffic.stop)
+    controller = RunningController(etcd.endpoints, prefix)
+    cleanup.callback(controller.close)
+
+    def held() -> bool:
+        last = plan_of(etcd.endpoints, prefix, "v2").get("last_analysis") or {}
+        return "cases 1" in (last.get("reason") or "")
+
+    wait_for(held, timeout=30, what="the plan held by the failing case")
+    reason = plan_of(etcd.endpoints, prefix, "v2")["last_analysis"]["reason"]
+    assert "'bob never edits' expected deny" in reason and "role editor has it" in reason
+    assert ctl_json(etcd.endpoints, prefix, "status")["active"] == "v1"
+    # The expectation was out of date: the team fixes the case, and the plan goes on by itself.
+    fixed = {"service": "things", "cases": [{**cases["cases"][0], "name": "bob edits now", "expect": "allow"}]}
+    ctl_json(etcd.endpoints, prefix, "cases", "put", "--file", write_json(tmp_path / "fixed.json", fixed))
+    wait_state(etcd.endpoints, prefix, "v2", "promoted", timeout=30)

@@ -35,7 +35,8 @@ from authz_sidecar.control.webhooks import WebhookConfig, Webhooks
 from authz_sidecar.documents import load_document, parse_permission_set
 from authz_sidecar.errors import DocumentError
 from authz_sidecar.model.analysis import Analysis, Impact, Report, analyse, opening
-from authz_sidecar.model.engine import compile_set, impact
+from authz_sidecar.model.cases import CaseResult, run_suites
+from authz_sidecar.model.engine import CompiledSet, compile_set, impact
 from authz_sidecar.model.rolloutplan import (
     Move,
     PlanState,
@@ -43,6 +44,8 @@ from authz_sidecar.model.rolloutplan import (
     next_move,
     with_history,
 )
+from authz_sidecar.model.values import PermissionSet
+from authz_sidecar.store.cases import CaseStore
 from authz_sidecar.store.election import Election, Leadership, LostLeadershipError
 from authz_sidecar.store.etcd import Etcd, EtcdOptions
 from authz_sidecar.store.plans import PlanStore, StoredPlan
@@ -100,6 +103,8 @@ class Controller:
         # Whole impacts of (active, shadow) pairs: compiled once, for the coverage gate.
         self._impacts: dict[tuple[str, str], Impact] = {}
         self._hooks: dict[str, Webhooks] = {}
+        # Shadows parsed and compiled once, for their policy test cases.
+        self._shadows: dict[str, tuple[PermissionSet, CompiledSet]] = {}
 
     # --- the loop ------------------------------------------------------------------------------
 
@@ -241,6 +246,7 @@ class Controller:
             live_revision=max(pointers.active_revision, pointers.shadows_revision),
             impact=whole,
             complete=complete,
+            cases=await self._cases(stored.version) if complete and plan.gates.cases else None,
         )
         return analysis, now
 
@@ -421,6 +427,23 @@ class Controller:
             if len(self._impacts) > 16:
                 self._impacts.pop(next(iter(self._impacts)))
         return found
+
+    async def _cases(self, version: str) -> list[CaseResult] | None:
+        """The registered policy test cases run on the shadow (None when none are registered)."""
+        suites, broken = await CaseStore(self.policy).all()
+        for key, why in broken.items():
+            log.warning("cases_unreadable", key=key, error=why)
+        if not suites:
+            return None
+        found = self._shadows.get(version)
+        if found is None:
+            document = await self.policy.document(version)
+            permissions = parse_permission_set(load_document(document, version), version)
+            found = self._shadows[version] = (permissions, await asyncio.to_thread(compile_set, permissions))
+            if len(self._shadows) > 16:
+                self._shadows.pop(next(iter(self._shadows)))
+        permissions, compiled = found
+        return run_suites(suites, permissions, compiled, await self.policy.catalogs())
 
     def _webhooks(self, stored: StoredPlan) -> Webhooks:
         hooks = self._hooks.get(stored.plan_id)

@@ -28,6 +28,7 @@ from authz_sidecar.control import deadletters, rollouts
 from authz_sidecar.control.explaining import add_explain_command
 from authz_sidecar.control.replay import add_replay_command
 from authz_sidecar.control.rolecombos import add_roles_commands
+from authz_sidecar.control.testing import add_test_commands
 from authz_sidecar.documents import (
     check_handle,
     dump_permission_set,
@@ -713,6 +714,7 @@ def add_parser(
     add_replay_command(command)
     add_explain_command(command)
     add_roles_commands(commands, command, connection)
+    add_test_commands(commands, command, connection)
     _add_dlq_commands(commands, command, connection)
     _add_registry_commands(commands, command, connection)
 

@@ -109,7 +109,11 @@ def parse_gates(data: Any, document: str, base: Gates | None = None) -> Gates:
     values = (base or Gates()).document()
     for name, value in raw.items():
         where = f"gates.{name}"
-        if name == "min_coverage":
+        if name == "cases":
+            if not isinstance(value, bool):
+                raise DocumentError(f"{value!r} is not true or false", document=document, field=where, value=value)
+            values[name] = value
+        elif name == "min_coverage":
             if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
                 raise DocumentError(f"{value!r} is not a share in 0..1", document=document, field=where, value=value)
             values[name] = float(value)

@@ -15,10 +15,11 @@ Pure: the controller reads etcd, this decides.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from authz_sidecar.model.cases import CaseResult
 from authz_sidecar.model.rolloutplan import Counters, Outcome, RolloutPlan, Window
 
 Triple = tuple[str, str, str | None]
@@ -132,6 +133,7 @@ def analyse(
     live_revision: int,
     impact: Impact | None,
     complete: bool,
+    cases: Sequence[CaseResult] | None = None,
 ) -> Analysis:
     """Judge step `step` of `plan` on `reports` (every region's; the step's region is picked here).
     With `complete` (the interval has passed) every gate is judged; without, only the failing ones,
@@ -182,6 +184,22 @@ def analyse(
             failing=False,
         ),
     ]
+    if cases is not None:
+        wrong = [r for r in cases if not r.passed]
+        gates.append(
+            Gate(
+                "cases",
+                len(wrong),
+                0,
+                not wrong,
+                failing=False,
+                detail="; ".join(
+                    f"{r.case.name!r} expected {'allow' if r.case.allow else 'deny'}: {r.error or r.why}"
+                    for r in wrong[:5]
+                )
+                + (f"; and {len(wrong) - 5} more" if len(wrong) > 5 else ""),
+            )
+        )
     if plan.is_last(step) and impact is not None:
         gates += _coverage_gates(plan, impact, everywhere)
     holding = [g for g in gates if not g.passed]
@@ -216,7 +234,10 @@ def _coverage_gates(plan: RolloutPlan, impact: Impact, reports: list[Report]) ->
 
 
 def _reason(gates: list[Gate], region: str) -> str:
-    return f"{region}: " + "; ".join(f"{g.name} {_shown(g.value)} (threshold {_shown(g.threshold)})" for g in gates)
+    return f"{region}: " + "; ".join(
+        f"{g.name} {_shown(g.value)} (threshold {_shown(g.threshold)})" + (f": {g.detail}" if g.detail else "")
+        for g in gates
+    )
 
 
 def _shown(value: Any) -> str:

@@ -64,6 +64,8 @@ class Gates:
     max_denied_principals: int = 20
     # Share of the whole impact (principal, handle, scope) that traffic exercised, before promoting.
     min_coverage: float = 0.0
+    # Every registered policy test case passes on the shadow (when any are registered).
+    cases: bool = True
 
     def document(self) -> dict[str, Any]:
         return {
@@ -72,6 +74,7 @@ class Gates:
             "max_denied_requests": self.max_denied_requests,
             "max_denied_principals": self.max_denied_principals,
             "min_coverage": self.min_coverage,
+            "cases": self.cases,
         }
 
 

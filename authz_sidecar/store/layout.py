@@ -100,6 +100,14 @@ class Layout:
         return f"{self.prefix}/dlq/{request_id}"
 
     @property
+    def cases(self) -> str:
+        return f"{self.prefix}/cases/"
+
+    def service_cases(self, service: str) -> str:
+        """A service's policy test cases, registered next to its catalog."""
+        return f"{self.prefix}/cases/{service}"
+
+    @property
     def plans(self) -> str:
         return f"{self.prefix}/plans/"
 

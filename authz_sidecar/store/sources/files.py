@@ -57,6 +57,8 @@ class FilePolicySource:
         self.extra_catalogs = extra_catalogs
         self.interval = interval
         self._generation = 0
+        # The last assembly load() made: the documents behind its snapshot (validate runs cases on them).
+        self.assembled: Assembly | None = None
         self._documents: dict[Path, tuple[tuple[int, int, int], object]] = {}
         self._compiled = CompileCache()
         # The documents that served last: an invalid active set or catalog falls back on them.
@@ -118,7 +120,7 @@ class FilePolicySource:
 
     def load(self) -> Snapshot:
         """Read and validate every file; raise DocumentError naming the first bad one (``validate``)."""
-        assembly = self.assemble()
+        assembly = self.assembled = self.assemble()
         if assembly.refusals:
             first = assembly.refusals[0]
             raise DocumentError(first.reason, document=first.document)
