@@ -645,7 +645,7 @@ def test_a_shadow_failing_a_registered_case_is_held_with_the_cases_name_until_th
     etcd: EtcdCluster, tmp_path: Path, mesh: tuple[str, dict[str, RunningSidecar]], cleanup: contextlib.ExitStack
 ) -> None:
     prefix, sides = mesh
-    cases = {
+    cases: dict[str, Any] = {
         "service": "things",
         "cases": [{"name": "bob never edits", "principal": "bob", "route": "PUT /things/1", "expect": "deny"}],
     }
