@@ -897,22 +897,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     stop_on_signals()
     started = time.monotonic()
+    failed = True
+    stopped = False
     try:
         outcome = run(mode, workdir)
+        failed = not outcome.passed
+        show(outcome, f"scenario ({mode.name})", time.monotonic() - started)
     except StoppedError:
-        print("stopped", file=sys.stderr)
-        return 130
+        failed, stopped = False, True
+        print("scenario: stopped before its end", file=sys.stderr)
     except ScenarioError as exc:
-        owned = False
-        print(f"scenario: {exc}\n(logs in {workdir})", file=sys.stderr)
-        return 1
-    except BaseException:
-        owned = False
-        print(f"the scenario failed; logs in {workdir}", file=sys.stderr)
-        raise
+        print(f"scenario: {exc}", file=sys.stderr)
     finally:
         ignore_stop_signals()
         stop_unrecorded_children()
+        if failed:  # kept, whoever made it: the logs say why
+            print(f"(logs, configs and records in {workdir})", file=sys.stderr)
+        elif owned:
+            shutil.rmtree(workdir, ignore_errors=True)
+    return 130 if stopped else int(failed)
+
+
+def show(outcome: Outcome, title: str, seconds: float) -> None:
     print()
     for line in outcome.lines:
         print(line)
@@ -920,14 +926,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for check in outcome.checks:
         print(f"  [{'ok' if check.passed else 'FAIL'}] {check.name}: {check.detail}")
     passed = sum(c.passed for c in outcome.checks)
-    seconds = time.monotonic() - started
-    print(f"\nscenario ({mode.name}): {passed} passed, {len(outcome.checks) - passed} failed in {seconds:.0f}s")
-    if not outcome.passed:
-        print(f"(logs and records in {workdir})")
-        return 1
-    if owned:
-        shutil.rmtree(workdir, ignore_errors=True)
-    return 0
+    print(f"\n{title}: {passed} passed, {len(outcome.checks) - passed} failed in {seconds:.0f}s", flush=True)
 
 
 if __name__ == "__main__":
