@@ -504,6 +504,9 @@ async def ctl(stack: Stack, *args: str) -> dict[str, Any]:
 
 
 def plan_flags(mode: Mode) -> list[str]:
+    """The same plan for both changes. Inconclusive analyses (a step's first interval without a
+    fresh report from every sidecar, on a busy machine) may come 20 times before it pauses, not 5:
+    a pause would be a false failure of the scenario, not a finding."""
     return [
         "--plan", PLAN[0], "--then", PLAN[1], "--interval", mode.interval,
         "--min-evaluations", str(mode.min_evaluations), "--inconclusive-limit", "20",
@@ -637,7 +640,7 @@ class Incident:
     """The times phase 1 is judged on (NaN when it never happened)."""
 
     applied: float  # the first step's audit record
-    first_mismatch: float  # the earlier of: a report since the step showing new ones, a wrong denial
+    first_mismatch: float  # the earlier of: a report since the step showing new ones, a wrong denial's answer
     rollback: float  # the rollback's audit record
     stopped: float  # the last sidecar installed a snapshot without v2
 
@@ -673,11 +676,16 @@ def accident_timeline(out: Outcome, phase: Phase, verdicts: list[Verdict], mode:
         )
     by_v2 = [v for v in verdicts if v.decided_by == "v2"]
     wrong = [v for v in verdicts if v.wrongly_denied and v.request.sent <= phase.ended_at + SLACK]
+    # Answers, not requests, are what traffic shows: a request sent before the step may be decided
+    # after it.
     if by_v2:
-        events.append((by_v2[0].request.sent, f"first request decided by v2 ({describe(by_v2[0])})"))
-        events.append((by_v2[-1].request.answered, "last answer decided by v2"))
+        first_v2 = min(by_v2, key=lambda v: v.request.answered)
+        events.append((first_v2.request.answered, f"first answer decided by v2 ({describe(first_v2)})"))
+        events.append((max(v.request.answered for v in by_v2), "last answer decided by v2"))
+    first_wrong = min((v.request.answered for v in wrong), default=math.nan)
     if wrong:
-        events.append((wrong[0].request.sent, f"first request wrongly denied ({describe(wrong[0])})"))
+        hurt = min(wrong, key=lambda v: v.request.answered)
+        events.append((hurt.request.answered, f"first answer wrongly denying ({describe(hurt)})"))
     if rollback is not None:
         reason = (rollback.get("analysis") or {}).get("reason") or rollback.get("reason")
         events.append((rollback["at"], f"rollback (audit, {rollback.get('who')}): {reason}"))
@@ -693,7 +701,7 @@ def accident_timeline(out: Outcome, phase: Phase, verdicts: list[Verdict], mode:
     say_timeline(out, events, phase.canary_at)
     return Incident(
         applied=applied,
-        first_mismatch=min(first_report, wrong[0].request.sent if wrong else math.nan, key=_nan_last),
+        first_mismatch=min(first_report, first_wrong, key=_nan_last),
         rollback=rollback["at"] if rollback is not None else math.nan,
         stopped=stopped,
     )
@@ -740,8 +748,18 @@ def judge_accident(out: Outcome, phase: Phase, verdicts: list[Verdict], populati
         f"{len(wrong_here)} <= {bound} ({FIRST_WEIGHT}% of {len(window)} requests + 3 sd), each from the cohort",
     )
     out.check("none wrongly denied outside the canary region", not wrong_elsewhere, str(len(wrong_elsewhere)))
-    late = [v for v in wrong_here if v.request.sent > incident.stopped + SLACK]
-    out.check("nothing decided by v2 after the sidecars dropped it", not late, f"{len(late)} after")
+    # Strict, no slack: the audit's time is taken before the step's transaction, and a sidecar's
+    # installed_at after its swap, on the clock the load generators use.
+    outside = [
+        v
+        for v in verdicts
+        if v.decided_by == "v2" and not (incident.applied <= v.request.answered and v.request.sent <= incident.stopped)
+    ]
+    out.check(
+        "v2 decided only between its step's record and the last sidecar dropping it",
+        not outside,
+        f"{len(outside)} outside" + (f", e.g. {_sample(outside)}" if outside else ""),
+    )
 
 
 def judge_intended(out: Outcome, phase: Phase, verdicts: list[Verdict], status: dict[str, Any]) -> None:
