@@ -13,12 +13,15 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any, TypeVar
 
 LOOPBACK = "127.0.0.1"
+T = TypeVar("T")
 
 
 def free_port() -> int:
@@ -97,6 +100,32 @@ class StoppedError(Exception):
 
 def _raise_stopped(_signum: int, _frame: object) -> None:
     raise StoppedError
+
+
+def interruptibly(call: Callable[[], T], poll: float = 0.1) -> T:
+    """`call`'s result, computed in a daemon thread while this (the main) thread waits for it.
+
+    A stop signal raises :class:`StoppedError` in the main thread wherever it is; inside an event
+    loop (an in-process ctl, an asyncio phase) that can be one of the loop's callbacks, which
+    asyncio logs and carries on from, so the stop would be lost. Waiting here instead, the signal
+    lands in a join, and the thread is left to end with the process (the caller stops what it
+    talks to)."""
+    outcome: list[tuple[bool, Any]] = []
+
+    def target() -> None:
+        try:
+            outcome.append((True, call()))
+        except BaseException as exc:  # handed to the waiting thread, raised there
+            outcome.append((False, exc))
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(poll)
+    ok, value = outcome[0]
+    if not ok:
+        raise value
+    return value  # type: ignore[no-any-return]
 
 
 def stop_on_signals() -> None:

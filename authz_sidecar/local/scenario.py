@@ -57,6 +57,7 @@ from authz_sidecar.local.processes import (
     StoppedError,
     free_port,
     ignore_stop_signals,
+    interruptibly,
     stop_on_signals,
     stop_unrecorded_children,
     wait_for_http,
@@ -300,6 +301,9 @@ class Stack:
     def sidecars(self) -> list[SidecarProcess]:
         return [s for r in self.regions.values() for s in r.sidecars]
 
+    def ctl(self, *args: str) -> dict[str, Any]:
+        return interruptibly(lambda: run_ctl(self.endpoints, *args))
+
     def spawn(self, name: str, argv: list[str]) -> Process:
         process = Process(name, argv, self.workdir, env={"PYTHONUNBUFFERED": "1"})
         self.processes.append(process)
@@ -309,9 +313,9 @@ class Stack:
         self.etcd = EtcdCluster(self.workdir / "etcd")  # assigned first: stop() stops a half-started one
         self.etcd.start()
         catalog = EXAMPLE_POLICY / "catalog.yaml"
-        run_ctl(self.endpoints, "registry", "put", "--file", str(catalog))
+        self.ctl("registry", "put", "--file", str(catalog))
         active = write_json(self.workdir / "v1.json", population.active())
-        run_ctl(self.endpoints, "init", "--file", str(active))
+        self.ctl("init", "--file", str(active))
         jwks = self.issuer.write_jwks(self.workdir / "jwks.json")
         upstreams: dict[str, tuple[int, Process]] = {}
         for region in REGIONS:
@@ -885,14 +889,14 @@ def run(mode: Mode, workdir: Path) -> Outcome:
         time.sleep(mode.warmup)
         stack.check_alive()
         print("  phase 1: the accident, canaried ...", flush=True)
-        accident = asyncio.run(accident_phase(stack, population))
+        accident = interruptibly(lambda: asyncio.run(accident_phase(stack, population)))
         print(f"  phase 1 over: v2 {accident.observed.state}; phase 2: the intended part ...", flush=True)
-        intended = asyncio.run(intended_phase(stack, population))
+        intended = interruptibly(lambda: asyncio.run(intended_phase(stack, population)))
         print(f"  phase 2 over: v3 {intended.observed.state}; judging every answer ...", flush=True)
         results = stack.stop_traffic()
-        audit = run_ctl(stack.endpoints, "audit", "--last", "1000")["records"]
-        status = run_ctl(stack.endpoints, "status")
-        sets = asyncio.run(stored_sets(stack.endpoints, ("v1", "v2", "v3")))
+        audit = stack.ctl("audit", "--last", "1000")["records"]
+        status = stack.ctl("status")
+        sets = interruptibly(lambda: asyncio.run(stored_sets(stack.endpoints, ("v1", "v2", "v3"))))
         logged = mismatch_log(stack.sidecars)
     finally:
         stack.stop()
