@@ -12,7 +12,9 @@ region sending steady traffic from hundreds of principals (:mod:`authz_sidecar.l
 
 Every answer the clients got is judged afterwards (:mod:`authz_sidecar.local.verdicts`) against
 the sets stored in etcd and the pointer moves the audit recorded. It prints the timeline of each
-phase (t=0 at the canary's start) and the counts, and exits non-zero when an assertion fails.
+phase (t=0 at the canary's start) and the counts, and exits non-zero when an assertion fails;
+``requests.csv`` in the work directory has every request with its verdict (the answer expected
+under the active set then, the answer got, the set that decided it when that can be told).
 
 ``--quick`` runs the same story smaller and faster for CI. Every process started is stopped by its
 pid at the end, on failure and on Ctrl-C too; the work directory (logs, configs, records) is
@@ -24,6 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import csv
 import json
 import math
 import random
@@ -903,10 +906,29 @@ def run(mode: Mode, workdir: Path) -> Outcome:
         log_file.close()
     accident.audit = intended.audit = audit
     verdicts = judge_all(requests_of(results, population), sets, timeline_of(audit), SLACK)
+    write_verdicts(workdir / "requests.csv", verdicts)
     judge_accident(out, accident, verdicts, population, mode)
     judge_intended(out, intended, verdicts, status)
     judge_traffic(out, verdicts, results, logged)
     return out
+
+
+def write_verdicts(path: Path, verdicts: Sequence[Verdict]) -> None:
+    """Every request and its verdict, one row each, for a person to dig into (kept with the work
+    directory when a run fails, or with --workdir)."""
+    with path.open("w", newline="") as handle:
+        rows = csv.writer(handle)
+        rows.writerow(
+            ["sent", "answered", "region", "principal", "request", "expected", "status", "set_version", "reason",
+             "decided_by", "could_decide", "wrongly_denied", "unexplained", "error"]
+        )  # fmt: skip
+        for v in verdicts:
+            r = v.request
+            rows.writerow(
+                [f"{r.sent:.6f}", f"{r.answered:.6f}", r.region, r.principal, str(r.route),
+                 "allow" if v.expected_allow else "deny", r.status, r.version, r.reason, v.decided_by or "",
+                 " ".join(v.candidates), int(v.wrongly_denied), int(v.unexplained), int(v.error)]
+            )  # fmt: skip
 
 
 async def stored_sets(endpoints: str, versions: Sequence[str]) -> dict[str, CompiledSet]:
