@@ -22,7 +22,7 @@ venv: $(STAMP) ## create .venv with the sidecar, Envoy, etcd and the test tools
 run: $(STAMP) ## run a local mesh: demo upstream + authz-sidecar + Envoy (Ctrl-C stops it)
 	$(BIN)/python -m authz_sidecar.local.mesh
 
-scenario: $(STAMP) ## the controller on a live mesh: an accident rolled back unaided, the intended change promoted (~2 min)
+scenario: $(STAMP) ## the controller on a live mesh: an accident rolled back unaided, the intended change promoted (~90 s)
 	$(BIN)/python -m authz_sidecar.local.scenario
 
 test: lint typecheck bench-quick pytest ## everything CI runs: ruff, the import contract, mypy, the benchmark's quick mode, the test suite
