@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help venv run test lint typecheck pytest bench bench-quick profile bench-deps protos check-protos clean
+.PHONY: help venv run scenario test lint typecheck pytest bench bench-quick profile bench-deps protos check-protos clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -21,6 +21,9 @@ venv: $(STAMP) ## create .venv with the sidecar, Envoy, etcd and the test tools
 
 run: $(STAMP) ## run a local mesh: demo upstream + authz-sidecar + Envoy (Ctrl-C stops it)
 	$(BIN)/python -m authz_sidecar.local.mesh
+
+scenario: $(STAMP) ## the controller on a live mesh: an accident rolled back unaided, the intended change promoted (~90 s)
+	$(BIN)/python -m authz_sidecar.local.scenario
 
 test: lint typecheck bench-quick pytest ## everything CI runs: ruff, the import contract, mypy, the benchmark's quick mode, the test suite
 

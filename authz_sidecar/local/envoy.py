@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import string
 import subprocess
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import yaml
@@ -34,6 +34,24 @@ def with_tracing(config: Path, collector: tuple[str, int], fragment: Path = TRAC
     manager = data["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
     manager["tracing"] = tracing["tracing"]
     data["static_resources"]["clusters"].append(tracing["cluster"])
+    config.write_text(yaml.safe_dump(data, sort_keys=False))
+    return config
+
+
+def with_authz_endpoints(config: Path, endpoints: Sequence[tuple[str, int]]) -> Path:
+    """Point a rendered config's ``authz_sidecar`` cluster at several sidecars: Envoy balances its
+    Checks over them, as it would over the replicas of a region. The template names one sidecar,
+    which is what a sidecar deployment (one per service instance) has."""
+    data = yaml.safe_load(config.read_text())
+    cluster = next(c for c in data["static_resources"]["clusters"] if c["name"] == "authz_sidecar")
+    cluster["load_assignment"]["endpoints"] = [
+        {
+            "lb_endpoints": [
+                {"endpoint": {"address": {"socket_address": {"address": host, "port_value": port}}}}
+                for host, port in endpoints
+            ]
+        }
+    ]
     config.write_text(yaml.safe_dump(data, sort_keys=False))
     return config
 

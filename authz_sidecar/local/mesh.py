@@ -19,13 +19,13 @@ import io
 import json
 import os
 import shutil
-import signal
 import socket
 import sys
 import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,11 +35,108 @@ import yaml
 from authz_sidecar import cli
 from authz_sidecar.local import envoy
 from authz_sidecar.local.etcd import EtcdCluster
-from authz_sidecar.local.processes import LOOPBACK, Process, free_port, wait_for_http, wait_for_port
+from authz_sidecar.local.processes import (
+    LOOPBACK,
+    Process,
+    StoppedError,
+    free_port,
+    ignore_stop_signals,
+    stop_on_signals,
+    stop_unrecorded_children,
+    wait_for_http,
+    wait_for_port,
+)
 from authz_sidecar.local.tokens import DEMO_ISSUER, DemoIssuer
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE_POLICY = REPO_ROOT / "examples" / "policy"
+
+
+def run_ctl(endpoints: str, *args: str) -> dict[str, Any]:
+    """Run ``authz-sidecar ctl ... --json`` in this process against `endpoints`; return what it
+    printed. In-process: a ctl subprocess would spend a second of CPU importing before it does
+    anything, which a mesh under load feels."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = cli.main(["ctl", *args, "--etcd", endpoints, "--json"])
+    if code != 0:
+        raise RuntimeError(f"ctl {' '.join(args)} failed (exit {code})")
+    return json.loads(out.getvalue())  # type: ignore[no-any-return]
+
+
+def upstream_argv(port: int) -> list[str]:
+    """The demo upstream, echoing which set decided (authz_sidecar.local.upstream)."""
+    return [sys.executable, "-m", "authz_sidecar.local.upstream", "--port", str(port)]
+
+
+def sidecar_argv(
+    *,
+    grpc_port: int,
+    http_port: int,
+    etcd: str,
+    catalog: Path,
+    cache_file: Path,
+    region: str,
+    extra: Sequence[str] = (),
+) -> list[str]:
+    """A sidecar of the demo service on etcd, reading identities from Envoy's jwt_authn payload."""
+    return [
+        sys.executable,
+        "-m",
+        "authz_sidecar",
+        "serve",
+        "--listen",
+        f"{LOOPBACK}:{grpc_port}",
+        "--http",
+        f"{LOOPBACK}:{http_port}",
+        "--etcd",
+        etcd,
+        "--catalog",
+        str(catalog),
+        "--cache-file",
+        str(cache_file),
+        "--service",
+        "things",
+        "--region",
+        region,
+        "--jwt-authn-payload-key",
+        "jwt_payload",
+        "--grace",
+        "1",
+        *extra,
+    ]
+
+
+def render_envoy(
+    out: Path,
+    *,
+    listen_port: int,
+    admin_port: int,
+    authz_ports: Sequence[int],
+    upstream_port: int,
+    jwks: Path,
+    collector: tuple[str, int] | None = None,
+) -> Path:
+    """envoy/sidecar.yaml for one Envoy in front of the demo upstream, asking the sidecars on
+    `authz_ports` (Envoy balances its Checks over them)."""
+    config = envoy.render(
+        {
+            "LISTEN_PORT": listen_port,
+            "ADMIN_PORT": admin_port,
+            "AUTHZ_ADDRESS": LOOPBACK,
+            "AUTHZ_PORT": authz_ports[0],
+            "UPSTREAM_ADDRESS": LOOPBACK,
+            "UPSTREAM_PORT": upstream_port,
+            "JWKS_FILE": jwks,
+            "JWT_ISSUER": DEMO_ISSUER,
+        },
+        out,
+    )
+    if len(authz_ports) > 1:
+        envoy.with_authz_endpoints(config, [(LOOPBACK, port) for port in authz_ports])
+    if collector is not None:
+        envoy.with_tracing(config, collector)
+    return config
 
 
 def port_or_free(preferred: int) -> int:
@@ -74,12 +171,7 @@ class Mesh:
 
     def ctl(self, *args: str) -> dict[str, Any]:
         """Run ``authz-sidecar ctl ... --json`` against the mesh's etcd; return what it printed."""
-        out = io.StringIO()
-        with contextlib.redirect_stdout(out):
-            code = cli.main(["ctl", *args, "--etcd", self.etcd_endpoints, "--json"])
-        if code != 0:
-            raise RuntimeError(f"ctl {' '.join(args)} failed (exit {code})")
-        return json.loads(out.getvalue())  # type: ignore[no-any-return]
+        return run_ctl(self.etcd_endpoints, *args)
 
     def seed(self) -> None:
         """etcd gets the example policy the way an operator would write it."""
@@ -106,31 +198,18 @@ class Mesh:
             self.etcd = EtcdCluster(self.workdir / "etcd")  # assigned first: stop() stops a half-started one
             self.etcd.start()
             self.seed()
-            upstream_argv = [
-                sys.executable,
-                "-m",
-                "authz_sidecar.local.upstream",
-                "--port",
-                str(self.ports["upstream"]),
-            ]
-            upstream = self._spawn("upstream", upstream_argv)
+            upstream = self._spawn("upstream", upstream_argv(self.ports["upstream"]))
             wait_for_port(self.ports["upstream"], upstream)
             self.start_sidecar()
-            config = envoy.render(
-                {
-                    "LISTEN_PORT": self.ports["envoy"],
-                    "ADMIN_PORT": self.ports["admin"],
-                    "AUTHZ_ADDRESS": LOOPBACK,
-                    "AUTHZ_PORT": self.ports["grpc"],
-                    "UPSTREAM_ADDRESS": LOOPBACK,
-                    "UPSTREAM_PORT": self.ports["upstream"],
-                    "JWKS_FILE": jwks,
-                    "JWT_ISSUER": DEMO_ISSUER,
-                },
+            config = render_envoy(
                 self.workdir / "envoy.yaml",
+                listen_port=self.ports["envoy"],
+                admin_port=self.ports["admin"],
+                authz_ports=[self.ports["grpc"]],
+                upstream_port=self.ports["upstream"],
+                jwks=jwks,
+                collector=self.collector,
             )
-            if self.collector is not None:
-                envoy.with_tracing(config, self.collector)
             proxy = envoy.start(config, self.workdir)
             self.processes.append(proxy)
             wait_for_port(self.ports["envoy"], proxy)
@@ -152,31 +231,15 @@ class Mesh:
     def start_sidecar(self) -> Process:
         sidecar = self._spawn(
             "sidecar",
-            [
-                sys.executable,
-                "-m",
-                "authz_sidecar",
-                "serve",
-                "--listen",
-                f"{LOOPBACK}:{self.ports['grpc']}",
-                "--http",
-                f"{LOOPBACK}:{self.ports['http']}",
-                "--etcd",
-                self.etcd_endpoints,
-                "--catalog",
-                str(self.policy_dir / "catalog.yaml"),
-                "--cache-file",
-                str(self.workdir / "snapshot-cache.json"),
-                "--service",
-                "things",
-                "--region",
-                self.region,
-                "--jwt-authn-payload-key",
-                "jwt_payload",
-                "--grace",
-                "1",
-                *self.sidecar_args,
-            ],
+            sidecar_argv(
+                grpc_port=self.ports["grpc"],
+                http_port=self.ports["http"],
+                etcd=self.etcd_endpoints,
+                catalog=self.policy_dir / "catalog.yaml",
+                cache_file=self.workdir / "snapshot-cache.json",
+                region=self.region,
+                extra=self.sidecar_args,
+            ),
         )
         wait_for_http(f"http://{LOOPBACK}:{self.ports['http']}/readyz", sidecar)
         return sidecar
@@ -274,47 +337,13 @@ Every sidecar follows within milliseconds; a bad document keeps the last good se
 """
 
 
-class _StoppedError(Exception):
-    """Ctrl-C or SIGTERM: unwinds whatever is running (an in-process ctl included, which would
-    swallow a KeyboardInterrupt) so that main's cleanup runs."""
-
-
-def _stop(_signum: int, _frame: object) -> None:
-    raise _StoppedError
-
-
-def _stop_unrecorded_children(timeout: float = 10.0) -> None:
-    """Stop children the mesh has no Process for: a signal that lands while a process is being
-    started unwinds before its Process is recorded, and the child runs on. They are found by their
-    parent pid (Linux's /proc; elsewhere nothing is found) and stopped by pid, SIGTERM then SIGKILL."""
-    me = str(os.getpid())
-    children = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError, IndexError):
-            if stat.read_text().rsplit(")", 1)[1].split()[1] == me:  # field 4: the parent's pid
-                children.append(int(stat.parent.name))
-    for pid in children:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    for pid in children:
-        with contextlib.suppress(ChildProcessError, ProcessLookupError):  # gone and reaped already
-            while os.waitpid(pid, os.WNOHANG) == (0, 0):
-                if time.monotonic() > deadline:
-                    os.kill(pid, signal.SIGKILL)
-                    os.waitpid(pid, 0)
-                    break
-                time.sleep(0.05)
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description="run a local mesh: upstream + authz-sidecar + Envoy")
     parser.add_argument("--check", action="store_true", help="run the demonstration, then stop")
     parser.add_argument("--workdir", type=Path, default=None, help="where logs, tokens and configs go")
     parser.add_argument("--free-ports", action="store_true", help="free ports, not 8080, 9191, 9464, ... if free")
     args = parser.parse_args()
-    signal.signal(signal.SIGINT, _stop)
-    signal.signal(signal.SIGTERM, _stop)
+    stop_on_signals()
     owned = args.workdir is None
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="authz-mesh-"))
     mesh: Mesh | None = None
@@ -343,19 +372,17 @@ def main() -> int:
         print(f"stopped because {', '.join(dead)} exited; see {workdir}", file=sys.stderr)
         owned = False  # keep the logs to read
         return 1
-    except _StoppedError:
+    except StoppedError:
         return 0  # how the mesh is meant to be stopped
     except Exception:
         owned = False
         print(f"the mesh failed; its logs are in {workdir}", file=sys.stderr)
         raise
     finally:
-        # A second Ctrl-C must not cut the cleanup short: processes would be left running.
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        ignore_stop_signals()
         if mesh is not None:
             mesh.stop()
-        _stop_unrecorded_children()
+        stop_unrecorded_children()
         if owned:
             shutil.rmtree(workdir, ignore_errors=True)  # logs, configs, etcd's data, demo tokens
         with contextlib.suppress(OSError):

@@ -13,12 +13,15 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any, TypeVar
 
 LOOPBACK = "127.0.0.1"
+T = TypeVar("T")
 
 
 def free_port() -> int:
@@ -88,6 +91,78 @@ class Process:
                 self.popen.wait(timeout=timeout)
         self._log.close()
         return self.popen.returncode
+
+
+class StoppedError(Exception):
+    """Ctrl-C or SIGTERM: unwinds whatever is running (an in-process ctl included, which would
+    swallow a KeyboardInterrupt) so that the caller's cleanup runs."""
+
+
+def _raise_stopped(_signum: int, _frame: object) -> None:
+    raise StoppedError
+
+
+def interruptibly(call: Callable[[], T], poll: float = 0.1) -> T:
+    """`call`'s result, computed in a daemon thread while this (the main) thread waits for it.
+
+    A stop signal raises :class:`StoppedError` in the main thread wherever it is; inside an event
+    loop (an in-process ctl, an asyncio phase) that can be one of the loop's callbacks, which
+    asyncio logs and carries on from, so the stop would be lost. Waiting here instead, the signal
+    lands in a join, and the thread is left to end with the process (the caller stops what it
+    talks to)."""
+    outcome: list[tuple[bool, Any]] = []
+
+    def target() -> None:
+        try:
+            outcome.append((True, call()))
+        except BaseException as exc:  # handed to the waiting thread, raised there
+            outcome.append((False, exc))
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(poll)
+    ok, value = outcome[0]
+    if not ok:
+        raise value
+    return value  # type: ignore[no-any-return]
+
+
+def stop_on_signals() -> None:
+    """SIGINT and SIGTERM raise :class:`StoppedError` in the main thread from now on."""
+    signal.signal(signal.SIGINT, _raise_stopped)
+    signal.signal(signal.SIGTERM, _raise_stopped)
+
+
+def ignore_stop_signals() -> None:
+    """A second Ctrl-C must not cut a cleanup short: processes would be left running."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def stop_unrecorded_children(timeout: float = 10.0) -> None:
+    """Stop children no :class:`Process` was recorded for: a signal that lands while a process is
+    being started unwinds before its Process is recorded, and the child runs on. They are found by
+    their parent pid (Linux's /proc; elsewhere nothing is found) and stopped by pid, SIGTERM then
+    SIGKILL."""
+    me = str(os.getpid())
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, IndexError):
+            if stat.read_text().rsplit(")", 1)[1].split()[1] == me:  # field 4: the parent's pid
+                children.append(int(stat.parent.name))
+    for pid in children:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    for pid in children:
+        with contextlib.suppress(ChildProcessError, ProcessLookupError):  # gone and reaped already
+            while os.waitpid(pid, os.WNOHANG) == (0, 0):
+                if time.monotonic() > deadline:
+                    os.kill(pid, signal.SIGKILL)
+                    os.waitpid(pid, 0)
+                    break
+                time.sleep(0.05)
 
 
 def wait_for_port(port: int, proc: Process | None = None, timeout: float = 20.0) -> None:
