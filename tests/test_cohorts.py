@@ -11,9 +11,11 @@ import pytest
 
 from authz_sidecar.documents import parse_catalog, parse_permission_set, parse_rollout, parse_shadow
 from authz_sidecar.documents.cohorts import MAX_COHORT_PRINCIPALS, MAX_COHORT_ROLE_SETS
+from authz_sidecar.documents.rolloutplans import parse_rollout_plan, rollout_plan_document
 from authz_sidecar.errors import DocumentError
 from authz_sidecar.model.assembly import Read, assemble
 from authz_sidecar.model.evaluation import evaluate
+from authz_sidecar.model.rolloutplan import Step
 from authz_sidecar.model.selection import Selection, select
 from authz_sidecar.model.snapshot import CompileCache, Snapshot, build_snapshot
 from authz_sidecar.model.values import Cohort
@@ -179,3 +181,40 @@ def test_a_rebuild_reuses_resolved_cohorts_and_forgets_those_moved_past() -> Non
     assert cache.cohorts(active, [first])[first] is found[first]
     cache.cohorts(active, [second])
     assert cache.cohorts(active, [first])[first] is not found[first]
+
+
+def test_a_plan_step_may_be_a_cohort_and_a_later_weight_keeps_it() -> None:
+    plan = parse_rollout_plan(
+        {
+            "steps": [
+                {"region": "eu-west", "cohort": {"principals": ["alice"], "role_sets": [["viewer"]]}},
+                {"region": "eu-west", "weight": 25},
+                {"region": "us-east", "cohort": {"role_sets": [["editor", "viewer"]]}},
+            ]
+        },
+        "plan",
+    )
+    cohort = Cohort(frozenset({"alice"}), frozenset({frozenset({"viewer"})}))
+    assert plan.steps[0] == Step("eu-west", 0, cohort)
+    assert plan.rollout_at(0) == ({}, {"eu-west": cohort})
+    assert plan.rollout_at(1) == ({"eu-west": 25}, {"eu-west": cohort})
+    assert plan.rollout_at(2)[1].keys() == {"eu-west", "us-east"} and plan.weights_at(2) == {"eu-west": 25}
+    assert plan.describe() == "eu-west=cohort,25 then us-east=cohort every 120s"
+    assert plan.steps[0].describe() == "eu-west cohort (1 named, 1 role combination)"
+    assert parse_rollout_plan(rollout_plan_document(plan), "again") == plan
+
+
+@pytest.mark.parametrize(
+    ("step", "needle"),
+    [
+        ({"region": "eu-west", "weight": 5, "cohort": {"principals": ["bob"]}}, "a weight or a cohort"),
+        ({"region": "eu-west"}, "a weight or a cohort"),
+        ({"region": "eu-west", "cohort": {}}, "names principals or role combinations"),
+        ({"region": "eu-west", "cohort": {"people": ["bob"]}}, "unknown field 'people'"),
+        ({"region": "EU", "cohort": {"principals": ["bob"]}}, "not a region name"),
+        ({"region": "eu-west", "weight": 5, "wieght": 5}, "unknown field 'wieght'"),
+    ],
+)
+def test_a_malformed_step_is_refused(step: dict[str, Any], needle: str) -> None:
+    with pytest.raises(DocumentError, match=needle):
+        parse_rollout_plan({"steps": [step]}, "plan")

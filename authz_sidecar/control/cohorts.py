@@ -19,6 +19,7 @@ from authz_sidecar.documents import load_document, parse_permission_set
 from authz_sidecar.documents.cohorts import check_region, cohort_document, parse_cohort
 from authz_sidecar.errors import ConfigError, DocumentError
 from authz_sidecar.model.cohorts import describe_missing, missing_roles
+from authz_sidecar.model.rolloutplan import RolloutPlan
 from authz_sidecar.model.values import Cohort
 from authz_sidecar.store.policy import PolicyStore, StoreError
 
@@ -74,6 +75,15 @@ async def check_roles(store: PolicyStore, cohorts: Mapping[str, Cohort]) -> None
     missing = missing_roles(cohorts, active.roles)
     if missing:
         raise StoreError(describe_missing(missing, active.roles, version))
+
+
+def of_plan(plan: RolloutPlan | None) -> dict[str, Cohort]:
+    """Every role combination a plan's cohort steps name, per region: what check_roles checks."""
+    combined: dict[str, frozenset[frozenset[str]]] = {}
+    for step in plan.steps if plan is not None else ():
+        if step.cohort is not None:
+            combined[step.region] = combined.get(step.region, frozenset()) | step.cohort.role_sets
+    return {region: Cohort(role_sets=role_sets) for region, role_sets in combined.items()}
 
 
 def summary(cohorts: Mapping[str, Cohort]) -> dict[str, Any]:

@@ -186,6 +186,7 @@ async def cmd_propose(store: PolicyStore, ns: argparse.Namespace) -> dict[str, A
     if ns.rebase:  # the stale shadow leaves in the same transaction, handing over its locks
         change_record = replace(change_record, fields={**change_record.fields, "rebased": ns.rebase})
     rollout_plan = rollouts.from_shadow_file(data, ns.file) if data is not None else None
+    await cohorts.check_roles(store, cohorts.of_plan(rollout_plan))
     if rollout_plan is not None and (shadow.rollout.weights or shadow.rollout.cohorts):
         raise ConfigError(f"{ns.file}: give weights and cohorts or a plan, not both (the plan sets them step by step)")
     done = await store.propose(

@@ -234,7 +234,7 @@ async def cmd_analyze(store: PolicyStore, ns: argparse.Namespace) -> dict[str, A
     return {
         "version": ns.version,
         "state": stored.progress.state.value,
-        "step": f"{stored.progress.step + 1}/{len(stored.plan.steps)} {step.region} at {step.weight}%",
+        "step": f"{stored.progress.step + 1}/{len(stored.plan.steps)} {step.describe()}",
         "sidecars": sorted(r.sidecar for r in reports if r.region == step.region),
         **analysis.document(now),
     }
@@ -250,7 +250,7 @@ def plan_status(stored: StoredPlan) -> dict[str, Any]:
         "state": progress.state.value,
         "step": progress.step + 1,
         "steps": len(plan.steps),
-        "at": f"{step.region} {step.weight}%" + ("" if progress.applied else " (not applied yet)"),
+        "at": f"{step.region} {step.amount}" + ("" if progress.applied else " (not applied yet)"),
         "successes": f"{progress.successes}/{plan.successes}",
         "inconclusive": f"{progress.inconclusive}/{plan.inconclusive_limit}",
         "message": progress.message,
