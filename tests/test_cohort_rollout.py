@@ -26,6 +26,7 @@ from .helpers import (
     etcd_sidecar,
     raw_put,
     request,
+    scrape,
     seed,
     status,
     status_of,
@@ -108,6 +109,14 @@ def test_a_cohort_by_role_combination_moves_exactly_its_holders_in_its_region_on
         "carol": (403, ""),
     }
     assert answer(eu, "vic", "GET") == (200, "default")
+    # The metrics label says it too, where it says canary for a weight.
+    by_cohort = [
+        (dict(labels)["decided_by"], value)
+        for (name, labels), value in scrape(eu).items()
+        if name == "authz_decisions_total" and dict(labels).get("selection") == "cohort"
+    ]
+    assert by_cohort and all(decided_by == "shadow" for decided_by, _ in by_cohort)
+    assert sum(value for _, value in by_cohort) == 2  # bob's and qa-bot's PUT
     # us-east keeps everyone on the active set.
     assert shadow_status(us, "v2")["cohort_here"] == 0
     assert {p: answer(us, p)[0] for p in EVERYONE} == {p: 200 if p == "alice" else 403 for p in EVERYONE}
