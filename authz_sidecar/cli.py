@@ -376,7 +376,11 @@ def _validate(ns: argparse.Namespace) -> int:
                 "handles": len(snapshot.handles),
                 "routes": len(snapshot.routes),
                 "shadows": {
-                    s.version: {"weight_here": s.weight_bp / 100, "predicted_impact": len(s.impact)}
+                    s.version: {
+                        "weight_here": s.weight_bp / 100,
+                        "cohort_here": len(s.cohort),
+                        "predicted_impact": len(s.impact),
+                    }
                     for s in snapshot.shadows
                 },
                 "cases": {

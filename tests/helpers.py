@@ -78,6 +78,7 @@ def shadow(
     weights: dict[str, int] | None = None,
     testers: list[str] | None = None,
     grants: list[dict[str, Any]] | None = None,
+    cohorts: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """A shadow of ACTIVE in which bob is an editor, unless other grants are given."""
     doc: dict[str, Any] = {
@@ -97,6 +98,8 @@ def shadow(
         doc["weights"] = weights
     if testers is not None:
         doc["testers"] = testers
+    if cohorts is not None:
+        doc["cohorts"] = cohorts
     return doc
 
 
@@ -295,7 +298,7 @@ def raw_set(endpoints: str, prefix: str, document: dict[str, Any]) -> None:
     """Store a set document under its version (chunk, then head) without ctl's checks; nothing
     points at it yet. A shadow's rollout fields are left out: in etcd they live in the pointer."""
     lay = layout.Layout(prefix)
-    document = {k: v for k, v in document.items() if k not in ("weights", "testers", "state")}
+    document = {k: v for k, v in document.items() if k not in ("weights", "testers", "state", "cohorts")}
     version = document["version"]
     head, chunks = layout.split(version, json.dumps(document).encode())
     for index, chunk in enumerate(chunks):

@@ -234,6 +234,30 @@ def test_a_plan_over_two_regions_advances_step_by_step_and_promotes(
     wait_for(lambda: all(decision(s, "bob", "PUT") == 200 for s in sides.values()), what="bob edits")
 
 
+def test_a_plan_whose_step_is_a_cohort_moves_that_regions_cohort_and_promotes(
+    etcd: EtcdCluster, tmp_path: Path, mesh: tuple[str, dict[str, RunningSidecar]], cleanup: contextlib.ExitStack
+) -> None:
+    prefix, sides = mesh
+    cohort_step = {"region": "eu-west", "cohort": {"principals": ["bob"]}}
+    plan = {"steps": [cohort_step], "interval": "1s", "gates": {"min_evaluations": 3}}
+    propose(etcd.endpoints, prefix, tmp_path, {**change("v8", {"principal": "bob", "grant": ["editor"]}), "plan": plan})
+    assert plan_of(etcd.endpoints, prefix, "v8")["plan"] == "eu-west=cohort every 1s"
+    traffic = Traffic(sides)
+    cleanup.callback(traffic.stop)
+    controller = RunningController(etcd.endpoints, prefix)
+    cleanup.callback(controller.close)
+    wait_state(etcd.endpoints, prefix, "v8", "promoted", timeout=40)
+    records = [r for r in audit_records(etcd.endpoints, prefix) if r.get("version") == "v8"]
+    (step,) = [r for r in records if r["action"] == "canary"]
+    assert step["weights"] == {} and step["cohorts"] == {"eu-west": {"principals": ["bob"], "role_sets": []}}
+    promoted_at = next(r["at"] for r in records if r["action"] == "promote")
+    before = {(region, principal, status) for at, region, principal, method, status in traffic.answers if
+              at < promoted_at and method == "PUT"}  # fmt: skip
+    # Until the promotion, the cohort step moved bob in eu-west alone: not in us-east, not vic.
+    assert ("eu-west", "bob", 200) in before
+    assert ("us-east", "bob", 200) not in before and ("eu-west", "vic", 200) not in before
+
+
 def test_unexpected_mismatches_in_the_canary_region_roll_back_and_the_other_region_is_never_touched(
     etcd: EtcdCluster, tmp_path: Path, mesh: tuple[str, dict[str, RunningSidecar]], cleanup: contextlib.ExitStack
 ) -> None:

@@ -13,7 +13,7 @@ import pytest
 from authz_sidecar.model.selection import stable_bucket
 from authz_sidecar.telemetry import otlpencoding, sampling, tracecontext, tracing
 
-from .helpers import RunningSidecar, check, request, shadow, sidecar_settings, status_of, write_policy
+from .helpers import ACTIVE, RunningSidecar, check, request, shadow, sidecar_settings, status_of, write_policy
 from .otlp import OtlpReceiver
 
 
@@ -112,7 +112,14 @@ def test_a_request_through_envoy_is_one_trace_with_envoy_and_the_sidecar(
     from authz_sidecar.local.envoy import validate
     from authz_sidecar.local.mesh import Mesh
 
-    policy = write_policy(tmp_path / "policy", shadows=[shadow("v2", testers=["qa-bot"], weights={"us-east": 10})])
+    policy = write_policy(
+        tmp_path / "policy",
+        shadows=[
+            shadow("v2", testers=["qa-bot"], weights={"us-east": 10}),
+            # The active set's grants again (it locks no handle): bob, in its cohort, is decided by it.
+            shadow("v3", grants=ACTIVE["grants"], cohorts={"us-east": {"principals": ["bob"]}}),
+        ],
+    )
     canaried = next(f"user-{i}" for i in range(1000) if stable_bucket(f"user-{i}", "v2") < 1000)
     mesh = Mesh(workdir=tmp_path, policy_dir=policy, region="us-east", collector=("127.0.0.1", receiver.port))
     mesh.start(preferred=False)
@@ -123,6 +130,7 @@ def test_a_request_through_envoy_is_one_trace_with_envoy_and_the_sidecar(
             ("alice", {}, "active"),
             ("qa-bot", {"x-authz-shadow-version": "v2"}, "shadow"),
             (canaried, {}, "shadow"),
+            ("bob", {}, "shadow"),
         ):
             trace_id, parent = ids()
             headers = {"traceparent": f"00-{trace_id}-{parent}-01", **extra}
@@ -133,6 +141,9 @@ def test_a_request_through_envoy_is_one_trace_with_envoy_and_the_sidecar(
             assert span.attributes["authz.decided_by"] == decided_by
             if principal == canaried:
                 assert span.attributes["authz.selection"] == "canary"
+            if principal == "bob":  # in v3's cohort here, whatever v2's weight would draw
+                assert span.attributes["authz.selection"] == "cohort"
+                assert span.attributes["authz.enforced_version"] == "v3"
             assert span.attributes["authz.permission"] == "things:view"
             traces.append(trace_id)
             print(f"\n  trace {trace_id}: {span.name} {json.dumps(span.attributes, sort_keys=True)}")

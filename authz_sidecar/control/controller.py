@@ -33,6 +33,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from authz_sidecar.control import deadletters
 from authz_sidecar.control.webhooks import WebhookConfig, Webhooks
 from authz_sidecar.documents import load_document, parse_permission_set
+from authz_sidecar.documents.cohorts import cohort_document
 from authz_sidecar.errors import DocumentError
 from authz_sidecar.model.analysis import Analysis, Impact, Report, analyse, opening
 from authz_sidecar.model.cases import CaseResult, run_suites
@@ -264,7 +265,7 @@ class Controller:
             return
         now = time.time()
         reports = await self.plans.reports(stored.version)
-        message = f"step {progress.step + 1}/{len(plan.steps)}: {step.region} at {step.weight}%"
+        message = f"step {progress.step + 1}/{len(plan.steps)}: {step.describe()}"
         after = with_history(
             replace(progress, applied=True, successes=0, inconclusive=0, window=opening(reports, now), message=message),
             {"at": now, "move": "apply", "step": progress.step + 1, "region": step.region, "weight": step.weight},
@@ -274,7 +275,8 @@ class Controller:
             subject=f"{stored.version}:step{progress.step + 1}",
             fields={"who": self.ident, "reason": message, "version": stored.version, "plan": stored.plan_id},
         )
-        await self._fenced(stored, after).canary(stored.version, plan.weights_at(progress.step), change)
+        weights, cohorts = plan.rollout_at(progress.step)
+        await self._fenced(stored, after).canary(stored.version, weights, change, cohorts=cohorts)
         self.metrics.moves.labels("apply").inc()
         log.info("step_applied", version=stored.version, step=progress.step + 1, region=step.region, weight=step.weight)
         self._event(stored, "step", after, None)
@@ -466,6 +468,7 @@ class Controller:
                 "of": len(stored.plan.steps),
                 "region": step.region,
                 "weight": step.weight,
+                "cohort": cohort_document(step.cohort) if step.cohort is not None else None,
             },
             "outcome": analysis.outcome.value if analysis and analysis.outcome else None,
             "gates": [g.document() for g in analysis.gates] if analysis else [],

@@ -24,7 +24,7 @@ from typing import Any
 import grpc
 from etcd3aio.errors import EtcdError
 
-from authz_sidecar.control import deadletters, rollouts
+from authz_sidecar.control import cohorts, deadletters, rollouts
 from authz_sidecar.control.explaining import add_explain_command
 from authz_sidecar.control.replay import add_replay_command
 from authz_sidecar.control.rolecombos import add_roles_commands
@@ -52,7 +52,7 @@ Command = Callable[[PolicyStore, argparse.Namespace], Awaitable[Any]]
 # Principals and handles `ctl report` lists behind unexpected mismatches.
 TOP_UNEXPECTED = 10
 # The fields a shadow file may carry beside a set: its rollout.
-_ROLLOUT_FIELDS = frozenset({"weights", "testers", "state", "plan"})
+_ROLLOUT_FIELDS = frozenset({"weights", "testers", "state", "cohorts", "plan"})
 # Flips listed per page of a plan (ctl propose, ctl diff --limit).
 PLAN_PAGE = 50
 
@@ -156,6 +156,7 @@ async def cmd_propose(store: PolicyStore, ns: argparse.Namespace) -> dict[str, A
     )
     permissions = replace(shadow.permissions, meta=meta)
     await _check_against_catalogs(store, permissions, "shadow set")
+    await cohorts.check_roles(store, shadow.rollout.cohorts)
     # The plan, before anything is written: a flip the declared changes do not explain stops here.
     change_plan = plan(await _active_set(store, pointers.active), permissions)
     if change_plan.undeclared and not ns.accept_undeclared:
@@ -186,8 +187,9 @@ async def cmd_propose(store: PolicyStore, ns: argparse.Namespace) -> dict[str, A
     if ns.rebase:  # the stale shadow leaves in the same transaction, handing over its locks
         change_record = replace(change_record, fields={**change_record.fields, "rebased": ns.rebase})
     rollout_plan = rollouts.from_shadow_file(data, ns.file) if data is not None else None
-    if rollout_plan is not None and shadow.rollout.weights:
-        raise ConfigError(f"{ns.file}: give weights or a plan, not both (the plan sets the weights step by step)")
+    await cohorts.check_roles(store, cohorts.of_plan(rollout_plan))
+    if rollout_plan is not None and (shadow.rollout.weights or shadow.rollout.cohorts):
+        raise ConfigError(f"{ns.file}: give weights and cohorts or a plan, not both (the plan sets them step by step)")
     done = await store.propose(
         permissions, dump_permission_set(permissions), shadow.rollout, change_record, replaces=ns.rebase or None
     )
@@ -440,27 +442,36 @@ def _weights(values: list[str]) -> dict[str, int]:
             raise ConfigError(f"--weight {value!r}: expected REGION=PERCENT with a whole percent 0..100")
         weights[region.strip()] = int(percent)
     if not weights:
-        raise ConfigError("give at least one --weight REGION=PERCENT")
+        raise ConfigError("give at least one --weight REGION=PERCENT, --cohort or --cohort-roles")
     return weights
 
 
 async def cmd_canary(store: PolicyStore, ns: argparse.Namespace) -> dict[str, Any]:
     if ns.plan:
-        if ns.weight:
-            raise ConfigError("ctl canary takes --weight REGION=PERCENT, or --plan REGION=W1,W2,..., not both")
+        if ns.weight or ns.cohort or ns.cohort_roles:
+            raise ConfigError("ctl canary takes --weight/--cohort/--cohort-roles, or --plan REGION=W1,W2,..., not both")
         return await rollouts.cmd_start(store, ns)
     if ns.then or ns.accept_unexercised:
         raise ConfigError("--then and --accept-unexercised go with --plan")
-    weights = _weights(ns.weight)
+    groups = cohorts.from_flags(ns)
+    weights = _weights(ns.weight) if ns.weight or not groups else {}
     await rollouts.refuse_if_planned(store, ns.version)
+    await cohorts.check_roles(store, groups)
     # With a request id, a rerun of the same canary step does nothing twice.
     subject = f"{ns.version}:" + ",".join(f"{r}={w}" for r, w in sorted(weights.items()))
+    subject += f";cohorts={cohorts.subject(groups)}" if groups else ""
     change = Change("canary", ns.request_id, subject=subject, fields={"who": _who(), "version": ns.version})
     done = await store.done_before(change)
     if done is not None:
         return {"version": ns.version, "repeated": True, "audit_seq": done.get("seq")}
-    rollout = await store.canary(ns.version, weights, change)
-    return {"version": ns.version, "weights": dict(rollout.weights), "state": rollout.state, "repeated": False}
+    rollout = await store.canary(ns.version, weights, change, cohorts=groups)
+    return {
+        "version": ns.version,
+        "weights": dict(rollout.weights),
+        "cohorts": cohorts.summary(rollout.cohorts),
+        "state": rollout.state,
+        "repeated": False,
+    }
 
 
 async def cmd_status(store: PolicyStore, _ns: argparse.Namespace) -> dict[str, Any]:
@@ -698,9 +709,10 @@ def add_parser(
         help="propose it although its plan has flips its declared changes do not explain (counted as unexpected)",
     )
     _add_lifecycle_commands(command)
-    canary = command("canary", "set a shadow's canary weight per region", cmd_canary)
+    canary = command("canary", "set a shadow's canary weight and cohort per region", cmd_canary)
     canary.add_argument("version")
     canary.add_argument("--weight", action="append", default=[], metavar="REGION=PERCENT", help="repeatable")
+    cohorts.add_flags(canary)
     canary.add_argument("--request-id", default="", help="the change request (a rerun does nothing twice)")
     rollouts.add_plan_flags(canary)
     diff = command("diff", "a live shadow's plan: who gains or loses which handle, against the active set", cmd_diff)

@@ -2,9 +2,10 @@
 answer, and which set decides this principal's requests in each region.
 
 The region answer follows the selection rule (:mod:`authz_sidecar.model.selection`) for a request
-without the tester header, with the principal as the stickiness key (the default): the live
-shadows with a weight in the region, in version order, the first whose bucket for this principal
-falls under its weight.
+without the tester header, with the principal as the stickiness key (the default): the first live
+shadow, in version order, whose cohort in the region holds the principal (named, or by the unscoped
+role combination the principal holds in the active set); else the live shadows with a weight in
+the region, in version order, the first whose bucket for this principal falls under its weight.
 """
 
 from __future__ import annotations
@@ -20,8 +21,12 @@ from authz_sidecar.model.explain import explain
 from authz_sidecar.model.reasons import Reason
 from authz_sidecar.model.selection import BUCKETS, stable_bucket
 from authz_sidecar.model.snapshot import version_key
-from authz_sidecar.model.values import PermissionSet
+from authz_sidecar.model.values import Cohort, PermissionSet
 from authz_sidecar.store.policy import PolicyStore, StoreError
+
+
+def _in_cohort(cohort: Cohort | None, principal: str, combination: frozenset[str]) -> bool:
+    return cohort is not None and (principal in cohort.principals or combination in cohort.role_sets)
 
 
 async def _set(store: PolicyStore, version: str) -> PermissionSet:
@@ -51,21 +56,32 @@ async def cmd_explain(store: PolicyStore, ns: argparse.Namespace) -> dict[str, A
         version: "allow" if compile_set(permissions).decide(principal, handle, scope) is Reason.ALLOWED else "deny"
         for version, permissions in live.items()
     }
-    regions = sorted({region for rollout in pointers.shadows.values() for region in rollout.weights})
+    regions = sorted(
+        {region for rollout in pointers.shadows.values() for region in [*rollout.weights, *rollout.cohorts]}
+    )
+    # The roles of the principal's unscoped grants in the active set: its combination, if any.
+    combination = frozenset(
+        role for g in live[pointers.active].grants if g.principal == principal and g.scope is None for role in g.roles
+    )
+    fresh = [
+        (version, pointers.shadows[version])
+        for version in sorted(pointers.shadows, key=version_key)
+        if pointers.shadows[version].state != "stale" and live[version].meta.parent in ("", pointers.active)
+    ]
     decided: dict[str, str] = {}
+    how: dict[str, str] = {}
     for region in regions:
-        decided[region] = pointers.active
-        for version in sorted(pointers.shadows, key=version_key):
-            rollout = pointers.shadows[version]
-            stale = rollout.state == "stale" or live[version].meta.parent not in ("", pointers.active)
-            weight = 0 if stale else rollout.weights.get(region, 0)
-            if stable_bucket(principal, version) < weight * BUCKETS // 100:
-                decided[region] = version
-                break
+        cohort = next((v for v, r in fresh if _in_cohort(r.cohorts.get(region), principal, combination)), None)
+        canary = next(
+            (v for v, r in fresh if stable_bucket(principal, v) < r.weights.get(region, 0) * BUCKETS // 100), None
+        )
+        decided[region] = cohort or canary or pointers.active
+        how[region] = "cohort" if cohort else "canary" if canary else "default"
     return {
         **explain(chosen, principal, handle, scope).document(),
         "live_answers": answers,
         "decided_by_region": {**decided, "(any other region)": pointers.active},
+        "selection_by_region": {**how, "(any other region)": "default"},
     }
 
 

@@ -25,6 +25,7 @@ from authz_sidecar.documents.rolloutplans import (
 )
 from authz_sidecar.errors import ConfigError, DocumentError
 from authz_sidecar.model.rolloutplan import PlanState, Progress, RolloutPlan, with_history
+from authz_sidecar.model.values import Cohort
 from authz_sidecar.store.election import Election
 from authz_sidecar.store.plans import PlanStore, StoredPlan
 from authz_sidecar.store.policy import Change, PolicyStore, StoreError, mod_is
@@ -184,7 +185,7 @@ async def cmd_resume(store: PolicyStore, ns: argparse.Namespace) -> dict[str, An
 
 
 async def cmd_abort(store: PolicyStore, ns: argparse.Namespace) -> dict[str, Any]:
-    """Stop a plan and take the shadow's weights away (it stays live, observed only), in one
+    """Stop a plan and take the shadow's weights and cohorts away (it stays live, observed only), in one
     transaction; ``ctl rollback`` discards it altogether."""
     reason = _require_reason(ns, "abort")
     plans = PlanStore(store)
@@ -197,12 +198,13 @@ async def cmd_abort(store: PolicyStore, ns: argparse.Namespace) -> dict[str, Any
     )
     pointers = await store.pointers()
     if ns.version in pointers.shadows:
-        zeroes = dict.fromkeys(pointers.shadow(ns.version).weights, 0)
+        current = pointers.shadow(ns.version)
+        zeroes = dict.fromkeys(current.weights, 0)
         fenced = store.fenced(_plan_fence(plans, stored, progress))
         change = Change(
             "plan_abort", subject=ns.version, fields={"who": who(), "reason": reason, "version": ns.version}
         )
-        await fenced.canary(ns.version, zeroes, change)
+        await fenced.canary(ns.version, zeroes, change, cohorts=dict.fromkeys(current.cohorts, Cohort()))
     else:
         await _operator_move(store, ns.version, "plan_abort", reason, lambda _s: progress)
     return {"version": ns.version, "state": "aborted", "message": progress.message}
@@ -232,7 +234,7 @@ async def cmd_analyze(store: PolicyStore, ns: argparse.Namespace) -> dict[str, A
     return {
         "version": ns.version,
         "state": stored.progress.state.value,
-        "step": f"{stored.progress.step + 1}/{len(stored.plan.steps)} {step.region} at {step.weight}%",
+        "step": f"{stored.progress.step + 1}/{len(stored.plan.steps)} {step.describe()}",
         "sidecars": sorted(r.sidecar for r in reports if r.region == step.region),
         **analysis.document(now),
     }
@@ -248,7 +250,7 @@ def plan_status(stored: StoredPlan) -> dict[str, Any]:
         "state": progress.state.value,
         "step": progress.step + 1,
         "steps": len(plan.steps),
-        "at": f"{step.region} {step.weight}%" + ("" if progress.applied else " (not applied yet)"),
+        "at": f"{step.region} {step.amount}" + ("" if progress.applied else " (not applied yet)"),
         "successes": f"{progress.successes}/{plan.successes}",
         "inconclusive": f"{progress.inconclusive}/{plan.inconclusive_limit}",
         "message": progress.message,

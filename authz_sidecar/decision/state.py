@@ -166,6 +166,8 @@ class SnapshotStore:
                     "weights": dict(s.rollout.weights),
                     "testers": sorted(s.rollout.testers),
                     "weight_here": s.weight_bp / 100,
+                    # Principals it decides for here by cohort (none when stale).
+                    "cohort_here": len(s.cohort),
                     "predicted_impact": len(s.impact),
                 }
                 for s in snap.shadows

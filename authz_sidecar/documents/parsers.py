@@ -35,6 +35,7 @@ from authz_sidecar.documents.checks import (
     sequence_of,
     string_of,
 )
+from authz_sidecar.documents.cohorts import parse_cohorts
 from authz_sidecar.errors import DocumentError
 from authz_sidecar.model.values import (
     Catalog,
@@ -52,7 +53,7 @@ _META_FIELDS = frozenset({"version", "request_id", "parent", "author", "reason",
 _SET_FIELDS = frozenset({"roles", "grants", "changes"}) | _META_FIELDS
 _CHANGE_FIELDS = frozenset({"role", "add", "remove", "principal", "grant", "revoke", "create", "delete", "scope", "to"})
 # A shadow file may also carry its rollout plan (read by ctl; see documents.rolloutplans).
-_ROLLOUT_FIELDS = frozenset({"weights", "testers", "state", "plan"})
+_ROLLOUT_FIELDS = frozenset({"weights", "testers", "state", "cohorts", "plan"})
 _GRANT_FIELDS = frozenset({"principal", "roles", "scope"})
 
 
@@ -270,7 +271,8 @@ def parse_rollout(data: Mapping[Any, Any], document: str) -> Rollout:
         check_principal(t, document, f"testers[{i}]")
         for i, t in enumerate(sequence_of(data.get("testers", []) or [], document, "testers"))
     )
-    state = data.get("state", "canary" if any(weights.values()) else "proposed")
+    cohorts = parse_cohorts(data.get("cohorts"), document)
+    state = data.get("state", "canary" if any(weights.values()) or cohorts else "proposed")
     if state not in SHADOW_STATES:
         raise DocumentError(
             f"state {state!r} is not one of {', '.join(sorted(SHADOW_STATES))} for a live shadow",
@@ -278,7 +280,7 @@ def parse_rollout(data: Mapping[Any, Any], document: str) -> Rollout:
             field="state",
             value=state,
         )
-    return Rollout(weights=weights, testers=testers, state=state)
+    return Rollout(weights=weights, testers=testers, state=state, cohorts=cohorts)
 
 
 def parse_shadow(data: Any, document: str) -> ShadowSet:

@@ -4,7 +4,10 @@ from the ``plans/<version>`` key in etcd; and written back.
 A plan in a shadow file::
 
     plan:
-      steps: [{region: eu-west, weight: 5}, {region: eu-west, weight: 25}, {region: us-east, weight: 10}]
+      steps:
+        - {region: eu-west, cohort: {principals: [alice], role_sets: [[viewer, editor]]}}
+        - {region: eu-west, weight: 25}
+        - {region: us-east, weight: 10}
       interval: 2m            # or seconds: 120
       successes: 2            # consecutive Successful analyses per step
       inconclusive_limit: 5
@@ -26,6 +29,7 @@ from dataclasses import fields
 from typing import Any
 
 from authz_sidecar.documents.checks import REGION_RE, check_handle, mapping_of, only_fields, sequence_of
+from authz_sidecar.documents.cohorts import check_region, cohort_document, parse_cohort
 from authz_sidecar.errors import DocumentError
 from authz_sidecar.model.rolloutplan import Counters, Gates, PlanState, Progress, RolloutPlan, Step, Window
 
@@ -36,6 +40,7 @@ _PLAN_FIELDS = frozenset(
     {"steps", "interval", "successes", "inconclusive_limit", "gates", "accept_unexercised", "webhooks"}
 )
 _GATE_FIELDS = frozenset(f.name for f in fields(Gates))
+_STEP_FIELDS = frozenset({"region", "weight", "cohort"})
 _DURATION = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 
@@ -78,6 +83,27 @@ def _step(region: Any, weight: Any, document: str, where: str) -> Step:
     if not isinstance(region, str) or not REGION_RE.fullmatch(region):
         raise DocumentError(f"{region!r} is not a region name", document=document, field=where, value=region)
     return Step(region, _whole(weight, 1, 100, document, f"{where}.weight"))
+
+
+def _document_step(entry: Any, document: str, where: str) -> Step:
+    """``{region, weight}`` or ``{region, cohort: {principals, role_sets}}``: one or the other."""
+    raw = mapping_of(entry, document, where)
+    only_fields(raw, _STEP_FIELDS, document, where)
+    if ("weight" in raw) == ("cohort" in raw):
+        raise DocumentError(
+            "a step gives its region a weight or a cohort (one of them)",
+            document=document,
+            field=where,
+            value=dict(raw),
+        )
+    if "weight" in raw:
+        return _step(raw.get("region"), raw["weight"], document, where)
+    cohort = parse_cohort(raw["cohort"], document, f"{where}.cohort")
+    if not cohort:
+        raise DocumentError(
+            "a cohort step names principals or role combinations", document=document, field=f"{where}.cohort"
+        )
+    return Step(check_region(raw.get("region"), document, f"{where}.region"), 0, cohort)
 
 
 def parse_steps(groups: Sequence[str], document: str = "--plan") -> tuple[Step, ...]:
@@ -139,12 +165,7 @@ def parse_rollout_plan(data: Any, document: str) -> RolloutPlan:
     raw = mapping_of(data, document, "plan")
     only_fields(raw, _PLAN_FIELDS, document, "plan")
     steps = [
-        _step(
-            mapping_of(entry, document, f"steps[{i}]").get("region"),
-            mapping_of(entry, document, f"steps[{i}]").get("weight"),
-            document,
-            f"steps[{i}]",
-        )
+        _document_step(entry, document, f"steps[{i}]")
         for i, entry in enumerate(sequence_of(raw.get("steps", []), document, "steps"))
     ]
     webhooks = mapping_of(raw.get("webhooks", {}) or {}, document, "webhooks")
@@ -161,7 +182,12 @@ def parse_rollout_plan(data: Any, document: str) -> RolloutPlan:
 
 def rollout_plan_document(plan: RolloutPlan) -> dict[str, Any]:
     return {
-        "steps": [{"region": s.region, "weight": s.weight} for s in plan.steps],
+        "steps": [
+            {"region": s.region, "weight": s.weight}
+            if s.cohort is None
+            else {"region": s.region, "cohort": cohort_document(s.cohort)}
+            for s in plan.steps
+        ],
         "interval": plan.interval,
         "successes": plan.successes,
         "inconclusive_limit": plan.inconclusive_limit,

@@ -9,9 +9,10 @@ time (:class:`LastGood`). One bad document never blocks the others:
   keeps its last good version), so the active set never loses the catalog its handles come from;
 - an active set that does not parse or uses handles no catalog has keeps the last good active set;
   before there is one there is nothing to serve (the sidecar stays NOT_SERVING and denies);
-- a shadow that does not parse, reuses a live version, uses handles no catalog has (any more), or
+- a shadow that does not parse, reuses a live version, uses handles no catalog has (any more),
   pushes a region's canary weights over 100 (shadows are taken in version order, so the later one
-  is left out) is left out;
+  is left out), or, while it is not stale, names in a cohort a role the active set does not have
+  (a combination that matches nobody would move nobody, silently) is left out;
 - what the source found wrong outside the documents (a pointer that does not parse or names a
   missing version) comes in as refusals of its own.
 
@@ -26,8 +27,9 @@ from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
 from authz_sidecar.errors import DocumentError
+from authz_sidecar.model.cohorts import describe_missing, missing_roles
 from authz_sidecar.model.selection import regions_over_100
-from authz_sidecar.model.snapshot import CompileCache, Snapshot, build_snapshot, version_key
+from authz_sidecar.model.snapshot import CompileCache, Snapshot, build_snapshot, is_stale, version_key
 from authz_sidecar.model.values import Catalog, PermissionSet, ShadowSet
 
 # The kinds of document a refusal names (a bounded set: they are metric label values).
@@ -213,7 +215,8 @@ def _take_shadows(
     shadows: Iterable[Read[ShadowSet]], active: PermissionSet, known: frozenset[str], refusals: list[Refusal]
 ) -> dict[str, ShadowSet]:
     """In version order, each shadow against the active set, the catalogs and the shadows taken
-    before it: a repeated version, an unknown handle or a region's weights over 100 leave it out."""
+    before it: a repeated version, an unknown handle, a region's weights over 100 or a cohort's
+    role the active set lacks leave it out."""
     parsed: list[tuple[str, ShadowSet]] = []
     for read in shadows:
         if isinstance(read.value, Refusal):
@@ -252,6 +255,10 @@ def _shadow_problem(
             f"weights.{region}: canary weights in region {region!r} sum to {total} (over 100) "
             "with the shadows before it in version order"
         )
+    # A stale shadow's cohort decides nobody: what roles it names no longer matters.
+    missing = [] if is_stale(shadow, active.version) else missing_roles(shadow.rollout.cohorts, active.roles)
+    if missing:
+        return f"cohorts.{missing[0][0]}: {describe_missing(missing, active.roles, active.version)}"
     return None
 
 

@@ -1,7 +1,8 @@
 """A shadow's rollout plan and its progress, and the one rule that moves a plan on.
 
 A rollout plan (the shape Flagger and Argo Rollouts gave canaries, applied to permission changes):
-ordered steps of region and canary weight, an analysis every ``interval``, the number of consecutive
+ordered steps of region and canary weight (or region and cohort: people named, or the holders of
+a role combination), an analysis every ``interval``, the number of consecutive
 Successful analyses a step needs, how many Inconclusive ones it tolerates before pausing, the gates
 the analyses apply (:mod:`authz_sidecar.model.analysis`), and the changed handles waived from the
 coverage gate by name, each with its reason.
@@ -21,6 +22,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Any, NamedTuple
+
+from authz_sidecar.model.values import Cohort
 
 
 class Outcome(StrEnum):
@@ -44,8 +47,24 @@ class PlanState(StrEnum):
 
 
 class Step(NamedTuple):
+    """A region and what the shadow gets there: a canary weight, or (weight 0) a cohort."""
+
     region: str
     weight: int
+    cohort: Cohort | None = None
+
+    @property
+    def amount(self) -> str:
+        """``25%`` or ``cohort``: how ``describe`` and ``ctl status`` name the step's size."""
+        return "cohort" if self.cohort is not None else f"{self.weight}%"
+
+    def describe(self) -> str:
+        if self.cohort is None:
+            return f"{self.region} at {self.weight}%"
+        named, combinations = len(self.cohort.principals), len(self.cohort.role_sets)
+        return (
+            f"{self.region} cohort ({named} named, {combinations} role combination{'' if combinations == 1 else 's'})"
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,23 +114,36 @@ class RolloutPlan:
     def weights_at(self, index: int) -> dict[str, int]:
         """The canary weight of every region the plan has reached once step `index` is applied: a
         region keeps the weight of its last step when the plan moves on to the next region."""
+        return self.rollout_at(index)[0]
+
+    def rollout_at(self, index: int) -> tuple[dict[str, int], dict[str, Cohort]]:
+        """The weights and the cohorts once step `index` is applied. A region keeps the weight of
+        its last weight step and the cohort of its last cohort step: a cohort step leaves the
+        region's weight as it was, and a weight step after it widens the shadow beyond the cohort
+        without taking the cohort off it (its people stay where they were moved)."""
         weights: dict[str, int] = {}
+        cohorts: dict[str, Cohort] = {}
         for step in self.steps[: index + 1]:
-            weights[step.region] = step.weight
-        return weights
+            if step.cohort is not None:
+                cohorts[step.region] = step.cohort
+            else:
+                weights[step.region] = step.weight
+        return weights, cohorts
 
     def is_last(self, index: int) -> bool:
         return index >= len(self.steps) - 1
 
     def describe(self) -> str:
-        """``eu-west=5,25,100 then us-east=10,50,100 every 120s``: the plan as an operator wrote it."""
-        groups: list[tuple[str, list[int]]] = []
+        """``eu-west=5,25,100 then us-east=10,50,100 every 120s``: the plan as an operator wrote it
+        (a cohort step is ``cohort``: ``eu-west=cohort,25,100``)."""
+        groups: list[tuple[str, list[str]]] = []
         for step in self.steps:
+            size = "cohort" if step.cohort is not None else str(step.weight)
             if groups and groups[-1][0] == step.region:
-                groups[-1][1].append(step.weight)
+                groups[-1][1].append(size)
             else:
-                groups.append((step.region, [step.weight]))
-        runs = " then ".join(f"{region}=" + ",".join(map(str, weights)) for region, weights in groups)
+                groups.append((step.region, [size]))
+        runs = " then ".join(f"{region}=" + ",".join(sizes) for region, sizes in groups)
         return f"{runs} every {self.interval:g}s"
 
 
@@ -189,7 +221,7 @@ def next_move(plan: RolloutPlan, progress: Progress, outcome: Outcome, now: floa
         message = f"{at} Successful ({count} of {plan.successes}): promote"
         return Decision(Move.PROMOTE, replace(progress, state=PlanState.PROMOTED, successes=count), message)
     following = plan.steps[progress.step + 1]
-    message = f"{at} Successful ({count} of {plan.successes}): next, {following.region} at {following.weight}%"
+    message = f"{at} Successful ({count} of {plan.successes}): next, {following.describe()}"
     advanced = replace(progress, step=progress.step + 1, applied=False, successes=0, inconclusive=0, window=None)
     return Decision(Move.APPLY, advanced, message)
 

@@ -1,14 +1,23 @@
 """Which set decides a request (DESIGN section 5).
 
-Rule, in order; exactly one set is enforced, and selection never fails the call:
+Rule, in order (header, then cohort, then weight, then default); exactly one set is enforced, and
+selection never fails the call:
 
 1. The x-authz-shadow-version header names a live shadow whose ``testers`` list the principal:
    that shadow decides (``header``). A shadow without testers cannot be picked by header at all.
 2. The header is present otherwise (unknown, malformed, not a tester): active decides
    (``header_ignored``); a tester's typo is never an error.
-3. Shadows have a canary weight in this region: walking them in version order, the first whose
+3. The principal is in the cohort a live (not stale) shadow has in this region: walking those
+   shadows in version order, the first whose cohort holds the principal decides (``cohort``). A
+   cohort is people named (by name, or by the role combination they hold in the active set), not a
+   share: it does not count towards the weights, whatever the stickiness key, and one principal may
+   be in the cohorts of two shadows (the first in version order decides).
+4. Shadows have a canary weight in this region: walking them in version order, the first whose
    sticky bucket falls under its weight decides (``canary``).
-4. Otherwise the active set decides (``default``).
+5. Otherwise the active set decides (``default``).
+
+Who is in a cohort is resolved when the snapshot is built (:mod:`authz_sidecar.model.cohorts`), so
+step 3 is one set membership per shadow with a cohort here: no role lookup on the request path.
 
 The bucket is a keyed BLAKE2b of (stickiness key, shadow version), so it is the same in every
 process and run (Python's hash() is salted per process) and each shadow draws its own cohort:
@@ -33,6 +42,7 @@ class Selection(StrEnum):
     DEFAULT = "default"
     HEADER = "header"
     HEADER_IGNORED = "header_ignored"
+    COHORT = "cohort"
     CANARY = "canary"
 
 
@@ -55,6 +65,9 @@ def select(
         if shadow is not None and shadow.is_tester(principal):
             return shadow.compiled, Selection.HEADER
         return snapshot.active, Selection.HEADER_IGNORED
+    for shadow in snapshot.cohorts:
+        if principal in shadow.cohort:
+            return shadow.compiled, Selection.COHORT
     for shadow in snapshot.canaries:
         if stable_bucket(stickiness_key, shadow.version) < shadow.weight_bp:
             return shadow.compiled, Selection.CANARY

@@ -5,7 +5,8 @@ the first problem (``ctl`` and ``validate`` use it so); the policy sources first
 each document on its own (:mod:`authz_sidecar.model.assembly`) and build from the ones taken, so a bad
 document can never decide a request nor block the valid ones beside it. The rules: every handle a
 set uses is in some catalog; shadow versions are unique and differ from the active version; per
-region, live shadows' weights sum to at most 100.
+region, live shadows' weights sum to at most 100; a live shadow's cohorts name only roles of the
+active set. Cohorts do not count towards the weights: they are people named, not a share.
 """
 
 from __future__ import annotations
@@ -19,9 +20,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from authz_sidecar.errors import DocumentError
+from authz_sidecar.model.cohorts import describe_missing, members, missing_roles, unscoped_combinations
 from authz_sidecar.model.engine import CompiledSet, Interner, compile_set, declared, impact
 from authz_sidecar.model.routes import RouteTable
-from authz_sidecar.model.values import Catalog, PermissionSet, Rollout, ShadowSet
+from authz_sidecar.model.values import Catalog, Cohort, PermissionSet, Rollout, ShadowSet
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,6 +38,9 @@ class ShadowView:
     impact: frozenset[tuple[str, str, str | None]]
     # Its parent is no longer the active set (or it was marked stale on a promotion): never enforced.
     stale: bool = False
+    # The principals it decides for in our region by cohort (resolved against the active set when
+    # the snapshot was built); empty when stale or without a cohort here.
+    cohort: frozenset[str] = frozenset()
 
     @property
     def version(self) -> str:
@@ -62,6 +67,8 @@ class Snapshot:
     revision: int = 0
     source: str = ""
     built_at: float = field(default_factory=time.time)
+    # Shadows with a cohort in this region, in version order: checked before the canary walk.
+    cohorts: tuple[ShadowView, ...] = ()
     # Answers computed from this snapshot, filled by the decision path. It lives here, not beside
     # the snapshot, so that a memo and the snapshot it belongs to can only change together: a thread
     # still deciding with an older snapshot writes into that snapshot's memo, never into the new one.
@@ -95,6 +102,14 @@ def version_key(version: str) -> tuple[tuple[int, int | str], ...]:
     return tuple((0, int(p)) if p.isdigit() else (1, p) for p in re.split(r"(\d+)", version) if p)
 
 
+def is_stale(shadow: ShadowSet, active_version: str) -> bool:
+    """Made against a set that is no longer active (or marked stale on a promotion): enforcing it
+    would revert whatever was promoted since, for everyone it reached. It is still observed (its
+    mismatches stay visible), never enforced: no weight, no cohort, no header."""
+    parent = shadow.permissions.meta.parent
+    return shadow.rollout.state == "stale" or bool(parent and parent != active_version)
+
+
 def _check_handles(permissions: PermissionSet, known: frozenset[str], document: str) -> None:
     unknown = sorted(permissions.handles() - known)
     if unknown:
@@ -119,6 +134,9 @@ class CompileCache:
         self._sets: dict[int, tuple[PermissionSet, CompiledSet]] = {}
         self._impacts: dict[tuple[int, int], frozenset[tuple[str, str, str | None]]] = {}
         self._interner = Interner()
+        # (active set, cohort) -> its members: a rebuild for another reason (a weight moved, a
+        # shadow came) does not walk a million grants again.
+        self._cohorts: dict[tuple[int, Cohort], frozenset[str]] = {}
 
     def compiled(self, permissions: PermissionSet) -> CompiledSet:
         entry = self._sets.get(id(permissions))
@@ -136,10 +154,29 @@ class CompileCache:
             found = self._impacts[key] = impact(self.compiled(active), compiled)
         return found
 
+    def cohorts(self, active: PermissionSet, cohorts: Iterable[Cohort]) -> dict[Cohort, frozenset[str]]:
+        """The members of each cohort, against `active`; its combinations are found at most once
+        per call, and only when a cohort not seen before names one. What is kept for `active`
+        afterwards is exactly these cohorts: one a plan has moved past is forgotten."""
+        self.compiled(active)  # keeps `active` alive while its id is a key here
+        found: dict[Cohort, frozenset[str]] = {}
+        holders: dict[frozenset[str], list[str]] | None = None
+        for cohort in cohorts:
+            known = self._cohorts.get((id(active), cohort))
+            if known is None:
+                if holders is None and cohort.role_sets:
+                    holders = unscoped_combinations(active)
+                known = members(cohort, holders or {})
+            found[cohort] = known
+        kept = {k: v for k, v in self._cohorts.items() if k[0] != id(active)}
+        self._cohorts = kept | {(id(active), cohort): known for cohort, known in found.items()}
+        return found
+
     def retain(self, used: Iterable[PermissionSet]) -> None:
         keep = {id(p) for p in used}
         self._sets = {k: v for k, v in self._sets.items() if k in keep}
         self._impacts = {k: v for k, v in self._impacts.items() if k[0] in keep and k[1] in keep}
+        self._cohorts = {k: v for k, v in self._cohorts.items() if k[0] in keep}
         self._interner.keep(compiled for _, compiled in self._sets.values())
 
 
@@ -165,7 +202,12 @@ def build_snapshot(
     views: list[ShadowView] = []
     totals: dict[str, int] = {}
     seen = {active.version}
-    for shadow in sorted(shadows, key=lambda s: version_key(s.version)):
+    ordered = sorted(shadows, key=lambda s: version_key(s.version))
+    here = [
+        s.rollout.cohorts[region] for s in ordered if region in s.rollout.cohorts and not is_stale(s, active.version)
+    ]
+    cohorts = cache.cohorts(active, here) if here else {}
+    for shadow in ordered:
         document = f"shadow set {shadow.version}"
         if shadow.version in seen:
             raise DocumentError(
@@ -182,10 +224,16 @@ def build_snapshot(
                     field=f"weights.{r}",
                     value=w,
                 )
-        # Made against a set that is no longer active: enforcing it would revert whatever was promoted
-        # since, for everyone it reached. It is still observed (its mismatches stay visible).
-        parent = shadow.permissions.meta.parent
-        stale = shadow.rollout.state == "stale" or bool(parent and parent != active.version)
+        stale = is_stale(shadow, active.version)
+        missing = [] if stale else missing_roles(shadow.rollout.cohorts, active.roles)
+        if missing:
+            raise DocumentError(
+                describe_missing(missing, active.roles, active.version),
+                document=document,
+                field=f"cohorts.{missing[0][0]}",
+                value=[role for _r, role in missing],
+            )
+        cohort = shadow.rollout.cohorts.get(region)
         views.append(
             ShadowView(
                 compiled=cache.compiled(shadow.permissions),
@@ -193,6 +241,7 @@ def build_snapshot(
                 weight_bp=0 if stale else shadow.rollout.weights.get(region, 0) * 100,
                 impact=cache.impact(active, shadow.permissions),
                 stale=stale,
+                cohort=cohorts.get(cohort, frozenset()) if cohort is not None and not stale else frozenset(),
             )
         )
     own = [c for c in catalogs if c.service == service] if service else list(catalogs)
@@ -201,6 +250,7 @@ def build_snapshot(
         shadows=tuple(views),
         by_version={v.version: v for v in views},
         canaries=tuple(v for v in views if v.weight_bp > 0),
+        cohorts=tuple(v for v in views if v.cohort),
         routes=RouteTable(r for c in own for r in c.routes),
         handles=known,
         catalogs=catalogs,

@@ -72,12 +72,34 @@ class PermissionSet:
 
 
 @dataclass(frozen=True, slots=True)
+class Cohort:
+    """Who a shadow decides for in one region by name rather than by share: the principals listed,
+    and every principal whose unscoped grants in the active set hold exactly one of the role
+    combinations (the rows ``ctl roles combos`` lists as unscoped). Exactly, not at least: a team
+    moves the holders of one combination at a time, and a principal who also holds another role
+    belongs to another combination, moved on its own."""
+
+    principals: frozenset[str] = frozenset()
+    role_sets: frozenset[frozenset[str]] = frozenset()
+
+    def __bool__(self) -> bool:
+        return bool(self.principals or self.role_sets)
+
+    def roles(self) -> frozenset[str]:
+        """Every role the combinations name."""
+        return frozenset(role for combination in self.role_sets for role in combination)
+
+
+@dataclass(frozen=True, slots=True)
 class Rollout:
-    """How a shadow reaches traffic: canary weight per region and who may pick it by header."""
+    """How a shadow reaches traffic: canary weight and cohort per region, and who may pick it by
+    header."""
 
     weights: Mapping[str, int] = field(default_factory=dict)
     testers: frozenset[str] = frozenset()
     state: str = "proposed"
+    # Region -> the cohort the shadow decides for there (regions without one are absent).
+    cohorts: Mapping[str, Cohort] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from authz_sidecar.documents import check_version, parse_rollout
+from authz_sidecar.documents.cohorts import cohorts_document
 from authz_sidecar.errors import DocumentError
 from authz_sidecar.model.values import Rollout
 
@@ -220,8 +221,15 @@ def decode_active(value: bytes, key: str) -> str:
 
 
 def rollout_document(rollout: Rollout) -> dict[str, Any]:
+    """The rollout as the shadows pointer stores it. ``cohorts`` only when the shadow has one: a
+    pointer without cohorts keeps the bytes it had before cohorts existed, which a sidecar of an
+    earlier release still reads."""
     weights = dict(sorted(rollout.weights.items()))
-    return {"weights": weights, "testers": sorted(rollout.testers), "state": rollout.state}
+    document: dict[str, Any] = {"weights": weights, "testers": sorted(rollout.testers), "state": rollout.state}
+    cohorts = cohorts_document(rollout.cohorts)
+    if cohorts:
+        document["cohorts"] = cohorts
+    return document
 
 
 def encode_shadows(shadows: Mapping[str, Rollout]) -> bytes:
@@ -229,16 +237,19 @@ def encode_shadows(shadows: Mapping[str, Rollout]) -> bytes:
 
 
 def decode_shadows(value: bytes, key: str) -> dict[str, Rollout]:
-    """The live shadows and their rollouts (weights per region, testers, state)."""
+    """The live shadows and their rollouts (weights and cohorts per region, testers, state)."""
     data = _json(value, key)
     if not isinstance(data, dict):
         raise DocumentError("the shadows pointer must be a JSON object of version -> rollout", document=key)
     shadows: dict[str, Rollout] = {}
     for version, rollout in data.items():
         checked = check_version(version, key, f"shadows.{version}")
-        if not isinstance(rollout, dict) or not rollout.keys() <= {"weights", "testers", "state"}:
+        if not isinstance(rollout, dict) or not rollout.keys() <= {"weights", "testers", "state", "cohorts"}:
             raise DocumentError(
-                "a rollout is an object with weights, testers and state", document=key, field=version, value=rollout
+                "a rollout is an object with weights, testers, state and cohorts",
+                document=key,
+                field=version,
+                value=rollout,
             )
         shadows[checked] = parse_rollout(rollout, f"{key} {version}")
     return shadows

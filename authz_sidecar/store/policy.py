@@ -30,15 +30,19 @@ from authz_sidecar.documents import (
     load_document,
     parse_catalog,
 )
+from authz_sidecar.documents.cohorts import cohort_document
 from authz_sidecar.errors import DocumentError
 from authz_sidecar.model.selection import regions_over_100
-from authz_sidecar.model.values import Catalog, Permission, PermissionSet, Rollout
+from authz_sidecar.model.values import Catalog, Cohort, Permission, PermissionSet, Rollout
 from authz_sidecar.store import audit, layout
 from authz_sidecar.store.audit import ChainHead
 from authz_sidecar.store.etcd import Etcd
 from authz_sidecar.store.layout import Layout
 
 log = structlog.get_logger("authz_sidecar.store.policy")
+# The shadows pointer is one etcd value, written with an audit record in one request (etcd refuses
+# a request over 1.5 MiB by default): cohorts of named principals are what could make it large.
+MAX_SHADOWS_POINTER = 1024 * 1024
 
 
 class StoreError(Exception):
@@ -271,7 +275,13 @@ class PolicyStore:
                 compares.append(mod_is(key, revision))
             else:
                 compares.append(kv.txn_compare_create_revision(key, 0))
-        ops = [kv.txn_op_put(self.layout.shadows, layout.encode_shadows(shadows))]
+        pointer = layout.encode_shadows(shadows)
+        if len(pointer) > MAX_SHADOWS_POINTER:
+            raise StoreError(
+                f"the shadows pointer would be {len(pointer):,} bytes (at most {MAX_SHADOWS_POINTER:,}, under etcd's "
+                "request limit): name fewer principals in cohorts; a role combination names many in a few bytes"
+            )
+        ops = [kv.txn_op_put(self.layout.shadows, pointer)]
         if active is not None:
             ops.append(kv.txn_op_put(self.layout.active, layout.encode_active(active)))
         entry = None
@@ -424,20 +434,36 @@ class PolicyStore:
         entry = await self._flip(seen, None, {**live, version: rollout}, change)
         return {"repeated": False, "seq": entry["seq"] if entry else None}
 
-    async def canary(self, version: str, weights: Mapping[str, int], change: Change | None = None) -> Rollout:
-        """Set a live shadow's canary weight in the given regions (0 takes it out of a region)."""
+    async def canary(
+        self,
+        version: str,
+        weights: Mapping[str, int],
+        change: Change | None = None,
+        *,
+        cohorts: Mapping[str, Cohort] | None = None,
+    ) -> Rollout:
+        """Set a live shadow's canary weight in the given regions (0 takes it out of a region), and
+        its cohort in the regions `cohorts` names (an empty cohort takes it out); the other regions
+        keep theirs. The audit record carries every weight and the cohorts this call changed."""
         seen = await self.pointers()
         current = seen.shadow(version)
         if current.state == "stale":
             raise StoreError(f"{version!r} is stale (another change was promoted over its parent); rebase it")
         merged = {**current.weights, **weights}
         merged = {r: w for r, w in merged.items() if w > 0}
-        rollout = Rollout(weights=merged, testers=current.testers, state="canary" if merged else "proposed")
+        groups = {r: c for r, c in {**current.cohorts, **(cohorts or {})}.items() if c}
+        rollout = Rollout(
+            weights=merged,
+            testers=current.testers,
+            state="canary" if merged or groups else "proposed",
+            cohorts=groups,
+        )
         _check_weights({**seen.shadows, version: rollout})
         change = change or Change("canary", subject=version)
-        await self._flip(
-            seen, None, {**seen.shadows, version: rollout}, replace(change, fields={**change.fields, "weights": merged})
-        )
+        fields: dict[str, Any] = {**change.fields, "weights": merged}
+        if cohorts:
+            fields["cohorts"] = {r: cohort_document(c) if c else None for r, c in sorted(cohorts.items())}
+        await self._flip(seen, None, {**seen.shadows, version: rollout}, replace(change, fields=fields))
         return rollout
 
     async def promote(self, version: str, parent: str, change: Change, attempts: int = 5) -> dict[str, Any]:
