@@ -42,6 +42,7 @@ from authz_sidecar.errors import AuthzError, ConfigError, DocumentError
 from authz_sidecar.model.assembly import check_handles
 from authz_sidecar.model.engine import compile_set, declared, impact
 from authz_sidecar.model.plan import Plan, plan
+from authz_sidecar.model.snapshot import paused_gc
 from authz_sidecar.model.values import Permission, PermissionSet, Rollout, ShadowSet
 from authz_sidecar.store import audit, layout
 from authz_sidecar.store.etcd import Etcd, EtcdOptions
@@ -754,7 +755,10 @@ def run(ns: argparse.Namespace, options: EtcdOptions) -> int:
                 raise AuthzError(f"etcd at {etcd.endpoints}: no answer within {options.timeout:g} s") from None
 
     try:
-        result = asyncio.run(go())
+        # A command runs once and exits; the sets it reads can hold a million grants, which the
+        # cyclic collector would scan over and over while they are parsed (see paused_gc).
+        with paused_gc():
+            result = asyncio.run(go())
     except ValueError as exc:  # a bad --prefix
         raise AuthzError(str(exc)) from None
     except StoreError as exc:
