@@ -41,6 +41,21 @@ class AuthzStub:
                 request_serializer=authz__sidecar_dot_v1_dot_authz__pb2.CheckRequest.SerializeToString,
                 response_deserializer=authz__sidecar_dot_v1_dot_authz__pb2.CheckResponse.FromString,
                 _registered_method=True)
+        self.FilterManifest = channel.stream_stream(
+                '/authz_sidecar.v1.Authz/FilterManifest',
+                request_serializer=authz__sidecar_dot_v1_dot_authz__pb2.FilterManifestRequest.SerializeToString,
+                response_deserializer=authz__sidecar_dot_v1_dot_authz__pb2.FilterManifestResponse.FromString,
+                _registered_method=True)
+        self.SignEvent = channel.unary_unary(
+                '/authz_sidecar.v1.Authz/SignEvent',
+                request_serializer=authz__sidecar_dot_v1_dot_authz__pb2.SignEventRequest.SerializeToString,
+                response_deserializer=authz__sidecar_dot_v1_dot_authz__pb2.SignEventResponse.FromString,
+                _registered_method=True)
+        self.VerifyEvent = channel.unary_unary(
+                '/authz_sidecar.v1.Authz/VerifyEvent',
+                request_serializer=authz__sidecar_dot_v1_dot_authz__pb2.VerifyEventRequest.SerializeToString,
+                response_deserializer=authz__sidecar_dot_v1_dot_authz__pb2.VerifyEventResponse.FromString,
+                _registered_method=True)
 
 
 class AuthzServicer:
@@ -54,6 +69,29 @@ class AuthzServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def FilterManifest(self, request_iterator, context):
+        """A manifest of data blocks in, the blocks the principal may take it out with (export, copy, ...)
+        judged by the principal's grants in each block's origin account; streamed both ways.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SignEvent(self, request, context):
+        """An envelope an asynchronous consumer can verify, naming who asked and for what.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def VerifyEvent(self, request, context):
+        """Signature, expiry, and the permission again against the set in force now; optionally consumed
+        (acted on once across every consumer).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AuthzServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -61,6 +99,21 @@ def add_AuthzServicer_to_server(servicer, server):
                     servicer.Check,
                     request_deserializer=authz__sidecar_dot_v1_dot_authz__pb2.CheckRequest.FromString,
                     response_serializer=authz__sidecar_dot_v1_dot_authz__pb2.CheckResponse.SerializeToString,
+            ),
+            'FilterManifest': grpc.stream_stream_rpc_method_handler(
+                    servicer.FilterManifest,
+                    request_deserializer=authz__sidecar_dot_v1_dot_authz__pb2.FilterManifestRequest.FromString,
+                    response_serializer=authz__sidecar_dot_v1_dot_authz__pb2.FilterManifestResponse.SerializeToString,
+            ),
+            'SignEvent': grpc.unary_unary_rpc_method_handler(
+                    servicer.SignEvent,
+                    request_deserializer=authz__sidecar_dot_v1_dot_authz__pb2.SignEventRequest.FromString,
+                    response_serializer=authz__sidecar_dot_v1_dot_authz__pb2.SignEventResponse.SerializeToString,
+            ),
+            'VerifyEvent': grpc.unary_unary_rpc_method_handler(
+                    servicer.VerifyEvent,
+                    request_deserializer=authz__sidecar_dot_v1_dot_authz__pb2.VerifyEventRequest.FromString,
+                    response_serializer=authz__sidecar_dot_v1_dot_authz__pb2.VerifyEventResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -92,6 +145,87 @@ class Authz:
             '/authz_sidecar.v1.Authz/Check',
             authz__sidecar_dot_v1_dot_authz__pb2.CheckRequest.SerializeToString,
             authz__sidecar_dot_v1_dot_authz__pb2.CheckResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FilterManifest(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/authz_sidecar.v1.Authz/FilterManifest',
+            authz__sidecar_dot_v1_dot_authz__pb2.FilterManifestRequest.SerializeToString,
+            authz__sidecar_dot_v1_dot_authz__pb2.FilterManifestResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SignEvent(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/authz_sidecar.v1.Authz/SignEvent',
+            authz__sidecar_dot_v1_dot_authz__pb2.SignEventRequest.SerializeToString,
+            authz__sidecar_dot_v1_dot_authz__pb2.SignEventResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def VerifyEvent(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/authz_sidecar.v1.Authz/VerifyEvent',
+            authz__sidecar_dot_v1_dot_authz__pb2.VerifyEventRequest.SerializeToString,
+            authz__sidecar_dot_v1_dot_authz__pb2.VerifyEventResponse.FromString,
             options,
             channel_credentials,
             insecure,
