@@ -146,6 +146,11 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_identity_flags(serve)
     _add_front_flags(serve)
     _add(serve, "--dev-principal-header", text="DEVELOPMENT ONLY: trust this header as the principal")
+    _add(
+        serve,
+        "--app-trusted-peers",
+        text="application API: callers whose bare principal is believed (loopback, unix, none, CIDRs)",
+    )
     _add(serve, "--stickiness", text="canary stickiness key: principal or request_id")
     _add(serve, "--grace", text="seconds to let in-flight RPCs finish on SIGTERM")
     _add(serve, "--server-model", text="how Check is served: aio (grpc.aio) or threads (grpc.server + pool)")
@@ -254,6 +259,7 @@ def settings_from(ns: argparse.Namespace) -> Settings:
             jwt_audiences=_as_tuple(ns.jwt_audiences),
             jwt_algorithms=_as_tuple(ns.jwt_algorithms),
             dev_principal_header=ns.dev_principal_header or "",
+            app_trusted_peers=_as_tuple(ns.app_trusted_peers),
             payload_header=ns.payload_header,
             http_authz=ns.http_authz or "",
             http_authz_max_url_bytes=_integer(ns, "http_authz_max_url_bytes"),

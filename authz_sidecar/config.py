@@ -73,6 +73,9 @@ class Settings:
     jwt_audiences: tuple[str, ...] = ()
     jwt_algorithms: tuple[str, ...] = DEFAULT_ALGORITHMS
     dev_principal_header: str = ""
+    # Callers whose bare principal the application API believes (loopback, unix, none, CIDRs);
+    # everyone else sends the end user's token.
+    app_trusted_peers: tuple[str, ...] = ("loopback", "unix")
     payload_header: str = "x-jwt-payload"
     # Address of the HTTP variant of ext_authz; empty: not served.
     http_authz: str = ""
@@ -201,6 +204,9 @@ def _validate_jwks(settings: Settings) -> None:
 
 def validate(settings: Settings) -> Settings:
     """Raise ConfigError on the first inconsistent setting; return the settings unchanged otherwise."""
+    from authz_sidecar.fronts.appidentity import TrustedPeers
+
+    TrustedPeers.parse(settings.app_trusted_peers)
     parse_address(settings.listen, "--listen")
     parse_address(settings.http, "--http")
     if settings.http_authz:

@@ -29,6 +29,7 @@ from authz_sidecar.decision.tokens import TokenVerifier
 from authz_sidecar.documents import load_document, parse_catalog
 from authz_sidecar.errors import BindError, ConfigError
 from authz_sidecar.fronts.appapi import AppAuthzServicer
+from authz_sidecar.fronts.appidentity import AppIdentity, TrustedPeers
 from authz_sidecar.fronts.extauthz import CheckHandler
 from authz_sidecar.fronts.grpcfront import GrpcFront
 from authz_sidecar.fronts.httpauthz import HttpAuthz
@@ -163,7 +164,14 @@ class Sidecar:
         self.front = GrpcFront(
             settings.server_model,
             self.handler,
-            AppAuthzServicer(self.answering),
+            AppAuthzServicer(
+                self.answering,
+                self.store,
+                AppIdentity(
+                    self.jwks.verifier if self.jwks is not None else None,
+                    TrustedPeers.parse(settings.app_trusted_peers),
+                ),
+            ),
             self.registry,
             settings.workers,
             limits=settings.rpc_limits(),

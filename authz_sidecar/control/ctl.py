@@ -745,7 +745,11 @@ def run(ns: argparse.Namespace, options: EtcdOptions) -> int:
     async def go() -> dict[str, Any]:
         async with Etcd(options.validate()) as etcd:
             try:
-                result: dict[str, Any] = await ns.handler(PolicyStore(etcd, ns.prefix), ns)
+                store = PolicyStore(etcd, ns.prefix)
+                result: dict[str, Any] = await ns.handler(store, ns)
+                if store.last_revision and "revision" not in result:
+                    # What a write committed: an application's check at_least_revision reads it.
+                    result["revision"] = store.last_revision
                 return result
             except EtcdError as exc:
                 raise AuthzError(f"etcd at {etcd.endpoints}: {exc}") from None

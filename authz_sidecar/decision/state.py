@@ -14,6 +14,7 @@ source has been silent too long, and served again the moment it is heard.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -52,6 +53,10 @@ class SnapshotStore:
         self.source_state = "connecting"
         # The snapshot held back while the source is silent past --max-staleness.
         self.withheld: Snapshot | None = None
+        # The source's revision whose changes are all applied (installed, or found not to matter):
+        # what an application's at_least_revision is compared with. Set after any install it led to.
+        self.applied_revision = 0
+        self._advanced = threading.Condition()
         self._listeners: list[Listener] = []
         self._rejection_listeners: list[Callable[[Refusal], None]] = []
         self._serving_listeners: list[Callable[[bool], None]] = []
@@ -91,6 +96,17 @@ class SnapshotStore:
         )
         for listener in self._listeners:
             listener(snapshot)
+
+    def advance(self, revision: int) -> None:
+        """The source has applied everything up to `revision` (it can go back after a restore)."""
+        with self._advanced:
+            self.applied_revision = revision
+            self._advanced.notify_all()
+
+    def wait_applied(self, revision: int, timeout: float) -> bool:
+        """Block (a worker thread) until `revision` is applied or `timeout` passes."""
+        with self._advanced:
+            return self._advanced.wait_for(lambda: self.applied_revision >= revision, timeout)
 
     def heard(self) -> None:
         """The source heard from its store just now (a listing, a change, a progress report)."""

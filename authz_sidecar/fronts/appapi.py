@@ -1,7 +1,8 @@
 """authz_sidecar.v1.Authz: the same decisions for applications that ask directly.
 
-The application has already authenticated its principal and names the permission; everything
-after that is Envoy's decision path (Decider.decide_for): the same snapshot, selection and dark
+The application sends its end user's token, or names the principal from a trusted place
+(:mod:`authz_sidecar.fronts.appidentity`), and the permission; everything after that is Envoy's
+decision path (Decider.decide_for): the same snapshot, selection and dark
 launch, and the same telemetry (counters, shadow reports, mismatch logs, the latency histogram, an
 ``authz.check`` span in the caller's trace when its gRPC metadata carries one). Malformed input is
 an answer (denied with ``malformed_request``), like every other deny.
@@ -9,9 +10,16 @@ an answer (denied with ``malformed_request``), like every other deny.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterable, Mapping
+from functools import partial
+from typing import Any
+
+import grpc
 
 from authz_sidecar.decision.answering import Answering
+from authz_sidecar.decision.state import SnapshotStore
+from authz_sidecar.fronts.appidentity import AppIdentity, AppRefusedError
 from authz_sidecar.model.evaluation import Outcome
 from authz_sidecar.v1 import authz_pb2
 
@@ -27,25 +35,65 @@ def trace_headers(metadata: Iterable[tuple[str, str | bytes]] | None) -> Mapping
     return found or None
 
 
+# How long an at_least_revision waits for the watch when the call has no deadline of its own.
+FRESHNESS_WAIT = 5.0
+
+
 class AppAuthzServicer:
-    def __init__(self, answering: Answering) -> None:
+    def __init__(self, answering: Answering, store: SnapshotStore, identity: AppIdentity) -> None:
         self._answering = answering
         self._decider = answering.decider
+        self._store = store
+        self.identity = identity
 
-    def decide(
-        self, request: authz_pb2.CheckRequest, metadata: Iterable[tuple[str, str | bytes]] | None = None
-    ) -> authz_pb2.CheckResponse:
-        headers = trace_headers(metadata) if self._answering.traced else None
-        return render(self._answering.answer(headers, self._decide, request))
+    def principal(self, principal: str, token: str, context: Any) -> str:
+        """Who the call is for (the one seam every RPC of this API goes through)."""
+        return self.identity.principal(principal, token, str(context.peer()))
 
-    def _decide(self, request: authz_pb2.CheckRequest) -> Outcome:
+    def _not_fresh(self, wanted: int) -> AppRefusedError:
+        return AppRefusedError(
+            grpc.StatusCode.FAILED_PRECONDITION,
+            f"this sidecar has applied etcd up to revision {self._store.applied_revision}, not {wanted}: "
+            "it never answers from an older snapshot than asked",
+        )
+
+    def fresh(self, wanted: int, context: Any) -> None:
+        """Block (a worker thread) until revision `wanted` is applied, up to the call's deadline."""
+        if wanted > self._store.applied_revision and not self._store.wait_applied(wanted, _wait(context)):
+            raise self._not_fresh(wanted)
+
+    async def fresh_async(self, wanted: int, context: Any) -> None:
+        """The same on the event loop: checked every few milliseconds, never blocking the loop."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + _wait(context)
+        while wanted > self._store.applied_revision:
+            if loop.time() >= deadline:
+                raise self._not_fresh(wanted)
+            await asyncio.sleep(0.005)
+
+    def decide(self, request: authz_pb2.CheckRequest, context: Any) -> authz_pb2.CheckResponse:
+        """Check, once the principal is known and the snapshot fresh enough (see grpcfront)."""
+        principal = self.principal(request.principal, request.token, context)
+        headers = trace_headers(context.invocation_metadata()) if self._answering.traced else None
+        revision = self._store.applied_revision  # the snapshot read next is at least this fresh
+        response = render(self._answering.answer(headers, partial(self._decide, principal=principal), request))
+        response.revision = revision
+        return response
+
+    def _decide(self, request: authz_pb2.CheckRequest, *, principal: str) -> Outcome:
         return self._decider.decide_for(
-            request.principal,
+            principal,
             request.permission,
             request.scope or None,
             shadow=request.shadow_version or None,
             stickiness_key=request.stickiness_key,
         )
+
+
+def _wait(context: Any) -> float:
+    """Up to the call's deadline, less a margin to say why before the caller's deadline says it."""
+    remaining = context.time_remaining()
+    return FRESHNESS_WAIT if remaining is None else max(0.0, min(float(remaining) - 0.1, 60.0))
 
 
 def render(outcome: Outcome) -> authz_pb2.CheckResponse:

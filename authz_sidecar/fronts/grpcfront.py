@@ -34,6 +34,7 @@ from grpc_reflection.v1alpha import reflection
 
 from authz_sidecar._proto.envoy.service.auth.v3 import external_auth_pb2 as pb
 from authz_sidecar.fronts.appapi import AppAuthzServicer
+from authz_sidecar.fronts.appidentity import AppRefusedError
 from authz_sidecar.fronts.extauthz import CheckHandler
 from authz_sidecar.fronts.registry import RegistryError, RegistryService
 from authz_sidecar.v1 import authz_pb2, registry_pb2
@@ -317,8 +318,16 @@ class GrpcFront:
             async def check(raw: bytes, _context: Any) -> bytes:
                 return check_wire(raw)
 
+            app = self._app
+
             async def app_check(request: authz_pb2.CheckRequest, context: Any) -> authz_pb2.CheckResponse:
-                return decide(request, context.invocation_metadata())
+                try:
+                    if request.at_least_revision:
+                        await app.fresh_async(request.at_least_revision, context)
+                    return decide(request, context)
+                except AppRefusedError as exc:
+                    await context.abort(exc.code, exc.message)
+                    raise  # abort raises; this line is for the type checker
 
             bounds = _Bounds(self.limits, self._rejected, aio=True)
             aio_server = grpc.aio.server(
@@ -343,9 +352,7 @@ class GrpcFront:
             )
             sync_server.add_generic_rpc_handlers(
                 (
-                    *_generic_handlers(
-                        lambda raw, _c: check_wire(raw), lambda req, c: decide(req, c.invocation_metadata())
-                    ),
+                    *_generic_handlers(lambda raw, _c: check_wire(raw), self._app_check_sync),
                     _registry_handler(self._registry, aio=False),
                 )
             )
@@ -355,6 +362,15 @@ class GrpcFront:
             sync_server.start()
             self._sync = sync_server
         return self.port
+
+    def _app_check_sync(self, request: authz_pb2.CheckRequest, context: Any) -> authz_pb2.CheckResponse:
+        try:
+            if request.at_least_revision:
+                self._app.fresh(request.at_least_revision, context)
+            return self._app.decide(request, context)
+        except AppRefusedError as exc:
+            context.abort(exc.code, exc.message)
+            raise  # abort raises; this line is for the type checker
 
     async def stop(self, grace: float) -> None:
         """Health to NOT_SERVING, refuse new RPCs, let RPCs in flight finish within `grace`."""

@@ -659,6 +659,7 @@ class PolicyStore:
             compare = mod_is(key, existing.mod_revision) if existing else kv.txn_compare_create_revision(key, 0)
             response = await self.etcd.call(kv.txn, [compare], [kv.txn_op_put(key, value)])
             if response.succeeded:
+                self.last_revision = response.header.revision
                 return updated
         raise ConflictError(f"catalog of {service!r} kept changing; gave up after {attempts} attempts")
 

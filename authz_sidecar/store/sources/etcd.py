@@ -333,6 +333,7 @@ class EtcdPolicySource:
         self.listed = True
         store.heard()
         await self._rebuild(store)
+        store.advance(self.revision)
 
     async def _check_same_etcd(self, etcd: Etcd, batch: WatchBatch) -> None:
         """Raise EtcdMovedError if the etcd answering is not the one self.kv was read from.
@@ -359,6 +360,7 @@ class EtcdPolicySource:
         self.revision = max(self.revision, *(c.mod_revision for c in changes))
         if self._matters(changes, before | self.builder.referenced(self.kv)):
             await self._rebuild(store)
+        store.advance(self.revision)
 
     def _matters(self, changes: list[Change], versions: set[str]) -> bool:
         """Whether a change touches a pointer, a catalog or a version the pointers name (writes of

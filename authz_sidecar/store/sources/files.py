@@ -176,6 +176,7 @@ class FilePolicySource:
                 store.refusals(assembly.refusals)
                 if assembly.snapshot is not None:
                     store.install(assembly.snapshot)
+                    store.advance(assembly.snapshot.revision)
                 else:
                     store.unavailable(assembly.waiting or "nothing to serve")
             await asyncio.sleep(self.interval)
