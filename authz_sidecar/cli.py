@@ -113,6 +113,52 @@ def _add_front_flags(serve: argparse.ArgumentParser) -> None:
     _add(serve, "--grpc-max-message-bytes", text="largest request message; larger: RESOURCE_EXHAUSTED")
 
 
+def _add_event_flags(serve: argparse.ArgumentParser) -> None:
+    """Signed events. --event-key is added by hand: AUTHZ_EVENT_KEY may hold a private key's PEM
+    text, which must never become a default that --help prints."""
+    serve.add_argument(
+        "--event-key",
+        dest="event_key",
+        default=None,
+        metavar="FILE",
+        help="private Ed25519 key(s) for SignEvent: PEM PKCS#8 files or directories of *.pem, comma-separated; "
+        "the newest (last; a directory's by name) signs [env AUTHZ_EVENT_KEY: the same paths, or the PEM text]",
+    )
+    _add(serve, "--event-ttl", text="seconds an envelope lives when SignEvent asks for no ttl")
+    _add(serve, "--event-max-ttl", text="the longest ttl SignEvent grants")
+    _add(serve, "--event-clock-skew", text="seconds an envelope is still accepted past its expiry (clock skew)")
+
+
+def _event_keys(ns: argparse.Namespace) -> dict[str, Any]:
+    """--event-key's paths, else AUTHZ_EVENT_KEY's: paths too, or PEM text."""
+    from authz_sidecar.decision.eventkeys import ENVIRONMENT, environment_pem
+
+    given = ns.event_key if ns.event_key is not None else os.environ.get(ENVIRONMENT, "")
+    if ns.event_key is None and environment_pem(given):
+        return {"event_key_pem": given}
+    return {"event_key": tuple(Path(p) for p in _split(given))}
+
+
+def _add_controller_parser(sub: Any) -> None:
+    """`authz-sidecar controller`: runs the rollout plans."""
+    controller = sub.add_parser("controller", help="run the rollout plans: canary, analyse, promote, roll back")
+    _add(controller, "--etcd", text="comma-separated etcd endpoints")
+    _add(controller, "--prefix", text="etcd key prefix")
+    _add_etcd_flags(controller)
+    _add(controller, "--controller-id", text="this controller's name in the election (default: controller@host:pid)")
+    _add(
+        controller,
+        "--tick",
+        text="seconds between passes over the plans (failing gates are judged every pass)",
+        default="1",
+    )
+    _add(controller, "--lease-ttl", text="seconds a leader's term outlives its last renewal", default="5")
+    _add(controller, "--retries", text="attempts of a rollback before the dead-letter queue", default="5")
+    _add(controller, "--dlq-file", text="the local dead-letter file (etcd unreachable)", default="")
+    _add(controller, "--metrics", text="host:port for the controller's /metrics (empty: none)", default="")
+    _add(controller, "--log-level", text="debug, info, warning or error")
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="authz-sidecar", description="Envoy ext_authz sidecar with shadow sets.")
     parser.add_argument("--version", action="version", version=f"authz-sidecar {__version__}")
@@ -160,27 +206,13 @@ def _build_parser() -> argparse.ArgumentParser:
     _add(serve, "--decision-log", text="write every decision as a JSON line here (for ctl replay)", metavar="FILE")
     _add(serve, "--decision-log-max-bytes", text="rotate the decision log before it passes this size", metavar="BYTES")
     _add(serve, "--decision-log-keep", text="rotated decision logs kept (FILE.1 ... FILE.N)", metavar="N")
+    _add_event_flags(serve)
 
     from authz_sidecar.control import ctl
 
     ctl.add_parser(sub, _add, _add_etcd_flags)
 
-    controller = sub.add_parser("controller", help="run the rollout plans: canary, analyse, promote, roll back")
-    _add(controller, "--etcd", text="comma-separated etcd endpoints")
-    _add(controller, "--prefix", text="etcd key prefix")
-    _add_etcd_flags(controller)
-    _add(controller, "--controller-id", text="this controller's name in the election (default: controller@host:pid)")
-    _add(
-        controller,
-        "--tick",
-        text="seconds between passes over the plans (failing gates are judged every pass)",
-        default="1",
-    )
-    _add(controller, "--lease-ttl", text="seconds a leader's term outlives its last renewal", default="5")
-    _add(controller, "--retries", text="attempts of a rollback before the dead-letter queue", default="5")
-    _add(controller, "--dlq-file", text="the local dead-letter file (etcd unreachable)", default="")
-    _add(controller, "--metrics", text="host:port for the controller's /metrics (empty: none)", default="")
-    _add(controller, "--log-level", text="debug, info, warning or error")
+    _add_controller_parser(sub)
 
     check = sub.add_parser("validate", help="validate a policy directory and print what it would serve")
     _add(check, "--policy-dir", text="directory to validate", metavar="DIR")
@@ -279,6 +311,10 @@ def settings_from(ns: argparse.Namespace) -> Settings:
             decision_log=_path(ns.decision_log),
             decision_log_max_bytes=_integer(ns, "decision_log_max_bytes"),
             decision_log_keep=_integer(ns, "decision_log_keep"),
+            **_event_keys(ns),
+            event_ttl=_integer(ns, "event_ttl"),
+            event_max_ttl=_integer(ns, "event_max_ttl"),
+            event_clock_skew=_integer(ns, "event_clock_skew"),
         )
     )
 

@@ -16,6 +16,7 @@ from authz_sidecar.decision.tokens import DEFAULT_ALGORITHMS
 from authz_sidecar.errors import ConfigError
 from authz_sidecar.fronts.grpcfront import SERVER_MODELS, RpcLimits
 from authz_sidecar.fronts.httpauthz import HttpLimits
+from authz_sidecar.model.events import DEFAULT_CLOCK_SKEW
 from authz_sidecar.store.etcd import EtcdOptions
 from authz_sidecar.store.layout import normalise_prefix
 from authz_sidecar.telemetry.decisionlog import DEFAULT_KEEP, DEFAULT_MAX_BYTES
@@ -106,6 +107,13 @@ class Settings:
     decision_log: Path | None = None
     decision_log_max_bytes: int = DEFAULT_MAX_BYTES
     decision_log_keep: int = DEFAULT_KEEP
+    # Signed events (docs/app-api.md#signed-events): private keys as PEM files or directories of
+    # them (the newest signs), or PEM text from AUTHZ_EVENT_KEY, which is never shown (repr=False).
+    event_key: tuple[Path, ...] = ()
+    event_key_pem: str = field(default="", repr=False)
+    event_ttl: int = 3600
+    event_max_ttl: int = 86400
+    event_clock_skew: int = DEFAULT_CLOCK_SKEW
 
     def http_limits(self) -> HttpLimits:
         return HttpLimits(
@@ -245,6 +253,8 @@ def validate(settings: Settings) -> Settings:
         raise ConfigError("--log-decisions is a share of decisions, between 0 and 1")
     if settings.decision_log_keep < 0:
         raise ConfigError("--decision-log-keep must be >= 0 (rotated files kept)")
+    if not 0 < settings.event_ttl <= settings.event_max_ttl or settings.event_clock_skew < 0:
+        raise ConfigError("--event-ttl must be > 0 and <= --event-max-ttl, and --event-clock-skew >= 0")
     if settings.workers < 1:
         raise ConfigError("--workers must be at least 1")
     if settings.grace < 0 or settings.poll_interval <= 0:

@@ -22,6 +22,7 @@ import structlog
 from authz_sidecar.config import Settings, parse_address
 from authz_sidecar.decision.answering import Answering
 from authz_sidecar.decision.decider import Decider
+from authz_sidecar.decision.eventkeys import EventKeys, load_signing_keys
 from authz_sidecar.decision.identity import build_identifier
 from authz_sidecar.decision.jwks import JwksFile, JwksUrl
 from authz_sidecar.decision.state import SnapshotStore
@@ -30,6 +31,7 @@ from authz_sidecar.documents import load_document, parse_catalog
 from authz_sidecar.errors import BindError, ConfigError
 from authz_sidecar.fronts.appapi import AppAuthzServicer
 from authz_sidecar.fronts.appidentity import AppIdentity, TrustedPeers
+from authz_sidecar.fronts.events import EventsService
 from authz_sidecar.fronts.extauthz import CheckHandler
 from authz_sidecar.fronts.grpcfront import GrpcFront
 from authz_sidecar.fronts.httpauthz import HttpAuthz
@@ -38,6 +40,8 @@ from authz_sidecar.fronts.registry import RegistryService
 from authz_sidecar.model.snapshot import Snapshot
 from authz_sidecar.model.values import Catalog
 from authz_sidecar.store.etcd import Etcd
+from authz_sidecar.store.events import EtcdConsumptions, KeyPublisher, MemoryConsumptions, PublishedKeys
+from authz_sidecar.store.layout import Layout
 from authz_sidecar.store.policy import PolicyStore
 from authz_sidecar.store.publisher import ReportPublisher, sidecar_id
 from authz_sidecar.store.registration import Registrar
@@ -161,21 +165,32 @@ class Sidecar:
         self.registry = RegistryService(None, settings.service)
         self.registrar: Registrar | None = None
         self.publisher: ReportPublisher | None = None
+        identity = AppIdentity(
+            self.jwks.verifier if self.jwks is not None else None, TrustedPeers.parse(settings.app_trusted_peers)
+        )
+        self.events = EventsService(
+            self.answering,
+            self.store,
+            EventKeys(
+                load_signing_keys(settings.event_key, settings.event_key_pem), published_only=bool(settings.etcd)
+            ),
+            MemoryConsumptions(),
+            self.metrics,
+            default_ttl=settings.event_ttl,
+            max_ttl=settings.event_max_ttl,
+            clock_skew=settings.event_clock_skew,
+            identity=identity,
+        )
+        self.key_publisher: KeyPublisher | None = None
         self.front = GrpcFront(
             settings.server_model,
             self.handler,
-            AppAuthzServicer(
-                self.answering,
-                self.store,
-                AppIdentity(
-                    self.jwks.verifier if self.jwks is not None else None,
-                    TrustedPeers.parse(settings.app_trusted_peers),
-                ),
-            ),
+            AppAuthzServicer(self.answering, self.store, identity),
             self.registry,
             settings.workers,
             limits=settings.rpc_limits(),
             rejected=lambda reason: self.metrics.rejected("grpc", reason),
+            events=self.events,
         )
         self.grpc_port = 0
         self.http_port = 0
@@ -215,6 +230,11 @@ class Sidecar:
             "jwks": self.jwks.status() if self.jwks is not None else None,
             "registration": self.registrar.status() if self.registrar else None,
             "decision_log": self.decision_log.status() if self.decision_log is not None else None,
+            "events": {
+                **self.events.keys.status(),
+                "publication": self.key_publisher.status() if self.key_publisher is not None else None,
+                "consumed": self.events.consumptions.describe(),
+            },
             "uptime_seconds": round(time.time() - self._started_at, 3),
         }
 
@@ -230,6 +250,20 @@ class Sidecar:
         if self.settings.service and catalog.service != self.settings.service:
             raise ConfigError(f"--catalog {path} is the catalog of {catalog.service!r}, not of --service")
         return catalog
+
+    def _events_on_etcd(self, etcd: Etcd, layout: Layout) -> None:
+        """Consumes recorded in etcd, this sidecar's public keys published there, and the keys
+        that verify read from there, through the policy source's watch."""
+        ident = sidecar_id(self.settings.service)
+        self.events.consumptions = EtcdConsumptions(etcd, layout, ident)
+        keys = self.events.keys
+        if keys.own:
+            self.key_publisher = KeyPublisher(etcd, layout, keys.own, ident)
+        from authz_sidecar.store.sources.etcd import EtcdPolicySource
+
+        if isinstance(self.source, EtcdPolicySource):
+            published = PublishedKeys(layout)
+            self.source.follow(layout.event_keys, lambda kv: keys.published(published.decode(kv)))
 
     def _addresses(self) -> list[tuple[str, str]]:
         flags = [("--listen", self.settings.listen), ("--http", self.settings.http)]
@@ -253,6 +287,7 @@ class Sidecar:
             store = self.registry.store = PolicyStore(self.etcd, self.settings.prefix)
             if catalog is not None:
                 self.registrar = Registrar(store, catalog)
+            self._events_on_etcd(self.etcd, store.layout)
             if self.reports is not None:
                 ident = sidecar_id(self.settings.service)
                 self.publisher = ReportPublisher(
@@ -286,6 +321,8 @@ class Sidecar:
             self._spawn(self.registrar.run())
         if self.publisher is not None:
             self._spawn(self.publisher.run())
+        if self.key_publisher is not None:
+            self._spawn(self.key_publisher.run())
         log.info(
             "sidecar_started",
             grpc=self.settings.listen,

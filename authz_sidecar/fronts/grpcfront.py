@@ -35,6 +35,7 @@ from grpc_reflection.v1alpha import reflection
 from authz_sidecar._proto.envoy.service.auth.v3 import external_auth_pb2 as pb
 from authz_sidecar.fronts.appapi import AppAuthzServicer
 from authz_sidecar.fronts.appidentity import AppRefusedError
+from authz_sidecar.fronts.events import EventError, EventsService
 from authz_sidecar.fronts.extauthz import CheckHandler
 from authz_sidecar.fronts.registry import RegistryError, RegistryService
 from authz_sidecar.v1 import authz_pb2, registry_pb2
@@ -260,6 +261,65 @@ def _registry_handler(registry: RegistryService, aio: bool) -> grpc.GenericRpcHa
     return grpc.method_handlers_generic_handler(REGISTRY_SERVICE, handlers)
 
 
+def _events_handler(events: EventsService, aio: bool) -> grpc.GenericRpcHandler:  # type: ignore[type-arg]
+    """SignEvent and VerifyEvent; their checks run where the RPC is served, and only a consume
+    (etcd, on the event loop) is handed over to the loop from the thread-pool server."""
+    loop = asyncio.get_running_loop()
+    if aio:
+
+        async def sign_aio(request: Any, context: Any) -> Any:
+            try:
+                return events.sign(request, context)
+            except EventError as exc:
+                await context.abort(exc.code, exc.message)
+
+        async def verify_aio(request: Any, context: Any) -> Any:
+            try:
+                return await events.settle(events.judge(request, context))
+            except EventError as exc:
+                await context.abort(exc.code, exc.message)
+
+        sign, verify = sign_aio, verify_aio
+    else:
+
+        def sign_sync(request: Any, context: Any) -> Any:
+            try:
+                return events.sign(request, context)
+            except EventError as exc:
+                context.abort(exc.code, exc.message)
+
+        def verify_sync(request: Any, context: Any) -> Any:
+            try:
+                verdict = events.judge(request, context)
+                if not verdict.consume:
+                    return verdict.response
+                settled = asyncio.run_coroutine_threadsafe(events.settle(verdict), loop)
+                try:
+                    return settled.result(REGISTRY_TIMEOUT)
+                except TimeoutError:
+                    settled.cancel()
+                    raise EventError(grpc.StatusCode.UNAVAILABLE, "the consume took too long") from None
+            except EventError as exc:
+                context.abort(exc.code, exc.message)
+
+        sign, verify = sign_sync, verify_sync
+    return grpc.method_handlers_generic_handler(
+        APP_SERVICE,
+        {
+            "SignEvent": grpc.unary_unary_rpc_method_handler(
+                sign,
+                request_deserializer=authz_pb2.SignEventRequest.FromString,
+                response_serializer=authz_pb2.SignEventResponse.SerializeToString,
+            ),
+            "VerifyEvent": grpc.unary_unary_rpc_method_handler(
+                verify,
+                request_deserializer=authz_pb2.VerifyEventRequest.FromString,
+                response_serializer=authz_pb2.VerifyEventResponse.SerializeToString,
+            ),
+        },
+    )
+
+
 def _target(address: tuple[str, int] | str) -> str:
     return address if isinstance(address, str) else f"{address[0]}:{address[1]}"
 
@@ -286,6 +346,7 @@ class GrpcFront:
         *,
         limits: RpcLimits | None = None,
         rejected: Rejected | None = None,
+        events: EventsService | None = None,
     ) -> None:
         if model not in SERVER_MODELS:
             raise ValueError(f"server model {model!r}")
@@ -295,6 +356,7 @@ class GrpcFront:
         self._handler = handler
         self._app = app
         self._registry = registry
+        self._events = events
         self._workers = workers
         self._aio: grpc.aio.Server | None = None
         self._sync: grpc.Server | None = None
@@ -337,6 +399,8 @@ class GrpcFront:
             aio_server.add_generic_rpc_handlers(
                 (*_generic_handlers(check, app_check), _registry_handler(self._registry, aio=True))
             )
+            if self._events is not None:
+                aio_server.add_generic_rpc_handlers((_events_handler(self._events, aio=True),))
             health_pb2_grpc.add_HealthServicer_to_server(self._health, aio_server)
             reflection.enable_server_reflection(names, aio_server)
             self.port = _bind(aio_server, address)
@@ -356,6 +420,8 @@ class GrpcFront:
                     _registry_handler(self._registry, aio=False),
                 )
             )
+            if self._events is not None:
+                sync_server.add_generic_rpc_handlers((_events_handler(self._events, aio=False),))
             health_pb2_grpc.add_HealthServicer_to_server(self._health, sync_server)
             reflection.enable_server_reflection(names, sync_server)
             self.port = _bind(sync_server, address)

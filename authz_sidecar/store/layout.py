@@ -125,6 +125,23 @@ class Layout:
         """What a request id did, so that running it again does nothing twice."""
         return f"{self.prefix}/requests/{request_id}"
 
+    @property
+    def event_keys(self) -> str:
+        return f"{self.prefix}/eventkeys/"
+
+    def event_key(self, kid: str) -> str:
+        """A public key that verifies signed events, under its key id; written once, never on a lease
+        (an envelope outlives the sidecar that signed it)."""
+        return f"{self.prefix}/eventkeys/{kid}"
+
+    @property
+    def consumed(self) -> str:
+        return f"{self.prefix}/consumed/"
+
+    def consumed_event(self, event_id: str) -> str:
+        """A signed event acted on, created once, on a lease as long as the envelope's life."""
+        return f"{self.prefix}/consumed/{event_id}"
+
     def chunk(self, version: str, digest: str, index: int) -> str:
         return f"{self.prefix}/sets/{version}/{digest}/{index:05d}"
 

@@ -21,6 +21,7 @@ from prometheus_client.registry import Collector
 
 from authz_sidecar.model.assembly import KINDS
 from authz_sidecar.model.evaluation import Evaluation
+from authz_sidecar.model.events import EventRefusal
 from authz_sidecar.model.reasons import Reason
 from authz_sidecar.model.snapshot import Snapshot
 
@@ -155,6 +156,16 @@ class Metrics:
         for front, reasons in REJECTIONS.items():
             for rejection in reasons:
                 self._rejected.labels(front, rejection)
+        self.events_signed = Counter("authz_events_signed", "Envelopes signed (SignEvent answered).", registry=r)
+        self._events_verified = Counter(
+            "authz_events_verified",
+            "VerifyEvent answers by reason: allowed, an envelope refused (unknown_key, bad_signature, "
+            "expired, replayed) or a permission no longer held (missing_permission, ...).",
+            ["reason"],
+            registry=r,
+        )
+        for verified in (Reason.ALLOWED, *EventRefusal, Reason.MISSING_PERMISSION, Reason.UNKNOWN_PRINCIPAL):
+            self._events_verified.labels(verified.value)
         self._revision = Gauge("authz_snapshot_revision", "Source revision of the serving snapshot.", registry=r)
         self._built = Gauge(
             "authz_snapshot_built_timestamp_seconds", "When the serving snapshot was built.", registry=r
@@ -239,6 +250,9 @@ class Metrics:
         if reason not in REJECTIONS[front]:
             raise ValueError(f"unknown rejection {front}/{reason}")
         self._rejected.labels(front, reason).inc()
+
+    def event_verified(self, reason: str) -> None:
+        self._events_verified.labels(reason).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

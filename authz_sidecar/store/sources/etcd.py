@@ -20,7 +20,11 @@ The loop, and why each step is there:
    an invalid shadow (or a shadows pointer entry naming a missing version) is left out, an invalid
    active set (or an active pointer that is malformed or names a missing version) or catalog keeps
    its last good version, and every refusal is reported while the valid documents still apply.
-6. Keep the documents of the last good snapshot in a file. A sidecar restarted while etcd is
+6. Hand the keys under a followed prefix (:meth:`EtcdPolicySource.follow`: the published event
+   keys) to their listener after a listing and after each change among them, so what else a
+   sidecar reads from etcd comes through this one watch. Consumed events (``consumed/``) are not
+   mirrored: nothing here reads them, and a busy consumer writes one per event.
+7. Keep the documents of the last good snapshot in a file. A sidecar restarted while etcd is
    unreachable serves that copy (marked stale); one restarted while etcd holds data that does not
    build falls back on the copy's active set and catalogs (stale until etcd's own data builds).
 
@@ -33,7 +37,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import grpc
@@ -263,6 +267,17 @@ class EtcdPolicySource:
         self._disk_read = False
         self._saved = (-1, -1)
         self._saves: set[asyncio.Task[None]] = set()
+        self._followers: list[tuple[str, Callable[[dict[str, bytes]], None]]] = []
+
+    def follow(self, prefix: str, listener: Callable[[dict[str, bytes]], None]) -> None:
+        """Call `listener` with every mirrored key under `prefix` (key -> value, all of them) after
+        each listing and after each change to one of them, on the event loop."""
+        self._followers.append((prefix, listener))
+
+    def _tell(self, changed: list[Change] | None) -> None:
+        for prefix, listener in self._followers:
+            if changed is None or any(c.key.startswith(prefix) for c in changed):
+                listener({k: v for k, v in self.kv.items() if k.startswith(prefix)})
 
     def describe(self) -> str:
         return f"etcd:{','.join(self.options.endpoints)}{self.layout.prefix}"
@@ -329,9 +344,11 @@ class EtcdPolicySource:
                 now_revision=listing.revision,
             )
         self.revision, self.cluster_id = listing.revision, listing.cluster_id
-        self.kv = {kv.key: kv.value for kv in listing.kvs}
+        consumed = self.layout.consumed
+        self.kv = {kv.key: kv.value for kv in listing.kvs if not kv.key.startswith(consumed)}
         self.listed = True
         store.heard()
+        self._tell(None)
         await self._rebuild(store)
         store.advance(self.revision)
 
@@ -352,12 +369,16 @@ class EtcdPolicySource:
 
     async def _apply(self, changes: list[Change], store: SnapshotStore) -> None:
         before = self.builder.referenced(self.kv)
+        consumed = self.layout.consumed
         for change in changes:
+            if change.key.startswith(consumed):
+                continue
             if change.value is None:
                 self.kv.pop(change.key, None)
             else:
                 self.kv[change.key] = change.value
         self.revision = max(self.revision, *(c.mod_revision for c in changes))
+        self._tell(changes)
         if self._matters(changes, before | self.builder.referenced(self.kv)):
             await self._rebuild(store)
         store.advance(self.revision)
