@@ -35,6 +35,7 @@ from grpc_reflection.v1alpha import reflection
 from authz_sidecar._proto.envoy.service.auth.v3 import external_auth_pb2 as pb
 from authz_sidecar.fronts.appapi import AppAuthzServicer
 from authz_sidecar.fronts.extauthz import CheckHandler
+from authz_sidecar.fronts.manifest import ManifestServicer
 from authz_sidecar.fronts.registry import RegistryError, RegistryService
 from authz_sidecar.v1 import authz_pb2, registry_pb2
 
@@ -208,21 +209,22 @@ class _AioAdmissions(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         return self._bounds.wrap(handler)
 
 
-def _generic_handlers(check: Any, app_check: Any) -> tuple[grpc.GenericRpcHandler, ...]:  # type: ignore[type-arg]
+def _generic_handlers(check: Any, app_check: Any, filter_manifest: Any = None) -> tuple[grpc.GenericRpcHandler, ...]:  # type: ignore[type-arg]
+    app_methods = {
+        "Check": grpc.unary_unary_rpc_method_handler(
+            app_check,
+            request_deserializer=authz_pb2.CheckRequest.FromString,
+            response_serializer=authz_pb2.CheckResponse.SerializeToString,
+        )
+    }
+    if filter_manifest is not None:
+        # Bytes both ways: the handler bounds and parses each message itself (fronts/manifest.py).
+        app_methods["FilterManifest"] = grpc.stream_stream_rpc_method_handler(filter_manifest)
     return (
         grpc.method_handlers_generic_handler(
             AUTHORIZATION_SERVICE, {"Check": grpc.unary_unary_rpc_method_handler(check)}
         ),
-        grpc.method_handlers_generic_handler(
-            APP_SERVICE,
-            {
-                "Check": grpc.unary_unary_rpc_method_handler(
-                    app_check,
-                    request_deserializer=authz_pb2.CheckRequest.FromString,
-                    response_serializer=authz_pb2.CheckResponse.SerializeToString,
-                )
-            },
-        ),
+        grpc.method_handlers_generic_handler(APP_SERVICE, app_methods),
     )
 
 
@@ -285,6 +287,7 @@ class GrpcFront:
         *,
         limits: RpcLimits | None = None,
         rejected: Rejected | None = None,
+        manifest: ManifestServicer | None = None,
     ) -> None:
         if model not in SERVER_MODELS:
             raise ValueError(f"server model {model!r}")
@@ -293,6 +296,7 @@ class GrpcFront:
         self._rejected: Rejected = rejected or (lambda _reason: None)
         self._handler = handler
         self._app = app
+        self._manifest = manifest
         self._registry = registry
         self._workers = workers
         self._aio: grpc.aio.Server | None = None
@@ -325,8 +329,9 @@ class GrpcFront:
                 interceptors=[_AioAdmissions(bounds, self.limits.max_concurrent_rpcs, self._rejected)],
                 options=self.limits.options(),
             )
+            manifest = self._manifest.serve_aio if self._manifest is not None else None
             aio_server.add_generic_rpc_handlers(
-                (*_generic_handlers(check, app_check), _registry_handler(self._registry, aio=True))
+                (*_generic_handlers(check, app_check, manifest), _registry_handler(self._registry, aio=True))
             )
             health_pb2_grpc.add_HealthServicer_to_server(self._health, aio_server)
             reflection.enable_server_reflection(names, aio_server)
@@ -344,7 +349,9 @@ class GrpcFront:
             sync_server.add_generic_rpc_handlers(
                 (
                     *_generic_handlers(
-                        lambda raw, _c: check_wire(raw), lambda req, c: decide(req, c.invocation_metadata())
+                        lambda raw, _c: check_wire(raw),
+                        lambda req, c: decide(req, c.invocation_metadata()),
+                        self._manifest.serve_sync if self._manifest is not None else None,
                     ),
                     _registry_handler(self._registry, aio=False),
                 )
