@@ -347,6 +347,46 @@ def test_a_snapshot_older_than_asked_is_never_used(side: RunningSidecar) -> None
     assert filter_manifest(side, [header(at_least_revision=1), batch(three_accounts(3))]).summary is not None
 
 
+@pytest.mark.parametrize("model", ["aio", "threads"])
+def test_no_snapshot_is_unavailable_never_an_answer(tmp_path: Path, model: str) -> None:
+    empty = tmp_path / "policy"
+    empty.mkdir()
+    running = RunningSidecar(sidecar_settings(empty, server_model=model))
+    try:
+        code, details, answer = refused_with(running, [header(), batch(three_accounts(3))])
+        assert code is grpc.StatusCode.UNAVAILABLE and "no policy snapshot" in details
+        assert answer.messages == 0
+    finally:
+        running.close()
+
+
+@pytest.mark.parametrize("model", ["aio", "threads"])
+def test_a_canary_shadow_decides_the_whole_call(tmp_path: Path, model: str) -> None:
+    """Selection is per call: with v2 canaried at 100% in this region, v2 judges every block (the
+    summary names it) and v1 is the one observed."""
+    policy = write_policy(
+        tmp_path / "policy",
+        active=EXPORT_ACTIVE,
+        shadows=[{**EXPORT_SHADOW, "weights": {"us-east": 100}}],
+        catalog=EXPORT_CATALOG,
+    )
+    running = open_sidecar(policy, model)
+    try:
+        before = scrape(running)
+        answer = filter_manifest(running, [header(), batch(three_accounts(300))])
+        after = scrape(running)
+        assert answer.summary is not None and answer.summary.version == "v2" and answer.summary.complete
+        assert len(answer.allowed) == 300
+        key = {"decided_by": "shadow", "decision": "allow", "selection": "canary", "reason": "allowed"}
+        assert moved(before, after, "authz_decisions_total", **key) == 3
+        assert (
+            moved(before, after, "authz_mismatches_total", version="v1", kind="expected", direction="allow_to_deny")
+            == 1
+        )
+    finally:
+        running.close()
+
+
 # --- bounds --------------------------------------------------------------------------------------
 
 
