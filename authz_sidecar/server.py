@@ -25,6 +25,7 @@ from authz_sidecar.decision.decider import Decider
 from authz_sidecar.decision.eventkeys import EventKeys, load_signing_keys
 from authz_sidecar.decision.identity import build_identifier
 from authz_sidecar.decision.jwks import JwksFile, JwksUrl
+from authz_sidecar.decision.manifest import ManifestJudge
 from authz_sidecar.decision.state import SnapshotStore
 from authz_sidecar.decision.tokens import TokenVerifier
 from authz_sidecar.documents import load_document, parse_catalog
@@ -35,6 +36,7 @@ from authz_sidecar.fronts.events import EventsService
 from authz_sidecar.fronts.extauthz import CheckHandler
 from authz_sidecar.fronts.grpcfront import GrpcFront
 from authz_sidecar.fronts.httpauthz import HttpAuthz
+from authz_sidecar.fronts.manifest import ManifestServicer
 from authz_sidecar.fronts.opshttp import OpsHttp
 from authz_sidecar.fronts.registry import RegistryService
 from authz_sidecar.model.snapshot import Snapshot
@@ -191,6 +193,13 @@ class Sidecar:
             limits=settings.rpc_limits(),
             rejected=lambda reason: self.metrics.rejected("grpc", reason),
             events=self.events,
+            manifest=ManifestServicer(
+                ManifestJudge(self.store, self.decider, self.metrics, stickiness=settings.stickiness),
+                max_message_bytes=settings.grpc_max_message_bytes,
+                workers=settings.workers,
+                identity=identity,
+                store=self.store,
+            ),
         )
         self.grpc_port = 0
         self.http_port = 0

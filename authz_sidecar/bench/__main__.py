@@ -15,6 +15,7 @@ import structlog
 
 from authz_sidecar.bench import combos as combos_bench
 from authz_sidecar.bench import h2load, propagation, scale
+from authz_sidecar.bench import manifest as manifest_bench
 from authz_sidecar.bench import plan as plan_bench
 from authz_sidecar.bench import replay as replay_bench
 from authz_sidecar.bench.run import Bench, Point, Row, machine_facts, to_json
@@ -86,8 +87,8 @@ def _only(plan: list[tuple[Row, Callable[[Row], None]]], texts: list[str]) -> li
 def _at_scale(quick: bool) -> dict[str, Any]:
     """What is measured beside the rows: decisions and rebuilds at scale, propagation over sidecars
     on a real etcd, the plan of a change over 100,000 principals, the replay of a decision log
-    (1,000,000 decisions; 100,000 in quick mode) and the role combinations of 1,000,000 principals
-    (100,000 in quick mode)."""
+    (1,000,000 decisions; 100,000 in quick mode), the role combinations of 1,000,000 principals
+    (100,000 in quick mode) and FilterManifest over 100,000 blocks in both server models."""
     sizes = [100, 10_000, 100_000] if quick else [100, 10_000, 1_000_000]
     print(f"  measuring scale at {', '.join(f'{s:,}' for s in sizes)} grants ...", flush=True)
     scaled = scale.run(sizes)
@@ -102,7 +103,16 @@ def _at_scale(quick: bool) -> dict[str, Any]:
     holders = 100_000 if quick else 1_000_000
     print(f"  measuring the role combinations of {holders:,} principals ...", flush=True)
     combined = combos_bench.run(holders, rounds=1)
-    return {"scale": scaled, "propagation": propagated, "plan": planned, "replay": replayed, "combos": combined}
+    print("  measuring FilterManifest over 100,000 blocks (threads, aio) ...", flush=True)
+    manifested = manifest_bench.run(100_000, rounds=1 if quick else 3, single_blocks=1_000 if quick else 5_000)
+    return {
+        "scale": scaled,
+        "propagation": propagated,
+        "plan": planned,
+        "replay": replayed,
+        "combos": combined,
+        "manifest": manifested,
+    }
 
 
 def main() -> int:
@@ -168,6 +178,7 @@ def main() -> int:
         print(plan_bench.line(at_scale["plan"]))
         print(replay_bench.line(at_scale["replay"]))
         print(combos_bench.line(at_scale["combos"]))
+        print(manifest_bench.line(at_scale["manifest"]))
     args.out.mkdir(parents=True, exist_ok=True)
     out = args.out / f"bench-{time.strftime('%Y%m%dT%H%M%S')}{'-quick' if args.quick else ''}.json"
     out.write_text(json.dumps({**to_json(bench, facts), **at_scale}, indent=2))

@@ -187,6 +187,12 @@ class Decider:
             remember(memo, key, found, MEMO_LIMIT)
         return found
 
+    def record(self, snapshot: Snapshot, outcome: Outcome, principal: str, scope: str | None, request_id: str) -> None:
+        """The telemetry of a decision made outside :meth:`decide` and :meth:`decide_for` (an account
+        of a manifest, judged once per request): the same counters, shadow reports, decision log and
+        mismatch log, so the dark launch sees it as it sees a Check."""
+        self._record(snapshot, outcome, principal, scope, request_id)
+
     def _record(self, snapshot: Snapshot, outcome: Outcome, principal: str, scope: str | None, request_id: str) -> None:
         evaluation = outcome.evaluation
         if evaluation is None:

@@ -10,16 +10,14 @@ an answer (denied with ``malformed_request``), like every other deny.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Iterable, Mapping
 from functools import partial
 from typing import Any
 
-import grpc
-
 from authz_sidecar.decision.answering import Answering
 from authz_sidecar.decision.state import SnapshotStore
-from authz_sidecar.fronts.appidentity import AppIdentity, AppRefusedError
+from authz_sidecar.fronts.appidentity import AppIdentity
+from authz_sidecar.fronts.freshness import wait_fresh, wait_fresh_async
 from authz_sidecar.model.evaluation import Outcome
 from authz_sidecar.v1 import authz_pb2
 
@@ -35,10 +33,6 @@ def trace_headers(metadata: Iterable[tuple[str, str | bytes]] | None) -> Mapping
     return found or None
 
 
-# How long an at_least_revision waits for the watch when the call has no deadline of its own.
-FRESHNESS_WAIT = 5.0
-
-
 class AppAuthzServicer:
     def __init__(self, answering: Answering, store: SnapshotStore, identity: AppIdentity) -> None:
         self._answering = answering
@@ -50,26 +44,11 @@ class AppAuthzServicer:
         """Who the call is for (the one seam every RPC of this API goes through)."""
         return self.identity.principal(principal, token, str(context.peer()))
 
-    def _not_fresh(self, wanted: int) -> AppRefusedError:
-        return AppRefusedError(
-            grpc.StatusCode.FAILED_PRECONDITION,
-            f"this sidecar has applied etcd up to revision {self._store.applied_revision}, not {wanted}: "
-            "it never answers from an older snapshot than asked",
-        )
-
     def fresh(self, wanted: int, context: Any) -> None:
-        """Block (a worker thread) until revision `wanted` is applied, up to the call's deadline."""
-        if wanted > self._store.applied_revision and not self._store.wait_applied(wanted, _wait(context)):
-            raise self._not_fresh(wanted)
+        wait_fresh(self._store, wanted, context)
 
     async def fresh_async(self, wanted: int, context: Any) -> None:
-        """The same on the event loop: checked every few milliseconds, never blocking the loop."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + _wait(context)
-        while wanted > self._store.applied_revision:
-            if loop.time() >= deadline:
-                raise self._not_fresh(wanted)
-            await asyncio.sleep(0.005)
+        await wait_fresh_async(self._store, wanted, context)
 
     def decide(self, request: authz_pb2.CheckRequest, context: Any) -> authz_pb2.CheckResponse:
         """Check, once the principal is known and the snapshot fresh enough (see grpcfront)."""
@@ -88,12 +67,6 @@ class AppAuthzServicer:
             shadow=request.shadow_version or None,
             stickiness_key=request.stickiness_key,
         )
-
-
-def _wait(context: Any) -> float:
-    """Up to the call's deadline, less a margin to say why before the caller's deadline says it."""
-    remaining = context.time_remaining()
-    return FRESHNESS_WAIT if remaining is None else max(0.0, min(float(remaining) - 0.1, 60.0))
 
 
 def render(outcome: Outcome) -> authz_pb2.CheckResponse:

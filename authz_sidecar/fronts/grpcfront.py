@@ -37,6 +37,7 @@ from authz_sidecar.fronts.appapi import AppAuthzServicer
 from authz_sidecar.fronts.appidentity import AppRefusedError
 from authz_sidecar.fronts.events import EventError, EventsService
 from authz_sidecar.fronts.extauthz import CheckHandler
+from authz_sidecar.fronts.manifest import ManifestServicer
 from authz_sidecar.fronts.registry import RegistryError, RegistryService
 from authz_sidecar.v1 import authz_pb2, registry_pb2
 
@@ -210,21 +211,22 @@ class _AioAdmissions(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         return self._bounds.wrap(handler)
 
 
-def _generic_handlers(check: Any, app_check: Any) -> tuple[grpc.GenericRpcHandler, ...]:  # type: ignore[type-arg]
+def _generic_handlers(check: Any, app_check: Any, filter_manifest: Any = None) -> tuple[grpc.GenericRpcHandler, ...]:  # type: ignore[type-arg]
+    app_methods = {
+        "Check": grpc.unary_unary_rpc_method_handler(
+            app_check,
+            request_deserializer=authz_pb2.CheckRequest.FromString,
+            response_serializer=authz_pb2.CheckResponse.SerializeToString,
+        )
+    }
+    if filter_manifest is not None:
+        # Bytes both ways: the handler bounds and parses each message itself (fronts/manifest.py).
+        app_methods["FilterManifest"] = grpc.stream_stream_rpc_method_handler(filter_manifest)
     return (
         grpc.method_handlers_generic_handler(
             AUTHORIZATION_SERVICE, {"Check": grpc.unary_unary_rpc_method_handler(check)}
         ),
-        grpc.method_handlers_generic_handler(
-            APP_SERVICE,
-            {
-                "Check": grpc.unary_unary_rpc_method_handler(
-                    app_check,
-                    request_deserializer=authz_pb2.CheckRequest.FromString,
-                    response_serializer=authz_pb2.CheckResponse.SerializeToString,
-                )
-            },
-        ),
+        grpc.method_handlers_generic_handler(APP_SERVICE, app_methods),
     )
 
 
@@ -347,6 +349,7 @@ class GrpcFront:
         limits: RpcLimits | None = None,
         rejected: Rejected | None = None,
         events: EventsService | None = None,
+        manifest: ManifestServicer | None = None,
     ) -> None:
         if model not in SERVER_MODELS:
             raise ValueError(f"server model {model!r}")
@@ -355,6 +358,7 @@ class GrpcFront:
         self._rejected: Rejected = rejected or (lambda _reason: None)
         self._handler = handler
         self._app = app
+        self._manifest = manifest
         self._registry = registry
         self._events = events
         self._workers = workers
@@ -396,8 +400,9 @@ class GrpcFront:
                 interceptors=[_AioAdmissions(bounds, self.limits.max_concurrent_rpcs, self._rejected)],
                 options=self.limits.options(),
             )
+            manifest = self._manifest.serve_aio if self._manifest is not None else None
             aio_server.add_generic_rpc_handlers(
-                (*_generic_handlers(check, app_check), _registry_handler(self._registry, aio=True))
+                (*_generic_handlers(check, app_check, manifest), _registry_handler(self._registry, aio=True))
             )
             if self._events is not None:
                 aio_server.add_generic_rpc_handlers((_events_handler(self._events, aio=True),))
@@ -416,7 +421,11 @@ class GrpcFront:
             )
             sync_server.add_generic_rpc_handlers(
                 (
-                    *_generic_handlers(lambda raw, _c: check_wire(raw), self._app_check_sync),
+                    *_generic_handlers(
+                        lambda raw, _c: check_wire(raw),
+                        self._app_check_sync,
+                        self._manifest.serve_sync if self._manifest is not None else None,
+                    ),
                     _registry_handler(self._registry, aio=False),
                 )
             )

@@ -60,6 +60,21 @@ def evaluate(
 ) -> Evaluation:
     """Select the enforced set, decide, and observe the others."""
     enforced, selection = select(snapshot, principal, shadow_header, stickiness_key or principal)
+    return judge(snapshot, enforced, principal, handle, scope, selection=selection)
+
+
+def judge(
+    snapshot: Snapshot,
+    enforced: CompiledSet,
+    principal: str,
+    handle: str,
+    scope: str | None,
+    *,
+    selection: Selection,
+) -> Evaluation:
+    """Decide with a set already selected, and observe the others. Apart from :func:`evaluate` for a
+    request that asks many questions of one selection (a manifest's accounts): selecting once keeps
+    every answer of that request to the one set, and the selection's cost to one."""
     reason = enforced.decide(principal, handle, scope)
     allowed = reason is Reason.ALLOWED
     enforced_view = None if enforced is snapshot.active else snapshot.by_version[enforced.meta.version]

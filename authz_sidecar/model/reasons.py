@@ -23,6 +23,9 @@ class Reason(StrEnum):
     UNMAPPED_ROUTE = "unmapped_route"
     # The request lacks the attributes a decision needs, or they are unusable (400).
     MALFORMED_REQUEST = "malformed_request"
+    # FilterManifest only: one block of a manifest is unusable (no id, no account, an account that
+    # makes no scope, a field over its bound); that block is refused, the others are judged (400).
+    MALFORMED_BLOCK = "malformed_block"
     # No valid snapshot has been loaded yet, or it is older than --max-staleness (503).
     NO_SNAPSHOT = "no_snapshot"
     # An unexpected fault inside the sidecar; the request is denied, never allowed (500).
@@ -46,6 +49,7 @@ _HTTP_STATUS: dict[Reason, int] = {
     Reason.MISSING_PERMISSION: 403,
     Reason.UNMAPPED_ROUTE: 403,
     Reason.MALFORMED_REQUEST: 400,
+    Reason.MALFORMED_BLOCK: 400,
     Reason.NO_SNAPSHOT: 503,
     Reason.INTERNAL_ERROR: 500,
     Reason.HEADERS_TOO_LARGE: 431,

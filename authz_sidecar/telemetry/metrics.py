@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from bisect import bisect_left
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
@@ -33,6 +33,28 @@ REJECTIONS = {
     "grpc": ("concurrency", "message_too_large"),
     "http": (Reason.HEADERS_TOO_LARGE.value, Reason.BODY_TOO_LARGE.value, Reason.REQUEST_TIMEOUT.value),
 }
+# How a FilterManifest request ended: its summary sent (complete), refused whole before any block
+# (invalid: header, action or a message; unavailable: no snapshot; stale: older than the revision
+# asked), cut (too_large: a bound; busy: no worker to spare; cancelled: the client went away or the
+# deadline passed; error: a fault in the sidecar).
+MANIFEST_RESULTS = (
+    "complete",
+    "invalid",
+    "refused",
+    "unavailable",
+    "stale",
+    "too_large",
+    "busy",
+    "cancelled",
+    "error",
+)
+# The reasons a manifest's block is answered with (model.reasons.Reason values).
+MANIFEST_REASONS = (
+    Reason.ALLOWED.value,
+    Reason.MISSING_PERMISSION.value,
+    Reason.UNKNOWN_PRINCIPAL.value,
+    Reason.MALFORMED_BLOCK.value,
+)
 LATENCY_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1)
 
 
@@ -121,6 +143,20 @@ class _HotPathCollector(Collector):
         for reason, n in dict(m.decision_log_dropped).items():
             decision_log.add_metric([reason], n)
         yield decision_log
+        blocks = CounterMetricFamily(
+            "authz_manifest_blocks",
+            "FilterManifest blocks answered, by answer and reason (counted when their request ends).",
+            labels=["decision", "reason"],
+        )
+        for reason, n in dict(m.manifest_blocks).items():
+            blocks.add_metric(["allow" if reason == Reason.ALLOWED.value else "deny", reason], n)
+        yield blocks
+        requests = CounterMetricFamily(
+            "authz_manifest_requests", "FilterManifest requests, by how they ended.", labels=["result"]
+        )
+        for result, n in dict(m.manifest_requests).items():
+            requests.add_metric([result], n)
+        yield requests
 
 
 class Metrics:
@@ -136,6 +172,9 @@ class Metrics:
         self.spans_dropped: dict[str, int] = {"queue_full": 0, "export_failed": 0}
         # The decision log counts into it (decisionlog.DROP_REASONS); zeros while it is off.
         self.decision_log_dropped: dict[str, int] = {"queue_full": 0, "write_failed": 0}
+        # FilterManifest, counted once per request when it ends (never per block).
+        self.manifest_blocks: dict[str, int] = dict.fromkeys(MANIFEST_REASONS, 0)
+        self.manifest_requests: dict[str, int] = dict.fromkeys(MANIFEST_RESULTS, 0)
         r.register(_HotPathCollector(self))
         # Rare events keep prometheus_client's own types.
         self.invalid_documents = Counter(
@@ -244,6 +283,14 @@ class Metrics:
         """A deny decided before any set was consulted (no identity, unmapped, malformed...)."""
         key = ("none", "deny", "none", reason.value)
         self.decisions[key] = self.decisions.get(key, 0) + 1
+
+    def manifest(self, result: str, blocks: Iterable[tuple[str, int]]) -> None:
+        """A FilterManifest request ended with `result`, having answered `blocks` (reason, count)."""
+        requests = self.manifest_requests
+        requests[result] = requests.get(result, 0) + 1
+        counted = self.manifest_blocks
+        for reason, n in blocks:
+            counted[reason] = counted.get(reason, 0) + n
 
     def rejected(self, front: str, reason: str) -> None:
         """A request refused at a front (see REJECTIONS); any other pair is a bug, so it raises."""

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x61uthz_sidecar/v1/authz.proto\x12\x10\x61uthz_sidecar.v1\"\x9e\x01\n\x0c\x43heckRequest\x12\x11\n\tprincipal\x18\x01 \x01(\t\x12\x12\n\npermission\x18\x02 \x01(\t\x12\r\n\x05scope\x18\x03 \x01(\t\x12\x16\n\x0eshadow_version\x18\x04 \x01(\t\x12\x16\n\x0estickiness_key\x18\x05 \x01(\t\x12\r\n\x05token\x18\x06 \x01(\t\x12\x19\n\x11\x61t_least_revision\x18\x07 \x01(\x03\"D\n\x10ObservedDecision\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x0f\n\x07\x61llowed\x18\x02 \x01(\x08\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\xe3\x01\n\rCheckResponse\x12\x0f\n\x07\x61llowed\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x12\n\ndecided_by\x18\x03 \x01(\t\x12\x18\n\x10\x65nforced_version\x18\x04 \x01(\t\x12\x16\n\x0e\x61\x63tive_version\x18\x05 \x01(\t\x12\x11\n\tselection\x18\x06 \x01(\t\x12\x10\n\x08mismatch\x18\x07 \x01(\x08\x12\x34\n\x08observed\x18\x08 \x03(\x0b\x32\".authz_sidecar.v1.ObservedDecision\x12\x10\n\x08revision\x18\t \x01(\x03\"n\n\x05\x42lock\x12\x10\n\x08\x62lock_id\x18\x01 \x01(\t\x12\x15\n\rorigin_volume\x18\x02 \x01(\t\x12\x16\n\x0eorigin_account\x18\x03 \x01(\t\x12\x12\n\ncreated_at\x18\x04 \x01(\x03\x12\x10\n\x08\x63hecksum\x18\x05 \x01(\t\"]\n\x0eManifestHeader\x12\x11\n\tprincipal\x18\x01 \x01(\t\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0e\n\x06\x61\x63tion\x18\x03 \x01(\t\x12\x19\n\x11\x61t_least_revision\x18\x04 \x01(\x03\"}\n\x15\x46ilterManifestRequest\x12\x32\n\x06header\x18\x01 \x01(\x0b\x32 .authz_sidecar.v1.ManifestHeaderH\x00\x12(\n\x05\x62lock\x18\x02 \x01(\x0b\x32\x17.authz_sidecar.v1.BlockH\x00\x42\x06\n\x04item\"H\n\x0cRefusedBlock\x12\x10\n\x08\x62lock_id\x18\x01 \x01(\t\x12\x16\n\x0eorigin_account\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"|\n\x0fManifestSummary\x12\x0f\n\x07\x61llowed\x18\x01 \x01(\x03\x12\x0f\n\x07refused\x18\x02 \x01(\x03\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\x10\n\x08revision\x18\x04 \x01(\x03\x12\x10\n\x08\x63omplete\x18\x05 \x01(\x08\x12\x12\n\npermission\x18\x06 \x01(\t\"\xb5\x01\n\x16\x46ilterManifestResponse\x12*\n\x07\x61llowed\x18\x01 \x01(\x0b\x32\x17.authz_sidecar.v1.BlockH\x00\x12\x31\n\x07refused\x18\x02 \x01(\x0b\x32\x1e.authz_sidecar.v1.RefusedBlockH\x00\x12\x34\n\x07summary\x18\x03 \x01(\x0b\x32!.authz_sidecar.v1.ManifestSummaryH\x00\x42\x06\n\x04item\"\xbf\x01\n\x08\x45nvelope\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\x12\x11\n\tprincipal\x18\x02 \x01(\t\x12\x12\n\npermission\x18\x03 \x01(\t\x12\r\n\x05scope\x18\x04 \x01(\t\x12\x0e\n\x06key_id\x18\x05 \x01(\t\x12\x11\n\tissued_at\x18\x06 \x01(\x03\x12\x12\n\nexpires_at\x18\x07 \x01(\x03\x12\x10\n\x08\x65vent_id\x18\x08 \x01(\t\x12\x10\n\x08revision\x18\t \x01(\x03\x12\x11\n\tsignature\x18\n \x01(\x0c\"}\n\x10SignEventRequest\x12\r\n\x05token\x18\x01 \x01(\t\x12\x11\n\tprincipal\x18\x02 \x01(\t\x12\x12\n\npermission\x18\x03 \x01(\t\x12\r\n\x05scope\x18\x04 \x01(\t\x12\x0f\n\x07payload\x18\x05 \x01(\x0c\x12\x13\n\x0bttl_seconds\x18\x06 \x01(\x03\"A\n\x11SignEventResponse\x12,\n\x08\x65nvelope\x18\x01 \x01(\x0b\x32\x1a.authz_sidecar.v1.Envelope\"S\n\x12VerifyEventRequest\x12,\n\x08\x65nvelope\x18\x01 \x01(\x0b\x32\x1a.authz_sidecar.v1.Envelope\x12\x0f\n\x07\x63onsume\x18\x02 \x01(\x08\"h\n\x13VerifyEventResponse\x12\r\n\x05valid\x18\x01 \x01(\x08\x12\x0f\n\x07\x61llowed\x18\x02 \x01(\x08\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x0f\n\x07version\x18\x04 \x01(\t\x12\x10\n\x08revision\x18\x05 \x01(\x03\x32\xec\x02\n\x05\x41uthz\x12H\n\x05\x43heck\x12\x1e.authz_sidecar.v1.CheckRequest\x1a\x1f.authz_sidecar.v1.CheckResponse\x12g\n\x0e\x46ilterManifest\x12\'.authz_sidecar.v1.FilterManifestRequest\x1a(.authz_sidecar.v1.FilterManifestResponse(\x01\x30\x01\x12T\n\tSignEvent\x12\".authz_sidecar.v1.SignEventRequest\x1a#.authz_sidecar.v1.SignEventResponse\x12Z\n\x0bVerifyEvent\x12$.authz_sidecar.v1.VerifyEventRequest\x1a%.authz_sidecar.v1.VerifyEventResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x61uthz_sidecar/v1/authz.proto\x12\x10\x61uthz_sidecar.v1\"\x9e\x01\n\x0c\x43heckRequest\x12\x11\n\tprincipal\x18\x01 \x01(\t\x12\x12\n\npermission\x18\x02 \x01(\t\x12\r\n\x05scope\x18\x03 \x01(\t\x12\x16\n\x0eshadow_version\x18\x04 \x01(\t\x12\x16\n\x0estickiness_key\x18\x05 \x01(\t\x12\r\n\x05token\x18\x06 \x01(\t\x12\x19\n\x11\x61t_least_revision\x18\x07 \x01(\x03\"D\n\x10ObservedDecision\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x0f\n\x07\x61llowed\x18\x02 \x01(\x08\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\xe3\x01\n\rCheckResponse\x12\x0f\n\x07\x61llowed\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x12\n\ndecided_by\x18\x03 \x01(\t\x12\x18\n\x10\x65nforced_version\x18\x04 \x01(\t\x12\x16\n\x0e\x61\x63tive_version\x18\x05 \x01(\t\x12\x11\n\tselection\x18\x06 \x01(\t\x12\x10\n\x08mismatch\x18\x07 \x01(\x08\x12\x34\n\x08observed\x18\x08 \x03(\x0b\x32\".authz_sidecar.v1.ObservedDecision\x12\x10\n\x08revision\x18\t \x01(\x03\"n\n\x05\x42lock\x12\x10\n\x08\x62lock_id\x18\x01 \x01(\t\x12\x15\n\rorigin_volume\x18\x02 \x01(\t\x12\x16\n\x0eorigin_account\x18\x03 \x01(\t\x12\x12\n\ncreated_at\x18\x04 \x01(\x03\x12\x10\n\x08\x63hecksum\x18\x05 \x01(\t\"]\n\x0eManifestHeader\x12\x11\n\tprincipal\x18\x01 \x01(\t\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0e\n\x06\x61\x63tion\x18\x03 \x01(\t\x12\x19\n\x11\x61t_least_revision\x18\x04 \x01(\x03\"5\n\nBlockBatch\x12\'\n\x06\x62locks\x18\x01 \x03(\x0b\x32\x17.authz_sidecar.v1.Block\"\xad\x01\n\x15\x46ilterManifestRequest\x12\x32\n\x06header\x18\x01 \x01(\x0b\x32 .authz_sidecar.v1.ManifestHeaderH\x00\x12(\n\x05\x62lock\x18\x02 \x01(\x0b\x32\x17.authz_sidecar.v1.BlockH\x00\x12.\n\x06\x62locks\x18\x03 \x01(\x0b\x32\x1c.authz_sidecar.v1.BlockBatchH\x00\x42\x06\n\x04item\"H\n\x0cRefusedBlock\x12\x10\n\x08\x62lock_id\x18\x01 \x01(\t\x12\x16\n\x0eorigin_account\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"|\n\x0fManifestSummary\x12\x0f\n\x07\x61llowed\x18\x01 \x01(\x03\x12\x0f\n\x07refused\x18\x02 \x01(\x03\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\x10\n\x08revision\x18\x04 \x01(\x03\x12\x10\n\x08\x63omplete\x18\x05 \x01(\x08\x12\x12\n\npermission\x18\x06 \x01(\t\"h\n\x0b\x42\x61tchAnswer\x12(\n\x07\x61llowed\x18\x01 \x03(\x0b\x32\x17.authz_sidecar.v1.Block\x12/\n\x07refused\x18\x02 \x03(\x0b\x32\x1e.authz_sidecar.v1.RefusedBlock\"\xe7\x01\n\x16\x46ilterManifestResponse\x12*\n\x07\x61llowed\x18\x01 \x01(\x0b\x32\x17.authz_sidecar.v1.BlockH\x00\x12\x31\n\x07refused\x18\x02 \x01(\x0b\x32\x1e.authz_sidecar.v1.RefusedBlockH\x00\x12\x34\n\x07summary\x18\x03 \x01(\x0b\x32!.authz_sidecar.v1.ManifestSummaryH\x00\x12\x30\n\x07\x61nswers\x18\x04 \x01(\x0b\x32\x1d.authz_sidecar.v1.BatchAnswerH\x00\x42\x06\n\x04item\"\xbf\x01\n\x08\x45nvelope\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\x12\x11\n\tprincipal\x18\x02 \x01(\t\x12\x12\n\npermission\x18\x03 \x01(\t\x12\r\n\x05scope\x18\x04 \x01(\t\x12\x0e\n\x06key_id\x18\x05 \x01(\t\x12\x11\n\tissued_at\x18\x06 \x01(\x03\x12\x12\n\nexpires_at\x18\x07 \x01(\x03\x12\x10\n\x08\x65vent_id\x18\x08 \x01(\t\x12\x10\n\x08revision\x18\t \x01(\x03\x12\x11\n\tsignature\x18\n \x01(\x0c\"}\n\x10SignEventRequest\x12\r\n\x05token\x18\x01 \x01(\t\x12\x11\n\tprincipal\x18\x02 \x01(\t\x12\x12\n\npermission\x18\x03 \x01(\t\x12\r\n\x05scope\x18\x04 \x01(\t\x12\x0f\n\x07payload\x18\x05 \x01(\x0c\x12\x13\n\x0bttl_seconds\x18\x06 \x01(\x03\"A\n\x11SignEventResponse\x12,\n\x08\x65nvelope\x18\x01 \x01(\x0b\x32\x1a.authz_sidecar.v1.Envelope\"S\n\x12VerifyEventRequest\x12,\n\x08\x65nvelope\x18\x01 \x01(\x0b\x32\x1a.authz_sidecar.v1.Envelope\x12\x0f\n\x07\x63onsume\x18\x02 \x01(\x08\"h\n\x13VerifyEventResponse\x12\r\n\x05valid\x18\x01 \x01(\x08\x12\x0f\n\x07\x61llowed\x18\x02 \x01(\x08\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x0f\n\x07version\x18\x04 \x01(\t\x12\x10\n\x08revision\x18\x05 \x01(\x03\x32\xec\x02\n\x05\x41uthz\x12H\n\x05\x43heck\x12\x1e.authz_sidecar.v1.CheckRequest\x1a\x1f.authz_sidecar.v1.CheckResponse\x12g\n\x0e\x46ilterManifest\x12\'.authz_sidecar.v1.FilterManifestRequest\x1a(.authz_sidecar.v1.FilterManifestResponse(\x01\x30\x01\x12T\n\tSignEvent\x12\".authz_sidecar.v1.SignEventRequest\x1a#.authz_sidecar.v1.SignEventResponse\x12Z\n\x0bVerifyEvent\x12$.authz_sidecar.v1.VerifyEventRequest\x1a%.authz_sidecar.v1.VerifyEventResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -41,24 +41,28 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_BLOCK']._serialized_end=621
   _globals['_MANIFESTHEADER']._serialized_start=623
   _globals['_MANIFESTHEADER']._serialized_end=716
-  _globals['_FILTERMANIFESTREQUEST']._serialized_start=718
-  _globals['_FILTERMANIFESTREQUEST']._serialized_end=843
-  _globals['_REFUSEDBLOCK']._serialized_start=845
-  _globals['_REFUSEDBLOCK']._serialized_end=917
-  _globals['_MANIFESTSUMMARY']._serialized_start=919
-  _globals['_MANIFESTSUMMARY']._serialized_end=1043
-  _globals['_FILTERMANIFESTRESPONSE']._serialized_start=1046
-  _globals['_FILTERMANIFESTRESPONSE']._serialized_end=1227
-  _globals['_ENVELOPE']._serialized_start=1230
-  _globals['_ENVELOPE']._serialized_end=1421
-  _globals['_SIGNEVENTREQUEST']._serialized_start=1423
-  _globals['_SIGNEVENTREQUEST']._serialized_end=1548
-  _globals['_SIGNEVENTRESPONSE']._serialized_start=1550
-  _globals['_SIGNEVENTRESPONSE']._serialized_end=1615
-  _globals['_VERIFYEVENTREQUEST']._serialized_start=1617
-  _globals['_VERIFYEVENTREQUEST']._serialized_end=1700
-  _globals['_VERIFYEVENTRESPONSE']._serialized_start=1702
-  _globals['_VERIFYEVENTRESPONSE']._serialized_end=1806
-  _globals['_AUTHZ']._serialized_start=1809
-  _globals['_AUTHZ']._serialized_end=2173
+  _globals['_BLOCKBATCH']._serialized_start=718
+  _globals['_BLOCKBATCH']._serialized_end=771
+  _globals['_FILTERMANIFESTREQUEST']._serialized_start=774
+  _globals['_FILTERMANIFESTREQUEST']._serialized_end=947
+  _globals['_REFUSEDBLOCK']._serialized_start=949
+  _globals['_REFUSEDBLOCK']._serialized_end=1021
+  _globals['_MANIFESTSUMMARY']._serialized_start=1023
+  _globals['_MANIFESTSUMMARY']._serialized_end=1147
+  _globals['_BATCHANSWER']._serialized_start=1149
+  _globals['_BATCHANSWER']._serialized_end=1253
+  _globals['_FILTERMANIFESTRESPONSE']._serialized_start=1256
+  _globals['_FILTERMANIFESTRESPONSE']._serialized_end=1487
+  _globals['_ENVELOPE']._serialized_start=1490
+  _globals['_ENVELOPE']._serialized_end=1681
+  _globals['_SIGNEVENTREQUEST']._serialized_start=1683
+  _globals['_SIGNEVENTREQUEST']._serialized_end=1808
+  _globals['_SIGNEVENTRESPONSE']._serialized_start=1810
+  _globals['_SIGNEVENTRESPONSE']._serialized_end=1875
+  _globals['_VERIFYEVENTREQUEST']._serialized_start=1877
+  _globals['_VERIFYEVENTREQUEST']._serialized_end=1960
+  _globals['_VERIFYEVENTRESPONSE']._serialized_start=1962
+  _globals['_VERIFYEVENTRESPONSE']._serialized_end=2066
+  _globals['_AUTHZ']._serialized_start=2069
+  _globals['_AUTHZ']._serialized_end=2433
 # @@protoc_insertion_point(module_scope)

@@ -82,13 +82,21 @@ class ManifestHeader(_message.Message):
     at_least_revision: int
     def __init__(self, principal: _Optional[str] = ..., token: _Optional[str] = ..., action: _Optional[str] = ..., at_least_revision: _Optional[int] = ...) -> None: ...
 
+class BlockBatch(_message.Message):
+    __slots__ = ("blocks",)
+    BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    blocks: _containers.RepeatedCompositeFieldContainer[Block]
+    def __init__(self, blocks: _Optional[_Iterable[_Union[Block, _Mapping]]] = ...) -> None: ...
+
 class FilterManifestRequest(_message.Message):
-    __slots__ = ("header", "block")
+    __slots__ = ("header", "block", "blocks")
     HEADER_FIELD_NUMBER: _ClassVar[int]
     BLOCK_FIELD_NUMBER: _ClassVar[int]
+    BLOCKS_FIELD_NUMBER: _ClassVar[int]
     header: ManifestHeader
     block: Block
-    def __init__(self, header: _Optional[_Union[ManifestHeader, _Mapping]] = ..., block: _Optional[_Union[Block, _Mapping]] = ...) -> None: ...
+    blocks: BlockBatch
+    def __init__(self, header: _Optional[_Union[ManifestHeader, _Mapping]] = ..., block: _Optional[_Union[Block, _Mapping]] = ..., blocks: _Optional[_Union[BlockBatch, _Mapping]] = ...) -> None: ...
 
 class RefusedBlock(_message.Message):
     __slots__ = ("block_id", "origin_account", "reason")
@@ -116,15 +124,25 @@ class ManifestSummary(_message.Message):
     permission: str
     def __init__(self, allowed: _Optional[int] = ..., refused: _Optional[int] = ..., version: _Optional[str] = ..., revision: _Optional[int] = ..., complete: _Optional[bool] = ..., permission: _Optional[str] = ...) -> None: ...
 
+class BatchAnswer(_message.Message):
+    __slots__ = ("allowed", "refused")
+    ALLOWED_FIELD_NUMBER: _ClassVar[int]
+    REFUSED_FIELD_NUMBER: _ClassVar[int]
+    allowed: _containers.RepeatedCompositeFieldContainer[Block]
+    refused: _containers.RepeatedCompositeFieldContainer[RefusedBlock]
+    def __init__(self, allowed: _Optional[_Iterable[_Union[Block, _Mapping]]] = ..., refused: _Optional[_Iterable[_Union[RefusedBlock, _Mapping]]] = ...) -> None: ...
+
 class FilterManifestResponse(_message.Message):
-    __slots__ = ("allowed", "refused", "summary")
+    __slots__ = ("allowed", "refused", "summary", "answers")
     ALLOWED_FIELD_NUMBER: _ClassVar[int]
     REFUSED_FIELD_NUMBER: _ClassVar[int]
     SUMMARY_FIELD_NUMBER: _ClassVar[int]
+    ANSWERS_FIELD_NUMBER: _ClassVar[int]
     allowed: Block
     refused: RefusedBlock
     summary: ManifestSummary
-    def __init__(self, allowed: _Optional[_Union[Block, _Mapping]] = ..., refused: _Optional[_Union[RefusedBlock, _Mapping]] = ..., summary: _Optional[_Union[ManifestSummary, _Mapping]] = ...) -> None: ...
+    answers: BatchAnswer
+    def __init__(self, allowed: _Optional[_Union[Block, _Mapping]] = ..., refused: _Optional[_Union[RefusedBlock, _Mapping]] = ..., summary: _Optional[_Union[ManifestSummary, _Mapping]] = ..., answers: _Optional[_Union[BatchAnswer, _Mapping]] = ...) -> None: ...
 
 class Envelope(_message.Message):
     __slots__ = ("payload", "principal", "permission", "scope", "key_id", "issued_at", "expires_at", "event_id", "revision", "signature")
