@@ -157,26 +157,49 @@ class Verification:
     revision: int
 
 
-def _item(response: authz_pb2.FilterManifestResponse) -> ManifestItem:
+def _items(response: authz_pb2.FilterManifestResponse) -> Iterator[ManifestItem]:
     kind = response.WhichOneof("item")
-    if kind == "allowed":
-        return Block.of(response.allowed)
-    if kind == "refused":
+    if kind == "answers":
+        yield from (Block.of(b) for b in response.answers.allowed)
+        yield from (RefusedBlock(r.block_id, r.origin_account, r.reason) for r in response.answers.refused)
+    elif kind == "allowed":
+        yield Block.of(response.allowed)
+    elif kind == "refused":
         r = response.refused
-        return RefusedBlock(r.block_id, r.origin_account, r.reason)
-    s = response.summary
-    return ManifestSummary(s.allowed, s.refused, s.version, s.revision, s.complete, s.permission)
+        yield RefusedBlock(r.block_id, r.origin_account, r.reason)
+    else:
+        s = response.summary
+        yield ManifestSummary(s.allowed, s.refused, s.version, s.revision, s.complete, s.permission)
+
+
+# Blocks per message: one message per block costs the sidecar far more than judging it.
+BATCH = 1_000
+
+
+def _header(action: str, principal: str, token: str, at_least_revision: int) -> authz_pb2.FilterManifestRequest:
+    return authz_pb2.FilterManifestRequest(
+        header=authz_pb2.ManifestHeader(
+            principal=principal, token=token, action=action, at_least_revision=at_least_revision
+        )
+    )
+
+
+def _batch(blocks: list[Block]) -> authz_pb2.FilterManifestRequest:
+    return authz_pb2.FilterManifestRequest(blocks=authz_pb2.BlockBatch(blocks=[b.message() for b in blocks]))
 
 
 def _manifest(
     blocks: Iterable[Block], action: str, principal: str, token: str, at_least_revision: int
 ) -> Iterator[authz_pb2.FilterManifestRequest]:
-    header = authz_pb2.ManifestHeader(
-        principal=principal, token=token, action=action, at_least_revision=at_least_revision
-    )
-    yield authz_pb2.FilterManifestRequest(header=header)
+    yield _header(action, principal, token, at_least_revision)
+    pending: list[Block] = []
     for block in blocks:
-        yield authz_pb2.FilterManifestRequest(block=block.message())
+        pending.append(block)
+        if len(pending) == BATCH:
+            yield _batch(pending)
+            pending = []
+    if pending:
+        yield _batch(pending)
 
 
 def _sign_request(
@@ -257,13 +280,14 @@ class AuthzClient:
         at_least_revision: int = 0,
         timeout: float | None = None,
     ) -> Iterator[ManifestItem]:
-        """The blocks in, the answer out, as they come: each allowed :class:`Block`, each
-        :class:`RefusedBlock`, then the :class:`ManifestSummary` (check ``complete``)."""
+        """The blocks in (sent in batches), the answer out as it comes: the allowed :class:`Block`
+        and the :class:`RefusedBlock` of each batch, then the :class:`ManifestSummary` (check
+        ``complete``: False, or no summary at all, means the answer was cut short)."""
         try:
             for response in self._stub.FilterManifest(
                 _manifest(blocks, action, principal, token, at_least_revision), timeout=timeout or self.timeout
             ):
-                yield _item(response)
+                yield from _items(response)
         except grpc.RpcError as exc:
             raise _error(exc) from None
 
@@ -361,20 +385,25 @@ class AsyncAuthzClient:
         timeout: float | None = None,
     ) -> AsyncIterator[ManifestItem]:
         async def requests() -> AsyncIterator[authz_pb2.FilterManifestRequest]:
-            header = authz_pb2.ManifestHeader(
-                principal=principal, token=token, action=action, at_least_revision=at_least_revision
-            )
-            yield authz_pb2.FilterManifestRequest(header=header)
+            yield _header(action, principal, token, at_least_revision)
             if isinstance(blocks, AsyncIterable):
+                pending: list[Block] = []
                 async for block in blocks:
-                    yield authz_pb2.FilterManifestRequest(block=block.message())
+                    pending.append(block)
+                    if len(pending) == BATCH:
+                        yield _batch(pending)
+                        pending = []
+                if pending:
+                    yield _batch(pending)
             else:
-                for block in blocks:
-                    yield authz_pb2.FilterManifestRequest(block=block.message())
+                for request in _manifest(blocks, action, principal, token, at_least_revision):
+                    if request.WhichOneof("item") != "header":
+                        yield request
 
         try:
             async for response in self._stub.FilterManifest(requests(), timeout=timeout or self.timeout):
-                yield _item(response)
+                for item in _items(response):
+                    yield item
         except grpc.RpcError as exc:
             raise _error(exc) from None
 

@@ -94,3 +94,54 @@ def test_a_sidecar_still_starting_is_retried_and_one_that_never_comes_raises(
         with pytest.raises(SidecarUnavailableError):
             authz.check("things:view", principal="bob")
         assert time.monotonic() - began < 3
+
+
+def test_the_client_filters_a_manifest_and_signs_and_verifies_events_with_a_token(
+    tmp_path: Path, issuer: DemoIssuer
+) -> None:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from authz_sidecar.client import Block, ManifestSummary, RefusedBlock
+
+    from .helpers import ACTIVE, CATALOG
+
+    key = tmp_path / "event.pem"
+    key.write_bytes(
+        Ed25519PrivateKey.generate().private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    catalog = {**CATALOG, "permissions": [*CATALOG["permissions"], {"handle": "snapshots:export"}]}
+    active = {
+        **ACTIVE,
+        "roles": {**ACTIVE["roles"], "exporter": ["snapshots:export"]},
+        "grants": [*ACTIVE["grants"], {"principal": "alice", "roles": ["exporter"], "scope": "account:acme"}],
+    }
+    settings = sidecar_settings(
+        write_policy(tmp_path / "exports", active=active, catalog=catalog),
+        jwks_file=issuer.write_jwks(tmp_path / "jwks.json"),
+        jwt_issuers=(issuer.issuer,),
+        jwt_audiences=("things",),
+        identity=("jwt",),
+        event_key=(key,),
+    )
+    side = RunningSidecar(settings)
+    try:
+        side.wait_ready()
+        blocks = [Block(f"{account}-{i}", account) for account in ("acme", "globex") for i in range(1_500)]
+        with AuthzClient(f"{LOOPBACK}:{side.sidecar.grpc_port}", timeout=10) as authz:
+            items = list(authz.filter_manifest(blocks, action="export", token=issuer.token("alice")))
+            allowed = {i.block_id for i in items if isinstance(i, Block)}
+            refused = [i for i in items if isinstance(i, RefusedBlock)]
+            summary = items[-1]
+            assert isinstance(summary, ManifestSummary) and summary.complete
+            assert allowed == {b.block_id for b in blocks if b.origin_account == "acme"}
+            assert {r.origin_account for r in refused} == {"globex"} and len(refused) == 1_500
+            envelope = authz.sign(b'{"delete": "things/42"}', "things:edit", token=issuer.token("alice"))
+            assert envelope.principal == "alice"
+            first = authz.verify_and_check(envelope)
+            assert (first.valid, first.allowed, first.reason) == (True, True, "allowed")
+            assert authz.verify_and_check(envelope).reason == "replayed"
+    finally:
+        side.close()
