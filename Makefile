@@ -28,8 +28,8 @@ scenario: $(STAMP) ## the controller on a live mesh: an accident rolled back una
 test: lint typecheck bench-quick pytest ## everything CI runs: ruff, the import contract, mypy, the benchmark's quick mode, the test suite
 
 lint: $(STAMP) ## ruff lint and format check; the import contract (layers, one-way dependencies)
-	$(BIN)/ruff check authz_sidecar tests tools
-	$(BIN)/ruff format --check authz_sidecar tests tools
+	$(BIN)/ruff check authz_sidecar tests tools examples
+	$(BIN)/ruff format --check authz_sidecar tests tools examples
 	$(BIN)/lint-imports --no-cache
 
 typecheck: $(STAMP) ## mypy --strict on authz_sidecar/

@@ -23,6 +23,7 @@ from authz_sidecar.client import AuthzClient, Block, ManifestSummary, RefusedBlo
 from authz_sidecar.local.etcd import EtcdCluster
 from authz_sidecar.local.mesh import run_ctl
 from authz_sidecar.local.processes import LOOPBACK, Process, free_port, wait_for_http
+from authz_sidecar.telemetry import logs
 
 CATALOG = {"service": "snapshots", "permissions": [{"handle": "snapshots:export", "description": "Export blocks"}]}
 POLICY = {
@@ -85,6 +86,7 @@ def export(authz: AuthzClient, principal: str, blocks: dict[str, bytes]) -> int:
 
 
 def main() -> int:
+    logs.configure("warning")  # ctl runs in this process: its audit lines would drown the export
     with tempfile.TemporaryDirectory(prefix="authz-export-") as tmp:
         work = Path(tmp)
         cluster = EtcdCluster(work / "etcd").start()
