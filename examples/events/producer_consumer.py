@@ -25,10 +25,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from authz_sidecar.client import AuthzClient
-from authz_sidecar.local.etcd import EtcdCluster
 from authz_sidecar.local.mesh import run_ctl
-from authz_sidecar.local.processes import LOOPBACK, Process, free_port, wait_for_http
-from authz_sidecar.telemetry import logs
+from authz_sidecar.local.standalone import sidecar_on_socket
 
 CATALOG = {
     "service": "things",
@@ -74,7 +72,6 @@ def story(authz: AuthzClient, endpoints: str, work: Path) -> bool:
 
 
 def main() -> int:
-    logs.configure("warning")  # ctl runs in this process: its audit lines would drown the story
     with tempfile.TemporaryDirectory(prefix="authz-events-") as tmp:
         work = Path(tmp)
         key = work / "event-key.pem"
@@ -84,30 +81,13 @@ def main() -> int:
             )
         )
         key.chmod(0o600)
-        cluster = EtcdCluster(work / "etcd").start()
-        sidecar: Process | None = None
-        try:
-            (work / "catalog.json").write_text(json.dumps(CATALOG))
-            (work / "active.json").write_text(json.dumps(POLICY))
-            run_ctl(cluster.endpoints, "registry", "put", "--file", str(work / "catalog.json"))
-            run_ctl(cluster.endpoints, "init", "--file", str(work / "active.json"))
-            socket_path = work / "authz.sock"
-            http = free_port()
-            argv = [
-                sys.executable, "-m", "authz_sidecar", "serve", "--etcd", cluster.endpoints,
-                "--listen", f"unix://{socket_path}", "--http", f"{LOOPBACK}:{http}", "--service", "things",
-                "--cache-file", "off", "--event-key", str(key),
-            ]  # fmt: skip
-            sidecar = Process("sidecar", argv, work)
-            wait_for_http(f"http://{LOOPBACK}:{http}/readyz", sidecar, timeout=30)
-            with AuthzClient(f"unix://{socket_path}", timeout=10, retries=20) as authz:
-                ok = story(authz, cluster.endpoints, work)
-            print("as expected" if ok else "NOT as expected")
-            return 0 if ok else 1
-        finally:
-            if sidecar is not None:
-                sidecar.stop()
-            cluster.stop()
+        with (
+            sidecar_on_socket(work, CATALOG, POLICY, extra=("--event-key", str(key))) as (target, etcd),
+            AuthzClient(target, timeout=10, retries=20) as authz,
+        ):
+            ok = story(authz, etcd, work)
+        print("as expected" if ok else "NOT as expected")
+        return 0 if ok else 1
 
 
 if __name__ == "__main__":

@@ -14,16 +14,12 @@ permission set with ``ctl``, runs the export for alice, then stops everything.
 from __future__ import annotations
 
 import hashlib
-import json
 import sys
 import tempfile
 from pathlib import Path
 
 from authz_sidecar.client import AuthzClient, Block, ManifestSummary, RefusedBlock
-from authz_sidecar.local.etcd import EtcdCluster
-from authz_sidecar.local.mesh import run_ctl
-from authz_sidecar.local.processes import LOOPBACK, Process, free_port, wait_for_http
-from authz_sidecar.telemetry import logs
+from authz_sidecar.local.standalone import sidecar_on_socket
 
 CATALOG = {"service": "snapshots", "permissions": [{"handle": "snapshots:export", "description": "Export blocks"}]}
 POLICY = {
@@ -86,31 +82,12 @@ def export(authz: AuthzClient, principal: str, blocks: dict[str, bytes]) -> int:
 
 
 def main() -> int:
-    logs.configure("warning")  # ctl runs in this process: its audit lines would drown the export
-    with tempfile.TemporaryDirectory(prefix="authz-export-") as tmp:
-        work = Path(tmp)
-        cluster = EtcdCluster(work / "etcd").start()
-        sidecar: Process | None = None
-        try:
-            (work / "catalog.json").write_text(json.dumps(CATALOG))
-            (work / "active.json").write_text(json.dumps(POLICY))
-            run_ctl(cluster.endpoints, "registry", "put", "--file", str(work / "catalog.json"))
-            run_ctl(cluster.endpoints, "init", "--file", str(work / "active.json"))
-            socket_path = work / "authz.sock"
-            http = free_port()
-            argv = [
-                sys.executable, "-m", "authz_sidecar", "serve", "--etcd", cluster.endpoints,
-                "--listen", f"unix://{socket_path}", "--http", f"{LOOPBACK}:{http}", "--service", "snapshots",
-                "--cache-file", "off",
-            ]  # fmt: skip
-            sidecar = Process("sidecar", argv, work)
-            wait_for_http(f"http://{LOOPBACK}:{http}/readyz", sidecar, timeout=30)
-            with AuthzClient(f"unix://{socket_path}", timeout=10) as authz:
-                return export(authz, "alice", compose())
-        finally:
-            if sidecar is not None:
-                sidecar.stop()
-            cluster.stop()
+    with (
+        tempfile.TemporaryDirectory(prefix="authz-export-") as tmp,
+        sidecar_on_socket(Path(tmp), CATALOG, POLICY) as (target, _etcd),
+        AuthzClient(target, timeout=10) as authz,
+    ):
+        return export(authz, "alice", compose())
 
 
 if __name__ == "__main__":
