@@ -15,7 +15,6 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from authz_sidecar.documents import load_document, parse_permission_set
 from authz_sidecar.documents.cohorts import check_region, cohort_document, parse_cohort
 from authz_sidecar.errors import ConfigError, DocumentError
 from authz_sidecar.model.cohorts import describe_missing, missing_roles
@@ -71,7 +70,7 @@ async def check_roles(store: PolicyStore, cohorts: Mapping[str, Cohort]) -> None
     version = (await store.pointers()).active
     if version is None:
         raise StoreError("no active set yet; start with 'ctl init'")
-    active = parse_permission_set(load_document(await store.document(version), version), version)
+    active = await store.permission_set(version)
     missing = missing_roles(cohorts, active.roles)
     if missing:
         raise StoreError(describe_missing(missing, active.roles, version))

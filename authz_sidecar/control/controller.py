@@ -30,9 +30,9 @@ from typing import Any
 import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
+from authz_sidecar.caches import remember
 from authz_sidecar.control import deadletters
 from authz_sidecar.control.webhooks import WebhookConfig, Webhooks
-from authz_sidecar.documents import load_document, parse_permission_set
 from authz_sidecar.documents.cohorts import cohort_document
 from authz_sidecar.errors import DocumentError
 from authz_sidecar.model.analysis import Analysis, Impact, Report, analyse, opening
@@ -55,6 +55,8 @@ from authz_sidecar.store.policy import Change, ConflictError, Fence, FencedError
 log = structlog.get_logger("authz_sidecar.control.controller")
 # What ends one pass (or one plan's turn in it) but never the controller: etcd away, a conflict, a
 # document that does not parse. The next pass reads everything again.
+# Sets and impacts kept compiled between passes (a few plans at once, each an active set and a shadow).
+SETS_KEPT = 16
 _SURVIVABLE: tuple[type[BaseException], ...] = (*deadletters.TRANSIENT, DocumentError, StoreError)
 
 
@@ -101,11 +103,11 @@ class Controller:
         self.election = Election(etcd, self.policy.layout.leader, self.ident, lease_ttl)
         self.metrics = metrics or ControllerMetrics()
         self.leadership: Leadership | None = None
-        # Whole impacts of (active, shadow) pairs: compiled once, for the coverage gate.
+        # Sets compiled once, and whole impacts of (active, shadow) pairs, for the coverage and
+        # cases gates.
+        self._sets: dict[str, tuple[PermissionSet, CompiledSet]] = {}
         self._impacts: dict[tuple[str, str], Impact] = {}
         self._hooks: dict[str, Webhooks] = {}
-        # Shadows parsed and compiled once, for their policy test cases.
-        self._shadows: dict[str, tuple[PermissionSet, CompiledSet]] = {}
 
     # --- the loop ------------------------------------------------------------------------------
 
@@ -294,8 +296,7 @@ class Controller:
             )
             await self._write(stored, held)
             return
-        document = await self.policy.document(stored.version)
-        shadow = parse_permission_set(load_document(document, stored.version), stored.version)
+        shadow = await self.policy.permission_set(stored.version)
         pointers = await self.policy.pointers()
         parent = shadow.meta.parent or (pointers.active or "")
         change = self._decided("promote", stored, after, analysis)
@@ -415,19 +416,22 @@ class Controller:
 
     # --- evidence and hooks --------------------------------------------------------------------
 
+    async def _compiled(self, version: str) -> tuple[PermissionSet, CompiledSet]:
+        """A stored set, parsed and compiled once (off the loop) for as long as plans ask for it."""
+        found = self._sets.get(version)
+        if found is None:
+            permissions = await self.policy.permission_set(version)
+            found = (permissions, await asyncio.to_thread(compile_set, permissions))
+            remember(self._sets, version, found, SETS_KEPT)
+        return found
+
     async def _impact(self, active: str, version: str) -> Impact:
         key = (active, version)
         found = self._impacts.get(key)
         if found is None:
-            documents = [await self.policy.document(v) for v in key]
-            sets = [parse_permission_set(load_document(d, v), v) for d, v in zip(documents, key, strict=True)]
-
-            def whole() -> Impact:
-                return Impact(frozenset(impact(compile_set(sets[0]), compile_set(sets[1]))))
-
-            found = self._impacts[key] = await asyncio.to_thread(whole)
-            if len(self._impacts) > 16:
-                self._impacts.pop(next(iter(self._impacts)))
+            (_a, compiled_active), (_s, compiled_shadow) = await self._compiled(active), await self._compiled(version)
+            whole = await asyncio.to_thread(impact, compiled_active, compiled_shadow)
+            found = remember(self._impacts, key, Impact(frozenset(whole)), SETS_KEPT)
         return found
 
     async def _cases(self, version: str) -> list[CaseResult] | None:
@@ -437,14 +441,7 @@ class Controller:
             log.warning("cases_unreadable", key=key, error=why)
         if not suites:
             return None
-        found = self._shadows.get(version)
-        if found is None:
-            document = await self.policy.document(version)
-            permissions = parse_permission_set(load_document(document, version), version)
-            found = self._shadows[version] = (permissions, await asyncio.to_thread(compile_set, permissions))
-            if len(self._shadows) > 16:
-                self._shadows.pop(next(iter(self._shadows)))
-        permissions, compiled = found
+        permissions, compiled = await self._compiled(version)
         return run_suites(suites, permissions, compiled, await self.policy.catalogs())
 
     def _webhooks(self, stored: StoredPlan) -> Webhooks:

@@ -108,7 +108,7 @@ async def _rebased(store: PolicyStore, stale_version: str) -> ShadowSet:
     (never the stale set itself applied over someone else's promoted change)."""
     pointers = await store.pointers()
     rollout = pointers.shadow(stale_version)
-    stale = parse_permission_set(load_document(await store.document(stale_version), stale_version), stale_version)
+    stale = await store.permission_set(stale_version)
     if stale.meta.parent == pointers.active and rollout.state != "stale":
         raise StoreError(f"{stale_version!r} is not stale: it was made against the active set {pointers.active!r}")
     if not stale.changes:
@@ -242,7 +242,7 @@ async def cmd_promote(store: PolicyStore, ns: argparse.Namespace) -> dict[str, A
         return {"active": ns.version, "repeated": True, "audit_seq": done.get("seq")}
     pointers = await store.pointers()
     pointers.shadow(ns.version)
-    shadow = parse_permission_set(load_document(await store.document(ns.version), ns.version), ns.version)
+    shadow = await store.permission_set(ns.version)
     parent = shadow.meta.parent or (pointers.active or "")
     impact: dict[str, int] = {}
     if parent == pointers.active:
@@ -405,7 +405,7 @@ async def cmd_audit(store: PolicyStore, ns: argparse.Namespace) -> dict[str, Any
 async def _active_set(store: PolicyStore, version: str | None) -> PermissionSet:
     if version is None:
         raise StoreError("no active set yet; start with 'ctl init'")
-    return parse_permission_set(load_document(await store.document(version), version), version)
+    return await store.permission_set(version)
 
 
 def _plan_document(change: Plan, offset: int, limit: int) -> dict[str, Any]:
@@ -429,7 +429,7 @@ async def cmd_diff(store: PolicyStore, ns: argparse.Namespace) -> dict[str, Any]
     pointers = await store.pointers()
     pointers.shadow(ns.version)
     active = await _active_set(store, pointers.active)
-    shadow = parse_permission_set(load_document(await store.document(ns.version), ns.version), ns.version)
+    shadow = await store.permission_set(ns.version)
     if ns.limit < 1 or ns.offset < 0:
         raise ConfigError("--limit must be at least 1 and --offset at least 0")
     return _plan_document(plan(active, shadow), ns.offset, ns.limit)
@@ -491,7 +491,7 @@ async def cmd_status(store: PolicyStore, _ns: argparse.Namespace) -> dict[str, A
     named = [("active", pointers.active)] if pointers.active else []
     for role, version in [*named, *(("shadow", v) for v in sorted(pointers.shadows))]:
         try:
-            permissions = parse_permission_set(load_document(await store.document(version), version), version)
+            permissions = await store.permission_set(version)
             check_handles(permissions, catalogs, f"{role} set {version}")
         except (DocumentError, StoreError) as exc:
             problems.append(f"{role} {version}: {exc}")
@@ -534,9 +534,7 @@ async def cmd_report(store: PolicyStore, ns: argparse.Namespace) -> dict[str, An
             principals[principal] += n
             handles[handle] += n
         unlisted += report.get("unexpected_unlisted", 0)
-    active, shadow = [
-        parse_permission_set(load_document(await store.document(v), v), v) for v in (pointers.active, ns.version)
-    ]
+    active, shadow = [await store.permission_set(v) for v in (pointers.active, ns.version)]
     # Coverage is of the whole impact, declared or not: a rarely used permission the change also
     # touches would otherwise go off weeks later. (Predicted: what the declared changes explain.)
     compiled_active = compile_set(active)

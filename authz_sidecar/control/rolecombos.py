@@ -10,7 +10,6 @@ from collections.abc import Callable
 from typing import Any
 
 from authz_sidecar.control.replay import decision_files, read_decisions
-from authz_sidecar.documents import load_document, parse_permission_set
 from authz_sidecar.errors import ConfigError
 from authz_sidecar.model.combos import active_principals, combos, document
 from authz_sidecar.store.policy import PolicyStore, StoreError
@@ -24,7 +23,7 @@ async def cmd_combos(store: PolicyStore, ns: argparse.Namespace) -> dict[str, An
         raise StoreError("no active set yet; start with 'ctl init'")
     paths = decision_files(ns.decisions) if ns.decisions else []
     started = time.perf_counter()
-    permissions = parse_permission_set(load_document(await store.document(version), version), version)
+    permissions = await store.permission_set(version)
     active = active_principals(read_decisions(paths).decisions) if paths else frozenset()
     result = combos(permissions, active)
     return {

@@ -22,9 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from authz_sidecar.control.rollouts import who
-from authz_sidecar.documents import load_document, parse_permission_set
+from authz_sidecar.documents import load_document
 from authz_sidecar.documents.cases import parse_cases
-from authz_sidecar.errors import AuthzError, ConfigError, DocumentError
+from authz_sidecar.errors import AuthzError, ConfigError
 from authz_sidecar.model.cases import Case, CaseResult, Cases, route_for, run_suites
 from authz_sidecar.model.engine import compile_set
 from authz_sidecar.model.routes import RouteTable
@@ -51,20 +51,13 @@ def run_all(suites: Iterable[Cases], permissions: PermissionSet, catalogs: Itera
     return run_suites(suites, permissions, compile_set(permissions), catalogs)
 
 
-async def _set(store: PolicyStore, version: str) -> PermissionSet:
-    try:
-        return parse_permission_set(load_document(await store.document(version), version), version)
-    except (StoreError, DocumentError) as exc:
-        raise StoreError(f"set {version!r}: {exc}") from None
-
-
 async def cmd_test(store: PolicyStore, ns: argparse.Namespace) -> dict[str, Any]:
     if ns.live and not (ns.tokens or ns.principal_header):
         raise ConfigError("--live needs --tokens FILE or --principal-header NAME: how each principal is identified")
     suites = [read_cases(ns.cases)] if ns.cases else (await CaseStore(store).all())[0]
     if not suites:
         raise StoreError("no cases: give --cases FILE, or register some with 'ctl cases put'")
-    permissions = await _set(store, ns.version)
+    permissions = await store.permission_set(ns.version)
     catalogs = await store.catalogs()
     results = await asyncio.to_thread(run_all, suites, permissions, catalogs)
     problems = [

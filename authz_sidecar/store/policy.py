@@ -29,6 +29,7 @@ from authz_sidecar.documents import (
     dump_permission_set,
     load_document,
     parse_catalog,
+    parse_permission_set,
 )
 from authz_sidecar.documents.cohorts import cohort_document
 from authz_sidecar.errors import DocumentError
@@ -210,6 +211,10 @@ class PolicyStore:
         """The bytes of a stored set version (chunks joined and checked)."""
         _revision, kvs = await self.etcd.list_prefix(self.layout.head(version))
         return layout.join({kv.key: kv.value for kv in kvs}, self.layout, version)
+
+    async def permission_set(self, version: str) -> PermissionSet:
+        """A stored set version, read and parsed (DocumentError or StoreError naming it if it cannot be)."""
+        return parse_permission_set(load_document(await self.document(version), version), version)
 
     async def catalogs(self) -> list[Catalog]:
         _revision, kvs = await self.etcd.list_prefix(self.layout.catalogs)
