@@ -1,11 +1,10 @@
 """``ctl explain PRINCIPAL PERMISSION``: why a set allows or denies, what every live set would
 answer, and which set decides this principal's requests in each region.
 
-The region answer follows the selection rule (:mod:`authz_sidecar.model.selection`) for a request
-without the tester header, with the principal as the stickiness key (the default): the first live
-shadow, in version order, whose cohort in the region holds the principal (named, or by the unscoped
-role combination the principal holds in the active set); else the live shadows with a weight in
-the region, in version order, the first whose bucket for this principal falls under its weight.
+The region answer is the selection rule itself (:mod:`authz_sidecar.model.selection`), run on the
+snapshot a sidecar of that region would build from the live documents, for a request without the
+tester header and with the principal as the stickiness key (the default): a cohort holding the
+principal, else a canary bucket under its weight, else the active set.
 """
 
 from __future__ import annotations
@@ -14,26 +13,14 @@ import argparse
 from collections.abc import Callable
 from typing import Any
 
-from authz_sidecar.documents import check_handle, check_principal, check_scope, load_document, parse_permission_set
+from authz_sidecar.documents import check_handle, check_principal, check_scope
 from authz_sidecar.errors import ConfigError, DocumentError
-from authz_sidecar.model.engine import compile_set
 from authz_sidecar.model.explain import explain
 from authz_sidecar.model.reasons import Reason
-from authz_sidecar.model.selection import BUCKETS, stable_bucket
-from authz_sidecar.model.snapshot import version_key
-from authz_sidecar.model.values import Cohort, PermissionSet
+from authz_sidecar.model.selection import select
+from authz_sidecar.model.snapshot import CompileCache, build_snapshot, version_key
+from authz_sidecar.model.values import ShadowSet
 from authz_sidecar.store.policy import PolicyStore, StoreError
-
-
-def _in_cohort(cohort: Cohort | None, principal: str, combination: frozenset[str]) -> bool:
-    return cohort is not None and (principal in cohort.principals or combination in cohort.role_sets)
-
-
-async def _set(store: PolicyStore, version: str) -> PermissionSet:
-    try:
-        return parse_permission_set(load_document(await store.document(version), version), version)
-    except (StoreError, DocumentError) as exc:
-        raise StoreError(f"set {version!r}: {exc}") from None
 
 
 async def cmd_explain(store: PolicyStore, ns: argparse.Namespace) -> dict[str, Any]:
@@ -46,37 +33,30 @@ async def cmd_explain(store: PolicyStore, ns: argparse.Namespace) -> dict[str, A
     pointers = await store.pointers()
     if pointers.active is None:
         raise StoreError("no active set yet; start with 'ctl init'")
-    live = {pointers.active: await _set(store, pointers.active)}
+    live = {pointers.active: await store.permission_set(pointers.active)}
     for version in sorted(pointers.shadows, key=version_key):
-        live[version] = await _set(store, version)
+        live[version] = await store.permission_set(version)
     chosen = live.get(ns.set) if ns.set else live[pointers.active]
     if chosen is None:
-        chosen = await _set(store, ns.set)  # any stored version, live or not
+        chosen = await store.permission_set(ns.set)  # any stored version, live or not
+    # Which set decides where: the selection rule itself, on the snapshot a sidecar of each region
+    # would build from these documents (cohorts resolved, stale shadows left unenforced).
+    catalogs = await store.catalogs()
+    cache = CompileCache()
+    shadows = [ShadowSet(live[v], rollout) for v, rollout in pointers.shadows.items()]
     answers = {
-        version: "allow" if compile_set(permissions).decide(principal, handle, scope) is Reason.ALLOWED else "deny"
+        version: "allow" if cache.compiled(permissions).decide(principal, handle, scope) is Reason.ALLOWED else "deny"
         for version, permissions in live.items()
     }
     regions = sorted(
         {region for rollout in pointers.shadows.values() for region in [*rollout.weights, *rollout.cohorts]}
     )
-    # The roles of the principal's unscoped grants in the active set: its combination, if any.
-    combination = frozenset(
-        role for g in live[pointers.active].grants if g.principal == principal and g.scope is None for role in g.roles
-    )
-    fresh = [
-        (version, pointers.shadows[version])
-        for version in sorted(pointers.shadows, key=version_key)
-        if pointers.shadows[version].state != "stale" and live[version].meta.parent in ("", pointers.active)
-    ]
     decided: dict[str, str] = {}
     how: dict[str, str] = {}
     for region in regions:
-        cohort = next((v for v, r in fresh if _in_cohort(r.cohorts.get(region), principal, combination)), None)
-        canary = next(
-            (v for v, r in fresh if stable_bucket(principal, v) < r.weights.get(region, 0) * BUCKETS // 100), None
-        )
-        decided[region] = cohort or canary or pointers.active
-        how[region] = "cohort" if cohort else "canary" if canary else "default"
+        snapshot = build_snapshot(live[pointers.active], shadows, catalogs, region=region, cache=cache)
+        enforced, selection = select(snapshot, principal, None, principal)
+        decided[region], how[region] = enforced.meta.version, selection.value
     return {
         **explain(chosen, principal, handle, scope).document(),
         "live_answers": answers,
