@@ -39,6 +39,7 @@ from authz_sidecar.documents import (
     parse_shadow,
 )
 from authz_sidecar.errors import AuthzError, ConfigError, DocumentError
+from authz_sidecar.model.analysis import Impact
 from authz_sidecar.model.assembly import check_handles
 from authz_sidecar.model.engine import compile_set, declared, impact
 from authz_sidecar.model.plan import Plan, plan
@@ -540,8 +541,8 @@ async def cmd_report(store: PolicyStore, ns: argparse.Namespace) -> dict[str, An
     compiled_active = compile_set(active)
     whole = impact(compiled_active, compile_set(shadow))
     predicted = impact(compiled_active, compile_set(declared(active, shadow)))
-    hit = exercised & whole
-    never = sorted({h for _p, h, _s in whole} - {h for _p, h, _s in hit})
+    hit, coverage, unexercised = Impact(whole).covered(exercised)
+    never = sorted(unexercised)
     affected: dict[str, set[str]] = {}
     for principal, handle, _scope in whole:
         if handle in never:
@@ -559,7 +560,7 @@ async def cmd_report(store: PolicyStore, ns: argparse.Namespace) -> dict[str, An
         "impact": len(whole),
         "predicted_impact": len(predicted),
         "exercised": len(hit),
-        "coverage": round(len(hit) / len(whole), 4) if whole else 1.0,
+        "coverage": coverage,
         "handles_never_exercised": never,
         # How many principals each of those handles changes for: what would go off unseen.
         "never_exercised_principals": {h: len(affected[h]) for h in never},

@@ -88,6 +88,13 @@ class Impact:
     def handles(self) -> frozenset[str]:
         return frozenset(h for _p, h, _s in self.triples)
 
+    def covered(self, exercised: Iterable[Triple]) -> tuple[frozenset[Triple], float, frozenset[str]]:
+        """What traffic hit of this impact, that share of it, and the changed handles it never
+        exercised: one rule for `ctl report` and the coverage gates."""
+        hit = frozenset(exercised) & self.triples
+        share = round(len(hit) / len(self.triples), 4) if self.triples else 1.0
+        return hit, share, self.handles() - {h for _p, h, _s in hit}
+
 
 def fresh(report: Report, now: float, live_revision: int) -> str:
     """Why `report` cannot be trusted as evidence ('' when it can): too old for its publication
@@ -211,9 +218,8 @@ def analyse(
 def _coverage_gates(plan: RolloutPlan, impact: Impact, reports: list[Report]) -> list[Gate]:
     """Before the promotion: how much of the whole impact traffic exercised (in any region), and the
     changed handles it never did, unless waived by name."""
-    exercised = frozenset().union(*(r.exercised for r in reports)) & impact.triples
-    coverage = round(len(exercised) / len(impact.triples), 4) if impact.triples else 1.0
-    never = sorted(impact.handles() - {h for _p, h, _s in exercised} - set(plan.waived))
+    _hit, coverage, unexercised = impact.covered(frozenset().union(*(r.exercised for r in reports)))
+    never = sorted(unexercised - set(plan.waived))
     waived = sorted(set(plan.waived) & impact.handles())
     return [
         Gate("coverage", coverage, plan.gates.min_coverage, coverage >= plan.gates.min_coverage, failing=False),
