@@ -214,6 +214,10 @@ def _build_parser() -> argparse.ArgumentParser:
 
     _add_controller_parser(sub)
 
+    from authz_sidecar.deploy import command as envoy_config
+
+    envoy_config.add_parser(sub)
+
     check = sub.add_parser("validate", help="validate a policy directory and print what it would serve")
     _add(check, "--policy-dir", text="directory to validate", metavar="DIR")
     _add(check, "--service", text="this service's name")
@@ -450,6 +454,10 @@ def _run(ns: argparse.Namespace) -> int:
         return _ctl(ns)
     if ns.command == "controller":
         return _controller(ns)
+    if ns.command == "envoy-config":
+        from authz_sidecar.deploy import command as envoy_config
+
+        return envoy_config.run(ns)
     return _validate(ns)
 
 
