@@ -33,6 +33,7 @@ from typing import Any
 import yaml
 
 from authz_sidecar import cli
+from authz_sidecar.documents import load_document, parse_catalog
 from authz_sidecar.local import envoy
 from authz_sidecar.local.etcd import EtcdCluster
 from authz_sidecar.local.processes import (
@@ -116,27 +117,26 @@ def render_envoy(
     upstream_port: int,
     jwks: Path,
     collector: tuple[str, int] | None = None,
+    catalog: Path = EXAMPLE_POLICY / "catalog.yaml",
+    trace_service_name: str = "envoy",
 ) -> Path:
-    """envoy/sidecar.yaml for one Envoy in front of the demo upstream, asking the sidecars on
-    `authz_ports` (Envoy balances its Checks over them)."""
-    config = envoy.render(
-        {
-            "LISTEN_PORT": listen_port,
-            "ADMIN_PORT": admin_port,
-            "AUTHZ_ADDRESS": LOOPBACK,
-            "AUTHZ_PORT": authz_ports[0],
-            "UPSTREAM_ADDRESS": LOOPBACK,
-            "UPSTREAM_PORT": upstream_port,
-            "JWKS_FILE": jwks,
-            "JWT_ISSUER": DEMO_ISSUER,
-        },
-        out,
+    """The Envoy in front of the demo upstream, generated from the service's catalog the way a
+    platform team would (``authz-sidecar envoy-config``), asking the sidecars on `authz_ports`
+    (Envoy balances its Checks over them, as over the replicas of a region)."""
+    from authz_sidecar.deploy.envoyconfig import AuthzTarget, EnvoyConfigOptions, HostPort, JwtSettings, render
+
+    options = EnvoyConfigOptions(
+        upstream=HostPort(LOOPBACK, upstream_port),
+        listen=HostPort(LOOPBACK, listen_port),
+        admin=HostPort(LOOPBACK, admin_port),
+        authz=tuple(AuthzTarget(address=HostPort(LOOPBACK, port)) for port in authz_ports),
+        jwt=JwtSettings(issuer=DEMO_ISSUER, jwks_file=str(jwks)),
+        otlp=HostPort(*collector) if collector is not None else None,
+        trace_service_name=trace_service_name,
     )
-    if len(authz_ports) > 1:
-        envoy.with_authz_endpoints(config, [(LOOPBACK, port) for port in authz_ports])
-    if collector is not None:
-        envoy.with_tracing(config, collector)
-    return config
+    parsed = parse_catalog(load_document(catalog.read_text(), str(catalog)), str(catalog))
+    out.write_text(render(parsed, options, source=catalog.name))
+    return out
 
 
 def port_or_free(preferred: int) -> int:
