@@ -29,6 +29,8 @@ class EchoHandler(BaseHTTPRequestHandler):
                 "path": self.path,
                 "decided_by": self.headers.get("x-authz-decided-by"),
                 "set_version": self.headers.get("x-authz-set-version"),
+                # Envoy strips the tester's header before the service; a test looks for it here.
+                "shadow_header": self.headers.get("x-authz-shadow-version"),
             }
         ).encode()
         self.send_response(200)
