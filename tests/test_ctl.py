@@ -95,6 +95,16 @@ def test_connection_flags_work_before_and_after_every_verb(etcd: EtcdCluster, tm
     assert run("registry", "put", "--service", "things", "--handle", "things:archive")["service"] == "things"
 
 
+def test_an_endpoint_may_be_written_as_a_url_as_etcdctl_takes_it(etcd: EtcdCluster) -> None:
+    """`--etcd http://host:port` is how etcd's own tools spell an endpoint (and how compose files and
+    manifests copy it); it names the same endpoint as host:port."""
+    prefix = unique_prefix()
+    urls = ",".join(f"http://{endpoint}/" for endpoint in etcd.endpoints.split(","))
+    code, out, err = run_main("ctl", "status", "--etcd", urls, "--prefix", prefix, "--json")
+    assert code == 0, err
+    assert json.loads(out)["prefix"] == prefix
+
+
 @pytest.mark.parametrize(
     ("flags", "needle"),
     [
@@ -124,6 +134,10 @@ def test_tls_and_auth_flags_before_the_verb_take_effect(flags: list[str], needle
         (["ctl", "canary", "--etcd", "127.0.0.1:1"], "version"),
         (["ctl", "status"], "--etcd"),  # no endpoint at all
         (["ctl", "--etcd", "nowhere", "status"], "--etcd: 'nowhere' is not host:port"),
+        (["ctl", "--etcd", "ftp://etcd:2379", "status"], "--etcd: 'ftp://etcd:2379' is not host:port"),
+        (["ctl", "--etcd", "https://etcd:2379", "status"], "https:// needs --etcd-ca"),
+        (["ctl", "--etcd", "http://etcd:2379/v3", "status"], "is not host:port"),
+        (["serve", "--etcd", "ftp://etcd:2379"], "--etcd: 'ftp://etcd:2379' is not host:port"),
         (["ctl", "canary", "v2", "--weight", "us-east=lots", "--etcd", "127.0.0.1:1"], "--weight"),
         (["ctl", "registry", "put", "--etcd", "127.0.0.1:1"], "--file CATALOG, or --service and --handle"),
         (["serve", "--no-such-flag"], "--no-such-flag"),

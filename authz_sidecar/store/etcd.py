@@ -64,12 +64,24 @@ class EtcdOptions:
     # Deadline of each unary call (list, put, txn).
     timeout: float = 5.0
 
+    def __post_init__(self) -> None:
+        # etcd's own tools, compose files and manifests spell an endpoint as a URL; the client takes
+        # host:port, and TLS is on when a CA is given. A scheme that agrees with that is dropped
+        # here; any other is left for validate() to refuse.
+        scheme = "https://" if self.ca_file is not None else "http://"
+        endpoints = tuple(e.removeprefix(scheme).rstrip("/") if e.startswith(scheme) else e for e in self.endpoints)
+        object.__setattr__(self, "endpoints", endpoints)
+
     def validate(self) -> EtcdOptions:
         if not self.endpoints:
             raise ConfigError("--etcd: give at least one host:port")
         for endpoint in self.endpoints:
+            if endpoint.startswith("https://"):
+                raise ConfigError(f"--etcd: {endpoint!r}: https:// needs --etcd-ca (TLS is on when a CA is given)")
+            if endpoint.startswith("http://"):
+                raise ConfigError(f"--etcd: {endpoint!r}: http:// with --etcd-ca; TLS endpoints are https://")
             host, sep, port = endpoint.rpartition(":")
-            if not sep or not host or not port.isdigit():
+            if not sep or not host or not port.isdigit() or "/" in host:
                 raise ConfigError(f"--etcd: {endpoint!r} is not host:port")
         if bool(self.cert_file) != bool(self.key_file):
             raise ConfigError("--etcd-cert and --etcd-key go together")
