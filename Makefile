@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help venv run scenario test lint typecheck pytest bench bench-quick profile bench-deps protos check-protos clean
+.PHONY: help venv run scenario test lint typecheck pytest bench bench-quick profile bench-deps deploy-configs protos check-protos clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -43,6 +43,9 @@ bench-deps: ## install h2load and nghttpd (Debian's nghttp2-client, nghttp2-serv
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nghttp2-client nghttp2-server >/dev/null; \
 	  else echo "bench: h2load/nghttpd missing; install nghttp2-client and nghttp2-server (Debian/Ubuntu)" >&2; exit 2; fi; }
+
+deploy-configs: $(STAMP) ## regenerate deploy/'s Envoy configs and Kubernetes ConfigMaps from the catalog
+	$(BIN)/python tools/gen_deploy.py
 
 bench: $(STAMP) bench-deps ## the benchmark: Envoy's floor, RBAC, bare servers, the sidecar, scale, propagation (~10 min)
 	$(BIN)/python -m authz_sidecar.bench
