@@ -91,10 +91,14 @@ def test_tokens_command_keeps_its_key_and_writes_jwks_and_tokens(tmp_path: Path)
     assert DemoIssuer.from_key_file(key).jwks() == json.loads(first_jwks)
 
 
-def test_tokens_command_prints_tokens_without_a_file(capsys: pytest.CaptureFixture[str]) -> None:
+def test_tokens_command_prints_tokens_without_a_file(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     assert tokens.main(["--principals", "bob"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("TOKEN_BOB=ey") and out.count("\n") == 1
+    # The Kubernetes pods' init container: the JWKS only, nothing minted or printed.
+    assert tokens.main(["--key", str(tmp_path / "k.pem"), "--jwks", str(tmp_path / "j.json"), "--principals", ""]) == 0
+    assert capsys.readouterr().out == ""
+    assert (tmp_path / "j.json").is_file()
 
 
 def test_tokens_command_refuses_a_key_that_is_not_rsa(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
