@@ -30,13 +30,7 @@ def test_upstream_binds_the_host_it_is_given() -> None:
         assert host == "0.0.0.0"  # noqa: S104
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/things/1", timeout=5) as response:
             body = json.loads(response.read())
-        assert body == {
-            "service": "things",
-            "method": "GET",
-            "path": "/things/1",
-            "decided_by": None,
-            "set_version": None,
-        }
+        assert (body["service"], body["method"], body["path"]) == ("things", "GET", "/things/1")
     finally:
         server.shutdown()
         server.server_close()
