@@ -82,7 +82,7 @@ def test_tokens_command_keeps_its_key_and_writes_jwks_and_tokens(tmp_path: Path)
     assert key.read_bytes() == first_key
     assert jwks_file.read_text() == first_jwks
     assert set(_read_tokens(tokens_file)) == {token_variable(p) for p in tokens.DEMO_PRINCIPALS}
-    assert DemoIssuer.from_key_file(key).jwks() == json.loads(first_jwks)
+    assert DemoIssuer.from_key(key).jwks() == json.loads(first_jwks)
 
 
 def test_tokens_command_prints_tokens_without_a_file(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:

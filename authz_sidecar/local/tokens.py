@@ -29,37 +29,30 @@ DEMO_ISSUER = "https://issuer.authz-sidecar.local"
 DEMO_AUDIENCE = "things"
 
 
-DEMO_PRINCIPALS = ("alice", "bob", "carol", "dave", "qa-bot")
-
-
 class DemoIssuer:
     def __init__(self, issuer: str = DEMO_ISSUER, kid: str = "demo-1", key: rsa.RSAPrivateKey | None = None) -> None:
         self.issuer = issuer
         self.kid = kid
         self._key = key or rsa.generate_private_key(public_exponent=65537, key_size=2048)
 
-    @classmethod
-    def from_key_file(cls, path: Path, issuer: str = DEMO_ISSUER, kid: str = "demo-1") -> DemoIssuer:
-        """The issuer whose RSA key is in `path` (PEM); a missing file is created with a new key,
-        readable by its owner only. Kept across runs, the key keeps the JWKS (and tokens) valid."""
-        try:
-            data = path.read_bytes()
-        except FileNotFoundError:
-            created = cls(issuer, kid)
-            # O_EXCL: two init containers racing on one volume never write each other's key.
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "wb") as f:
-                f.write(created.private_pem())
-            return created
-        key = serialization.load_pem_private_key(data, password=None)
-        if not isinstance(key, rsa.RSAPrivateKey):
-            raise ValueError(f"{path}: not an RSA private key (the demo issuer signs RS256)")
-        return cls(issuer, kid, key)
-
-    def private_pem(self) -> bytes:
-        return self._key.private_bytes(
+    def write_key(self, path: Path) -> Path:
+        """The private key as PEM, readable by its owner only: ``make demo`` (another process)
+        mints tokens for principals the running mesh's tokens.env does not hold, and Envoy must
+        verify them with the keys it was started with."""
+        pem = self._key.private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
         )
+        path.touch(mode=0o600)
+        path.write_bytes(pem)
+        return path
+
+    @classmethod
+    def from_key(cls, path: Path, issuer: str = DEMO_ISSUER, kid: str = "demo-1") -> DemoIssuer:
+        """The issuer whose key :meth:`write_key` wrote."""
+        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+        if not isinstance(key, rsa.RSAPrivateKey):
+            raise ValueError(f"{path}: not an RSA private key")
+        return cls(issuer, kid, key)
 
     def jwks(self) -> dict[str, Any]:
         jwk = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(self._key.public_key()))
@@ -83,6 +76,9 @@ class DemoIssuer:
         return jwt.encode(payload, self._key, algorithm="RS256", headers={"kid": self.kid})
 
 
+DEMO_PRINCIPALS = ("alice", "bob", "carol", "dave", "qa-bot")
+
+
 def token_variable(principal: str) -> str:
     """The environment variable a principal's token is written under: qa-bot -> TOKEN_QA_BOT."""
     return "TOKEN_" + re.sub(r"[^A-Za-z0-9]", "_", principal).upper()
@@ -99,6 +95,18 @@ def _write(path: Path, text: str, mode: int) -> None:
     except BaseException:
         os.unlink(tmp)
         raise
+
+
+def _issuer(key: Path | None, issuer: str) -> DemoIssuer:
+    """The issuer whose key is in `key`, created there the first time (kept across runs, it keeps
+    the JWKS, and the tokens, valid); without `key`, a new one."""
+    if key is None:
+        return DemoIssuer(issuer)
+    if key.exists():
+        return DemoIssuer.from_key(key, issuer)
+    created = DemoIssuer(issuer)
+    created.write_key(key)
+    return created
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -118,9 +126,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.ttl <= 0:
         parser.error("--ttl must be positive")
     try:
-        issuer = DemoIssuer.from_key_file(args.key, args.issuer) if args.key else DemoIssuer(args.issuer)
+        issuer = _issuer(args.key, args.issuer)
     except (OSError, ValueError) as exc:
-        print(f"tokens: --key {args.key}: {exc}", file=sys.stderr)
+        print(f"tokens: --key {args.key}: {getattr(exc, 'strerror', None) or exc}", file=sys.stderr)
         return 1
     if args.jwks:
         _write(args.jwks, json.dumps(issuer.jwks()) + "\n", 0o644)
