@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help venv run scenario test lint typecheck pytest bench bench-quick profile bench-deps compose-deps deploy-configs protos check-protos clean
+.PHONY: help venv run scenario test lint typecheck pytest bench bench-quick profile bench-deps protos check-protos clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -44,6 +44,7 @@ bench-deps: ## install h2load and nghttpd (Debian's nghttp2-client, nghttp2-serv
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nghttp2-client nghttp2-server >/dev/null; \
 	  else echo "bench: h2load/nghttpd missing; install nghttp2-client and nghttp2-server (Debian/Ubuntu)" >&2; exit 2; fi; }
 
+.PHONY: compose-deps deploy-configs
 compose-deps: ## install docker-compose (Debian's package; validates deploy/docker-compose.yml, no engine needed) if missing
 	@command -v docker-compose >/dev/null || { \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
