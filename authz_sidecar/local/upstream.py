@@ -45,11 +45,18 @@ class EchoHandler(BaseHTTPRequestHandler):
         pass
 
 
-def main() -> None:
+def make_server(host: str, port: int) -> ThreadingHTTPServer:
+    return ThreadingHTTPServer((host, port), EchoHandler)
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="demo upstream for authz-sidecar")
+    # Loopback by default: the service is reached through Envoy. A container (compose) binds
+    # 0.0.0.0 so that Envoy's container can reach it; in a pod, Envoy shares loopback with it.
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 in a container)")
     parser.add_argument("--port", type=int, required=True)
-    args = parser.parse_args()
-    ThreadingHTTPServer(("127.0.0.1", args.port), EchoHandler).serve_forever()
+    args = parser.parse_args(argv)
+    make_server(args.host, args.port).serve_forever()
 
 
 if __name__ == "__main__":
