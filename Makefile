@@ -35,7 +35,7 @@ lint: $(STAMP) ## ruff lint and format check; the import contract (layers, one-w
 typecheck: $(STAMP) ## mypy --strict on authz_sidecar/
 	$(BIN)/mypy
 
-pytest: $(STAMP) compose-deps ## the test suite (unit, gRPC, real Envoy, the deploy/ files)
+pytest: $(STAMP) test-deps ## the test suite (unit, gRPC, real Envoy, the deploy/ files)
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 bench-deps: ## install h2load and nghttpd (Debian's nghttp2-client, nghttp2-server) if missing
@@ -44,14 +44,14 @@ bench-deps: ## install h2load and nghttpd (Debian's nghttp2-client, nghttp2-serv
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nghttp2-client nghttp2-server >/dev/null; \
 	  else echo "bench: h2load/nghttpd missing; install nghttp2-client and nghttp2-server (Debian/Ubuntu)" >&2; exit 2; fi; }
 
-.PHONY: compose-deps deploy-configs
-compose-deps: ## install docker-compose (Debian's package; validates deploy/docker-compose.yml, no engine needed) if missing
-	@command -v docker-compose >/dev/null || { \
+.PHONY: test-deps deploy-configs
+test-deps: ## install what the tests run beside Python if missing: docker-compose (validates deploy/docker-compose.yml, no engine needed), curl (docs/getting-started.md's requests)
+	@{ command -v docker-compose && command -v curl; } >/dev/null || { \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker-compose >/dev/null \
-	    && command -v docker-compose >/dev/null \
-	    || { echo "compose-deps: installing docker-compose failed" >&2; exit 2; }; \
-	  else echo "compose-deps: docker-compose missing; install Debian's docker-compose (the compose file's test skips, or fails under CI=true)" >&2; fi; }
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker-compose curl >/dev/null \
+	    && command -v docker-compose >/dev/null && command -v curl >/dev/null \
+	    || { echo "test-deps: installing docker-compose and curl failed" >&2; exit 2; }; \
+	  else echo "test-deps: docker-compose or curl missing; install Debian's docker-compose and curl (their tests skip, or fail under CI=true)" >&2; fi; }
 
 deploy-configs: $(STAMP) ## regenerate deploy/'s Envoy configs and Kubernetes ConfigMaps from the catalog
 	$(BIN)/python tools/gen_deploy.py

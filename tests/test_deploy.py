@@ -112,12 +112,12 @@ def test_envoy_accepts_the_config(name: str, tmp_path: Path) -> None:
 
 
 def test_compose_file_is_valid() -> None:
-    """`docker-compose config -q` (Debian's package, installed by `make compose-deps`; no engine)."""
+    """`docker-compose config -q` (Debian's package, installed by `make test-deps`; no engine)."""
     exe = shutil.which("docker-compose")
     if exe is None:
         if os.environ.get("CI") == "true":
-            pytest.fail("docker-compose is missing; `make compose-deps` installs Debian's docker-compose")
-        pytest.skip("docker-compose is not installed (make compose-deps installs it): compose file not validated")
+            pytest.fail("docker-compose is missing; `make test-deps` installs Debian's docker-compose")
+        pytest.skip("docker-compose is not installed (make test-deps installs it): compose file not validated")
     result = subprocess.run(
         [exe, "-f", str(COMPOSE), "config", "-q"], capture_output=True, text=True, check=False, timeout=60
     )
