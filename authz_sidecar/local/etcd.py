@@ -187,8 +187,10 @@ class EtcdCluster:
 class EtcdGrpcProxy:
     """``etcd grpc-proxy start`` (the same binary) in front of a cluster: what sidecars' ``--etcd``
     points at when there are many of them, since it folds their watches of one prefix into one
-    watch on the cluster. Plain gRPC towards its clients; `flags` are passed through (the
-    cluster's TLS: ``--cacert``, ``--cert``, ``--key``; the proxy's own: ``--cert-file`` ...)."""
+    watch on the cluster. Plain gRPC towards its clients unless `flags`, passed through, say
+    otherwise: TLS towards the cluster is ``--cacert``, ``--cert``, ``--key`` (a certificate with an
+    empty Common Name, or the proxy refuses to start), towards the sidecars ``--cert-file``,
+    ``--key-file`` and ``--trusted-ca-file`` (then a client certificate is required)."""
 
     def __init__(self, cluster: str, log_dir: Path, *, name: str = "grpc-proxy", flags: Sequence[str] = ()) -> None:
         self.cluster = cluster
@@ -224,7 +226,13 @@ class EtcdGrpcProxy:
 
     def start(self, timeout: float = 30.0) -> EtcdGrpcProxy:
         self.process = Process(self.name, self.argv(), self.log_dir)
-        wait_for_http(f"http://{LOOPBACK}:{self.metrics_port}/health", self.process, timeout=timeout)
+        try:
+            # Not /health: with auth enabled on the cluster it answers 503 for good (its own probe
+            # read carries no credentials), though the proxy serves.
+            wait_for_http(self.metrics_url, self.process, timeout=timeout)
+        except BaseException:
+            self.stop()  # the caller has no handle on a proxy that did not start
+            raise
         return self
 
     def stop(self) -> None:
