@@ -21,11 +21,13 @@ from typing import Any
 
 import grpc
 import pytest
+from etcd3aio.auth import AuthService
+from etcd3aio.kv import prefix_range_end
 
 from authz_sidecar._proto.envoy.service.auth.v3 import external_auth_pb2_grpc as pb_grpc
 from authz_sidecar.local.etcd import EtcdCluster, EtcdGrpcProxy, scrape
 from authz_sidecar.local.processes import LOOPBACK, Process, free_port, wait_for_http
-from authz_sidecar.store.etcd import Etcd, EtcdOptions, WatchLostError
+from authz_sidecar.store.etcd import CompactedError, Etcd, EtcdOptions, WatchLostError
 
 from .helpers import ctl, request, seed, shadow, status_of, unique_prefix, write_json
 
@@ -60,7 +62,7 @@ class Sidecars:
         self.prefix = prefix
         self.running: list[tuple[Process, int, int]] = []
 
-    def start(self, etcd: str, name: str) -> tuple[Process, int, int]:
+    def start(self, etcd: str, name: str, env: dict[str, str] | None = None) -> tuple[Process, int, int]:
         grpc_port, http_port = free_port(), free_port()
         argv = [
             sys.executable, "-m", "authz_sidecar", "serve", "--etcd", etcd, "--prefix", self.prefix,
@@ -68,13 +70,14 @@ class Sidecars:
             "--http", f"{LOOPBACK}:{http_port}", "--identity", "header", "--dev-principal-header", "x-user",
             "--cache-file", "off", "--etcd-liveness", str(LIVENESS), "--grace", "0.5",
         ]  # fmt: skip
-        started = (Process(name, argv, self.tmp), grpc_port, http_port)
+        started = (Process(name, argv, self.tmp, env=env), grpc_port, http_port)
         self.running.append(started)
         return started
 
     def stop(self) -> None:
         for process, _grpc, _http in self.running:
             process.stop()
+        self.running.clear()
 
 
 @pytest.fixture
@@ -133,6 +136,19 @@ def test_a_sidecar_behind_the_proxy_serves_and_follows_writes_made_to_etcd(
     final = status(http_port)
     assert final["source_state"] == "connected"
     assert "etcd_unreachable" not in side.log_path.read_text(), side.log_tail()
+
+    # The proxy stopped and started again on its port: the sidecar decides from what it has
+    # meanwhile, then resumes from the last revision it applied, so a write made meanwhile arrives.
+    proxy.stop()
+    assert ctl(cluster.endpoints, sidecars.prefix, "canary", "v2", "--weight", "us-east=0") == 0
+    assert put_decision(grpc_port, "bob") == 200
+    proxy.start()
+
+    def followed_again() -> bool:
+        return [s["weight_here"] for s in status(http_port)["shadows"]] == [0]
+
+    until(followed_again, "the sidecar to follow again through the restarted proxy", timeout=10)
+    assert put_decision(grpc_port, "bob") == 403
 
 
 def test_sidecars_behind_one_proxy_are_one_watch_on_etcd(
@@ -202,3 +218,74 @@ def test_the_proxy_leaves_progress_requests_unanswered(etcd: EtcdCluster, tmp_pa
         front.stop()
     assert direct.startswith("alive") and not direct.startswith("alive, 0 "), direct
     assert proxied == f"no answer from etcd for {LIVENESS:g} s"
+
+
+def test_a_watch_resumed_through_the_proxy_from_a_compacted_revision_is_told_so(
+    cluster: EtcdCluster, proxy: EtcdGrpcProxy
+) -> None:
+    """So a sidecar behind a proxy lists again, as it does on etcd directly, rather than wait for
+    revisions that are gone."""
+    root = f"{unique_prefix()}/"
+
+    async def resume_after_compaction() -> tuple[int, int]:
+        async with Etcd(EtcdOptions(endpoints=(cluster.endpoints,))) as direct:
+            for i in range(4):
+                await direct.call(direct.kv.put, root + "key", str(i).encode())
+            revision, _cluster = await direct.current(root)
+            await direct.call(direct.kv.compact, revision)
+        async with Etcd(EtcdOptions(endpoints=(proxy.endpoints,))) as proxied:
+            try:
+                async with asyncio.timeout(10):
+                    async for _batch in proxied.watch(root, revision - 2, LIVENESS):
+                        pass
+            except CompactedError as exc:
+                return exc.compact_revision, revision
+        raise AssertionError("the watch ended without a word about compaction")
+
+    compacted, revision = asyncio.run(resume_after_compaction())
+    assert compacted == revision
+
+
+def test_a_read_only_etcd_user_follows_through_the_proxy(
+    cluster: EtcdCluster, sidecars: Sidecars, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """User and password pass through the proxy: the sidecar authenticates through it and its
+    token goes with its reads and its watch, which etcd allows a user who may only read the
+    prefix. (The proxy's /health answers 503 while auth is on, so EtcdGrpcProxy waits for its
+    /metrics.)"""
+    root = f"{sidecars.prefix}/"
+
+    async def enable_auth() -> None:
+        async with Etcd(EtcdOptions(endpoints=(cluster.endpoints,))) as client:
+            auth = AuthService(client._channel)
+            await auth.role_add("root")
+            await auth.user_add("root", "s3cret")
+            await auth.user_grant_role("root", "root")
+            await auth.role_add("reader")
+            await auth.role_grant_permission("reader", root.encode(), prefix_range_end(root.encode()))
+            await auth.user_add("reader", "r3ad")
+            await auth.user_grant_role("reader", "reader")
+            await auth.auth_enable()
+
+    asyncio.run(enable_auth())
+    monkeypatch.setenv("AUTHZ_ETCD_USER", "root")  # ctl's credentials, in this process
+    monkeypatch.setenv("AUTHZ_ETCD_PASSWORD", "s3cret")
+    seed(cluster.endpoints, sidecars.prefix, tmp_path / "seed")
+    front = EtcdGrpcProxy(f"http://{cluster.endpoints}", tmp_path, name="auth-proxy")
+    try:
+        front.start()
+        reader = {"AUTHZ_ETCD_USER": "reader", "AUTHZ_ETCD_PASSWORD": "r3ad"}
+        side, _grpc, http_port = sidecars.start(front.endpoints, "reader", env=reader)
+        wait_for_http(f"http://{LOOPBACK}:{http_port}/readyz", side, timeout=30)
+        assert status(http_port)["active_version"] == "v1"
+        shadow_file = write_json(tmp_path / "v2.json", shadow("v2"))
+        why = ("--request-id", "CR-2", "--reason", "bob edits")
+        assert ctl(cluster.endpoints, sidecars.prefix, "propose", "--file", shadow_file, *why) == 0
+
+        def follows() -> bool:
+            return [s["version"] for s in status(http_port)["shadows"]] == ["v2"]
+
+        until(follows, "the reader's sidecar to follow a write through the proxy", timeout=10)
+    finally:
+        sidecars.stop()
+        front.stop()
