@@ -4,8 +4,8 @@ what a fleet runs so that the cluster holds one watch per prefix instead of one 
 Real etcd, real proxy, real sidecar processes. The clusters here send watch progress
 notifications every 500 ms, as docs/operations.md asks of a cluster behind proxies: the proxy
 drops the progress requests a sidecar's liveness check sends, and without notifications from
-etcd a quiet watch through it would be reopened every ``--etcd-liveness`` seconds (the last test
-shows that this is still so)."""
+etcd a quiet watch through it would be reopened every ``--etcd-liveness`` seconds
+(test_the_proxy_leaves_progress_requests_unanswered checks that this is still so)."""
 
 from __future__ import annotations
 
