@@ -37,7 +37,8 @@ def _status(port: int) -> dict[str, Any]:
         return json.loads(response.read())  # type: ignore[no-any-return]
 
 
-async def _seed(store: PolicyStore) -> None:
+async def seed_examples(store: PolicyStore) -> None:
+    """The example catalog, active set v1 and shadow v2, as `make run` has them."""
     catalog = parse_catalog(load((EXAMPLES / "catalog.yaml").read_text(), "catalog"), "catalog")
     await store.register_catalog(catalog)
     active = parse_permission_set(load((EXAMPLES / "active.yaml").read_text(), "active"), "active")
@@ -94,7 +95,7 @@ def run(sidecars: int = 10, changes: int = 100) -> dict[str, Any]:
 
             async def seed() -> None:
                 async with Etcd(EtcdOptions(endpoints=(endpoint,))) as etcd:
-                    await _seed(PolicyStore(etcd))
+                    await seed_examples(PolicyStore(etcd))
 
             asyncio.run(seed())
             ports = []

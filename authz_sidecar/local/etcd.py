@@ -1,4 +1,5 @@
-"""Real etcd members on loopback: one for ``make run`` and most tests, three for the cluster tests.
+"""Real etcd members on loopback: one for ``make run`` and most tests, three for the cluster tests;
+and etcd's own gRPC proxy in front of them, the way a fleet of sidecars reaches one cluster.
 
 Each member gets free client and peer ports and its own data directory, and can be killed,
 restarted on the same data (it keeps its revisions), paused with SIGSTOP, which is what a hung
@@ -13,6 +14,8 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import urllib.request
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,8 +45,10 @@ class EtcdMember:
         peer_port: int = 0,
         tls: ServerTls | None = None,
         cluster_token: str = CLUSTER_TOKEN,
+        flags: Sequence[str] = (),
     ) -> None:
         self.name = name
+        self.flags = tuple(flags)
         self.tls = tls
         # With the member's name and peer URL this fixes the member and cluster ids: a wiped member
         # started again with the same token is a new etcd with the same cluster id.
@@ -57,6 +62,11 @@ class EtcdMember:
     @property
     def endpoint(self) -> str:
         return f"{LOOPBACK}:{self.client_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        """etcd serves Prometheus text on its client URL (over TLS when clients need a certificate)."""
+        return f"{'https' if self.tls else 'http'}://{self.endpoint}/metrics"
 
     @property
     def peer_url(self) -> str:
@@ -90,6 +100,7 @@ class EtcdMember:
             # Fast elections on loopback, so a cluster test does not wait seconds for a new leader.
             "--heartbeat-interval=50",
             "--election-timeout=500",
+            *self.flags,
         ]
 
     def start(self, initial_cluster: str, state: str = "new") -> None:
@@ -127,11 +138,15 @@ class EtcdMember:
 
 
 class EtcdCluster:
-    """`size` members on loopback; ``endpoints`` is what --etcd takes."""
+    """`size` members on loopback; ``endpoints`` is what --etcd takes. `flags` go to every member."""
 
-    def __init__(self, base_dir: Path, size: int = 1, *, tls: ServerTls | None = None) -> None:
+    def __init__(
+        self, base_dir: Path, size: int = 1, *, tls: ServerTls | None = None, flags: Sequence[str] = ()
+    ) -> None:
         base_dir.mkdir(parents=True, exist_ok=True)
-        self.members = [EtcdMember(f"etcd{i}", base_dir / f"etcd{i}.data", base_dir, tls=tls) for i in range(size)]
+        self.members = [
+            EtcdMember(f"etcd{i}", base_dir / f"etcd{i}.data", base_dir, tls=tls, flags=flags) for i in range(size)
+        ]
 
     @property
     def initial_cluster(self) -> str:
@@ -167,3 +182,74 @@ class EtcdCluster:
     def stop(self) -> None:
         for member in self.members:
             member.stop()
+
+
+class EtcdGrpcProxy:
+    """``etcd grpc-proxy start`` (the same binary) in front of a cluster: what sidecars' ``--etcd``
+    points at when there are many of them, since it folds their watches of one prefix into one
+    watch on the cluster. Plain gRPC towards its clients unless `flags`, passed through, say
+    otherwise: TLS towards the cluster is ``--cacert``, ``--cert``, ``--key`` (a certificate with an
+    empty Common Name, or the proxy refuses to start), towards the sidecars ``--cert-file``,
+    ``--key-file`` and ``--trusted-ca-file`` (then a client certificate is required)."""
+
+    def __init__(self, cluster: str, log_dir: Path, *, name: str = "grpc-proxy", flags: Sequence[str] = ()) -> None:
+        self.cluster = cluster
+        self.name = name
+        self.log_dir = log_dir
+        self.flags = tuple(flags)
+        self.port = free_port()
+        self.metrics_port = free_port()
+        self.process: Process | None = None
+
+    @property
+    def endpoints(self) -> str:
+        return f"{LOOPBACK}:{self.port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{LOOPBACK}:{self.metrics_port}/metrics"
+
+    def argv(self) -> list[str]:
+        return [
+            binary("etcd"),
+            "grpc-proxy",
+            "start",
+            f"--endpoints={self.cluster}",
+            f"--listen-addr={self.endpoints}",
+            # The proxy dials its advertised address itself; the default (127.0.0.1:23790) could
+            # be anyone's port.
+            f"--advertise-client-url={self.endpoints}",
+            f"--metrics-addr=http://{LOOPBACK}:{self.metrics_port}",
+            f"--data-dir={self.log_dir / (self.name + '.data')}",
+            *self.flags,
+        ]
+
+    def start(self, timeout: float = 30.0) -> EtcdGrpcProxy:
+        self.process = Process(self.name, self.argv(), self.log_dir)
+        try:
+            # Not /health: with auth enabled on the cluster it answers 503 for good (its own probe
+            # read carries no credentials), though the proxy serves.
+            wait_for_http(self.metrics_url, self.process, timeout=timeout)
+        except BaseException:
+            self.stop()  # the caller has no handle on a proxy that did not start
+            raise
+        return self
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.stop()
+            self.process = None
+
+
+def scrape(url: str, names: Iterable[str]) -> dict[str, float]:
+    """The unlabelled samples `names` from a Prometheus text page (etcd's and the proxy's own
+    counters and gauges); a name the page lacks is left out."""
+    wanted = set(names)
+    with urllib.request.urlopen(url, timeout=5) as response:  # noqa: S310 - a loopback URL
+        text = response.read().decode()
+    found: dict[str, float] = {}
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        if name in wanted:
+            found[name] = float(value)
+    return found
