@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -127,11 +128,34 @@ class EtcdMember:
 
 
 class EtcdCluster:
-    """`size` members on loopback; ``endpoints`` is what --etcd takes."""
+    """`size` members on loopback; ``endpoints`` is what --etcd takes.
 
-    def __init__(self, base_dir: Path, size: int = 1, *, tls: ServerTls | None = None) -> None:
+    Each member's (client, peer) ports are free ones unless `ports` names them: ``make run``'s
+    etcd sits on a documented port, so that the commands it prints still work after a restart."""
+
+    def __init__(
+        self,
+        base_dir: Path,
+        size: int = 1,
+        *,
+        tls: ServerTls | None = None,
+        ports: Sequence[tuple[int, int]] = (),
+    ) -> None:
+        if ports and len(ports) != size:
+            raise ValueError(f"{size} member(s) but {len(ports)} pair(s) of ports")
         base_dir.mkdir(parents=True, exist_ok=True)
-        self.members = [EtcdMember(f"etcd{i}", base_dir / f"etcd{i}.data", base_dir, tls=tls) for i in range(size)]
+        chosen = list(ports) or [(0, 0)] * size
+        self.members = [
+            EtcdMember(
+                f"etcd{i}",
+                base_dir / f"etcd{i}.data",
+                base_dir,
+                client_port=client,
+                peer_port=peer,
+                tls=tls,
+            )
+            for i, (client, peer) in enumerate(chosen)
+        ]
 
     @property
     def initial_cluster(self) -> str:
