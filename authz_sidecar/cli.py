@@ -1,5 +1,5 @@
 """The ``authz-sidecar`` command: ``serve`` runs a sidecar, ``ctl`` and ``controller`` change and roll out
-policy, ``validate`` checks a policy directory, ``mesh up`` runs the local two-region mesh.
+policy, ``validate`` checks a policy directory, ``mesh up|demo`` run the local two-region mesh.
 
 Every flag can also be set as ``AUTHZ_<FLAG>`` in the environment (``--policy-dir`` ->
 ``AUTHZ_POLICY_DIR``); a flag wins over the variable. Errors are one line on stderr and a
@@ -161,9 +161,9 @@ def _add_controller_parser(sub: Any) -> None:
 
 
 def _add_mesh_parser(sub: Any) -> None:
-    """`authz-sidecar mesh up`: the local two-region mesh (authz_sidecar.local, imported only
+    """`authz-sidecar mesh up|demo`: the local two-region mesh (authz_sidecar.local, imported only
     when the command runs: it is no part of a sidecar)."""
-    mesh = sub.add_parser("mesh", help="a two-region mesh of real processes on loopback (make run)")
+    mesh = sub.add_parser("mesh", help="a two-region mesh of real processes on loopback (make run, make demo)")
     verbs = mesh.add_subparsers(dest="mesh_command", required=True, metavar="VERB")
     up = verbs.add_parser(
         "up",
@@ -183,6 +183,15 @@ def _add_mesh_parser(sub: Any) -> None:
     up.add_argument("--state", default=".authz-mesh/state.json", metavar="FILE", help="where make demo finds the mesh")
     up.add_argument("--workdir", default=None, metavar="DIR", help="logs, configs, tokens (kept); default: a temp dir")
     up.add_argument("--check", action="store_true", help="start, show what each region answers, stop")
+    demo = verbs.add_parser(
+        "demo",
+        help="a change's story on the running mesh: proposed, canaried in eu-west, promoted; a mistake rolled back",
+        description="Drive the mesh 'mesh up' runs (found through --state; with none, one is started for the demo's "
+        "duration) through a change's lifecycle, narrated with the commands' own output.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    demo.add_argument("--state", default=".authz-mesh/state.json", metavar="FILE", help="the running mesh's state")
+    demo.add_argument("--quick", action="store_true", help="short intervals and fewer steps (CI)")
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -417,6 +426,10 @@ def _controller(ns: argparse.Namespace) -> int:
 
 
 def _mesh(ns: argparse.Namespace) -> int:
+    if ns.mesh_command == "demo":
+        from authz_sidecar.local import demo
+
+        return demo.run(demo.DemoOptions(state=Path(ns.state), quick=ns.quick))
     from authz_sidecar.local import regions
 
     if ns.free_ports and ns.base_port is not None:

@@ -247,6 +247,46 @@ def test_a_canary_in_eu_west_changes_eu_wests_answers_and_never_us_easts(running
     assert answers(running, rounds=1) == {k: {next(iter(v))} for k, v in before.items()}  # taken back
 
 
+def test_the_quick_demo_tells_the_whole_story_on_the_running_mesh(running: Running, tmp_path: Path) -> None:
+    started = time.monotonic()
+    result = subprocess.run(
+        [*MESH, "demo", "--quick", "--state", str(running.state_file)],
+        capture_output=True,
+        text=True,
+        timeout=90,
+        check=False,
+        env={**os.environ, "TMPDIR": str(tmp_path)},
+    )
+    out = result.stdout + result.stderr
+    assert result.returncode == 0, out
+    assert time.monotonic() - started < 60, out
+    assert f"pid {running.process.pid}" in out  # it drove the running mesh, not one of its own
+    for needle in (
+        "[2] A change is proposed: erin joins the team as a viewer",
+        "proposed: v3",
+        '"listed": ["erin gains things:view"]',
+        "$ authz-sidecar ctl canary v3 --plan eu-west=100",
+        "$ authz-sidecar ctl report v3",
+        "plan: step 1/1 Successful (1 of 1): promote",
+        "erin GET /things/{id}: 403 -> 200 v3",
+        "every other answer as before",
+        "active: v3",
+        "v2 was proposed against v1: the promotion made it stale",
+        '"listed": ["bob loses things:view", "dave loses things:view", "erin loses things:view", "qa-bot loses',
+        "controller-1 rollback v4: step 1/2 Failed: eu-west: denied",
+        "After the rollback eu-west answers as before it.",
+    ):
+        assert needle in out, out
+    assert re.search(r"us-east: \d+ answers, none changed", out), out
+    assert re.search(r"Rolled back by the controller [\d.]+s after the canary started", out), out
+    assert re.search(r"demo: done in [\d.]+s", out), out
+    assert "Traceback" not in out, out
+    # The story left the mesh as it says: v3 active, v4 gone, the audit chain whole.
+    status = run_ctl(str(running.state["etcd"]), "status")
+    assert status["active"] == "v3" and "v4" not in status["shadows"]
+    assert run_ctl(str(running.state["etcd"]), "audit", "--verify", "--last", "0")["verified"] is True
+
+
 def test_sigint_stops_every_process_and_removes_the_state_and_workdir(running: Running) -> None:
     pids = list(running.state["processes"].values())
     workdir = Path(running.state["workdir"])

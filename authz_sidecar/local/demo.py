@@ -1,0 +1,786 @@
+"""``make demo`` (``authz-sidecar mesh demo``): the story of a change, told on the running mesh.
+
+What the README says in words, done for real on ``make run``'s two regions and narrated with the
+output of the commands an operator would type:
+
+1. a change is proposed (a new hire becomes a viewer) and ``ctl propose`` prints its exact plan;
+2. it is canaried in eu-west only, by the controller, with a rollout plan (``ctl canary --plan``)
+   while traffic flows through both Envoys: eu-west's answers change for the new hire, us-east's
+   do not change at all;
+3. the evidence (``ctl report``, ``ctl analyze``) and the promotion by the controller, which a
+   confirm-promotion webhook served here holds until that evidence has been shown (otherwise a
+   short interval could promote before ``ctl report`` runs, and a report of a set no longer live
+   cannot be read);
+4. a mistaken change (the viewer role loses ``things:view``): canaried the same way, rolled back
+   by the controller within seconds on its own, the reason read back from ``ctl status`` and the
+   audit.
+
+The mesh is found through ``mesh up``'s state file; with none running, one is started for the
+demo's own duration (and stopped after it). Every wait is bounded: a step that does not happen in
+time ends the demo with exit 1 and what the plan was doing. The changes are computed against
+whatever set is active, with versions not yet stored, so the demo runs again on the same mesh.
+``--quick`` is the same story with one-step plans and short intervals, for CI.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import http.client
+import io
+import itertools
+import json
+import shutil
+import sys
+import tempfile
+import textwrap
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import structlog
+import yaml
+
+from authz_sidecar import cli
+from authz_sidecar.local.mesh import EXAMPLE_POLICY, run_ctl
+from authz_sidecar.local.processes import (
+    LOOPBACK,
+    StoppedError,
+    ignore_stop_signals,
+    interruptibly,
+    stop_on_signals,
+    stop_unrecorded_children,
+)
+from authz_sidecar.local.regions import REGIONS, PortPlan, RegionalMesh, Traces, read_state
+from authz_sidecar.local.tokens import DemoIssuer
+from authz_sidecar.store.etcd import Etcd, EtcdOptions
+from authz_sidecar.store.policy import PolicyStore
+from authz_sidecar.telemetry import logs
+
+CANARY_REGION = "eu-west"
+STEADY_REGION = "us-east"
+# The new hire is the first of these the active set does not know yet (the demo runs again).
+NEW_HIRES = ("erin", "frank", "grace", "heidi", "ivan", "judy", "mallory-2", "niaj", "olivia", "peggy")
+PEOPLE = ("alice", "bob", "carol", "dave", "qa-bot")
+REQUESTS = (("GET", "/things/{id}"), ("PUT", "/things/{id}"), ("GET", "/things"), ("GET", "/accounts/acme/things"))
+WIDTH = 110  # narration wraps here; command output is printed as the command printed it
+FINISHED = ("promoted", "rolled_back", "aborted", "dead_letter", "ended", "paused")
+
+
+class DemoError(Exception):
+    """A step did not happen (in time, or as the story says): the demo stops there."""
+
+
+@dataclass(frozen=True)
+class Pace:
+    """How fast the story goes."""
+
+    name: str
+    rate: float  # requests per second through each Envoy
+    rounds: int  # rounds of every (principal, request) before anything changes
+    interval: str  # the rollout plans' analysis interval
+    good_plan: str
+    bad_plan: str
+    min_evaluations: int  # per interval, in the step's region
+    step_timeout: float  # seconds any one thing the controller does may take
+    analyze: bool  # also show `ctl analyze`
+
+
+FULL = Pace("full", 20.0, 2, "5s", "eu-west=50,100", "eu-west=10,50,100", 20, 60.0, analyze=True)
+QUICK = Pace("quick", 20.0, 1, "2s", "eu-west=100", "eu-west=10,100", 10, 30.0, analyze=False)
+# The denial budget both plans get: small enough that a change taking a permission from a few
+# people fails its first analysis, as it would with a real budget and real traffic.
+MAX_DENIED_REQUESTS = 5
+MAX_DENIED_PRINCIPALS = 2
+
+
+@dataclass(frozen=True)
+class DemoOptions:
+    """``authz-sidecar mesh demo``'s flags."""
+
+    state: Path
+    quick: bool = False
+
+
+# --- the mesh it drives -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Target:
+    """The running mesh, as far as the demo needs it."""
+
+    etcd: str
+    envoys: Mapping[str, str]  # region -> Envoy's base URL
+    issuer: DemoIssuer
+    origin: str
+    owned: bool = False  # started by the demo, and stopped when it ends
+
+    @staticmethod
+    def from_state(path: Path, state: Mapping[str, Any]) -> Target:
+        envoys = {region: str(state["regions"][region]["envoy_url"]) for region in REGIONS}
+        issuer = DemoIssuer.from_key(Path(state["issuer_key"]))
+        return Target(str(state["etcd"]), envoys, issuer, f"the mesh of 'mesh up' (pid {state['pid']}, state {path})")
+
+    @staticmethod
+    def of(mesh: RegionalMesh) -> Target:
+        envoys = {region: mesh.envoy_url(region) for region in REGIONS}
+        return Target(mesh.endpoints, envoys, mesh.issuer, "a mesh started for this demo", owned=True)
+
+
+# --- narration and ctl --------------------------------------------------------------------------
+
+
+class Narrator:
+    """Prints the story; times are seconds since the demo began."""
+
+    def __init__(self) -> None:
+        self.started = time.monotonic()
+
+    def say(self, text: str = "") -> None:
+        print(text, flush=True)
+
+    def step(self, number: int, title: str) -> None:
+        self.say()
+        self.say(f"[{number}] {title}")
+
+    def note(self, text: str, hang: int = 0) -> None:
+        """An indented line of narration, wrapped (continuation lines `hang` further in)."""
+        self.say(
+            textwrap.fill(
+                text,
+                width=WIDTH,
+                initial_indent="  ",
+                subsequent_indent="  " + " " * hang,
+                break_long_words=False,
+                break_on_hyphens=False,
+            )
+        )
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
+
+
+def _parse_text(text: str) -> dict[str, Any]:
+    """ctl's text output (``key: value``, a JSON value for lists and mappings) back into values."""
+    parsed: dict[str, Any] = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition(": ")
+        if not sep:
+            continue
+        if value[:1] in "[{":
+            with contextlib.suppress(ValueError):
+                parsed[key] = json.loads(value)
+                continue
+        parsed[key] = value
+    return parsed
+
+
+class Ctl:
+    """``authz-sidecar ctl`` run in this process (a subprocess would spend a second importing),
+    shown as the command a person would type with what it printed."""
+
+    def __init__(self, endpoints: str, narrator: Narrator) -> None:
+        self.endpoints = endpoints
+        self.narrator = narrator
+
+    def show(self, *args: str, keys: Sequence[str] = (), plan_of: str = "") -> dict[str, Any]:
+        """Run and print; with `keys`, only those lines of the output, and with `plan_of` only that
+        version's entry of ``plans`` (each said so)."""
+        argv = ["ctl", *args, "--etcd", self.endpoints]
+        out, err = io.StringIO(), io.StringIO()
+
+        def call() -> int:
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+                return cli.main(argv)
+
+        code = interruptibly(call)
+        self.narrator.say(f"$ authz-sidecar {' '.join(argv)}")
+        text = out.getvalue()
+        lines = text.splitlines()
+        if keys:
+            lines = [line for line in lines if line.split(":", 1)[0] in keys]
+            lines.append(f"  (of its output: {', '.join(keys)})")
+        if plan_of:
+            one = json.dumps({plan_of: (_parse_text(text).get("plans") or {}).get(plan_of)}, sort_keys=True)
+            lines = [f"plans: {one}" if line.startswith("plans: ") else line for line in lines]
+            lines.append(f"  (of plans: {plan_of}'s)")
+        for line in lines:
+            self.narrator.say(line)
+        if code != 0:
+            raise DemoError(f"ctl {args[0]} failed (exit {code}): {err.getvalue().strip()}")
+        return _parse_text(text)
+
+    def json(self, *args: str) -> dict[str, Any]:
+        """Run quietly; what it printed with --json."""
+        try:
+            return interruptibly(lambda: run_ctl(self.endpoints, *args))
+        except RuntimeError as exc:
+            raise DemoError(str(exc)) from None
+
+
+async def _survey(endpoints: str, count: int) -> tuple[str, set[str], list[str]]:
+    """The active version, the principals its grants name, and `count` versions ``vN`` not
+    stored yet (the next after the highest stored, so a rerun never reuses one)."""
+    async with Etcd(EtcdOptions(endpoints=(endpoints,))) as etcd:
+        store = PolicyStore(etcd)
+        pointers = await store.pointers()
+        if pointers.active is None:
+            raise DemoError("the mesh has no active set (was it seeded?)")
+        active = await store.permission_set(pointers.active)
+        free: list[str] = []
+        for n in itertools.count(3):
+            if await etcd.get(store.layout.head(f"v{n}")) is None:
+                free.append(f"v{n}")
+                if len(free) == count:
+                    break
+            else:
+                free.clear()
+        return pointers.active, {g.principal for g in active.grants}, free
+
+
+# --- traffic ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Answer:
+    sent: float
+    answered: float
+    region: str
+    principal: str
+    request: str  # "GET /things/{id}"
+    status: int
+    decided: str  # the set version the upstream was told (allowed), or the sidecar's reason
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return self.principal, self.request
+
+    def shown(self) -> str:
+        return f"{self.status} {self.decided}".strip()
+
+
+class Traffic:
+    """Requests through each region's Envoy, round robin over every (principal, request), paced,
+    on one keep-alive connection per region; every answer recorded with the wall clock the audit
+    uses. Bounded by `limit` seconds whatever the demo does."""
+
+    def __init__(self, target: Target, principals: Sequence[str], rate: float, limit: float = 600.0) -> None:
+        self.target = target
+        self.combos = [(p, m, path) for p in principals for m, path in REQUESTS]
+        self.tokens = {p: target.issuer.token(p, ttl=3600) for p in principals}
+        self.rate = rate
+        self.limit = limit
+        self.stop = threading.Event()
+        self.rounds = dict.fromkeys(REGIONS, 0)
+        self._answers: list[Answer] = []
+        self._lock = threading.Lock()
+        self._threads = [threading.Thread(target=self._run, args=(r,), daemon=True) for r in REGIONS]
+
+    def __enter__(self) -> Traffic:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        for thread in self._threads:
+            thread.join(10)
+
+    def answers(self, region: str | None = None, since: float = 0.0, until: float = float("inf")) -> list[Answer]:
+        """Answers sent at or after `since` and answered before `until`."""
+        with self._lock:
+            found = list(self._answers)
+        return [a for a in found if (region is None or a.region == region) and a.sent >= since and a.answered < until]
+
+    def wait_rounds(self, rounds: int, timeout: float) -> None:
+        """Until every region has sent every (principal, request) `rounds` more times."""
+        target = {r: n + rounds for r, n in self.rounds.items()}
+        _until(lambda: all(self.rounds[r] >= target[r] for r in REGIONS), timeout, "traffic through both Envoys")
+
+    def _run(self, region: str) -> None:
+        url = urlsplit(self.target.envoys[region])
+        conn = http.client.HTTPConnection(url.hostname or LOOPBACK, url.port or 80, timeout=5)
+        start = time.monotonic()
+        slot = 0
+        try:
+            while not self.stop.is_set() and time.monotonic() - start < self.limit:
+                for n, (principal, method, path) in enumerate(self.combos):
+                    delay = start + slot / self.rate - time.monotonic()
+                    slot += 1
+                    if (delay > 0 and self.stop.wait(delay)) or self.stop.is_set():
+                        return
+                    headers = {"authorization": f"Bearer {self.tokens[principal]}", "content-length": "0"}
+                    sent = time.time()
+                    status, decided = _send(conn, method, path.replace("{id}", str(40 + n)), headers)
+                    answer = Answer(sent, time.time(), region, principal, f"{method} {path}", status, decided)
+                    with self._lock:
+                        self._answers.append(answer)
+                self.rounds[region] += 1
+        finally:
+            conn.close()
+
+
+def _send(conn: http.client.HTTPConnection, method: str, path: str, headers: dict[str, str]) -> tuple[int, str]:
+    try:
+        conn.request(method, path, headers=headers)
+        response = conn.getresponse()
+        body = response.read()
+    except (OSError, http.client.HTTPException) as exc:
+        conn.close()
+        return 0, type(exc).__name__
+    if response.status == 200:
+        with contextlib.suppress(ValueError, AttributeError):
+            return 200, str(json.loads(body).get("set_version") or "")
+    return response.status, response.getheader("x-authz-reason") or ""
+
+
+def changed(before: Sequence[Answer], during: Sequence[Answer]) -> dict[tuple[str, str], Counter[str]]:
+    """Per (principal, request), the answers in `during` whose status none in `before` had."""
+    usual: dict[tuple[str, str], set[int]] = {}
+    for answer in before:
+        usual.setdefault(answer.key, set()).add(answer.status)
+    found: dict[tuple[str, str], Counter[str]] = {}
+    for answer in during:
+        statuses = usual.get(answer.key)
+        if statuses is not None and answer.status not in statuses:
+            was = "/".join(str(s) for s in sorted(statuses))
+            found.setdefault(answer.key, Counter())[f"{was} -> {answer.shown()}"] += 1
+    return found
+
+
+def describe_changes(found: Mapping[tuple[str, str], Counter[str]]) -> list[str]:
+    return [
+        f"{principal} {request}: {what} (x{n})"
+        for (principal, request), counts in sorted(found.items())
+        for what, n in counts.most_common()
+    ]
+
+
+def usual_answers(answers: Sequence[Answer], principal: str) -> str:
+    counts = Counter(f"{a.request}: {a.shown()}" for a in answers if a.principal == principal)
+    return "; ".join(f"{what} (x{n})" for what, n in sorted(counts.items()))
+
+
+# --- the controller, watched --------------------------------------------------------------------
+
+
+def _until(done: Callable[[], bool], timeout: float, what: str, poll: float = 0.1) -> None:
+    deadline = time.monotonic() + timeout
+    while not done():
+        if time.monotonic() > deadline:
+            raise DemoError(f"{what} did not happen within {timeout:.0f}s")
+        time.sleep(poll)
+
+
+class PlanWatch:
+    """Polls a shadow's rollout plan (``ctl status``) and narrates each new message the
+    controller writes, timed from the canary command."""
+
+    def __init__(self, ctl: Ctl, narrator: Narrator, version: str, started: float) -> None:
+        self.ctl = ctl
+        self.narrator = narrator
+        self.version = version
+        self.started = started
+        self.plan: dict[str, Any] = {}
+        self.active = ""
+        self._said = ""
+
+    def poll(self) -> dict[str, Any]:
+        status = self.ctl.json("status")
+        self.active = str(status.get("active") or "")
+        self.plan = dict((status.get("plans") or {}).get(self.version) or {})
+        message = str(self.plan.get("message") or "")
+        if message and message != self._said:
+            self._said = message
+            self.narrator.note(f"{time.time() - self.started:+6.1f}s  plan: {message}", hang=15)
+        return self.plan
+
+    def until(self, done: Callable[[dict[str, Any]], bool], timeout: float, what: str) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while True:
+            plan = self.poll()
+            if done(plan):
+                return plan
+            state = plan.get("state")
+            if state in FINISHED:
+                raise DemoError(f"{what} did not happen: {self.version}'s plan is {state}: {plan.get('message')}")
+            if time.monotonic() > deadline:
+                raise DemoError(
+                    f"{what} did not happen within {timeout:.0f}s; {self.version}'s plan is {state}: "
+                    f"{plan.get('message')}"
+                )
+            time.sleep(0.25)
+
+
+class PromotionGate:
+    """The confirm-promotion webhook, served on loopback: 409 until the demo has shown the
+    evidence, then 2xx. A real release gate does the same with a person's approval."""
+
+    def __init__(self) -> None:
+        self.open = threading.Event()
+        self.asked = 0
+        gate = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                self.rfile.read(int(self.headers.get("content-length") or 0))
+                gate.asked += 1
+                if gate.open.is_set():
+                    self.send_response(200)
+                    body = b"confirmed by make demo\n"
+                else:
+                    self.send_response(409)
+                    body = b"make demo has not shown the evidence yet\n"
+                self.send_header("content-length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - the base class's
+                pass
+
+        self.server = ThreadingHTTPServer((LOOPBACK, 0), Handler)
+        self.url = f"http://{LOOPBACK}:{self.server.server_address[1]}/confirm"
+        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self) -> PromotionGate:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+# --- the story ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Story:
+    target: Target
+    pace: Pace
+    workdir: Path
+    narrator: Narrator = field(default_factory=Narrator)
+
+    def __post_init__(self) -> None:
+        self.ctl = Ctl(self.target.etcd, self.narrator)
+        # Request ids are the idempotency keys of the changes: a rerun's must differ.
+        self.stamp = time.strftime("%Y%m%d-%H%M%S")
+        self.live: set[str] = set()  # the shadows live (not stale) when the demo began
+
+    def change_file(self, name: str, document: dict[str, Any]) -> Path:
+        path = self.workdir / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(document, sort_keys=False, default_flow_style=None, width=200))
+        self.narrator.note(f"{path}:")
+        for line in path.read_text().splitlines():
+            self.narrator.note(f"  {line}")
+        return path
+
+    def plan_flags(self, plan: str) -> list[str]:
+        return [
+            "--plan", plan, "--interval", self.pace.interval, "--min-evaluations", str(self.pace.min_evaluations),
+            "--max-denied-requests", str(MAX_DENIED_REQUESTS), "--max-denied-principals", str(MAX_DENIED_PRINCIPALS),
+            "--inconclusive-limit", "20",
+        ]  # fmt: skip
+
+    def run(self) -> None:
+        say, note, pace = self.narrator.say, self.narrator.note, self.pace
+        active, principals, (good, bad) = interruptibly(lambda: asyncio.run(_survey(self.target.etcd, 2)))
+        hire = next((p for p in NEW_HIRES if p not in principals), None)
+        if hire is None:
+            raise DemoError(f"every name the demo hires ({', '.join(NEW_HIRES)}) is in {active} already")
+        say(f"make demo ({pace.name}): a change's way out, on {self.target.origin}")
+        say("  " + ", ".join(f"{r} Envoy {u}" for r, u in self.target.envoys.items()) + f"; etcd {self.target.etcd}")
+
+        self.narrator.step(1, "Where things stand")
+        before = self.ctl.show("status", keys=("active", "shadows", "locks", "controller"))
+        self.live = {str(v) for v, s in (before.get("shadows") or {}).items() if s.get("state") != "stale"}
+        who = [*PEOPLE, hire]
+        note(
+            f"Traffic starts through both Envoys: {', '.join(who)} ({hire} is not in {active}), each sending "
+            f"{', '.join(f'{m} {p}' for m, p in REQUESTS)}, {pace.rate:g} requests/s per region."
+        )
+        with Traffic(self.target, who, pace.rate) as traffic, PromotionGate() as gate:
+            traffic.wait_rounds(pace.rounds, 30)
+            promoted_at = self.good_change(traffic, gate, active, good, hire)
+            self.mistake(traffic, good, bad, settled=promoted_at + 0.5)
+        say()
+        say(f"demo: done in {self.narrator.elapsed():.1f}s")
+        note(
+            f"{good} went out in {CANARY_REGION} first and was promoted by the controller on evidence; {bad}, "
+            f"which took things:view from viewers, was rolled back by it alone."
+        )
+        if not self.target.owned:
+            note(f"The mesh runs on with {good} active: ctl status, ctl history and ctl audit --verify show it all.")
+
+    def good_change(self, traffic: Traffic, gate: PromotionGate, active: str, version: str, hire: str) -> float:
+        """Propose, canary in eu-west, show the evidence, let the controller promote; when it did."""
+        note, pace = self.narrator.note, self.pace
+        self.narrator.step(2, f"A change is proposed: {hire} joins the team as a viewer")
+        path = self.change_file(
+            version,
+            {
+                "version": version,
+                "request_id": f"DEMO-{self.stamp}-{version}",
+                "reason": f"{hire} joins the team and reads things",
+                "author": "make-demo",
+                "changes": [{"principal": hire, "grant": ["viewer"]}],
+            },
+        )
+        proposed = self.ctl.show("propose", "--file", str(path))
+        listed = (proposed.get("plan") or {}).get("listed") or []
+        note(f"The plan is computed from {active} and {version}, never sampled: {', '.join(listed) or 'nothing'}.")
+        note(f"{version} is live: every sidecar evaluates it beside {active} (dark launch); it decides for nobody.")
+
+        self.narrator.step(3, f"Its rollout: {CANARY_REGION} only, run by the controller on evidence")
+        canary_at = time.time()
+        self.ctl.show(
+            "canary", version, *self.plan_flags(pace.good_plan), "--confirm-promotion-url", gate.url,
+        )  # fmt: skip
+        note(
+            f"The promotion waits for a confirm-promotion webhook ({gate.url}, served by this demo) until the "
+            "evidence below has been shown."
+        )
+        watch = PlanWatch(self.ctl, self.narrator, version, canary_at)
+        watch.until(lambda p: bool(p.get("moves")), pace.step_timeout, f"the controller's first step of {version}")
+        _until(
+            lambda: any(a.decided == version for a in traffic.answers(CANARY_REGION, since=canary_at)),
+            pace.step_timeout,
+            f"an answer decided by {version} in {CANARY_REGION}",
+        )
+        watch.until(lambda p: p.get("step") == p.get("steps"), pace.step_timeout * 3, f"{version}'s last step")
+        _until(
+            lambda: float(self.ctl.json("report", version).get("coverage") or 0) >= 1.0,
+            pace.step_timeout,
+            f"the sidecars' reports showing {version}'s whole impact exercised",
+            poll=0.3,
+        )
+
+        self.narrator.step(4, "The evidence the controller judges")
+        self.ctl.show("report", version)
+        if pace.analyze:
+            self.ctl.show("analyze", version)
+        gate.open.set()
+        note("Confirmed: the next Successful analysis promotes.")
+        watch.until(lambda p: p.get("state") == "promoted", pace.step_timeout * 2, f"{version}'s promotion")
+        promotion = self.audited(version, "promote")
+        promoted_at = float(promotion["at"])
+
+        self.narrator.step(5, f"What each region answered while {version} was canaried (against the answers before)")
+        self.compare(traffic, canary_at, promoted_at, version, hire, expect_changed=hire)
+        self.narrator.step(6, f"{version} promoted by the controller")
+        self.ctl.show("status", keys=("active", "shadows", "locks", "plans"), plan_of=version)
+        traffic.wait_rounds(1, 30)
+        after = traffic.answers(since=promoted_at + 0.5)
+        for region in REGIONS:
+            note(f"{hire} now, in {region}: {usual_answers([a for a in after if a.region == region], hire)}", hang=4)
+        stale = [str(v) for v in promotion.get("made_stale") or [] if v in self.live]
+        if stale:
+            note(
+                f"{', '.join(stale)} was proposed against {active}: the promotion made it stale (no weight, never "
+                f"enforced again); 'ctl propose --rebase {stale[0]}' would carry its change onto {version}."
+            )
+        return promoted_at
+
+    def mistake(self, traffic: Traffic, parent: str, version: str, *, settled: float) -> None:
+        """Propose a change that takes a permission people use, canary it the same way, and watch
+        the controller roll it back alone; `settled`: answers from then on are `parent`'s."""
+        note, pace = self.narrator.note, self.pace
+        self.narrator.step(7, "A mistaken change: the viewer role loses things:view")
+        path = self.change_file(
+            version,
+            {
+                "version": version,
+                "request_id": f"DEMO-{self.stamp}-{version}",
+                "reason": "viewers only list things",
+                "author": "make-demo",
+                "changes": [{"role": "viewer", "remove": ["things:view"]}],
+            },
+        )
+        before_at = time.time()
+        proposed = self.ctl.show("propose", "--file", str(path))
+        plan = proposed.get("plan") or {}
+        note(f"The plan says it plainly ({plan.get('principals')} principals lose things:view). Out it goes anyway:")
+        canary_at = time.time()
+        self.ctl.show("canary", version, *self.plan_flags(pace.bad_plan))
+        watch = PlanWatch(self.ctl, self.narrator, version, canary_at)
+        watch.until(
+            lambda p: p.get("state") == "rolled_back", pace.step_timeout, f"the controller rolling {version} back"
+        )
+        rolled_at = float(self.audited(version, "rollback")["at"])
+        note(f"Rolled back by the controller {rolled_at - canary_at:.1f}s after the canary started.")
+        self.narrator.step(8, f"Why, from ctl status and the audit; and what {version} did meanwhile")
+        self.ctl.show("status", keys=("active", "shadows", "plans"), plan_of=version)
+        self.show_audit(4)
+        baseline = traffic.answers(since=settled, until=before_at)
+        hurt = self.compare_regions(baseline, canary_at, rolled_at, traffic)
+        share = pace.bad_plan.split("=")[1].split(",")[0]
+        decided = (
+            f"it decided for {', '.join(sorted(hurt))} (their bucket is in its share: the answers above)"
+            if hurt
+            else "it decided for nobody here: none of these principals falls in its share"
+        )
+        note(
+            f"At {share}% of {CANARY_REGION}, {decided}. The controller judged more than that: every sidecar there "
+            f"evaluates {version} beside {parent} on each request (the dark launch), and what {version} would have "
+            f"denied went over the plan's budget ({MAX_DENIED_REQUESTS} requests, {MAX_DENIED_PRINCIPALS} principals)."
+        )
+        traffic.wait_rounds(1, 30)
+        back = changed(
+            [a for a in baseline if a.region == CANARY_REGION],
+            traffic.answers(CANARY_REGION, since=rolled_at + 1.0),
+        )
+        if back:
+            raise DemoError(f"{CANARY_REGION} still answers otherwise after the rollback: {describe_changes(back)}")
+        note(f"After the rollback {CANARY_REGION} answers as before it.")
+
+    def audited(self, version: str, action: str) -> dict[str, Any]:
+        """The audit record of `action` on `version`, which a controller must have written."""
+        records = self.ctl.json("audit", "--last", "20").get("records") or []
+        found = [r for r in records if r.get("action") == action and r.get("version") == version]
+        if not found:
+            raise DemoError(f"no {action} of {version} in the audit")
+        record = found[-1]
+        if not str(record.get("who", "")).startswith("controller"):
+            raise DemoError(f"{version}'s {action} was recorded by {record.get('who')}, not a controller")
+        return dict(record)
+
+    def show_audit(self, last: int) -> None:
+        """``ctl audit --last N``, one line a record (its records hold whole analyses)."""
+        argv = f"ctl audit --last {last} --etcd {self.target.etcd}"
+        self.narrator.say(f"$ authz-sidecar {argv}   (one line a record: seq, who, action, subject: reason)")
+        for record in self.ctl.json("audit", "--last", str(last)).get("records") or []:
+            self.narrator.say(
+                f"  #{record.get('seq')} {record.get('who')} {record.get('action')} {record.get('subject')}: "
+                f"{record.get('reason')}"
+            )
+
+    def compare(
+        self, traffic: Traffic, start: float, end: float, version: str, hire: str, *, expect_changed: str
+    ) -> None:
+        """During [start, end): us-east as before; eu-west changed for `expect_changed` only, and
+        to answers `version` decided."""
+        note = self.narrator.note
+        before = {r: traffic.answers(r, until=start) for r in REGIONS}
+        during = {r: traffic.answers(r, since=start, until=end) for r in REGIONS}
+        steady = changed(before[STEADY_REGION], during[STEADY_REGION])
+        moved = changed(before[CANARY_REGION], during[CANARY_REGION])
+        note(
+            f"{STEADY_REGION}: {len(during[STEADY_REGION])} answers, "
+            + ("none changed" if not steady else f"CHANGED: {'; '.join(describe_changes(steady))}")
+        )
+        note(f"  e.g. {hire}: {usual_answers(during[STEADY_REGION], hire)}", hang=4)
+        note(f"{CANARY_REGION}: {len(during[CANARY_REGION])} answers; changed:")
+        for line in describe_changes(moved) or ["nothing"]:
+            note(f"  {line}")
+        note("  every other answer as before")
+        if steady:
+            raise DemoError(f"{STEADY_REGION}'s answers changed during a canary in {CANARY_REGION} only")
+        strays = [k for k in moved if k[0] != expect_changed]
+        by_it = [a for a in during[CANARY_REGION] if a.principal == expect_changed and a.decided == version]
+        if strays or not by_it:
+            raise DemoError(
+                f"{CANARY_REGION} should have changed for {expect_changed} alone, decided by {version}: "
+                f"{describe_changes(moved) or 'nothing changed'}"
+            )
+
+    def compare_regions(self, before: Sequence[Answer], start: float, end: float, traffic: Traffic) -> set[str]:
+        """The mistake's canary: what changed in each region against the answers before it; the
+        principals whose answers changed in the canary's region."""
+        note = self.narrator.note
+        hurt: set[str] = set()
+        for region in REGIONS:
+            during = traffic.answers(region, since=start, until=end)
+            found = changed([a for a in before if a.region == region], during)
+            lines = describe_changes(found)
+            note(f"{region}: {len(during)} answers during the canary; " + ("none changed" if not lines else "changed:"))
+            for line in lines:
+                note(f"  {line}")
+            if region == STEADY_REGION and found:
+                raise DemoError(f"{STEADY_REGION}'s answers changed during a canary in {CANARY_REGION} only")
+            if region == CANARY_REGION:
+                hurt = {principal for principal, _request in found}
+        return hurt
+
+
+# --- the command --------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _mesh_for(options: DemoOptions, narrator: Narrator) -> Iterator[Target]:
+    """The running mesh the state file names; else one started here, stopped on the way out."""
+    state = read_state(options.state)
+    if state is not None:
+        yield Target.from_state(options.state, state)
+        return
+    narrator.say(
+        f"no mesh is running (no live 'mesh up' state at {options.state}): starting one for this demo's own "
+        "duration; it stops when the demo ends ('make run' keeps one up)"
+    )
+    workdir = Path(tempfile.mkdtemp(prefix="authz-demo-mesh-"))
+    mesh = RegionalMesh(workdir=workdir, ports=PortPlan.free(), traces=Traces("", None, "traces: off"))
+    failed = True
+    try:
+        policy = workdir / "policy"
+        shutil.copytree(EXAMPLE_POLICY, policy)
+        mesh.policy_dir = policy
+        mesh.start()
+        narrator.say(f"  up in {narrator.elapsed():.1f}s")
+        yield Target.of(mesh)
+        failed = False
+    finally:
+        mesh.stop()
+        if failed:
+            print(f"(the demo's mesh kept its logs in {workdir})", file=sys.stderr)
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+def run(options: DemoOptions) -> int:
+    """0 when the story ran to its end as told; 1 when a step did not happen (in time); 130 when
+    stopped by Ctrl-C or SIGTERM."""
+    stop_on_signals()
+    narrator = Narrator()
+    workdir = Path(tempfile.mkdtemp(prefix="authz-demo-"))
+    log_file = (workdir / "ctl.log").open("a")
+    # ctl runs in this process and logs each audit record: to a file, not over the story.
+    logs.configure("info")
+    structlog.configure(logger_factory=structlog.PrintLoggerFactory(file=log_file))
+    failed = True
+    try:
+        with _mesh_for(options, narrator) as target:
+            Story(target, QUICK if options.quick else FULL, workdir, narrator).run()
+        failed = False
+        return 0
+    except StoppedError:
+        failed = False
+        print("demo: stopped before its end", file=sys.stderr)
+        return 130
+    except DemoError as exc:
+        print(f"demo: {exc}", file=sys.stderr)
+        return 1
+    except (OSError, RuntimeError, TimeoutError) as exc:
+        print(f"demo: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        ignore_stop_signals()
+        stop_unrecorded_children()
+        log_file.close()
+        if failed:
+            print(f"(the demo's change files and ctl log are in {workdir})", file=sys.stderr)
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m authz_sidecar.local.demo [--quick] [--state FILE]``, as ``authz-sidecar mesh demo``."""
+    return cli.main(["mesh", "demo", *(sys.argv[1:] if argv is None else argv)])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
