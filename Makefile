@@ -24,7 +24,7 @@ venv: $(STAMP) ## create .venv with the sidecar, Envoy, etcd and the test tools
 run: $(STAMP) ## a two-region mesh on loopback: etcd, the controller, us-east and eu-west (Ctrl-C stops it)
 	$(BIN)/authz-sidecar mesh up $(RUN_ARGS)
 
-demo: $(STAMP) ## the story of a change on the running mesh (make run in another terminal; else its own) (~40 s)
+demo: $(STAMP) ## the story of a change on the running mesh (make run in another terminal; else its own) (~20 s)
 	$(BIN)/authz-sidecar mesh demo $(DEMO_ARGS)
 
 scenario: $(STAMP) ## the controller on a live mesh: an accident rolled back unaided, the intended change promoted (~90 s)
