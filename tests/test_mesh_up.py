@@ -30,7 +30,7 @@ import pytest
 
 from authz_sidecar.local.mesh import run_ctl, send
 from authz_sidecar.local.processes import LOOPBACK
-from authz_sidecar.local.regions import PROBES, PortPlan, read_state
+from authz_sidecar.local.regions import PROBES, PortPlan, RegionalMesh, Traces, read_state
 
 pytestmark = pytest.mark.envoy
 
@@ -287,6 +287,20 @@ def test_the_quick_demo_tells_the_whole_story_on_the_running_mesh(running: Runni
     assert run_ctl(str(running.state["etcd"]), "audit", "--verify", "--last", "0")["verified"] is True
 
 
+def test_a_second_mesh_on_a_running_ones_state_file_is_refused(running: Running, tmp_path: Path) -> None:
+    result = subprocess.run(
+        [*MESH, "up", "--free-ports", "--state", str(running.state_file)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env={**os.environ, "TMPDIR": str(tmp_path)},
+    )
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert f"a mesh is already running (pid {running.process.pid}" in result.stderr
+    assert list(tmp_path.iterdir()) == [] and json.loads(running.state_file.read_text()) == running.state
+
+
 def test_sigint_stops_every_process_and_removes_the_state_and_workdir(running: Running) -> None:
     pids = list(running.state["processes"].values())
     workdir = Path(running.state["workdir"])
@@ -387,3 +401,19 @@ def test_the_state_of_a_mesh_that_is_gone_is_not_a_running_mesh(tmp_path: Path) 
     assert read_state(tmp_path / "state.json") is None
     (tmp_path / "state.json").write_text(json.dumps({"pid": os.getpid()}))
     assert read_state(tmp_path / "state.json") == {"pid": os.getpid()}
+
+
+def test_a_failure_while_starting_stops_what_was_started(tmp_path: Path) -> None:
+    """The controller cannot bind its metrics port, the last thing waited for: etcd, both regions'
+    services, sidecars and Envoys are running by then, and every one of them is stopped."""
+    ports = PortPlan.free()
+    mesh = RegionalMesh(workdir=tmp_path, ports=ports, traces=Traces("", None, "traces: off"))
+    with socket.socket() as holder:
+        holder.bind((LOOPBACK, ports.controller_metrics))
+        holder.listen()
+        with pytest.raises(RuntimeError, match="controller exited"):
+            mesh.start()
+    pids = mesh.pids()  # etcd's is forgotten once it is stopped: its data directory names it below
+    assert {"controller", "envoy-us-east", "envoy-eu-west", "sidecar-eu-west", "upstream-us-east"} <= set(pids)
+    assert [name for name, pid in pids.items() if alive(pid)] == []
+    assert processes_of(tmp_path) == []

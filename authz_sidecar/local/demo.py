@@ -424,13 +424,11 @@ class PromotionGate:
 
     def __init__(self) -> None:
         self.open = threading.Event()
-        self.asked = 0
         gate = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:
                 self.rfile.read(int(self.headers.get("content-length") or 0))
-                gate.asked += 1
                 if gate.open.is_set():
                     self.send_response(200)
                     body = b"confirmed by make demo\n"
