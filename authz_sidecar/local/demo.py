@@ -278,6 +278,7 @@ class Traffic:
         self.limit = limit
         self.stop = threading.Event()
         self.rounds = dict.fromkeys(REGIONS, 0)
+        self.last_round_started = dict.fromkeys(REGIONS, 0.0)  # of the last complete round, wall clock
         self._answers: list[Answer] = []
         self._lock = threading.Lock()
         self._threads = [threading.Thread(target=self._run, args=(r,), daemon=True) for r in REGIONS]
@@ -303,6 +304,14 @@ class Traffic:
         target = {r: n + rounds for r, n in self.rounds.items()}
         _until(lambda: all(self.rounds[r] >= target[r] for r in REGIONS), timeout, "traffic through both Envoys")
 
+    def wait_round_since(self, since: float, timeout: float) -> None:
+        """Until every region has sent a whole round begun at or after `since` (wall clock)."""
+        _until(
+            lambda: all(self.last_round_started[r] >= since for r in REGIONS),
+            timeout,
+            "a round of traffic through both Envoys",
+        )
+
     def _run(self, region: str) -> None:
         url = urlsplit(self.target.envoys[region])
         conn = http.client.HTTPConnection(url.hostname or LOOPBACK, url.port or 80, timeout=5)
@@ -310,6 +319,7 @@ class Traffic:
         slot = 0
         try:
             while not self.stop.is_set() and time.monotonic() - start < self.limit:
+                began = time.time()
                 for n, (principal, method, path) in enumerate(self.combos):
                     delay = start + slot / self.rate - time.monotonic()
                     slot += 1
@@ -321,6 +331,7 @@ class Traffic:
                     answer = Answer(sent, time.time(), region, principal, f"{method} {path}", status, decided)
                     with self._lock:
                         self._answers.append(answer)
+                self.last_round_started[region] = began
                 self.rounds[region] += 1
         finally:
             conn.close()
@@ -573,10 +584,13 @@ class Story:
         self.compare(traffic, canary_at, promoted_at, version, hire, expect_changed=hire)
         self.narrator.step(6, f"{version} promoted by the controller")
         self.ctl.show("status", keys=("active", "shadows", "locks", "plans"), plan_of=version)
-        traffic.wait_rounds(1, 30)
-        after = traffic.answers(since=promoted_at + 0.5)
+        traffic.wait_round_since(promoted_at + 0.5, 30)
+        after = [a for a in traffic.answers(since=promoted_at + 0.5) if a.principal == hire]
         for region in REGIONS:
             note(f"{hire} now, in {region}: {usual_answers([a for a in after if a.region == region], hire)}", hang=4)
+        reads = [a for a in after if a.request == "GET /things/{id}"]
+        if not reads or any(a.shown() != f"200 {version}" for a in reads):
+            raise DemoError(f"{hire} should read things in both regions now, by {version}: {reads[:4]}")
         stale = [str(v) for v in promotion.get("made_stale") or [] if v in self.live]
         if stale:
             note(
@@ -619,7 +633,7 @@ class Story:
         hurt = self.compare_regions(baseline, canary_at, rolled_at, traffic)
         share = pace.bad_plan.split("=")[1].split(",")[0]
         decided = (
-            f"it decided for {', '.join(sorted(hurt))} (their bucket is in its share: the answers above)"
+            f"it decided for {' and '.join(sorted(hurt))} (their bucket is in its share: the answers above)"
             if hurt
             else "it decided for nobody here: none of these principals falls in its share"
         )
@@ -628,7 +642,7 @@ class Story:
             f"evaluates {version} beside {parent} on each request (the dark launch), and what {version} would have "
             f"denied went over the plan's budget ({MAX_DENIED_REQUESTS} requests, {MAX_DENIED_PRINCIPALS} principals)."
         )
-        traffic.wait_rounds(1, 30)
+        traffic.wait_round_since(rolled_at + 1.0, 30)
         back = changed(
             [a for a in baseline if a.region == CANARY_REGION],
             traffic.answers(CANARY_REGION, since=rolled_at + 1.0),
