@@ -570,6 +570,13 @@ class Story:
             poll=0.3,
         )
 
+        if pace.analyze:  # shown once it says what the controller will find at the interval's end
+            _until(
+                lambda: self.ctl.json("analyze", version).get("outcome") == "Successful",
+                pace.step_timeout,
+                f"an analysis of {version}'s last step that passes every gate",
+                poll=0.3,
+            )
         self.narrator.step(4, "The evidence the controller judges")
         self.ctl.show("report", version)
         if pace.analyze:
