@@ -431,11 +431,12 @@ def _mesh(ns: argparse.Namespace) -> int:
 
         return demo.run(demo.DemoOptions(state=Path(ns.state), quick=ns.quick))
     from authz_sidecar.local import regions
+    from authz_sidecar.local.portplan import DEFAULT_BASE_PORT
 
     if ns.free_ports and ns.base_port is not None:
         raise ConfigError("--base-port and --free-ports contradict each other: one plan or none")
     options = regions.UpOptions(
-        base_port=regions.DEFAULT_BASE_PORT if ns.base_port is None else ns.base_port,
+        base_port=DEFAULT_BASE_PORT if ns.base_port is None else ns.base_port,
         free_ports=ns.free_ports,
         state=Path(ns.state),
         workdir=Path(ns.workdir) if ns.workdir else None,

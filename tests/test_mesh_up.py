@@ -29,8 +29,11 @@ from typing import Any
 import pytest
 
 from authz_sidecar.local.mesh import run_ctl, send
+from authz_sidecar.local.meshstate import read_state
+from authz_sidecar.local.otlpprobe import Traces
+from authz_sidecar.local.portplan import PortPlan
 from authz_sidecar.local.processes import LOOPBACK
-from authz_sidecar.local.regions import PROBES, PortPlan, RegionalMesh, Traces, read_state
+from authz_sidecar.local.regions import PROBES, RegionalMesh
 
 pytestmark = pytest.mark.envoy
 

@@ -26,29 +26,28 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import http.client
-import io
 import itertools
-import json
 import shutil
 import sys
 import tempfile
-import textwrap
 import threading
 import time
-from collections import Counter
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import structlog
 import yaml
 
 from authz_sidecar import cli
-from authz_sidecar.local.mesh import EXAMPLE_POLICY, run_ctl
+from authz_sidecar.local.answers import REQUESTS, Answer, Traffic, changed, describe_changes, usual_answers
+from authz_sidecar.local.mesh import EXAMPLE_POLICY
+from authz_sidecar.local.meshstate import read_state
+from authz_sidecar.local.narration import Ctl, DemoError, Narrator, PlanWatch, until
+from authz_sidecar.local.otlpprobe import Traces
+from authz_sidecar.local.portplan import REGIONS, PortPlan
 from authz_sidecar.local.processes import (
     LOOPBACK,
     StoppedError,
@@ -57,7 +56,7 @@ from authz_sidecar.local.processes import (
     stop_on_signals,
     stop_unrecorded_children,
 )
-from authz_sidecar.local.regions import REGIONS, PortPlan, RegionalMesh, Traces, read_state
+from authz_sidecar.local.regions import RegionalMesh
 from authz_sidecar.local.tokens import DemoIssuer
 from authz_sidecar.store.etcd import Etcd, EtcdOptions
 from authz_sidecar.store.policy import PolicyStore
@@ -68,13 +67,6 @@ STEADY_REGION = "us-east"
 # The new hire is the first of these the active set does not know yet (the demo runs again).
 NEW_HIRES = ("erin", "frank", "grace", "heidi", "ivan", "judy", "mallory-2", "niaj", "olivia", "peggy")
 PEOPLE = ("alice", "bob", "carol", "dave", "qa-bot")
-REQUESTS = (("GET", "/things/{id}"), ("PUT", "/things/{id}"), ("GET", "/things"), ("GET", "/accounts/acme/things"))
-WIDTH = 110  # narration wraps here; command output is printed as the command printed it
-FINISHED = ("promoted", "rolled_back", "aborted", "dead_letter", "ended", "paused")
-
-
-class DemoError(Exception):
-    """A step did not happen (in time, or as the story says): the demo stops there."""
 
 
 @dataclass(frozen=True)
@@ -133,97 +125,6 @@ class Target:
         return Target(mesh.endpoints, envoys, mesh.issuer, "a mesh started for this demo", owned=True)
 
 
-# --- narration and ctl --------------------------------------------------------------------------
-
-
-class Narrator:
-    """Prints the story; times are seconds since the demo began."""
-
-    def __init__(self) -> None:
-        self.started = time.monotonic()
-
-    def say(self, text: str = "") -> None:
-        print(text, flush=True)
-
-    def step(self, number: int, title: str) -> None:
-        self.say()
-        self.say(f"[{number}] {title}")
-
-    def note(self, text: str, hang: int = 0) -> None:
-        """An indented line of narration, wrapped (continuation lines `hang` further in)."""
-        self.say(
-            textwrap.fill(
-                text,
-                width=WIDTH,
-                initial_indent="  ",
-                subsequent_indent="  " + " " * hang,
-                break_long_words=False,
-                break_on_hyphens=False,
-            )
-        )
-
-    def elapsed(self) -> float:
-        return time.monotonic() - self.started
-
-
-def _parse_text(text: str) -> dict[str, Any]:
-    """ctl's text output (``key: value``, a JSON value for lists and mappings) back into values."""
-    parsed: dict[str, Any] = {}
-    for line in text.splitlines():
-        key, sep, value = line.partition(": ")
-        if not sep:
-            continue
-        if value[:1] in "[{":
-            with contextlib.suppress(ValueError):
-                parsed[key] = json.loads(value)
-                continue
-        parsed[key] = value
-    return parsed
-
-
-class Ctl:
-    """``authz-sidecar ctl`` run in this process (a subprocess would spend a second importing),
-    shown as the command a person would type with what it printed."""
-
-    def __init__(self, endpoints: str, narrator: Narrator) -> None:
-        self.endpoints = endpoints
-        self.narrator = narrator
-
-    def show(self, *args: str, keys: Sequence[str] = (), plan_of: str = "") -> dict[str, Any]:
-        """Run and print; with `keys`, only those lines of the output, and with `plan_of` only that
-        version's entry of ``plans`` (each said so)."""
-        argv = ["ctl", *args, "--etcd", self.endpoints]
-        out, err = io.StringIO(), io.StringIO()
-
-        def call() -> int:
-            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-                return cli.main(argv)
-
-        code = interruptibly(call)
-        self.narrator.say(f"$ authz-sidecar {' '.join(argv)}")
-        text = out.getvalue()
-        lines = text.splitlines()
-        if keys:
-            lines = [line for line in lines if line.split(":", 1)[0] in keys]
-            lines.append(f"  (of its output: {', '.join(keys)})")
-        if plan_of:
-            one = json.dumps({plan_of: (_parse_text(text).get("plans") or {}).get(plan_of)}, sort_keys=True)
-            lines = [f"plans: {one}" if line.startswith("plans: ") else line for line in lines]
-            lines.append(f"  (of plans: {plan_of}'s)")
-        for line in lines:
-            self.narrator.say(line)
-        if code != 0:
-            raise DemoError(f"ctl {args[0]} failed (exit {code}): {err.getvalue().strip()}")
-        return _parse_text(text)
-
-    def json(self, *args: str) -> dict[str, Any]:
-        """Run quietly; what it printed with --json."""
-        try:
-            return interruptibly(lambda: run_ctl(self.endpoints, *args))
-        except RuntimeError as exc:
-            raise DemoError(str(exc)) from None
-
-
 async def _survey(endpoints: str, count: int) -> tuple[str, set[str], list[str]]:
     """The active version, the principals its grants name, and `count` versions ``vN`` not
     stored yet (the next after the highest stored, so a rerun never reuses one)."""
@@ -244,189 +145,7 @@ async def _survey(endpoints: str, count: int) -> tuple[str, set[str], list[str]]
         return pointers.active, {g.principal for g in active.grants}, free
 
 
-# --- traffic ------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Answer:
-    sent: float
-    answered: float
-    region: str
-    principal: str
-    request: str  # "GET /things/{id}"
-    status: int
-    decided: str  # the set version the upstream was told (allowed), or the sidecar's reason
-
-    @property
-    def key(self) -> tuple[str, str]:
-        return self.principal, self.request
-
-    def shown(self) -> str:
-        return f"{self.status} {self.decided}".strip()
-
-
-class Traffic:
-    """Requests through each region's Envoy, round robin over every (principal, request), paced,
-    on one keep-alive connection per region; every answer recorded with the wall clock the audit
-    uses. Bounded by `limit` seconds whatever the demo does."""
-
-    def __init__(self, target: Target, principals: Sequence[str], rate: float, limit: float = 600.0) -> None:
-        self.target = target
-        self.combos = [(p, m, path) for p in principals for m, path in REQUESTS]
-        self.tokens = {p: target.issuer.token(p, ttl=3600) for p in principals}
-        self.rate = rate
-        self.limit = limit
-        self.stop = threading.Event()
-        self.rounds = dict.fromkeys(REGIONS, 0)
-        self.last_round_started = dict.fromkeys(REGIONS, 0.0)  # of the last complete round, wall clock
-        self._answers: list[Answer] = []
-        self._lock = threading.Lock()
-        self._threads = [threading.Thread(target=self._run, args=(r,), daemon=True) for r in REGIONS]
-
-    def __enter__(self) -> Traffic:
-        for thread in self._threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        for thread in self._threads:
-            thread.join(10)
-
-    def answers(self, region: str | None = None, since: float = 0.0, until: float = float("inf")) -> list[Answer]:
-        """Answers sent at or after `since` and answered before `until`."""
-        with self._lock:
-            found = list(self._answers)
-        return [a for a in found if (region is None or a.region == region) and a.sent >= since and a.answered < until]
-
-    def wait_rounds(self, rounds: int, timeout: float) -> None:
-        """Until every region has sent every (principal, request) `rounds` more times."""
-        target = {r: n + rounds for r, n in self.rounds.items()}
-        _until(lambda: all(self.rounds[r] >= target[r] for r in REGIONS), timeout, "traffic through both Envoys")
-
-    def wait_round_since(self, since: float, timeout: float) -> None:
-        """Until every region has sent a whole round begun at or after `since` (wall clock)."""
-        _until(
-            lambda: all(self.last_round_started[r] >= since for r in REGIONS),
-            timeout,
-            "a round of traffic through both Envoys",
-        )
-
-    def _run(self, region: str) -> None:
-        url = urlsplit(self.target.envoys[region])
-        conn = http.client.HTTPConnection(url.hostname or LOOPBACK, url.port or 80, timeout=5)
-        start = time.monotonic()
-        slot = 0
-        try:
-            while not self.stop.is_set() and time.monotonic() - start < self.limit:
-                began = time.time()
-                for n, (principal, method, path) in enumerate(self.combos):
-                    delay = start + slot / self.rate - time.monotonic()
-                    slot += 1
-                    if (delay > 0 and self.stop.wait(delay)) or self.stop.is_set():
-                        return
-                    headers = {"authorization": f"Bearer {self.tokens[principal]}", "content-length": "0"}
-                    sent = time.time()
-                    status, decided = _send(conn, method, path.replace("{id}", str(40 + n)), headers)
-                    answer = Answer(sent, time.time(), region, principal, f"{method} {path}", status, decided)
-                    with self._lock:
-                        self._answers.append(answer)
-                self.last_round_started[region] = began
-                self.rounds[region] += 1
-        finally:
-            conn.close()
-
-
-def _send(conn: http.client.HTTPConnection, method: str, path: str, headers: dict[str, str]) -> tuple[int, str]:
-    try:
-        conn.request(method, path, headers=headers)
-        response = conn.getresponse()
-        body = response.read()
-    except (OSError, http.client.HTTPException) as exc:
-        conn.close()
-        return 0, type(exc).__name__
-    if response.status == 200:
-        with contextlib.suppress(ValueError, AttributeError):
-            return 200, str(json.loads(body).get("set_version") or "")
-    return response.status, response.getheader("x-authz-reason") or ""
-
-
-def changed(before: Sequence[Answer], during: Sequence[Answer]) -> dict[tuple[str, str], Counter[str]]:
-    """Per (principal, request), the answers in `during` whose status none in `before` had."""
-    usual: dict[tuple[str, str], set[int]] = {}
-    for answer in before:
-        usual.setdefault(answer.key, set()).add(answer.status)
-    found: dict[tuple[str, str], Counter[str]] = {}
-    for answer in during:
-        statuses = usual.get(answer.key)
-        if statuses is not None and answer.status not in statuses:
-            was = "/".join(str(s) for s in sorted(statuses))
-            found.setdefault(answer.key, Counter())[f"{was} -> {answer.shown()}"] += 1
-    return found
-
-
-def describe_changes(found: Mapping[tuple[str, str], Counter[str]]) -> list[str]:
-    return [
-        f"{principal} {request}: {what} (x{n})"
-        for (principal, request), counts in sorted(found.items())
-        for what, n in counts.most_common()
-    ]
-
-
-def usual_answers(answers: Sequence[Answer], principal: str) -> str:
-    counts = Counter(f"{a.request}: {a.shown()}" for a in answers if a.principal == principal)
-    return "; ".join(f"{what} (x{n})" for what, n in sorted(counts.items()))
-
-
-# --- the controller, watched --------------------------------------------------------------------
-
-
-def _until(done: Callable[[], bool], timeout: float, what: str, poll: float = 0.1) -> None:
-    deadline = time.monotonic() + timeout
-    while not done():
-        if time.monotonic() > deadline:
-            raise DemoError(f"{what} did not happen within {timeout:.0f}s")
-        time.sleep(poll)
-
-
-class PlanWatch:
-    """Polls a shadow's rollout plan (``ctl status``) and narrates each new message the
-    controller writes, timed from the canary command."""
-
-    def __init__(self, ctl: Ctl, narrator: Narrator, version: str, started: float) -> None:
-        self.ctl = ctl
-        self.narrator = narrator
-        self.version = version
-        self.started = started
-        self.plan: dict[str, Any] = {}
-        self.active = ""
-        self._said = ""
-
-    def poll(self) -> dict[str, Any]:
-        status = self.ctl.json("status")
-        self.active = str(status.get("active") or "")
-        self.plan = dict((status.get("plans") or {}).get(self.version) or {})
-        message = str(self.plan.get("message") or "")
-        if message and message != self._said:
-            self._said = message
-            self.narrator.note(f"{time.time() - self.started:+6.1f}s  plan: {message}", hang=15)
-        return self.plan
-
-    def until(self, done: Callable[[dict[str, Any]], bool], timeout: float, what: str) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        while True:
-            plan = self.poll()
-            if done(plan):
-                return plan
-            state = plan.get("state")
-            if state in FINISHED:
-                raise DemoError(f"{what} did not happen: {self.version}'s plan is {state}: {plan.get('message')}")
-            if time.monotonic() > deadline:
-                raise DemoError(
-                    f"{what} did not happen within {timeout:.0f}s; {self.version}'s plan is {state}: "
-                    f"{plan.get('message')}"
-                )
-            time.sleep(0.25)
+# --- the promotion's gate ---------------------------------------------------------------------
 
 
 class PromotionGate:
@@ -514,7 +233,7 @@ class Story:
             f"Traffic starts through both Envoys: {', '.join(who)} ({hire} is not in {active}), each sending "
             f"{', '.join(f'{m} {p}' for m, p in REQUESTS)}, {pace.rate:g} requests/s per region."
         )
-        with Traffic(self.target, who, pace.rate) as traffic, PromotionGate() as gate:
+        with Traffic(self.target.envoys, self.target.issuer, who, pace.rate) as traffic, PromotionGate() as gate:
             traffic.wait_rounds(pace.rounds, 30)
             promoted_at = self.good_change(traffic, gate, active, good, hire)
             self.mistake(traffic, good, bad, settled=promoted_at + 0.5)
@@ -557,13 +276,13 @@ class Story:
         )
         watch = PlanWatch(self.ctl, self.narrator, version, canary_at)
         watch.until(lambda p: bool(p.get("moves")), pace.step_timeout, f"the controller's first step of {version}")
-        _until(
+        until(
             lambda: any(a.decided == version for a in traffic.answers(CANARY_REGION, since=canary_at)),
             pace.step_timeout,
             f"an answer decided by {version} in {CANARY_REGION}",
         )
         watch.until(lambda p: p.get("step") == p.get("steps"), pace.step_timeout * 3, f"{version}'s last step")
-        _until(
+        until(
             lambda: float(self.ctl.json("report", version).get("coverage") or 0) >= 1.0,
             pace.step_timeout,
             f"the sidecars' reports showing {version}'s whole impact exercised",
@@ -571,7 +290,7 @@ class Story:
         )
 
         if pace.analyze:  # shown once it says what the controller will find at the interval's end
-            _until(
+            until(
                 lambda: self.ctl.json("analyze", version).get("outcome") == "Successful",
                 pace.step_timeout,
                 f"an analysis of {version}'s last step that passes every gate",

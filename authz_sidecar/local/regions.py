@@ -26,7 +26,6 @@ import contextlib
 import json
 import os
 import shutil
-import socket
 import sys
 import tempfile
 import time
@@ -34,7 +33,6 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import structlog
 
@@ -42,11 +40,13 @@ from authz_sidecar.errors import ConfigError
 from authz_sidecar.local import envoy
 from authz_sidecar.local.etcd import EtcdCluster
 from authz_sidecar.local.mesh import EXAMPLE_POLICY, render_envoy, seed_policy, send, sidecar_argv, upstream_argv
+from authz_sidecar.local.meshstate import DEFAULT_STATE, read_state, remove_state, write_state
+from authz_sidecar.local.otlpprobe import Traces
+from authz_sidecar.local.portplan import DEFAULT_BASE_PORT, REGIONS, PortPlan
 from authz_sidecar.local.processes import (
     LOOPBACK,
     Process,
     StoppedError,
-    free_port,
     ignore_stop_signals,
     interruptibly,
     stop_on_signals,
@@ -57,160 +57,9 @@ from authz_sidecar.local.processes import (
 from authz_sidecar.local.tokens import DemoIssuer
 from authz_sidecar.telemetry import logs
 
-REGIONS = ("us-east", "eu-west")
-DEFAULT_BASE_PORT = 8080
-DEFAULT_STATE = Path(".authz-mesh") / "state.json"
-DEFAULT_OTLP = "http://127.0.0.1:4317"
 # Principals with a token in tokens.env: the example policy's, and one nobody granted anything.
 TOKEN_PRINCIPALS = ("alice", "bob", "carol", "dave", "qa-bot", "mallory")
 TOKEN_TTL = 12 * 3600
-
-
-# --- the ports ----------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class RegionPorts:
-    """One region's ports: its Envoy (listener and admin), its sidecar (gRPC, ops HTTP), the demo
-    service behind them."""
-
-    envoy: int
-    upstream: int
-    grpc: int
-    http: int
-    admin: int
-
-
-# Offsets from the base port: region n at 10 * n, the shared processes from 20 (docs/cli.md).
-REGION_OFFSETS = {"envoy": 0, "upstream": 1, "grpc": 2, "http": 3, "admin": 4}
-REGION_STRIDE = 10
-SHARED_OFFSETS = {"etcd_client": 20, "etcd_peer": 21, "controller_metrics": 22}
-ROLE_NAMES = {
-    "envoy": "Envoy",
-    "upstream": "demo service",
-    "grpc": "sidecar gRPC",
-    "http": "sidecar ops HTTP",
-    "admin": "Envoy admin",
-    "etcd_client": "etcd clients",
-    "etcd_peer": "etcd peers",
-    "controller_metrics": "controller metrics",
-}
-SPAN = max(SHARED_OFFSETS.values()) + 1
-
-
-@dataclass(frozen=True)
-class PortPlan:
-    """Every port the mesh listens on, by role."""
-
-    regions: Mapping[str, RegionPorts]
-    etcd_client: int
-    etcd_peer: int
-    controller_metrics: int
-
-    @staticmethod
-    def fixed(base: int = DEFAULT_BASE_PORT) -> PortPlan:
-        """The documented plan from `base`: us-east's Envoy on base, eu-west's on base + 10, etcd on
-        base + 20 (8080, 8090, 8100 by default)."""
-        if not 1024 <= base <= 65535 - SPAN:
-            raise ConfigError(f"--base-port: {base} is not between 1024 and {65535 - SPAN}")
-        regions = {
-            region: RegionPorts(**{role: base + REGION_STRIDE * n + off for role, off in REGION_OFFSETS.items()})
-            for n, region in enumerate(REGIONS)
-        }
-        return PortPlan(regions, **{role: base + off for role, off in SHARED_OFFSETS.items()})
-
-    @staticmethod
-    def free() -> PortPlan:
-        """Any free ports, each distinct (tests run several meshes side by side)."""
-        ports: set[int] = set()
-
-        def one() -> int:
-            while (port := free_port()) in ports:
-                pass
-            ports.add(port)
-            return port
-
-        regions = {region: RegionPorts(**{role: one() for role in REGION_OFFSETS}) for region in REGIONS}
-        return PortPlan(regions, **{role: one() for role in SHARED_OFFSETS})
-
-    def roles(self) -> list[tuple[int, str]]:
-        """(port, what listens there), in the plan's order."""
-        listed = [
-            (getattr(ports, role), f"{region} {ROLE_NAMES[role]}")
-            for region, ports in self.regions.items()
-            for role in REGION_OFFSETS
-        ]
-        return listed + [(getattr(self, role), ROLE_NAMES[role]) for role in SHARED_OFFSETS]
-
-    def taken(self) -> tuple[int, str] | None:
-        """The first planned port something already listens on (or may not be bound), with its
-        role; None when every one is free. Bound as the servers bind (SO_REUSEADDR), so a port
-        only lingering in TIME_WAIT from a mesh just stopped counts as free."""
-        for port, role in self.roles():
-            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                try:
-                    probe.bind((LOOPBACK, port))
-                except OSError:
-                    return port, role
-        return None
-
-
-# --- traces -------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Traces:
-    """Where spans go: an OTLP collector that answered a TCP connect, or nowhere (said, with how
-    to turn them on). Sidecars speak OTLP/gRPC or HTTP (their OTEL_* variables); Envoy's tracer
-    is configured for OTLP/gRPC only."""
-
-    endpoint: str  # what the sidecars export to; "" when traces are off
-    envoy: tuple[str, int] | None  # Envoy's OTLP/gRPC collector
-    note: str
-
-    @staticmethod
-    def probe(environ: Mapping[str, str], timeout: float = 0.3) -> Traces:
-        raw = environ.get("OTEL_EXPORTER_OTLP_ENDPOINT", "").strip() or DEFAULT_OTLP
-        parts = urlsplit(raw if "://" in raw else f"http://{raw}")
-        try:
-            host, port = parts.hostname, parts.port
-        except ValueError:
-            host, port = None, None
-        how = (
-            "run a Jaeger 2 with OTLP on 4317 first, e.g. 'docker run --rm -p 16686:16686 -p 4317:4317 "
-            "jaegertracing/jaeger:latest', then make run again (or set OTEL_EXPORTER_OTLP_ENDPOINT)"
-        )
-        if not host or not port:
-            return Traces("", None, f"traces: off (OTEL_EXPORTER_OTLP_ENDPOINT={raw} names no host:port); {how}")
-        try:
-            with socket.create_connection((host, port), timeout=timeout):
-                pass
-        except OSError:
-            return Traces("", None, f"traces: off (nothing answers at {raw}); to see them, {how}")
-        protocol = (
-            environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or environ.get("OTEL_EXPORTER_OTLP_PROTOCOL") or "grpc"
-        ).strip()
-        endpoint = raw if "://" in raw else f"http://{raw}"
-        if protocol != "grpc":
-            note = f"traces: on, to {endpoint} ({protocol}) from the sidecars; Envoy's need OTLP/gRPC, so none"
-            return Traces(endpoint, None, note)
-        where = ", ".join(f"envoy-{r}" for r in REGIONS)
-        return Traces(endpoint, (host, port), f"traces: on, to {endpoint} (OTLP/gRPC) from {where} and authz-sidecar")
-
-    def sidecar_env(self, region: str) -> dict[str, str]:
-        """The OTEL_* variables a region's sidecar gets: the collector and its region as a resource
-        attribute; with traces off, an exporter of none (whatever the environment says)."""
-        if not self.endpoint:
-            return {"OTEL_TRACES_EXPORTER": "none"}
-        given = os.environ.get("OTEL_RESOURCE_ATTRIBUTES", "")
-        attributes = ",".join(a for a in (given, f"cloud.region={region}") if a)
-        return {
-            "OTEL_EXPORTER_OTLP_ENDPOINT": self.endpoint,
-            "OTEL_SERVICE_NAME": "authz-sidecar",
-            "OTEL_RESOURCE_ATTRIBUTES": attributes,
-            "OTEL_BSP_SCHEDULE_DELAY": "200",
-        }
 
 
 # --- the mesh -----------------------------------------------------------------------------------
@@ -481,53 +330,6 @@ The control plane (.venv/bin/authz-sidecar; E={etcd}):
   make demo                                                    # a change canaried in eu-west by the controller,
                                                                # promoted; a mistake rolled back; narrated
 """
-
-
-# --- the state file -----------------------------------------------------------------------------
-
-
-def running(pid: int) -> bool:
-    """Whether `pid` is a live process (not a zombie)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    stat = Path(f"/proc/{pid}/stat")
-    with contextlib.suppress(OSError, IndexError):
-        return stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    return True
-
-
-def read_state(path: Path) -> dict[str, Any] | None:
-    """The state of the mesh running from `path`, or None: no file, not one of ours, or its
-    ``mesh up`` is gone (killed without its cleanup; the file is then a leftover)."""
-    try:
-        state = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    if not isinstance(state, dict) or not isinstance(state.get("pid"), int) or not running(state["pid"]):
-        return None
-    return state
-
-
-def write_state(path: Path, state: Mapping[str, Any]) -> None:
-    """Written whole or not at all: a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    tmp.write_text(json.dumps(state, indent=2) + "\n")
-    tmp.replace(path)
-
-
-def remove_state(path: Path, *, directory: bool) -> None:
-    """Remove the state file if this process wrote it, and with `directory` (this process created
-    it) its directory if that leaves it empty."""
-    with contextlib.suppress(OSError, ValueError):
-        if json.loads(path.read_text()).get("pid") == os.getpid():
-            path.unlink()
-            if directory:
-                path.parent.rmdir()  # only if empty
 
 
 # --- the command --------------------------------------------------------------------------------
