@@ -160,6 +160,10 @@ def _add_controller_parser(sub: Any) -> None:
     _add(controller, "--log-level", text="debug, info, warning or error")
 
 
+# mesh up's state file (authz_sidecar.local.meshstate), relative to the current directory.
+MESH_STATE = ".authz-mesh/state.json"
+
+
 def _add_mesh_parser(sub: Any) -> None:
     """`authz-sidecar mesh up|demo`: the local two-region mesh (authz_sidecar.local, imported only
     when the command runs: it is no part of a sidecar)."""
@@ -170,7 +174,6 @@ def _add_mesh_parser(sub: Any) -> None:
         help="start etcd, the controller and two regions of demo service + sidecar + Envoy; Ctrl-C stops it",
         description="Start etcd, one controller and two regions (us-east, eu-west) of demo service, sidecar and "
         "Envoy on 127.0.0.1, seeded from examples/policy; show what each region answers; run until Ctrl-C.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     up.add_argument(
         "--base-port",
@@ -180,7 +183,9 @@ def _add_mesh_parser(sub: Any) -> None:
         help="shift the port plan: us-east's Envoy on N, eu-west's on N+10, etcd on N+20 (default 8080)",
     )
     up.add_argument("--free-ports", action="store_true", help="any free ports instead of the plan")
-    up.add_argument("--state", default=".authz-mesh/state.json", metavar="FILE", help="where make demo finds the mesh")
+    up.add_argument(
+        "--state", default=MESH_STATE, metavar="FILE", help=f"where make demo finds the mesh (default {MESH_STATE})"
+    )
     up.add_argument("--workdir", default=None, metavar="DIR", help="logs, configs, tokens (kept); default: a temp dir")
     up.add_argument("--check", action="store_true", help="start, show what each region answers, stop")
     demo = verbs.add_parser(
@@ -188,9 +193,10 @@ def _add_mesh_parser(sub: Any) -> None:
         help="a change's story on the running mesh: proposed, canaried in eu-west, promoted; a mistake rolled back",
         description="Drive the mesh 'mesh up' runs (found through --state; with none, one is started for the demo's "
         "duration) through a change's lifecycle, narrated with the commands' own output.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    demo.add_argument("--state", default=".authz-mesh/state.json", metavar="FILE", help="the running mesh's state")
+    demo.add_argument(
+        "--state", default=MESH_STATE, metavar="FILE", help=f"the running mesh's state (default {MESH_STATE})"
+    )
     demo.add_argument("--quick", action="store_true", help="short intervals and fewer steps (CI)")
 
 

@@ -14,7 +14,7 @@ SIGTERM. Then, and on any failure while starting, it stops every process it star
 and removes the state file and the work directory it created. ``--check`` stops after showing the
 answers, exiting non-zero if one was not the expected one.
 
-The ports are a fixed, documented plan (:class:`PortPlan`), so the printed commands are the same
+The ports are a fixed, documented plan (:mod:`authz_sidecar.local.portplan`), so the printed commands are the same
 on every run; ``--base-port`` shifts it and ``--free-ports`` takes any free ports. Before anything
 starts, every planned port is checked: one that is taken ends the command with one line naming it
 and its role (exit 2), rather than half a mesh and a bind error in some log.
