@@ -34,6 +34,7 @@ from authz_sidecar.local.otlpprobe import Traces
 from authz_sidecar.local.portplan import PortPlan
 from authz_sidecar.local.processes import LOOPBACK
 from authz_sidecar.local.regions import PROBES, RegionalMesh
+from authz_sidecar.local.tokens import token_variable
 
 pytestmark = pytest.mark.envoy
 
@@ -157,7 +158,7 @@ class Running:
 
     def ask(self, region: str, method: str, path: str, principal: str) -> tuple[int, str]:
         """Status, and the set version that allowed or the reason that denied."""
-        headers = {"authorization": f"Bearer {self.tokens[principal.upper().replace('-', '_')]}"}
+        headers = {"authorization": f"Bearer {self.tokens[token_variable(principal)]}"}
         status, response_headers, body = send(method, self.url(region, path), headers)
         if status == 200:
             return status, str(json.loads(body)["set_version"])

@@ -54,7 +54,7 @@ from authz_sidecar.local.processes import (
     wait_for_http,
     wait_for_port,
 )
-from authz_sidecar.local.tokens import DemoIssuer
+from authz_sidecar.local.tokens import DemoIssuer, token_variable
 from authz_sidecar.telemetry import logs
 
 # Principals with a token in tokens.env: the example policy's, and one nobody granted anything.
@@ -289,8 +289,9 @@ def demonstrate(mesh: RegionalMesh, say: Callable[[str], None] = print) -> bool:
 
 
 def write_tokens(issuer: DemoIssuer, path: Path) -> Path:
-    """tokens.env: a bearer token per demo principal, for ``set -a; . tokens.env; set +a``."""
-    lines = [f"{p.upper().replace('-', '_')}={issuer.token(p, ttl=TOKEN_TTL)}\n" for p in TOKEN_PRINCIPALS]
+    """tokens.env: a bearer token per demo principal, for ``set -a; . tokens.env; set +a``; named as
+    deploy/'s tokens.env names them (``TOKEN_ALICE``), so the same curl commands work on both."""
+    lines = [f"{token_variable(p)}={issuer.token(p, ttl=TOKEN_TTL)}\n" for p in TOKEN_PRINCIPALS]
     path.touch(mode=0o600)
     path.write_text("".join(lines))
     return path
@@ -313,15 +314,16 @@ The mesh is up (Ctrl-C stops it; {where}logs in {mesh.workdir}/*.log)
   etcd {etcd}; controller metrics http://{LOOPBACK}:{mesh.ports.controller_metrics}/metrics
   {mesh.traces.note}
 
-Tokens (valid 12 h):  set -a; . {tokens}; set +a; US={us}; EU={eu}
-  curl -i -H "authorization: Bearer $ALICE" $US/things/1                # 200 in both regions: alice owns things
-  curl -i -X PUT -H "authorization: Bearer $DAVE" $EU/things/1          # 403: dave is a viewer in v1
-  curl -i -X PUT -H "authorization: Bearer $DAVE" -H "x-authz-shadow-version: v2" $EU/things/1   # 200: dave tests v2
-  curl -i -X PUT -H "authorization: Bearer $BOB" $US/things/1           # 200: bob is in v2's 10% us-east canary
-  curl -i -X PUT -H "authorization: Bearer $BOB" $EU/things/1           # 403: eu-west has no canary; v1 decides
-  curl -i -H "authorization: Bearer $CAROL" $US/accounts/acme/things    # 200: carol's grant is scoped to acme
-  curl -i -H "authorization: Bearer $CAROL" $US/accounts/globex/things  # 403: another scope
-  curl -i $EU/things/1                                                  # 401: no identity
+Tokens (valid 12 h):  set -a; . {tokens}; set +a
+  US={us}; EU={eu}; SHADOW="x-authz-shadow-version: v2"
+  curl -i -H "authorization: Bearer $TOKEN_ALICE" $US/things/1                # 200 in both regions: alice owns things
+  curl -i -X PUT -H "authorization: Bearer $TOKEN_DAVE" $EU/things/1          # 403: dave is a viewer in v1
+  curl -i -X PUT -H "authorization: Bearer $TOKEN_DAVE" -H "$SHADOW" $EU/things/1   # 200: dave, a tester, picks v2
+  curl -i -X PUT -H "authorization: Bearer $TOKEN_BOB" $US/things/1           # 200: bob is in v2's 10% us-east canary
+  curl -i -X PUT -H "authorization: Bearer $TOKEN_BOB" $EU/things/1           # 403: no canary in eu-west; v1 decides
+  curl -i -H "authorization: Bearer $TOKEN_CAROL" $US/accounts/acme/things    # 200: carol's grant is scoped to acme
+  curl -i -H "authorization: Bearer $TOKEN_CAROL" $US/accounts/globex/things  # 403: another scope
+  curl -i $EU/things/1                                                        # 401: no identity
 
 The control plane (.venv/bin/authz-sidecar; E={etcd}):
   authz-sidecar ctl status --etcd $E                           # active v1; shadow v2, its weights, testers, plans
