@@ -97,6 +97,7 @@ def test_allowed_request_reaches_upstream_with_decided_by(mesh: Mesh) -> None:
         "path": "/things/7",
         "decided_by": "active",
         "set_version": "v1",
+        "shadow_header": None,  # the tester's header, as the service received it (none was sent)
     }
 
 
