@@ -4,9 +4,11 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
+RUN_ARGS ?=
+DEMO_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help venv run scenario test lint typecheck pytest bench bench-quick profile bench-deps protos check-protos clean
+.PHONY: help venv run demo scenario test lint typecheck pytest bench bench-quick profile bench-deps protos check-protos clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -19,8 +21,11 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP) ## create .venv with the sidecar, Envoy, etcd and the test tools
 
-run: $(STAMP) ## run a local mesh: demo upstream + authz-sidecar + Envoy (Ctrl-C stops it)
-	$(BIN)/python -m authz_sidecar.local.mesh
+run: $(STAMP) ## a two-region mesh on loopback: etcd, the controller, us-east and eu-west (Ctrl-C stops it)
+	$(BIN)/authz-sidecar mesh up $(RUN_ARGS)
+
+demo: $(STAMP) ## the story of a change on the running mesh (make run in another terminal; else its own) (~20 s)
+	$(BIN)/authz-sidecar mesh demo $(DEMO_ARGS)
 
 scenario: $(STAMP) ## the controller on a live mesh: an accident rolled back unaided, the intended change promoted (~90 s)
 	$(BIN)/python -m authz_sidecar.local.scenario

@@ -1,4 +1,5 @@
-"""The ``authz-sidecar`` command: ``serve`` runs a sidecar, ``validate`` checks a policy directory.
+"""The ``authz-sidecar`` command: ``serve`` runs a sidecar, ``ctl`` and ``controller`` change and roll out
+policy, ``validate`` checks a policy directory, ``mesh up|demo`` run the local two-region mesh.
 
 Every flag can also be set as ``AUTHZ_<FLAG>`` in the environment (``--policy-dir`` ->
 ``AUTHZ_POLICY_DIR``); a flag wins over the variable. Errors are one line on stderr and a
@@ -159,6 +160,46 @@ def _add_controller_parser(sub: Any) -> None:
     _add(controller, "--log-level", text="debug, info, warning or error")
 
 
+# mesh up's state file (authz_sidecar.local.meshstate), relative to the current directory.
+MESH_STATE = ".authz-mesh/state.json"
+
+
+def _add_mesh_parser(sub: Any) -> None:
+    """`authz-sidecar mesh up|demo`: the local two-region mesh (authz_sidecar.local, imported only
+    when the command runs: it is no part of a sidecar)."""
+    mesh = sub.add_parser("mesh", help="a two-region mesh of real processes on loopback (make run, make demo)")
+    verbs = mesh.add_subparsers(dest="mesh_command", required=True, metavar="VERB")
+    up = verbs.add_parser(
+        "up",
+        help="start etcd, the controller and two regions of demo service + sidecar + Envoy; Ctrl-C stops it",
+        description="Start etcd, one controller and two regions (us-east, eu-west) of demo service, sidecar and "
+        "Envoy on 127.0.0.1, seeded from examples/policy; show what each region answers; run until Ctrl-C.",
+    )
+    up.add_argument(
+        "--base-port",
+        type=int,
+        default=None,
+        metavar="N",
+        help="shift the port plan: us-east's Envoy on N, eu-west's on N+10, etcd on N+20 (default 8080)",
+    )
+    up.add_argument("--free-ports", action="store_true", help="any free ports instead of the plan")
+    up.add_argument(
+        "--state", default=MESH_STATE, metavar="FILE", help=f"where make demo finds the mesh (default {MESH_STATE})"
+    )
+    up.add_argument("--workdir", default=None, metavar="DIR", help="logs, configs, tokens (kept); default: a temp dir")
+    up.add_argument("--check", action="store_true", help="start, show what each region answers, stop")
+    demo = verbs.add_parser(
+        "demo",
+        help="a change's story on the running mesh: proposed, canaried in eu-west, promoted; a mistake rolled back",
+        description="Drive the mesh 'mesh up' runs (found through --state; with none, one is started for the demo's "
+        "duration) through a change's lifecycle, narrated with the commands' own output.",
+    )
+    demo.add_argument(
+        "--state", default=MESH_STATE, metavar="FILE", help=f"the running mesh's state (default {MESH_STATE})"
+    )
+    demo.add_argument("--quick", action="store_true", help="short intervals and fewer steps (CI)")
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="authz-sidecar", description="Envoy ext_authz sidecar with shadow sets.")
     parser.add_argument("--version", action="version", version=f"authz-sidecar {__version__}")
@@ -217,6 +258,8 @@ def _build_parser() -> argparse.ArgumentParser:
     from authz_sidecar.deploy import command as envoy_config
 
     envoy_config.add_parser(sub)
+
+    _add_mesh_parser(sub)
 
     check = sub.add_parser("validate", help="validate a policy directory and print what it would serve")
     _add(check, "--policy-dir", text="directory to validate", metavar="DIR")
@@ -388,6 +431,26 @@ def _controller(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _mesh(ns: argparse.Namespace) -> int:
+    if ns.mesh_command == "demo":
+        from authz_sidecar.local import demo
+
+        return demo.run(demo.DemoOptions(state=Path(ns.state), quick=ns.quick))
+    from authz_sidecar.local import regions
+    from authz_sidecar.local.portplan import DEFAULT_BASE_PORT
+
+    if ns.free_ports and ns.base_port is not None:
+        raise ConfigError("--base-port and --free-ports contradict each other: one plan or none")
+    options = regions.UpOptions(
+        base_port=DEFAULT_BASE_PORT if ns.base_port is None else ns.base_port,
+        free_ports=ns.free_ports,
+        state=Path(ns.state),
+        workdir=Path(ns.workdir) if ns.workdir else None,
+        check=ns.check,
+    )
+    return regions.up(options)
+
+
 def _validate(ns: argparse.Namespace) -> int:
     from authz_sidecar.store.sources.files import FilePolicySource
 
@@ -458,6 +521,8 @@ def _run(ns: argparse.Namespace) -> int:
         from authz_sidecar.deploy import command as envoy_config
 
         return envoy_config.run(ns)
+    if ns.command == "mesh":
+        return _mesh(ns)
     return _validate(ns)
 
 

@@ -123,7 +123,7 @@ def test_cases_through_a_real_envoy_with_the_tester_header_agree_with_ctl_test(t
     testers = ["alice", "bob", "carol"]
     policy = write_policy(tmp_path / "policy", shadows=[shadow("v2", testers=testers)], catalog=CATALOG)
     mesh = Mesh(workdir=tmp_path, policy_dir=policy, region="us-east")
-    mesh.start(preferred=False)
+    mesh.start()
     try:
         tokens = write_json(tmp_path / "tokens.json", {p: mesh.issuer.token(p) for p in testers})
         path = write_json(tmp_path / "cases.json", CASES)

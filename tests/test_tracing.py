@@ -122,7 +122,7 @@ def test_a_request_through_envoy_is_one_trace_with_envoy_and_the_sidecar(
     )
     canaried = next(f"user-{i}" for i in range(1000) if stable_bucket(f"user-{i}", "v2") < 1000)
     mesh = Mesh(workdir=tmp_path, policy_dir=policy, region="us-east", collector=("127.0.0.1", receiver.port))
-    mesh.start(preferred=False)
+    mesh.start()
     try:
         assert validate(tmp_path / "envoy.yaml").returncode == 0  # the mesh's config, with Envoy's tracer
         traces: list[str] = []

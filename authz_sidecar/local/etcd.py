@@ -138,14 +138,35 @@ class EtcdMember:
 
 
 class EtcdCluster:
-    """`size` members on loopback; ``endpoints`` is what --etcd takes. `flags` go to every member."""
+    """`size` members on loopback; ``endpoints`` is what --etcd takes. `flags` go to every member.
+
+    Each member's (client, peer) ports are free ones unless `ports` names them: ``make run``'s
+    etcd sits on a documented port, so that the commands it prints still work after a restart."""
 
     def __init__(
-        self, base_dir: Path, size: int = 1, *, tls: ServerTls | None = None, flags: Sequence[str] = ()
+        self,
+        base_dir: Path,
+        size: int = 1,
+        *,
+        tls: ServerTls | None = None,
+        flags: Sequence[str] = (),
+        ports: Sequence[tuple[int, int]] = (),
     ) -> None:
+        if ports and len(ports) != size:
+            raise ValueError(f"{size} member(s) but {len(ports)} pair(s) of ports")
         base_dir.mkdir(parents=True, exist_ok=True)
+        chosen = list(ports) or [(0, 0)] * size
         self.members = [
-            EtcdMember(f"etcd{i}", base_dir / f"etcd{i}.data", base_dir, tls=tls, flags=flags) for i in range(size)
+            EtcdMember(
+                f"etcd{i}",
+                base_dir / f"etcd{i}.data",
+                base_dir,
+                client_port=client,
+                peer_port=peer,
+                tls=tls,
+                flags=flags,
+            )
+            for i, (client, peer) in enumerate(chosen)
         ]
 
     @property

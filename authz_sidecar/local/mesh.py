@@ -1,28 +1,19 @@
-"""``make run``: a local mesh of real processes: etcd, the demo upstream, authz-sidecar and Envoy.
+"""One region of the demo service on real processes (etcd, the demo upstream, a sidecar, Envoy), and
+the pieces every local mesh starts its processes with.
 
-It seeds etcd from examples/policy with the control plane's own commands (the catalog, the
-active set v1 with ``ctl init``, the shadow v2 with ``ctl propose``), starts the sidecar on etcd
-(it registers its catalog itself), mints demo tokens that Envoy's jwt_authn verifies, shows one
-allowed request, one denied and one decided by the shadow picked with its header, prints the curl
-and ctl commands to try more, and runs until Ctrl-C. ``--check`` exits after the demonstration
-(non-zero if any answer was not the expected one).
-
-Ctrl-C or SIGTERM, at any point (starting included), stops every process it started and removes
-the work directory it created, demo tokens included; a ``--workdir`` given is left in place.
+:class:`Mesh` is the single-region mesh the end-to-end tests start with a policy directory of their
+own. ``make run`` (``authz-sidecar mesh up``, :mod:`authz_sidecar.local.regions`) and ``make
+scenario`` build their two regions from the same pieces: :func:`seed_policy` (etcd gets a policy
+directory the way an operator writes it, with ctl), :func:`upstream_argv`, :func:`sidecar_argv` and
+:func:`render_envoy`, so that a sidecar or an Envoy is started one way everywhere.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
 import json
-import os
-import shutil
-import socket
 import sys
-import tempfile
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
@@ -36,17 +27,7 @@ from authz_sidecar import cli
 from authz_sidecar.documents import load_document, parse_catalog
 from authz_sidecar.local import envoy
 from authz_sidecar.local.etcd import EtcdCluster
-from authz_sidecar.local.processes import (
-    LOOPBACK,
-    Process,
-    StoppedError,
-    free_port,
-    ignore_stop_signals,
-    stop_on_signals,
-    stop_unrecorded_children,
-    wait_for_http,
-    wait_for_port,
-)
+from authz_sidecar.local.processes import LOOPBACK, Process, free_port, wait_for_http, wait_for_port
 from authz_sidecar.local.tokens import DEMO_ISSUER, DemoIssuer
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -139,13 +120,17 @@ def render_envoy(
     return out
 
 
-def port_or_free(preferred: int) -> int:
-    with socket.socket() as s:
-        try:
-            s.bind((LOOPBACK, preferred))
-        except OSError:
-            return free_port()
-    return preferred
+def seed_policy(endpoints: str, policy_dir: Path) -> None:
+    """etcd gets a policy directory the way an operator would write it: the catalog (``ctl
+    registry put``), the active set (``ctl init``), then each shadow (``ctl propose``, with the
+    request id and reason its file gives, else its name)."""
+    run_ctl(endpoints, "registry", "put", "--file", str(policy_dir / "catalog.yaml"))
+    run_ctl(endpoints, "init", "--file", str(policy_dir / "active.yaml"))
+    for path in sorted((policy_dir / "shadows").glob("*.yaml")):
+        meta = yaml.safe_load(path.read_text())
+        request_id = str(meta.get("request_id") or path.stem)
+        reason = str(meta.get("reason") or "example shadow")
+        run_ctl(endpoints, "propose", "--file", str(path), "--request-id", request_id, "--reason", reason)
 
 
 @dataclass
@@ -174,25 +159,13 @@ class Mesh:
         return run_ctl(self.etcd_endpoints, *args)
 
     def seed(self) -> None:
-        """etcd gets the example policy the way an operator would write it."""
-        d = self.policy_dir
-        self.ctl("registry", "put", "--file", str(d / "catalog.yaml"))
-        self.ctl("init", "--file", str(d / "active.yaml"))
-        for path in sorted((d / "shadows").glob("*.yaml")):
-            meta = yaml.safe_load(path.read_text())
-            request_id = str(meta.get("request_id") or path.stem)
-            reason = str(meta.get("reason") or "example shadow")
-            self.ctl("propose", "--file", str(path), "--request-id", request_id, "--reason", reason)
+        """etcd gets the mesh's policy directory the way an operator would write it."""
+        seed_policy(self.etcd_endpoints, self.policy_dir)
 
-    def start(self, *, preferred: bool = True) -> None:
-        pick = port_or_free if preferred else (lambda _p: free_port())
-        self.ports = {
-            "envoy": pick(8080),
-            "admin": pick(9901),
-            "grpc": pick(9191),
-            "http": pick(9464),
-            "upstream": pick(8081),
-        }
+    def start(self) -> None:
+        """Everything on free loopback ports (tests run side by side); :meth:`stop` stops whatever
+        was started if this fails part way."""
+        self.ports = {name: free_port() for name in ("envoy", "admin", "grpc", "http", "upstream")}
         jwks = self.issuer.write_jwks(self.workdir / "jwks.json")
         try:
             self.etcd = EtcdCluster(self.workdir / "etcd")  # assigned first: stop() stops a half-started one
@@ -263,131 +236,14 @@ class Mesh:
         all_headers = dict(headers or {})
         if principal is not None:
             all_headers["authorization"] = f"Bearer {self.issuer.token(principal)}"
-        req = urllib.request.Request(self.url(path), method=method, headers=all_headers)  # noqa: S310 - loopback
-        try:
-            with urllib.request.urlopen(req, timeout=5) as response:  # noqa: S310 - loopback
-                return response.status, {k.lower(): v for k, v in response.headers.items()}, response.read()
-        except urllib.error.HTTPError as err:
-            return err.code, {k.lower(): v for k, v in err.headers.items()}, err.read()
+        return send(method, self.url(path), all_headers)
 
 
-DEMO: tuple[tuple[str, str, str, str | None, dict[str, str], int], ...] = (
-    # (what it shows, method, path, principal, extra headers, expected status)
-    ("alice (owner) reads a thing: allowed by the active set v1", "GET", "/things/42", "alice", {}, 200),
-    ("dave (viewer) edits a thing: denied by v1 (v2 would allow: a mismatch)", "PUT", "/things/42", "dave", {}, 403),
-    (
-        "dave, a tester, picks shadow v2 by header: v2 makes him an editor",
-        "PUT",
-        "/things/42",
-        "dave",
-        {"x-authz-shadow-version": "v2"},
-        200,
-    ),
-    (
-        "bob names v2 by header but is not its tester: ignored, v1 decides",
-        "PUT",
-        "/things/42",
-        "bob",
-        {"x-authz-shadow-version": "v2"},
-        403,
-    ),
-    ("bob falls in v2's 10% us-east canary: v2 decides for him", "PUT", "/things/42", "bob", {}, 200),
-    ("no token at all: 401", "GET", "/things/42", None, {}, 401),
-    ("a route the catalog does not map: denied", "GET", "/admin", "alice", {}, 403),
-)
-
-
-def demonstrate(mesh: Mesh) -> bool:
-    ok = True
-    for what, method, path, principal, headers, expected in DEMO:
-        status, response_headers, body = mesh.request(method, path, principal, headers)
-        decided = response_headers.get("x-authz-reason") or body.decode(errors="replace")[:120]
-        mark = "ok " if status == expected else "BAD"
-        ok = ok and status == expected
-        print(f"  [{mark}] {status} {method} {path:<12} {what}\n        -> {decided}")
-    return ok
-
-
-def instructions(mesh: Mesh) -> str:
-    tokens = {p: mesh.issuer.token(p, ttl=12 * 3600) for p in ("alice", "bob", "carol", "dave", "qa-bot", "mallory")}
-    env_file = mesh.workdir / "tokens.env"
-    env_file.write_text("".join(f"{p.upper().replace('-', '_')}={t}\n" for p, t in tokens.items()))
-    base = mesh.url("")
-    http = f"http://{LOOPBACK}:{mesh.ports['http']}"
-    etcd = mesh.etcd_endpoints
-    return f"""
-Local mesh is up (Ctrl-C stops it). Envoy: {base}   sidecar status: {http}/status
-Tokens (valid 12 h) are in {env_file}:  set -a; . {env_file}; set +a
-
-  curl -i -H "authorization: Bearer $ALICE" {base}/things/1                  # allowed (v1)
-  curl -i -X PUT -H "authorization: Bearer $DAVE" {base}/things/1            # 403: dave lacks things:edit in v1
-  curl -i -X PUT -H "authorization: Bearer $DAVE" -H "x-authz-shadow-version: v2" {base}/things/1  # 200, v2 decides
-  curl -i -X PUT -H "authorization: Bearer $BOB" {base}/things/1             # 200: bob is in v2's 10% canary
-  curl -i -H "authorization: Bearer $CAROL" {base}/accounts/acme/things      # scoped grant: allowed
-  curl -i -H "authorization: Bearer $CAROL" {base}/accounts/globex/things    # other scope: 403
-  curl -i {base}/things/1                                                     # 401: no identity
-  curl -s {http}/metrics | grep authz_                                        # decisions, mismatches
-
-The sets live in etcd ({mesh.etcd_endpoints}); change them with the control plane (venv's bin/):
-  authz-sidecar ctl status --etcd {etcd}                            # what is active and live
-  authz-sidecar ctl canary v2 --weight us-east=100 --etcd {etcd}    # v2 decides for everyone here
-  authz-sidecar ctl registry get --etcd {etcd}                      # the registered permissions
-Every sidecar follows within milliseconds; a bad document keeps the last good set serving (see
-/status). Logs: {mesh.workdir}/*.log
-"""
-
-
-def main() -> int:
-    parser = argparse.ArgumentParser(description="run a local mesh: upstream + authz-sidecar + Envoy")
-    parser.add_argument("--check", action="store_true", help="run the demonstration, then stop")
-    parser.add_argument("--workdir", type=Path, default=None, help="where logs, tokens and configs go")
-    parser.add_argument("--free-ports", action="store_true", help="free ports, not 8080, 9191, 9464, ... if free")
-    args = parser.parse_args()
-    stop_on_signals()
-    owned = args.workdir is None
-    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="authz-mesh-"))
-    mesh: Mesh | None = None
+def send(method: str, url: str, headers: dict[str, str]) -> tuple[int, dict[str, str], bytes]:
+    """One request to a loopback URL; status, lower-cased headers and body, a 4xx or 5xx included."""
+    req = urllib.request.Request(url, method=method, headers=headers)  # noqa: S310 - loopback
     try:
-        workdir.mkdir(parents=True, exist_ok=True)
-        policy_dir = workdir / "policy"
-        if not policy_dir.exists():
-            shutil.copytree(EXAMPLE_POLICY, policy_dir)
-        # OTEL_EXPORTER_OTLP_ENDPOINT=http://127.0.0.1:4317 make run: Envoy and the sidecar trace to it.
-        endpoint = os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT", "").split("://", 1)[-1].rstrip("/")
-        host, _, port = endpoint.rpartition(":")
-        collector = (host, int(port)) if host and port.isdigit() else None
-        mesh = Mesh(workdir=workdir, policy_dir=policy_dir, collector=collector)
-        print(f"starting upstream, authz-sidecar and Envoy (workdir {workdir}) ...")
-        mesh.start(preferred=not (args.check or args.free_ports))
-        print("what the mesh answers:")
-        ok = demonstrate(mesh)
-        status = json.loads(urllib.request.urlopen(f"http://{LOOPBACK}:{mesh.ports['http']}/status").read())
-        print(f"sidecar: active {status['active_version']}, shadows {[s['version'] for s in status['shadows']]}")
-        if args.check:
-            return 0 if ok else 1
-        print(instructions(mesh))
-        while all(p.alive() for p in mesh.processes):
-            time.sleep(0.2)
-        dead = [p.name for p in mesh.processes if not p.alive()]
-        print(f"stopped because {', '.join(dead)} exited; see {workdir}", file=sys.stderr)
-        owned = False  # keep the logs to read
-        return 1
-    except StoppedError:
-        return 0  # how the mesh is meant to be stopped
-    except Exception:
-        owned = False
-        print(f"the mesh failed; its logs are in {workdir}", file=sys.stderr)
-        raise
-    finally:
-        ignore_stop_signals()
-        if mesh is not None:
-            mesh.stop()
-        stop_unrecorded_children()
-        if owned:
-            shutil.rmtree(workdir, ignore_errors=True)  # logs, configs, etcd's data, demo tokens
-        with contextlib.suppress(OSError):
-            os.sync()
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+        with urllib.request.urlopen(req, timeout=5) as response:  # noqa: S310 - loopback
+            return response.status, {k.lower(): v for k, v in response.headers.items()}, response.read()
+    except urllib.error.HTTPError as err:
+        return err.code, {k.lower(): v for k, v in err.headers.items()}, err.read()

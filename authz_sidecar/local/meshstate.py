@@ -1,0 +1,60 @@
+"""The state file of a running ``mesh up`` (``.authz-mesh/state.json`` by default): where its
+endpoints are and the pid of everything it started, for ``make demo`` and the tests to find the
+mesh and check that a stop left nothing behind. Written whole or not at all, removed by the process
+that wrote it; one whose writer is gone is a leftover, not a running mesh.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+DEFAULT_STATE = Path(".authz-mesh") / "state.json"
+
+
+def running(pid: int) -> bool:
+    """Whether `pid` is a live process (not a zombie)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    stat = Path(f"/proc/{pid}/stat")
+    with contextlib.suppress(OSError, IndexError):
+        return stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    return True
+
+
+def read_state(path: Path) -> dict[str, Any] | None:
+    """The state of the mesh running from `path`, or None: no file, not one of ours, or its
+    ``mesh up`` is gone (killed without its cleanup; the file is then a leftover)."""
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(state, dict) or not isinstance(state.get("pid"), int) or not running(state["pid"]):
+        return None
+    return state
+
+
+def write_state(path: Path, state: Mapping[str, Any]) -> None:
+    """Written whole or not at all: a reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text(json.dumps(state, indent=2) + "\n")
+    tmp.replace(path)
+
+
+def remove_state(path: Path, *, directory: bool) -> None:
+    """Remove the state file if this process wrote it, and with `directory` (this process created
+    it) its directory if that leaves it empty."""
+    with contextlib.suppress(OSError, ValueError):
+        if json.loads(path.read_text()).get("pid") == os.getpid():
+            path.unlink()
+            if directory:
+                path.parent.rmdir()  # only if empty
