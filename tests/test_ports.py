@@ -63,3 +63,26 @@ def test_a_second_sidecar_on_a_port_in_use_says_so_and_exits(tmp_path: Path, sha
         if second is not None:
             second.stop()
         first.stop()
+
+
+def test_a_controller_whose_metrics_port_is_taken_says_so_and_exits(tmp_path: Path) -> None:
+    """`controller --metrics` on a port in use: the same one line as the sidecar's, not a traceback."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run(
+            [
+                sys.executable, "-m", "authz_sidecar", "controller", "--etcd", f"127.0.0.1:{free_port()}",
+                "--metrics", f"127.0.0.1:{port}", "--dlq-file", str(tmp_path / "dlq.json"),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )  # fmt: skip
+    lines = [line for line in done.stderr.splitlines() if line.strip() and not line.startswith("{")]
+    assert done.returncode == 1, done.stderr
+    assert lines == [f"authz-sidecar: --metrics 127.0.0.1:{port}: address already in use (another controller?)"]

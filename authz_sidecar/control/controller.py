@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
 import signal
 import socket
@@ -34,7 +35,7 @@ from authz_sidecar.caches import remember
 from authz_sidecar.control import deadletters
 from authz_sidecar.control.webhooks import WebhookConfig, Webhooks
 from authz_sidecar.documents.cohorts import cohort_document
-from authz_sidecar.errors import DocumentError
+from authz_sidecar.errors import BindError, DocumentError
 from authz_sidecar.model.analysis import Analysis, Impact, Report, analyse, opening
 from authz_sidecar.model.cases import CaseResult, run_suites
 from authz_sidecar.model.engine import CompiledSet, compile_set, impact
@@ -512,7 +513,12 @@ async def serve_controller(
     if metrics_address is not None:
         from prometheus_client import start_http_server
 
-        start_http_server(metrics_address[1], metrics_address[0], registry=metrics.registry)
+        host, port = metrics_address
+        try:
+            start_http_server(port, host, registry=metrics.registry)
+        except OSError as exc:
+            why = "address already in use (another controller?)" if exc.errno == errno.EADDRINUSE else exc.strerror
+            raise BindError(f"--metrics {host}:{port}: {why}") from None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
