@@ -379,7 +379,10 @@ def test_check_shows_what_each_region_answers_then_stops(tmp_path: Path) -> None
         cleanup(process, output, processes_of(workdir) if workdir is not None else [])
 
 
-def test_a_stop_signal_while_starting_leaves_nothing_behind(tmp_path: Path) -> None:
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+def test_a_stop_signal_while_starting_leaves_nothing_behind(tmp_path: Path, signum: int) -> None:
+    """SIGHUP is the terminal closing under `make run`: its processes, each in a session of its
+    own, would never hear of it."""
     process, output = start(tmp_path, "up", "--free-ports", "--state", str(tmp_path / "s.json"))
     workdir: Path | None = None
     try:
@@ -389,7 +392,7 @@ def test_a_stop_signal_while_starting_leaves_nothing_behind(tmp_path: Path) -> N
         while not processes_of(workdir) and time.monotonic() < deadline:
             time.sleep(0.02)
         assert processes_of(workdir), "etcd did not start"
-        os.kill(process.pid, signal.SIGTERM)
+        os.kill(process.pid, signum)
         assert process.wait(timeout=60) == 0, output.rest()
         assert "Traceback" not in output.rest()
         assert processes_of(workdir) == [] and not workdir.exists()

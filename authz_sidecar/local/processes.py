@@ -128,16 +128,20 @@ def interruptibly(call: Callable[[], T], poll: float = 0.1) -> T:
     return value  # type: ignore[no-any-return]
 
 
+# SIGHUP is the terminal closing: the children, each in a session of its own, would never hear of it.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
 def stop_on_signals() -> None:
-    """SIGINT and SIGTERM raise :class:`StoppedError` in the main thread from now on."""
-    signal.signal(signal.SIGINT, _raise_stopped)
-    signal.signal(signal.SIGTERM, _raise_stopped)
+    """SIGINT, SIGTERM and SIGHUP raise :class:`StoppedError` in the main thread from now on."""
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, _raise_stopped)
 
 
 def ignore_stop_signals() -> None:
     """A second Ctrl-C must not cut a cleanup short: processes would be left running."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
 
 
 def stop_unrecorded_children(timeout: float = 10.0) -> None:
