@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import io
 import json
+import os
 import threading
 import time
 import urllib.request
@@ -333,3 +334,19 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 10.0, what: str = "
             raise TimeoutError(f"{what} not met within {timeout}s")
         time.sleep(0.005)
     return time.monotonic() - started
+
+
+def processes_of(workdir: Path) -> list[int]:
+    """Pids of the processes whose command line names `workdir` or whose output goes to a log in
+    it: every process a mesh (make run, the scenario) starts."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and entry.name != str(os.getpid()):
+            try:
+                cmdline = (entry / "cmdline").read_bytes().decode(errors="replace")
+                output = os.readlink(entry / "fd" / "1")
+            except OSError:
+                continue
+            if str(workdir) in cmdline or output.startswith(f"{workdir}/"):
+                pids.append(int(entry.name))
+    return pids

@@ -36,6 +36,8 @@ from authz_sidecar.local.processes import LOOPBACK
 from authz_sidecar.local.regions import PROBES, RegionalMesh
 from authz_sidecar.local.tokens import token_variable
 
+from .helpers import processes_of
+
 pytestmark = pytest.mark.envoy
 
 MESH = [sys.executable, "-m", "authz_sidecar", "mesh"]
@@ -68,7 +70,8 @@ class Output:
     def text(self) -> str:
         return "".join(self.lines)
 
-    def wait_for(self, needle: str, timeout: float) -> str:
+    def _read(self, timeout: float, needle: str | None = None) -> str | None:
+        """Lines until one holds `needle` (returned), the output ends, or `timeout` passes (None)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             try:
@@ -78,20 +81,18 @@ class Output:
             if line is None:
                 break
             self.lines.append(line)
-            if needle in line:
+            if needle is not None and needle in line:
                 return line
-        raise AssertionError(f"no line with {needle!r} within {timeout}s:\n{self.text}")
+        return None
+
+    def wait_for(self, needle: str, timeout: float) -> str:
+        line = self._read(timeout, needle)
+        if line is None:
+            raise AssertionError(f"no line with {needle!r} within {timeout}s:\n{self.text}")
+        return line
 
     def rest(self, timeout: float = 5) -> str:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                line = self._queue.get(timeout=0.1)
-            except queue.Empty:
-                continue
-            if line is None:
-                break
-            self.lines.append(line)
+        self._read(timeout)
         return self.text
 
 
@@ -106,22 +107,6 @@ def start(tmp: Path, *args: str) -> tuple[subprocess.Popen[str], Output]:
         start_new_session=True,
     )
     return process, Output(process)
-
-
-def processes_of(workdir: Path) -> list[int]:
-    """Pids of the processes whose command line names `workdir` or whose output goes to a log in
-    it: every process a mesh starts."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and entry.name != str(os.getpid()):
-            try:
-                cmdline = (entry / "cmdline").read_bytes().decode(errors="replace")
-                output = os.readlink(entry / "fd" / "1")
-            except OSError:
-                continue
-            if str(workdir) in cmdline or output.startswith(f"{workdir}/"):
-                pids.append(int(entry.name))
-    return pids
 
 
 def alive(pid: int) -> bool:

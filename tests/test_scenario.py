@@ -38,6 +38,8 @@ from authz_sidecar.local.verdicts import (
 )
 from authz_sidecar.model.engine import CompiledSet, compile_set
 
+from .helpers import processes_of
+
 VIEW = Route("GET", "/things/{id}", "things:view", None, 1)
 EDIT = Route("PUT", "/things/{id}", "things:edit", None, 1)
 ROLES = {"viewer": ["things:view"], "editor": ["things:view", "things:edit"]}
@@ -168,22 +170,6 @@ def test_an_envoy_over_several_sidecars_validates(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def _processes_of(workdir: Path) -> list[int]:
-    """Pids of the processes whose command line names `workdir` or whose output goes to a log in it:
-    every process the scenario starts."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and entry.name != str(os.getpid()):
-            try:
-                cmdline = (entry / "cmdline").read_bytes().decode(errors="replace")
-                output = os.readlink(entry / "fd" / "1")
-            except OSError:
-                continue
-            if str(workdir) in cmdline or output.startswith(f"{workdir}/"):
-                pids.append(int(entry.name))
-    return pids
-
-
 @pytest.mark.envoy
 def test_the_quick_scenario_rolls_the_accident_back_and_promotes_the_intended_change(tmp_path: Path) -> None:
     workdir = tmp_path / "run"
@@ -197,7 +183,7 @@ def test_the_quick_scenario_rolls_the_accident_back_and_promotes_the_intended_ch
             check=False,
         )
     finally:
-        left = _processes_of(workdir)
+        left = processes_of(workdir)
         for pid in left:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
@@ -238,17 +224,17 @@ def test_ctrl_c_stops_every_process_of_the_scenario_and_removes_its_workdir(tmp_
                 workdir = Path(found.group(1))
             if "phase 1" in line:  # everything is up, traffic flows, the accident is being proposed
                 break
-        assert workdir is not None and _processes_of(workdir), output
+        assert workdir is not None and processes_of(workdir), output
         os.kill(run.pid, signal.SIGINT)
         rest, _ = run.communicate(timeout=60)
         assert "Traceback" not in output + rest, output + rest
         assert run.returncode == 130 and "stopped before its end" in rest, output + rest
-        assert _processes_of(workdir) == [], output + rest
+        assert processes_of(workdir) == [], output + rest
         assert not workdir.exists()
     finally:
         if run.poll() is None:
             os.killpg(run.pid, signal.SIGKILL)
             run.wait(10)
-        for pid in _processes_of(workdir) if workdir is not None else []:
+        for pid in processes_of(workdir) if workdir is not None else []:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)

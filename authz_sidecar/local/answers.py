@@ -8,9 +8,7 @@ sets, not about which requests happened to be sent.
 
 from __future__ import annotations
 
-import contextlib
 import http.client
-import json
 import threading
 import time
 from collections import Counter
@@ -18,6 +16,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
+from authz_sidecar.local.loadgen import send
 from authz_sidecar.local.narration import until
 from authz_sidecar.local.portplan import REGIONS
 from authz_sidecar.local.processes import LOOPBACK
@@ -113,7 +112,8 @@ class Traffic:
                         return
                     headers = {"authorization": f"Bearer {self.tokens[principal]}", "content-length": "0"}
                     sent = time.time()
-                    status, decided = _send(conn, method, path.replace("{id}", str(40 + n)), headers)
+                    status, version, reason = send(conn, method, path.replace("{id}", str(40 + n)), headers)
+                    decided = version if status == 200 else reason
                     answer = Answer(sent, time.time(), region, principal, f"{method} {path}", status, decided)
                     with self._lock:
                         self._answers.append(answer)
@@ -121,20 +121,6 @@ class Traffic:
                 self.rounds[region] += 1
         finally:
             conn.close()
-
-
-def _send(conn: http.client.HTTPConnection, method: str, path: str, headers: dict[str, str]) -> tuple[int, str]:
-    try:
-        conn.request(method, path, headers=headers)
-        response = conn.getresponse()
-        body = response.read()
-    except (OSError, http.client.HTTPException) as exc:
-        conn.close()
-        return 0, type(exc).__name__
-    if response.status == 200:
-        with contextlib.suppress(ValueError, AttributeError):
-            return 200, str(json.loads(body).get("set_version") or "")
-    return response.status, response.getheader("x-authz-reason") or ""
 
 
 def changed(before: Sequence[Answer], during: Sequence[Answer]) -> dict[tuple[str, str], Counter[str]]:

@@ -125,12 +125,12 @@ class Generator:
             if method in ("PUT", "POST"):
                 headers["content-length"] = "0"
             sent = time.time()
-            status, version, reason = _send(conn, method, path.replace("{id}", str(rng.randrange(1, 10_000))), headers)
+            status, version, reason = send(conn, method, path.replace("{id}", str(rng.randrange(1, 10_000))), headers)
             records.append((sent, time.time(), principal, route, status, version, reason))
         conn.close()
 
 
-def _send(conn: http.client.HTTPConnection, method: str, path: str, headers: dict[str, str]) -> tuple[int, str, str]:
+def send(conn: http.client.HTTPConnection, method: str, path: str, headers: dict[str, str]) -> tuple[int, str, str]:
     """One request on a kept-alive connection: (status, set version, deny reason); status 0 when
     no answer came (the error's name as the reason), and the connection is opened again next time."""
     try:
