@@ -361,3 +361,17 @@ def test_report_names_the_principals_and_handles_behind_unexpected_mismatches(
         assert summed["unexpected_unlisted"] == 0
     finally:
         side.close()
+
+
+def test_an_audit_record_names_the_account_when_the_environment_does_not(monkeypatch: pytest.MonkeyPatch) -> None:
+    """In a container or a CI job USER and LOGNAME are often unset; the record still names who ran
+    the command (the account ctl runs as), never 'unknown' while the system knows."""
+    import pwd
+
+    from authz_sidecar.control import ctl, rollouts
+
+    for name in ("USER", "LOGNAME", "LNAME", "USERNAME"):
+        monkeypatch.delenv(name, raising=False)
+    account = pwd.getpwuid(os.getuid()).pw_name
+    assert rollouts.who() == account
+    assert ctl.who is rollouts.who  # one rule for every record ctl writes

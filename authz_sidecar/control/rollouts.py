@@ -9,7 +9,7 @@ both win: the loser reads again.
 from __future__ import annotations
 
 import argparse
-import os
+import getpass
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -32,7 +32,12 @@ from authz_sidecar.store.policy import Change, PolicyStore, StoreError, mod_is
 
 
 def who() -> str:
-    return os.environ.get("USER") or os.environ.get("LOGNAME") or "unknown"
+    """Who an audit record says ran the command: the login name, from the environment (USER,
+    LOGNAME, ...) or, where a container or CI job sets none, the account ctl runs as."""
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # an uid with no account (a container's arbitrary uid)
+        return "unknown"
 
 
 def from_shadow_file(data: Any, path: str) -> RolloutPlan | None:
