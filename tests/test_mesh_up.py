@@ -409,3 +409,32 @@ def test_a_failure_while_starting_stops_what_was_started(tmp_path: Path) -> None
     assert {"controller", "envoy-us-east", "envoy-eu-west", "sidecar-eu-west", "upstream-us-east"} <= set(pids)
     assert [name for name, pid in pids.items() if alive(pid)] == []
     assert processes_of(tmp_path) == []
+
+
+def test_a_mesh_whose_supervisor_was_killed_is_cleaned_up_by_the_next(tmp_path: Path) -> None:
+    """SIGKILL gives `mesh up` no chance to stop what it started; the next `mesh up` on the same
+    state file stops those leftovers (each still the process that was recorded, by its start time)
+    before it starts its own."""
+    state_file = tmp_path / "state" / "state.json"
+    first, output = start(tmp_path, "up", "--free-ports", "--state", str(state_file))
+    pids: list[int] = []
+    try:
+        output.wait_for("The mesh is up", timeout=90)
+        pids = list(json.loads(state_file.read_text())["processes"].values())
+        os.kill(first.pid, signal.SIGKILL)
+        first.wait(timeout=10)
+        assert pids and all(alive(pid) for pid in pids)
+        second = subprocess.run(
+            [*MESH, "up", "--free-ports", "--check", "--state", str(state_file)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+            env={**os.environ, "TMPDIR": str(tmp_path)},
+        )
+        assert second.returncode == 0, second.stdout + second.stderr
+        assert f"stopped {len(pids)} processes left running by a mesh up that was killed" in second.stdout
+        assert [pid for pid in pids if alive(pid)] == []
+        assert not state_file.exists()
+    finally:
+        cleanup(first, output, pids)

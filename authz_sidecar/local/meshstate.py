@@ -9,6 +9,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -28,6 +30,45 @@ def running(pid: int) -> bool:
     with contextlib.suppress(OSError, IndexError):
         return stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"
     return True
+
+
+def process_start(pid: int) -> int | None:
+    """When `pid` started (clock ticks since boot, /proc's field 22): with the pid, it names one
+    process for good, where a pid alone may since have been given to another."""
+    with contextlib.suppress(OSError, IndexError, ValueError):
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+    return None
+
+
+def stop_leftovers(path: Path, timeout: float = 10.0) -> int:
+    """Stop what a ``mesh up`` killed without its cleanup (SIGKILL) left running, as its state file
+    recorded it: each process only if it is still the one recorded (same pid, same start time).
+    Returns how many were stopped; the leftover state file is removed."""
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return 0
+    if not isinstance(state, dict) or not isinstance(state.get("pid"), int) or running(state["pid"]):
+        return 0
+    started = state.get("started") or {}
+    ours = [
+        pid
+        for name, pid in (state.get("processes") or {}).items()
+        if isinstance(pid, int) and started.get(name) is not None and process_start(pid) == started[name]
+    ]
+    for pid in ours:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while any(running(pid) for pid in ours) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    for pid in ours:
+        if running(pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    with contextlib.suppress(OSError):
+        path.unlink()
+    return len(ours)
 
 
 def read_state(path: Path) -> dict[str, Any] | None:

@@ -40,7 +40,14 @@ from authz_sidecar.errors import ConfigError
 from authz_sidecar.local import envoy
 from authz_sidecar.local.etcd import EtcdCluster
 from authz_sidecar.local.mesh import EXAMPLE_POLICY, render_envoy, seed_policy, send, sidecar_argv, upstream_argv
-from authz_sidecar.local.meshstate import DEFAULT_STATE, read_state, remove_state, write_state
+from authz_sidecar.local.meshstate import (
+    DEFAULT_STATE,
+    process_start,
+    read_state,
+    remove_state,
+    stop_leftovers,
+    write_state,
+)
 from authz_sidecar.local.otlpprobe import Traces
 from authz_sidecar.local.portplan import DEFAULT_BASE_PORT, REGIONS, PortPlan
 from authz_sidecar.local.processes import (
@@ -220,6 +227,8 @@ class RegionalMesh:
                 for region, ports in self.ports.regions.items()
             },
             "processes": self.pids(),
+            # With each pid, its start time: a later mesh up stops leftovers only if still these.
+            "started": {name: process_start(pid) for name, pid in self.pids().items()},
         }
 
 
@@ -396,6 +405,8 @@ def up(options: UpOptions) -> int:
             f"mesh up: a mesh is already running (pid {existing['pid']}, state {options.state}); "
             "stop it first, or pass another --state"
         )
+    if stopped := stop_leftovers(options.state):
+        print(f"mesh up: stopped {stopped} processes left running by a mesh up that was killed", flush=True)
     ports = plan_ports(options)
     traces = Traces.probe(os.environ)
     state_dir_made = not options.state.parent.exists()
