@@ -19,7 +19,7 @@ from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import chain, compress, repeat
 from operator import itemgetter
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from authz_sidecar.model.reasons import Reason
 from authz_sidecar.model.values import DeclaredChange, Grant, Metadata, PermissionSet
@@ -30,6 +30,26 @@ _PRINCIPAL = itemgetter(0)
 _ROLES = itemgetter(1)
 
 
+# A compiled set's dicts are split by the principal's hash into this many shards (a power of two),
+# so that no step of building, copying or dropping one touches more than ~1/64 of a large set
+# while holding the GIL: a dict of a million entries resizes, copies or frees in one C call of
+# 20-60 ms, which every Check waiting for the GIL would feel. A lookup costs one hash() more.
+SHARDS = 64
+_MASK = SHARDS - 1
+
+Unscoped = tuple[dict[str, frozenset[str]], ...]
+Scoped = tuple[dict[tuple[str, str], frozenset[str]], ...]
+
+
+def shard(principal: str) -> int:
+    """The shard a principal's entries are in (the same for its unscoped and scoped ones)."""
+    return hash(principal) & _MASK
+
+
+def _shards() -> tuple[dict[Any, frozenset[str]], ...]:
+    return tuple({} for _ in range(SHARDS))
+
+
 @dataclass(frozen=True, slots=True)
 class CompiledSet:
     """One permission set, ready to decide. Immutable; shared by every request that reads it.
@@ -37,12 +57,13 @@ class CompiledSet:
     It keeps no reference to the parsed document, so a snapshot of a million grants holds only the
     compiled dicts. Scoped grants are keyed by (principal, scope) rather than nested per principal:
     one tuple per scoped grant is smaller than a dict per principal, and it lets :func:`impact`
-    compare two sets with C-level set operations over their items.
+    compare two sets with C-level set operations over their items. Both are split into
+    :data:`SHARDS` dicts by the principal's hash (:func:`shard`).
     """
 
     meta: Metadata
-    unscoped: dict[str, frozenset[str]]
-    scoped: dict[tuple[str, str], frozenset[str]]
+    unscoped: Unscoped
+    scoped: Scoped
     # Principals whose every grant is scoped: they are known (a missing permission, not an unknown
     # principal) though absent from `unscoped`.
     scoped_only: frozenset[str]
@@ -53,19 +74,33 @@ class CompiledSet:
 
     def decide(self, principal: str, handle: str, scope: str | None) -> Reason:
         """ALLOWED if an unscoped grant or a grant in `scope` carries `handle`; otherwise why not."""
-        held = self.unscoped.get(principal)
+        at = hash(principal) & _MASK
+        held = self.unscoped[at].get(principal)
         if held is not None and handle in held:
             return Reason.ALLOWED
         if scope:
-            in_scope = self.scoped.get((principal, scope))
+            in_scope = self.scoped[at].get((principal, scope))
             if in_scope is not None and handle in in_scope:
                 return Reason.ALLOWED
         if held is None and principal not in self.scoped_only:
             return Reason.UNKNOWN_PRINCIPAL
         return Reason.MISSING_PERMISSION
 
+    def held(self, principal: str, scope: str | None = None) -> frozenset[str]:
+        """The handles `principal` holds unscoped, or (with `scope`) by its grants in that scope alone."""
+        at = hash(principal) & _MASK
+        if scope is None:
+            return self.unscoped[at].get(principal, _EMPTY)
+        return self.scoped[at].get((principal, scope), _EMPTY)
+
     def principals(self) -> frozenset[str]:
-        return frozenset(self.unscoped) | self.scoped_only
+        return frozenset().union(*self.unscoped) | self.scoped_only
+
+    def unscoped_items(self) -> Iterator[tuple[str, frozenset[str]]]:
+        return chain.from_iterable(d.items() for d in self.unscoped)
+
+    def scoped_items(self) -> Iterator[tuple[tuple[str, str], frozenset[str]]]:
+        return chain.from_iterable(d.items() for d in self.scoped)
 
 
 class Interner:
@@ -87,8 +122,12 @@ class Interner:
         accumulate."""
         used: dict[frozenset[str], frozenset[str]] = {}
         for compiled in sets:
-            for held in chain(compiled.unscoped.values(), compiled.scoped.values()):
-                used.setdefault(held, held)
+            for part in compiled.unscoped:
+                for held in part.values():
+                    used.setdefault(held, held)
+            for scoped_part in compiled.scoped:
+                for held in scoped_part.values():
+                    used.setdefault(held, held)
         self._sets = used
 
 
@@ -96,28 +135,29 @@ def compile_set(permissions: PermissionSet, interner: Interner | None = None) ->
     """Fold grants into per-principal frozensets; the order of roles and grants cannot matter."""
     intern = interner if interner is not None else Interner()
     unscoped, scoped = _fold(permissions.grants, permissions.roles, intern)
-    scoped_only = frozenset(p for p, _ in scoped).difference(unscoped)
+    scoped_only = frozenset(p for part in scoped for p, _ in part if p not in unscoped[hash(p) & _MASK])
     return CompiledSet(meta=permissions.meta, unscoped=unscoped, scoped=scoped, scoped_only=scoped_only)
 
 
-def _fold(
-    grants: Iterable[Grant], roles: Mapping[str, tuple[str, ...]], intern: Interner
-) -> tuple[dict[str, frozenset[str]], dict[tuple[str, str], frozenset[str]]]:
-    """Grants folded into the unscoped and scoped dicts (the body of :func:`compile_set`)."""
+def _fold(grants: Iterable[Grant], roles: Mapping[str, tuple[str, ...]], intern: Interner) -> tuple[Unscoped, Scoped]:
+    """Grants folded into the unscoped and scoped shards (the body of :func:`compile_set`)."""
     by_roles: dict[tuple[str, ...], frozenset[str]] = {}
-    unscoped: dict[str, frozenset[str]] = {}
-    scoped: dict[tuple[str, str], frozenset[str]] = {}
+    unscoped: Unscoped = _shards()
+    scoped: Scoped = _shards()
     for principal, names, scope in grants:
         handles = by_roles.get(names)
         if handles is None:
             handles = by_roles[names] = intern(frozenset(h for role in names for h in roles[role]))
+        at = hash(principal) & _MASK
         if scope is None:
-            held = unscoped.get(principal)
-            unscoped[principal] = handles if held is None else intern(held | handles)
+            part = unscoped[at]
+            held = part.get(principal)
+            part[principal] = handles if held is None else intern(held | handles)
         else:
             key = (principal, scope)
-            held = scoped.get(key)
-            scoped[key] = handles if held is None else intern(held | handles)
+            scoped_part = scoped[at]
+            held = scoped_part.get(key)
+            scoped_part[key] = handles if held is None else intern(held | handles)
     return unscoped, scoped
 
 
@@ -162,11 +202,12 @@ def grants_of(grants: Sequence[Grant], principals: Collection[str]) -> list[Gran
     return found
 
 
-def _keys_of(scoped: dict[tuple[str, str], frozenset[str]], principals: Collection[str]) -> list[tuple[str, str]]:
-    keys = list(scoped)
+def _keys_of(scoped: Scoped, principals: Collection[str]) -> list[tuple[str, str]]:
+    """The scoped keys of `principals`: only the shards they are in are looked through."""
     found: list[tuple[str, str]] = []
-    for part in _slices(keys):
-        found.extend(compress(part, map(principals.__contains__, map(_PRINCIPAL, part))))
+    for at in sorted({hash(p) & _MASK for p in principals}):
+        keys = list(scoped[at])
+        found.extend(compress(keys, map(principals.__contains__, map(_PRINCIPAL, keys))))
     return found
 
 
@@ -181,23 +222,30 @@ def recompile(
     `principals` hold: `grants` are all of their grants in `permissions` (whatever their roles'
     definitions; a role defined differently counts its holders among `principals`).
 
-    The parent's dicts are copied in C and only those principals' entries are folded again, so a
-    change to a few principals of a million costs milliseconds; the answers are those of
-    :func:`compile_set` (tests/test_engine_properties.py compares them on random sets and changes).
+    The parent's shards are copied in C, one at a time, and only those principals' entries are
+    folded again, so a change to a few principals of a million costs milliseconds; the answers are
+    those of :func:`compile_set` (tests/test_engine_properties.py compares them on random sets
+    and changes).
     """
     intern = interner if interner is not None else Interner()
     moved = principals if isinstance(principals, set | frozenset) else set(principals)
     unscoped_part, scoped_part = _fold(grants, permissions.roles, intern)
-    unscoped = parent.unscoped.copy()
-    for principal in moved.difference(unscoped_part):
-        unscoped.pop(principal, None)
-    unscoped.update(unscoped_part)
-    scoped = parent.scoped.copy()
+    unscoped = tuple(d.copy() for d in parent.unscoped)
+    scoped = tuple(d.copy() for d in parent.scoped)
+    for principal in moved:
+        at = hash(principal) & _MASK
+        if principal not in unscoped_part[at]:
+            unscoped[at].pop(principal, None)
     for key in _keys_of(parent.scoped, moved):
-        if key not in scoped_part:
-            del scoped[key]
-    scoped.update(scoped_part)
-    scoped_only = (parent.scoped_only - moved) | {p for p, _ in scoped_part if p not in unscoped}
+        at = hash(key[0]) & _MASK
+        if key not in scoped_part[at]:
+            del scoped[at][key]
+    for into, part in zip(unscoped, unscoped_part, strict=True):
+        into.update(part)
+    for scoped_into, scoped_new in zip(scoped, scoped_part, strict=True):
+        scoped_into.update(scoped_new)
+    added = {p for d in scoped_part for p, _ in d if p not in unscoped[hash(p) & _MASK]}
+    scoped_only = (parent.scoped_only - moved) | added
     return CompiledSet(meta=permissions.meta, unscoped=unscoped, scoped=scoped, scoped_only=frozenset(scoped_only))
 
 
@@ -208,18 +256,16 @@ def impact_of(
     told): their entries are compared and nobody else's."""
     moved = principals if isinstance(principals, set | frozenset) else set(principals)
     changed: set[tuple[str, str, str | None]] = set()
-    before_of, after_of = active.unscoped.get, proposed.unscoped.get
     for principal in moved:
-        before = before_of(principal, _EMPTY)
-        after = after_of(principal, _EMPTY)
+        before = active.held(principal)
+        after = proposed.held(principal)
         if before is not after:
             changed.update(zip(repeat(principal), before ^ after, repeat(None)))
     keys = set(_keys_of(active.scoped, moved))
     keys.update(_keys_of(proposed.scoped, moved))
-    for key in keys:
-        principal, scope = key
-        old = active.scoped.get(key, _EMPTY) | before_of(principal, _EMPTY)
-        new = proposed.scoped.get(key, _EMPTY) | after_of(principal, _EMPTY)
+    for principal, scope in keys:
+        old = active.held(principal, scope) | active.held(principal)
+        new = proposed.held(principal, scope) | proposed.held(principal)
         changed.update(zip(repeat(principal), old ^ new, repeat(scope)))
     return frozenset(changed)
 
@@ -251,21 +297,25 @@ def impact(active: CompiledSet, proposed: CompiledSet) -> frozenset[tuple[str, s
     Only principals whose grants differ are visited: the items of the two sets' dicts are compared
     in C, which is what keeps a rebuild of a million-grant snapshot within seconds.
     """
-    moved = {principal for principal, _ in active.unscoped.items() ^ proposed.unscoped.items()}
-    moved_scoped = {key for key, _ in active.scoped.items() ^ proposed.scoped.items()}
+    moved: set[str] = set()
+    moved_scoped: set[tuple[str, str]] = set()
+    # Shard by shard: each comparison is a C-level pass over 1/SHARDS of the set.
+    for before, after in zip(active.unscoped, proposed.unscoped, strict=True):
+        moved.update(principal for principal, _ in before.items() ^ after.items())
+    for scoped_before, scoped_after in zip(active.scoped, proposed.scoped, strict=True):
+        moved_scoped.update(key for key, _ in scoped_before.items() ^ scoped_after.items())
     changed: set[tuple[str, str, str | None]] = set()
     for principal in moved:
-        before = active.unscoped.get(principal, _EMPTY)
-        after = proposed.unscoped.get(principal, _EMPTY)
-        changed.update((principal, h, None) for h in before ^ after)
+        changed.update(zip(repeat(principal), active.held(principal) ^ proposed.held(principal), repeat(None)))
     # A scoped answer is the scope's grants plus the unscoped ones: it moves when either does.
     keys = moved_scoped
     if moved:
-        keys |= {k for k in active.scoped.keys() | proposed.scoped.keys() if k[0] in moved}
+        keys.update(_keys_of(active.scoped, moved))
+        keys.update(_keys_of(proposed.scoped, moved))
     for principal, scope in keys:
-        old = active.scoped.get((principal, scope), _EMPTY) | active.unscoped.get(principal, _EMPTY)
-        new = proposed.scoped.get((principal, scope), _EMPTY) | proposed.unscoped.get(principal, _EMPTY)
-        changed.update((principal, h, scope) for h in old ^ new)
+        old = active.held(principal, scope) | active.held(principal)
+        new = proposed.held(principal, scope) | proposed.held(principal)
+        changed.update(zip(repeat(principal), old ^ new, repeat(scope)))
     return frozenset(changed)
 
 
