@@ -153,7 +153,8 @@ def test_a_child_read_against_its_parent_is_the_child_and_names_who_changed(
     assert read == whole(text)
     if isinstance(read, PermissionSet):
         child = bigsets.read_set(text, "doc", parent, pause=lambda: None)
-        assert child.changed is not None
+        if child.changed is None:  # it shares less than half its grants with the parent
+            return
         differs = {g.principal for g in set(grants) ^ set(changed)}
         assert differs <= child.changed
         before = {p: Counter(g for g in grants if g.principal == p) for p in PRINCIPALS}
@@ -173,3 +174,5 @@ def test_a_small_change_to_a_large_set_reuses_the_parents_pieces(monkeypatch: py
     assert child.changed == frozenset({"user-2500", "user-4000", "newbie"})
     reused = sum(1 for p in child.pieces if any(p.digest == q.digest for q in parent.pieces))
     assert reused >= len(parent.pieces) - 4
+    other = [Grant(f"other-{i}", ("r0",), None) for i in range(5000)]
+    assert bigsets.read_set(document(roles, other), "doc", parent, pause=lambda: None).changed is None

@@ -70,7 +70,8 @@ class BigSet:
 
     permissions: PermissionSet
     pieces: tuple[Piece, ...]
-    # Principals whose grants differ from the parent's it was read against (None: read whole).
+    # Principals whose grants differ from the parent's it was read against (None: read whole, or
+    # sharing less than half of its grants with the parent).
     changed: frozenset[str] | None = None
 
 
@@ -157,10 +158,10 @@ def _read(document: bytes, name: str, parent: BigSet | None, pause: Callable[[],
     plan = _match(document, view, start, end, parent) if parent is not None else [(None, start, end)]
     if not reader.valid({c for p, _a, _b in plan if p is not None for c in p.combinations}):
         raise _UnrecognisedError  # a role the parent's grants use is gone: read whole, refused there
-    for reused, a, b in plan:
-        if reused is not None and parent is not None:
-            kept = parent.permissions.grants[reused.start : reused.start + reused.count]
-            pieces.append(replace(reused, start=len(grants)))
+    for same, a, b in plan:
+        if same is not None and parent is not None:
+            kept = parent.permissions.grants[same.start : same.start + same.count]
+            pieces.append(replace(same, start=len(grants)))
             grants.extend(kept)
             continue
         for x, y in _cut(document, a, b):
@@ -175,7 +176,10 @@ def _read(document: bytes, name: str, parent: BigSet | None, pause: Callable[[],
                 added.extend(parsed)
             pause()
     changed: frozenset[str] | None = None
-    if parent is not None:
+    reused = sum(p.count for p, _a, _b in plan if p is not None)
+    if parent is not None and reused * 2 >= len(parent.permissions.grants):
+        # Mostly the parent's: what differs is worth naming (a set sharing little with it is
+        # compiled whole, and its impact found by comparing the compiled sets).
         used = {id(p) for p, _a, _b in plan if p is not None}
         for piece in parent.pieces:
             if id(piece) not in used:

@@ -256,17 +256,23 @@ def impact_of(
     told): their entries are compared and nobody else's."""
     moved = principals if isinstance(principals, set | frozenset) else set(principals)
     changed: set[tuple[str, str, str | None]] = set()
+    add = changed.update
+    was, now = active.unscoped, proposed.unscoped
     for principal in moved:
-        before = active.held(principal)
-        after = proposed.held(principal)
+        at = hash(principal) & _MASK
+        before = was[at].get(principal, _EMPTY)
+        after = now[at].get(principal, _EMPTY)
         if before is not after:
-            changed.update(zip(repeat(principal), before ^ after, repeat(None)))
+            add(zip(repeat(principal), before ^ after, repeat(None)))
     keys = set(_keys_of(active.scoped, moved))
     keys.update(_keys_of(proposed.scoped, moved))
-    for principal, scope in keys:
-        old = active.held(principal, scope) | active.held(principal)
-        new = proposed.held(principal, scope) | proposed.held(principal)
-        changed.update(zip(repeat(principal), old ^ new, repeat(scope)))
+    was_scoped, now_scoped = active.scoped, proposed.scoped
+    for key in keys:
+        principal = key[0]
+        at = hash(principal) & _MASK
+        old = was_scoped[at].get(key, _EMPTY) | was[at].get(principal, _EMPTY)
+        new = now_scoped[at].get(key, _EMPTY) | now[at].get(principal, _EMPTY)
+        add(zip(repeat(principal), old ^ new, repeat(key[1])))
     return frozenset(changed)
 
 
