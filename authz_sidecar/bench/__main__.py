@@ -89,7 +89,8 @@ def _at_scale(quick: bool) -> dict[str, Any]:
     """What is measured beside the rows: decisions and rebuilds at scale, propagation over sidecars
     on a real etcd, the plan of a change over 100,000 principals, the replay of a decision log
     (1,000,000 decisions; 100,000 in quick mode), the role combinations of 1,000,000 principals
-    (100,000 in quick mode) and FilterManifest over 100,000 blocks in both server models."""
+    (100,000 in quick mode), FilterManifest over 100,000 blocks in both server models, and Checks
+    through Envoy while a 1,000,000-grant shadow arrives in etcd (20,000 in quick mode)."""
     sizes = [100, 10_000, 100_000] if quick else [100, 10_000, 1_000_000]
     print(f"  measuring scale at {', '.join(f'{s:,}' for s in sizes)} grants ...", flush=True)
     scaled = scale.run(sizes)

@@ -187,8 +187,10 @@ def run(grants: int, *, rounds: int = 3, seconds: float = 6.0, rps: int = 500, s
             endpoint = cluster.endpoints
             _seed(endpoint, policy(grants, "v1"))
             grpc_port, http_port = free_port(), free_port()
+            # -P: the current directory is not put first on sys.path, so that --sidecar-path's
+            # checkout (PYTHONPATH) is the one imported even when run from another checkout.
             argv = [
-                sys.executable, "-m", "authz_sidecar", "serve",
+                sys.executable, "-P", "-m", "authz_sidecar", "serve",
                 "--etcd", endpoint, "--service", "things", "--region", "bench",
                 "--listen", f"{LOOPBACK}:{grpc_port}", "--http", f"{LOOPBACK}:{http_port}",
                 "--jwt-authn-payload-key", "jwt_payload", "--cache-file", "off", "--log-level", "warning",
