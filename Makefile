@@ -61,7 +61,7 @@ test-deps: ## install what the tests run beside Python if missing: docker-compos
 deploy-configs: $(STAMP) ## regenerate deploy/'s Envoy configs and Kubernetes ConfigMaps from the catalog
 	$(BIN)/python tools/gen_deploy.py
 
-bench: $(STAMP) bench-deps ## the benchmark: Envoy's floor, RBAC, bare servers, the sidecar, scale, propagation (~10 min)
+bench: $(STAMP) bench-deps ## the benchmark: Envoy's floor, RBAC, bare servers, the sidecar, scale, propagation, Checks during a big rebuild (~16 min)
 	$(BIN)/python -m authz_sidecar.bench
 
 profile: $(STAMP) bench-deps ## py-spy on the sidecar and the bare gRPC server under load: where the CPU goes

@@ -10,9 +10,21 @@ from hypothesis import strategies as st
 
 from authz_sidecar.documents import parse_permission_set
 from authz_sidecar.errors import DocumentError
-from authz_sidecar.model.engine import Interner, compile_set, impact
+from authz_sidecar.model.engine import (
+    CompiledSet,
+    Interner,
+    changed_roles,
+    compile_set,
+    declared,
+    declared_compiled,
+    grants_of,
+    impact,
+    impact_of,
+    principals_holding,
+    recompile,
+)
 from authz_sidecar.model.reasons import Reason
-from authz_sidecar.model.values import Grant, PermissionSet
+from authz_sidecar.model.values import DeclaredChange, Grant, PermissionSet
 
 HANDLES = ["a:view", "a:edit", "b:view", "b:edit:locked", "c:run"]
 PRINCIPALS = ["p0", "p1", "p2", "p3"]
@@ -149,3 +161,55 @@ def test_explain_gives_the_engines_answer_and_names_a_grant_for_every_allow(
             )
         else:
             assert why.reason().startswith(NO_GRANT)
+
+
+# Incremental compiles: a set compiled from its parent plus the change answers as one compiled whole.
+change_st = st.builds(
+    DeclaredChange,
+    role=st.sampled_from(["", *ROLE_NAMES, "r9"]),
+    add=st.lists(st.sampled_from(HANDLES), max_size=2).map(tuple),
+    remove=st.lists(st.sampled_from(HANDLES), max_size=2).map(tuple),
+    principal=st.sampled_from(["", *PRINCIPALS]),
+    grant=st.lists(st.sampled_from(ROLE_NAMES), max_size=2).map(tuple),
+    revoke=st.lists(st.sampled_from(ROLE_NAMES), max_size=2).map(tuple),
+    scope=st.sampled_from(["", "account:x"]),
+    to=st.sampled_from(["account:x", "account:y"]),
+)
+
+
+def _same(a: CompiledSet, b: CompiledSet) -> None:
+    assert a.unscoped == b.unscoped
+    assert a.scoped == b.scoped
+    assert a.scoped_only == b.scoped_only
+
+
+@given(roles_st, st.lists(grant_st, max_size=10), roles_st, st.lists(grant_st, max_size=10), st.booleans())
+def test_recompile_from_the_parent_equals_compiling_whole(
+    roles: dict[str, list[str]], grants: list[Grant], new_roles: dict[str, list[str]], new: list[Grant], edit: bool
+) -> None:
+    """The child keeps the parent's grants of principals outside the change (p0, p1 only change)."""
+    parent = make(roles, grants)
+    child_roles = new_roles if edit else roles
+    kept = [g for g in grants if g.principal not in ("p0", "p1")]
+    added = [g for g in new if g.principal in ("p0", "p1")]
+    child = make(child_roles, [*kept, *added])
+    moved = {"p0", "p1"} | principals_holding(child.grants, changed_roles(parent.roles, child.roles))
+    interner = Interner()
+    compiled_parent = compile_set(parent, interner)
+    again = recompile(compiled_parent, child, moved, grants_of(child.grants, moved), interner)
+    _same(again, compile_set(child))
+    assert impact_of(compiled_parent, again, moved) == impact(compiled_parent, compile_set(child))
+
+
+@given(roles_st, st.lists(grant_st, max_size=10), st.lists(change_st, min_size=1, max_size=4))
+def test_declared_compiled_equals_compiling_declared_whole(
+    roles: dict[str, list[str]], grants: list[Grant], changes: list[DeclaredChange]
+) -> None:
+    changes = [c for c in changes if c.role or c.principal]
+    active = make(roles, grants)
+    proposal = PermissionSet(roles=active.roles, grants=active.grants, changes=tuple(changes))
+    compiled = compile_set(active)
+    meant, moved = declared_compiled(active, compiled, proposal)
+    whole = compile_set(declared(active, proposal))
+    _same(meant, whole)
+    assert impact_of(compiled, meant, moved) == impact(compiled, whole)

@@ -17,6 +17,7 @@ from authz_sidecar.bench import combos as combos_bench
 from authz_sidecar.bench import h2load, propagation, scale
 from authz_sidecar.bench import manifest as manifest_bench
 from authz_sidecar.bench import plan as plan_bench
+from authz_sidecar.bench import rebuild as rebuild_bench
 from authz_sidecar.bench import replay as replay_bench
 from authz_sidecar.bench.run import Bench, Point, Row, machine_facts, to_json
 
@@ -88,7 +89,8 @@ def _at_scale(quick: bool) -> dict[str, Any]:
     """What is measured beside the rows: decisions and rebuilds at scale, propagation over sidecars
     on a real etcd, the plan of a change over 100,000 principals, the replay of a decision log
     (1,000,000 decisions; 100,000 in quick mode), the role combinations of 1,000,000 principals
-    (100,000 in quick mode) and FilterManifest over 100,000 blocks in both server models."""
+    (100,000 in quick mode), FilterManifest over 100,000 blocks in both server models, and Checks
+    through Envoy while a 1,000,000-grant shadow arrives in etcd (20,000 in quick mode)."""
     sizes = [100, 10_000, 100_000] if quick else [100, 10_000, 1_000_000]
     print(f"  measuring scale at {', '.join(f'{s:,}' for s in sizes)} grants ...", flush=True)
     scaled = scale.run(sizes)
@@ -103,6 +105,9 @@ def _at_scale(quick: bool) -> dict[str, Any]:
     holders = 100_000 if quick else 1_000_000
     print(f"  measuring the role combinations of {holders:,} principals ...", flush=True)
     combined = combos_bench.run(holders, rounds=1)
+    rebuilt_grants = 20_000 if quick else 1_000_000
+    print(f"  measuring Checks through Envoy while a {rebuilt_grants:,}-grant shadow arrives ...", flush=True)
+    rebuilt = rebuild_bench.run(rebuilt_grants, rounds=1 if quick else 3, seconds=2.0 if quick else 6.0)
     print("  measuring FilterManifest over 100,000 blocks (threads, aio) ...", flush=True)
     manifested = manifest_bench.run(100_000, rounds=1 if quick else 3, single_blocks=1_000 if quick else 5_000)
     return {
@@ -112,6 +117,7 @@ def _at_scale(quick: bool) -> dict[str, Any]:
         "replay": replayed,
         "combos": combined,
         "manifest": manifested,
+        "rebuild": rebuilt,
     }
 
 
@@ -179,6 +185,7 @@ def main() -> int:
         print(replay_bench.line(at_scale["replay"]))
         print(combos_bench.line(at_scale["combos"]))
         print(manifest_bench.line(at_scale["manifest"]))
+        print(rebuild_bench.line(at_scale["rebuild"]))
     args.out.mkdir(parents=True, exist_ok=True)
     out = args.out / f"bench-{time.strftime('%Y%m%dT%H%M%S')}{'-quick' if args.quick else ''}.json"
     out.write_text(json.dumps({**to_json(bench, facts), **at_scale}, indent=2))

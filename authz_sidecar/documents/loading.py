@@ -75,7 +75,7 @@ def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool
 _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
 
 
-def _json_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+def json_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     result = dict(pairs)
     if len(result) != len(pairs):
         seen: set[str] = set()
@@ -116,7 +116,7 @@ def load_document(text: str | bytes, document: str) -> Any:
             raise DocumentError(f"not UTF-8 ({exc.reason} at byte {exc.start})", document=document) from None
     if text.lstrip().startswith("{"):
         try:
-            return json.loads(text, object_pairs_hook=_json_object)
+            return json.loads(text, object_pairs_hook=json_object)
         except DocumentError as exc:  # a duplicate key; the C parser tells neither where nor the path
             raise DocumentError(f"duplicate key {exc.value!r}", document=document, value=exc.value) from None
         except json.JSONDecodeError as exc:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import asdict
 from functools import partial
 from typing import Any
@@ -174,43 +174,61 @@ def dump_permission_set(permissions: PermissionSet) -> bytes:
 
 
 def _grants(grants_raw: Any, roles: Mapping[str, tuple[str, ...]], document: str) -> tuple[Grant, ...]:
+    return tuple(GrantReader(roles, document).read(sequence_of(grants_raw, document, "grants"), 0))
+
+
+class GrantReader:
     """Grants, checked with a fast path for the common, valid shape (a set may hold a million): each
-    distinct role combination and scope is checked once, principals in bulk after the loop, and the
-    field path of a problem is worked out only when there is one."""
-    rows = sequence_of(grants_raw, document, "grants")
-    known_roles = roles.keys()
-    role_lists: dict[tuple[str, ...], tuple[str, ...]] = {}  # checked combinations, one tuple each
-    scopes: dict[str, str] = {}  # checked scopes, one string each
-    principals: list[Any] = []
-    grants: list[Grant] = []
-    add_principal = principals.append
-    add = grants.append
-    new_grant = partial(tuple.__new__, Grant)  # skips the named tuple's Python-level __new__
-    for i, raw in enumerate(rows):
-        if type(raw) is not dict or not raw.keys() <= _GRANT_FIELDS:
-            only_fields(mapping_of(raw, document, f"grants[{i}]"), _GRANT_FIELDS, document, f"grants[{i}]")
-        principal = raw.get("principal")
-        add_principal(principal)
-        names = raw.get("roles")
-        try:
-            role_names = role_lists.get(tuple(names)) if type(names) is list else None
-        except TypeError:  # an unhashable role name; the check below says what is wrong
-            role_names = None
-        if role_names is None:
-            _check_grant_roles(names, known_roles, document, f"grants[{i}].roles")
-            role_names = role_lists[tuple(names)] = tuple(names)
-        scope = raw.get("scope")
-        if scope is not None:
-            checked = scopes.get(scope) if type(scope) is str else None
-            if checked is None:
-                checked = scopes[scope] = check_scope(scope, document, f"grants[{i}].scope")
-            scope = checked
-        add(new_grant((principal, role_names, scope)))
-    _check_principals(principals, document)
-    return tuple(grants)
+    distinct role combination and scope is checked once, principals in bulk per batch, and the
+    field path of a problem is worked out only when there is one. Batches of one set's grants
+    (:mod:`authz_sidecar.documents.bigsets` reads them in pieces) share what was checked."""
+
+    def __init__(self, roles: Mapping[str, tuple[str, ...]], document: str) -> None:
+        self.document = document
+        self.known_roles = roles.keys()
+        self.role_lists: dict[tuple[str, ...], tuple[str, ...]] = {}  # checked combinations, one tuple each
+        self.scopes: dict[str, str] = {}  # checked scopes, one string each
+
+    def valid(self, combinations: Collection[tuple[str, ...]]) -> bool:
+        """Whether every role of `combinations` is defined."""
+        return all(role in self.known_roles for names in combinations for role in names)
+
+    def read(self, rows: Sequence[Any], offset: int) -> list[Grant]:
+        """The grants of `rows`, the grants of the set from index `offset` on (for field paths)."""
+        document = self.document
+        known_roles = self.known_roles
+        role_lists = self.role_lists
+        scopes = self.scopes
+        principals: list[Any] = []
+        grants: list[Grant] = []
+        add_principal = principals.append
+        add = grants.append
+        new_grant = partial(tuple.__new__, Grant)  # skips the named tuple's Python-level __new__
+        for i, raw in enumerate(rows, offset):
+            if type(raw) is not dict or not raw.keys() <= _GRANT_FIELDS:
+                only_fields(mapping_of(raw, document, f"grants[{i}]"), _GRANT_FIELDS, document, f"grants[{i}]")
+            principal = raw.get("principal")
+            add_principal(principal)
+            names = raw.get("roles")
+            try:
+                role_names = role_lists.get(tuple(names)) if type(names) is list else None
+            except TypeError:  # an unhashable role name; the check below says what is wrong
+                role_names = None
+            if role_names is None:
+                _check_grant_roles(names, known_roles, document, f"grants[{i}].roles")
+                role_names = role_lists[tuple(names)] = tuple(names)
+            scope = raw.get("scope")
+            if scope is not None:
+                checked = scopes.get(scope) if type(scope) is str else None
+                if checked is None:
+                    checked = scopes[scope] = check_scope(scope, document, f"grants[{i}].scope")
+                scope = checked
+            add(new_grant((principal, role_names, scope)))
+        _check_principals(principals, document, offset)
+        return grants
 
 
-def _check_principals(principals: list[Any], document: str) -> None:
+def _check_principals(principals: list[Any], document: str, offset: int = 0) -> None:
     """Check every grant's principal with a few passes in C; name the first bad one if any is.
 
     A principal is printable, so the only whitespace it can hold is the ASCII space, and it may not
@@ -231,7 +249,7 @@ def _check_principals(principals: list[Any], document: str) -> None:
             and MAGIC_WORDS.isdisjoint(principals)
         )
     if not valid:
-        for i, principal in enumerate(principals):
+        for i, principal in enumerate(principals, offset):
             check_principal(principal, document, f"grants[{i}].principal")
 
 

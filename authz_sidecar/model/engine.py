@@ -15,14 +15,39 @@ decision is two or three hash lookups and no allocation.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from itertools import chain
+from itertools import chain, compress, repeat
+from operator import itemgetter
+from typing import Any, TypeVar
 
 from authz_sidecar.model.reasons import Reason
 from authz_sidecar.model.values import DeclaredChange, Grant, Metadata, PermissionSet
 
 _EMPTY: frozenset[str] = frozenset()
+_T = TypeVar("_T")
+_PRINCIPAL = itemgetter(0)
+_ROLES = itemgetter(1)
+
+
+# A compiled set's dicts are split by the principal's hash into this many shards (a power of two),
+# so that no step of building, copying or dropping one touches more than ~1/64 of a large set
+# while holding the GIL: a dict of a million entries resizes, copies or frees in one C call of
+# 20-60 ms, which every Check waiting for the GIL would feel. A lookup costs one hash() more.
+SHARDS = 64
+_MASK = SHARDS - 1
+
+Unscoped = tuple[dict[str, frozenset[str]], ...]
+Scoped = tuple[dict[tuple[str, str], frozenset[str]], ...]
+
+
+def shard(principal: str) -> int:
+    """The shard a principal's entries are in (the same for its unscoped and scoped ones)."""
+    return hash(principal) & _MASK
+
+
+def _shards() -> tuple[dict[Any, frozenset[str]], ...]:
+    return tuple({} for _ in range(SHARDS))
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,12 +57,13 @@ class CompiledSet:
     It keeps no reference to the parsed document, so a snapshot of a million grants holds only the
     compiled dicts. Scoped grants are keyed by (principal, scope) rather than nested per principal:
     one tuple per scoped grant is smaller than a dict per principal, and it lets :func:`impact`
-    compare two sets with C-level set operations over their items.
+    compare two sets with C-level set operations over their items. Both are split into
+    :data:`SHARDS` dicts by the principal's hash (:func:`shard`).
     """
 
     meta: Metadata
-    unscoped: dict[str, frozenset[str]]
-    scoped: dict[tuple[str, str], frozenset[str]]
+    unscoped: Unscoped
+    scoped: Scoped
     # Principals whose every grant is scoped: they are known (a missing permission, not an unknown
     # principal) though absent from `unscoped`.
     scoped_only: frozenset[str]
@@ -48,19 +74,33 @@ class CompiledSet:
 
     def decide(self, principal: str, handle: str, scope: str | None) -> Reason:
         """ALLOWED if an unscoped grant or a grant in `scope` carries `handle`; otherwise why not."""
-        held = self.unscoped.get(principal)
+        at = hash(principal) & _MASK
+        held = self.unscoped[at].get(principal)
         if held is not None and handle in held:
             return Reason.ALLOWED
         if scope:
-            in_scope = self.scoped.get((principal, scope))
+            in_scope = self.scoped[at].get((principal, scope))
             if in_scope is not None and handle in in_scope:
                 return Reason.ALLOWED
         if held is None and principal not in self.scoped_only:
             return Reason.UNKNOWN_PRINCIPAL
         return Reason.MISSING_PERMISSION
 
+    def held(self, principal: str, scope: str | None = None) -> frozenset[str]:
+        """The handles `principal` holds unscoped, or (with `scope`) by its grants in that scope alone."""
+        at = hash(principal) & _MASK
+        if scope is None:
+            return self.unscoped[at].get(principal, _EMPTY)
+        return self.scoped[at].get((principal, scope), _EMPTY)
+
     def principals(self) -> frozenset[str]:
-        return frozenset(self.unscoped) | self.scoped_only
+        return frozenset().union(*self.unscoped) | self.scoped_only
+
+    def unscoped_items(self) -> Iterator[tuple[str, frozenset[str]]]:
+        return chain.from_iterable(d.items() for d in self.unscoped)
+
+    def scoped_items(self) -> Iterator[tuple[tuple[str, str], frozenset[str]]]:
+        return chain.from_iterable(d.items() for d in self.scoped)
 
 
 class Interner:
@@ -82,32 +122,176 @@ class Interner:
         accumulate."""
         used: dict[frozenset[str], frozenset[str]] = {}
         for compiled in sets:
-            for held in chain(compiled.unscoped.values(), compiled.scoped.values()):
-                used.setdefault(held, held)
+            for part in compiled.unscoped:
+                for held in part.values():
+                    used.setdefault(held, held)
+            for scoped_part in compiled.scoped:
+                for held in scoped_part.values():
+                    used.setdefault(held, held)
         self._sets = used
 
 
 def compile_set(permissions: PermissionSet, interner: Interner | None = None) -> CompiledSet:
     """Fold grants into per-principal frozensets; the order of roles and grants cannot matter."""
     intern = interner if interner is not None else Interner()
-    by_roles: dict[tuple[str, ...], frozenset[str]] = {}
-    roles = permissions.roles
-    for names in {g.roles for g in permissions.grants}:
-        by_roles[names] = intern(frozenset(h for role in names for h in roles[role]))
+    unscoped, scoped = _fold(permissions.grants, permissions.roles, intern)
+    scoped_only = frozenset(p for part in scoped for p, _ in part if p not in unscoped[hash(p) & _MASK])
+    return CompiledSet(meta=permissions.meta, unscoped=unscoped, scoped=scoped, scoped_only=scoped_only)
 
-    unscoped: dict[str, frozenset[str]] = {}
-    scoped: dict[tuple[str, str], frozenset[str]] = {}
-    for principal, names, scope in permissions.grants:
-        handles = by_roles[names]
+
+def _fold(grants: Iterable[Grant], roles: Mapping[str, tuple[str, ...]], intern: Interner) -> tuple[Unscoped, Scoped]:
+    """Grants folded into the unscoped and scoped shards (the body of :func:`compile_set`)."""
+    by_roles: dict[tuple[str, ...], frozenset[str]] = {}
+    unscoped: Unscoped = _shards()
+    scoped: Scoped = _shards()
+    for principal, names, scope in grants:
+        handles = by_roles.get(names)
+        if handles is None:
+            handles = by_roles[names] = intern(frozenset(h for role in names for h in roles[role]))
+        at = hash(principal) & _MASK
         if scope is None:
-            held = unscoped.get(principal)
-            unscoped[principal] = handles if held is None else intern(held | handles)
+            part = unscoped[at]
+            held = part.get(principal)
+            part[principal] = handles if held is None else intern(held | handles)
         else:
             key = (principal, scope)
-            held = scoped.get(key)
-            scoped[key] = handles if held is None else intern(held | handles)
-    scoped_only = frozenset(p for p, _ in scoped).difference(unscoped)
-    return CompiledSet(meta=permissions.meta, unscoped=unscoped, scoped=scoped, scoped_only=scoped_only)
+            scoped_part = scoped[at]
+            held = scoped_part.get(key)
+            scoped_part[key] = handles if held is None else intern(held | handles)
+    return unscoped, scoped
+
+
+# Grants looked at per step when a large set is scanned: each step is a few milliseconds, and the
+# loop in between lets another thread (the one answering Checks) take the GIL.
+SLICE = 10_000
+
+
+def changed_roles(before: Mapping[str, tuple[str, ...]], after: Mapping[str, tuple[str, ...]]) -> frozenset[str]:
+    """Roles defined differently (or only on one side): whoever holds one may answer differently."""
+    return frozenset(
+        r for r in before.keys() | after.keys() if frozenset(before.get(r, ())) != frozenset(after.get(r, ()))
+    )
+
+
+def _slices(items: Sequence[_T]) -> Iterator[Sequence[_T]]:
+    for i in range(0, len(items), SLICE):
+        yield items[i : i + SLICE]
+
+
+def principals_holding(grants: Sequence[Grant], roles: frozenset[str]) -> set[str]:
+    """The principals with a grant that names one of `roles` (C-level passes, a slice at a time)."""
+    found: set[str] = set()
+    if not roles:
+        return found
+    names: set[tuple[str, ...]] = set()
+    for part in _slices(grants):
+        names.update(map(_ROLES, part))
+    holding = {n for n in names if not roles.isdisjoint(n)}
+    for part in _slices(grants):
+        found.update(compress(map(_PRINCIPAL, part), map(holding.__contains__, map(_ROLES, part))))
+    return found
+
+
+def grants_of(grants: Sequence[Grant], principals: Collection[str]) -> list[Grant]:
+    """Every grant of `principals`, in order (C-level passes, a slice at a time)."""
+    found: list[Grant] = []
+    if principals:
+        wanted = principals if isinstance(principals, set | frozenset) else set(principals)
+        for part in _slices(grants):
+            found.extend(compress(part, map(wanted.__contains__, map(_PRINCIPAL, part))))
+    return found
+
+
+def _keys_of(scoped: Scoped, principals: Collection[str]) -> list[tuple[str, str]]:
+    """The scoped keys of `principals`: only the shards they are in are looked through."""
+    found: list[tuple[str, str]] = []
+    for at in sorted({hash(p) & _MASK for p in principals}):
+        keys = list(scoped[at])
+        found.extend(compress(keys, map(principals.__contains__, map(_PRINCIPAL, keys))))
+    return found
+
+
+def recompile(
+    parent: CompiledSet,
+    permissions: PermissionSet,
+    principals: Collection[str],
+    grants: Iterable[Grant],
+    interner: Interner | None = None,
+) -> CompiledSet:
+    """`permissions` compiled from `parent`, the compiled set it differs from only in what
+    `principals` hold: `grants` are all of their grants in `permissions` (whatever their roles'
+    definitions; a role defined differently counts its holders among `principals`).
+
+    The parent's shards are copied in C, one at a time, and only those principals' entries are
+    folded again, so a change to a few principals of a million costs milliseconds; the answers are
+    those of :func:`compile_set` (tests/test_engine_properties.py compares them on random sets
+    and changes).
+    """
+    intern = interner if interner is not None else Interner()
+    moved = principals if isinstance(principals, set | frozenset) else set(principals)
+    unscoped_part, scoped_part = _fold(grants, permissions.roles, intern)
+    unscoped = tuple(d.copy() for d in parent.unscoped)
+    scoped = tuple(d.copy() for d in parent.scoped)
+    for principal in moved:
+        at = hash(principal) & _MASK
+        if principal not in unscoped_part[at]:
+            unscoped[at].pop(principal, None)
+    for key in _keys_of(parent.scoped, moved):
+        at = hash(key[0]) & _MASK
+        if key not in scoped_part[at]:
+            del scoped[at][key]
+    for into, part in zip(unscoped, unscoped_part, strict=True):
+        into.update(part)
+    for scoped_into, scoped_new in zip(scoped, scoped_part, strict=True):
+        scoped_into.update(scoped_new)
+    added = {p for d in scoped_part for p, _ in d if p not in unscoped[hash(p) & _MASK]}
+    scoped_only = (parent.scoped_only - moved) | added
+    return CompiledSet(meta=permissions.meta, unscoped=unscoped, scoped=scoped, scoped_only=frozenset(scoped_only))
+
+
+def impact_of(
+    active: CompiledSet, proposed: CompiledSet, principals: Collection[str]
+) -> frozenset[tuple[str, str, str | None]]:
+    """:func:`impact` when only `principals` can answer differently (what :func:`recompile` was
+    told): their entries are compared and nobody else's."""
+    moved = principals if isinstance(principals, set | frozenset) else set(principals)
+    changed: set[tuple[str, str, str | None]] = set()
+    add = changed.update
+    was, now = active.unscoped, proposed.unscoped
+    for principal in moved:
+        at = hash(principal) & _MASK
+        before = was[at].get(principal, _EMPTY)
+        after = now[at].get(principal, _EMPTY)
+        if before is not after:
+            add(zip(repeat(principal), before ^ after, repeat(None)))
+    keys = set(_keys_of(active.scoped, moved))
+    keys.update(_keys_of(proposed.scoped, moved))
+    was_scoped, now_scoped = active.scoped, proposed.scoped
+    for key in keys:
+        principal = key[0]
+        at = hash(principal) & _MASK
+        old = was_scoped[at].get(key, _EMPTY) | was[at].get(principal, _EMPTY)
+        new = now_scoped[at].get(key, _EMPTY) | now[at].get(principal, _EMPTY)
+        add(zip(repeat(principal), old ^ new, repeat(key[1])))
+    return frozenset(changed)
+
+
+def declared_compiled(
+    active: PermissionSet, compiled: CompiledSet, proposal: PermissionSet, interner: Interner | None = None
+) -> tuple[CompiledSet, frozenset[str]]:
+    """:func:`declared` compiled, from the active set's compiled form: the principals the declared
+    changes name, and the holders of the roles they edit, are folded again and nobody else.
+    Returns the compiled set and those principals (whose entries :func:`impact_of` compares).
+
+    Every declared change acts on one principal's grants or on one role, so applying the changes
+    to those principals' grants alone gives their grants in :func:`declared`'s result."""
+    named = {c.principal for c in proposal.changes if c.principal}
+    edited = frozenset(c.role for c in proposal.changes if c.role and not c.principal)
+    moved = named | principals_holding(active.grants, edited)
+    own = PermissionSet(roles=active.roles, grants=tuple(grants_of(active.grants, moved)), meta=proposal.meta)
+    meant = declared(own, proposal)
+    moved |= principals_holding(meant.grants, changed_roles(active.roles, meant.roles))
+    return recompile(compiled, meant, moved, meant.grants, interner), frozenset(moved)
 
 
 def impact(active: CompiledSet, proposed: CompiledSet) -> frozenset[tuple[str, str, str | None]]:
@@ -119,21 +303,25 @@ def impact(active: CompiledSet, proposed: CompiledSet) -> frozenset[tuple[str, s
     Only principals whose grants differ are visited: the items of the two sets' dicts are compared
     in C, which is what keeps a rebuild of a million-grant snapshot within seconds.
     """
-    moved = {principal for principal, _ in active.unscoped.items() ^ proposed.unscoped.items()}
-    moved_scoped = {key for key, _ in active.scoped.items() ^ proposed.scoped.items()}
+    moved: set[str] = set()
+    moved_scoped: set[tuple[str, str]] = set()
+    # Shard by shard: each comparison is a C-level pass over 1/SHARDS of the set.
+    for before, after in zip(active.unscoped, proposed.unscoped, strict=True):
+        moved.update(principal for principal, _ in before.items() ^ after.items())
+    for scoped_before, scoped_after in zip(active.scoped, proposed.scoped, strict=True):
+        moved_scoped.update(key for key, _ in scoped_before.items() ^ scoped_after.items())
     changed: set[tuple[str, str, str | None]] = set()
     for principal in moved:
-        before = active.unscoped.get(principal, _EMPTY)
-        after = proposed.unscoped.get(principal, _EMPTY)
-        changed.update((principal, h, None) for h in before ^ after)
+        changed.update(zip(repeat(principal), active.held(principal) ^ proposed.held(principal), repeat(None)))
     # A scoped answer is the scope's grants plus the unscoped ones: it moves when either does.
     keys = moved_scoped
     if moved:
-        keys |= {k for k in active.scoped.keys() | proposed.scoped.keys() if k[0] in moved}
+        keys.update(_keys_of(active.scoped, moved))
+        keys.update(_keys_of(proposed.scoped, moved))
     for principal, scope in keys:
-        old = active.scoped.get((principal, scope), _EMPTY) | active.unscoped.get(principal, _EMPTY)
-        new = proposed.scoped.get((principal, scope), _EMPTY) | proposed.unscoped.get(principal, _EMPTY)
-        changed.update((principal, h, scope) for h in old ^ new)
+        old = active.held(principal, scope) | active.held(principal)
+        new = proposed.held(principal, scope) | proposed.held(principal)
+        changed.update(zip(repeat(principal), old ^ new, repeat(scope)))
     return frozenset(changed)
 
 

@@ -57,13 +57,11 @@ class Plan:
 def _flips(triples: frozenset[tuple[str, str, str | None]], proposed: CompiledSet) -> tuple[Flip, ...]:
     """The triples as flips, sorted by handle, principal and scope; each gains when the proposal
     holds the handle there (its unscoped grants, plus the scope's own for a scoped triple)."""
-    unscoped, scoped = proposed.unscoped, proposed.scoped
-    empty: frozenset[str] = frozenset()
     flips = []
     for principal, handle, scope in sorted(triples, key=lambda t: (t[1], t[0], t[2] or "")):
-        held = handle in unscoped.get(principal, empty)
+        held = handle in proposed.held(principal)
         if scope is not None and not held:
-            held = handle in scoped.get((principal, scope), empty)
+            held = handle in proposed.held(principal, scope)
         flips.append(Flip(handle, principal, scope, held))
     return tuple(flips)
 

@@ -21,7 +21,18 @@ from typing import Any
 
 from authz_sidecar.errors import DocumentError
 from authz_sidecar.model.cohorts import describe_missing, members, missing_roles, unscoped_combinations
-from authz_sidecar.model.engine import CompiledSet, Interner, compile_set, declared, impact
+from authz_sidecar.model.engine import (
+    CompiledSet,
+    Interner,
+    changed_roles,
+    compile_set,
+    declared_compiled,
+    grants_of,
+    impact,
+    impact_of,
+    principals_holding,
+    recompile,
+)
 from authz_sidecar.model.routes import RouteTable
 from authz_sidecar.model.values import Catalog, Cohort, PermissionSet, Rollout, ShadowSet
 
@@ -134,24 +145,51 @@ class CompileCache:
         self._sets: dict[int, tuple[PermissionSet, CompiledSet]] = {}
         self._impacts: dict[tuple[int, int], frozenset[tuple[str, str, str | None]]] = {}
         self._interner = Interner()
+        # id(child) -> (child, parent, principals whose grants differ): see derived().
+        self._derived: dict[int, tuple[PermissionSet, PermissionSet, frozenset[str]]] = {}
         # (active set, cohort) -> its members: a rebuild for another reason (a weight moved, a
         # shadow came) does not walk a million grants again.
         self._cohorts: dict[tuple[int, Cohort], frozenset[str]] = {}
 
+    def derived(self, child: PermissionSet, parent: PermissionSet, principals: frozenset[str]) -> None:
+        """Say that `child` holds the same grants as `parent` but for those of `principals` (as
+        the source found comparing their documents): `child` is then compiled from `parent`'s
+        compiled set, and its impact against `parent` compares only those principals and the
+        holders of roles defined differently."""
+        edited = changed_roles(parent.roles, child.roles)
+        moved = principals | principals_holding(child.grants, edited) if edited else principals
+        self._derived[id(child)] = (child, parent, moved)
+
     def compiled(self, permissions: PermissionSet) -> CompiledSet:
         entry = self._sets.get(id(permissions))
         if entry is None:
-            entry = self._sets[id(permissions)] = (permissions, compile_set(permissions, self._interner))
+            hint = self._derived.get(id(permissions))
+            parent = self._sets.get(id(hint[1])) if hint is not None else None
+            if hint is not None and parent is not None:
+                moved = hint[2]
+                grants = grants_of(permissions.grants, moved)
+                compiled = recompile(parent[1], permissions, moved, grants, self._interner)
+            else:
+                compiled = compile_set(permissions, self._interner)
+            entry = self._sets[id(permissions)] = (permissions, compiled)
         return entry[1]
 
     def impact(self, active: PermissionSet, shadow: PermissionSet) -> frozenset[tuple[str, str, str | None]]:
         key = (id(active), id(shadow))
         found = self._impacts.get(key)
         if found is None:
-            # Predicted from what the proposal declares it changes, when it declares anything.
-            intended = declared(active, shadow)
-            compiled = self.compiled(shadow) if intended is shadow else compile_set(intended, self._interner)
-            found = self._impacts[key] = impact(self.compiled(active), compiled)
+            compiled_active = self.compiled(active)
+            hint = self._derived.get(id(shadow))
+            if shadow.changes:
+                # Predicted from what the proposal declares it changes, when it declares anything:
+                # the active set with those changes applied, folded again for whom they name.
+                intended, moved = declared_compiled(active, compiled_active, shadow, self._interner)
+                found = impact_of(compiled_active, intended, moved)
+            elif hint is not None and hint[1] is active:
+                found = impact_of(compiled_active, self.compiled(shadow), hint[2])
+            else:
+                found = impact(compiled_active, self.compiled(shadow))
+            self._impacts[key] = found
         return found
 
     def cohorts(self, active: PermissionSet, cohorts: Iterable[Cohort]) -> dict[Cohort, frozenset[str]]:
@@ -177,6 +215,7 @@ class CompileCache:
         self._sets = {k: v for k, v in self._sets.items() if k in keep}
         self._impacts = {k: v for k, v in self._impacts.items() if k[0] in keep and k[1] in keep}
         self._cohorts = {k: v for k, v in self._cohorts.items() if k[0] in keep}
+        self._derived = {k: v for k, v in self._derived.items() if k in keep and id(v[1]) in keep}
         self._interner.keep(compiled for _, compiled in self._sets.values())
 
 

@@ -36,7 +36,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import random
+import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -45,7 +47,8 @@ import structlog
 from etcd3aio.errors import EtcdError
 
 from authz_sidecar.decision.state import SnapshotStore
-from authz_sidecar.documents import load_document, parse_catalog, parse_permission_set
+from authz_sidecar.documents import load_document, parse_catalog
+from authz_sidecar.documents.bigsets import BigSet, read_set
 from authz_sidecar.errors import DocumentError
 from authz_sidecar.model.assembly import Assembly, LastGood, Read, Refusal, assemble
 from authz_sidecar.model.snapshot import CompileCache, paused_gc
@@ -56,6 +59,11 @@ from authz_sidecar.store.layout import Layout
 from authz_sidecar.store.sources.diskcopy import DiskCopy
 
 log = structlog.get_logger("authz_sidecar.store.sources.etcd")
+
+# Seconds a thread may hold the GIL while another waits, during a build (Python's default: 0.005).
+BUILD_SWITCH_INTERVAL = 0.0005
+# A build that read at least this many grants freezes what is alive when it ends (see build()).
+FREEZE_AFTER = 100_000
 
 __all__ = ["DiskCopy", "EtcdPolicySource", "SnapshotBuilder"]
 
@@ -70,9 +78,13 @@ class SnapshotBuilder:
         self.service = service
         self.region = region
         self.source = source
-        # (version, digest) -> the parsed set, the chunk values it was parsed from, and every key
-        # and value it was read from (head and chunks).
-        self._sets: dict[tuple[str, str], tuple[PermissionSet, tuple[bytes, ...], dict[str, bytes]]] = {}
+        # (version, digest) -> the parsed set (with what reading a child against it needs), the
+        # chunk values it was parsed from, and every key and value it was read from (head and chunks).
+        self._sets: dict[tuple[str, str], tuple[BigSet, tuple[bytes, ...], dict[str, bytes]]] = {}
+        # The version the active pointer named at the last build: a new set is read against it.
+        self._active_version = ""
+        # Grants read by the build under way (a large build ends with gc.freeze).
+        self._grants_read = 0
         self._catalogs: dict[bytes, Catalog] = {}
         self._compiled = CompileCache()
 
@@ -98,9 +110,16 @@ class SnapshotBuilder:
         # same objects takes the identity shortcut.)
         cached = self._sets.get((version, head.sha256))
         if cached is not None and cached[1] == tuple(parts):
-            return cached[0]
+            return cached[0].permissions
         document = layout.joined(head, parts, self.layout)
-        permissions = parse_permission_set(load_document(document, head_key), head_key)
+        # Read in pieces (the GIL handed over between them), and against the active set when
+        # there is one: a proposal made from it is parsed and compiled only where it differs.
+        parent = self._parent(version)
+        read = read_set(document, head_key, parent)
+        permissions = read.permissions
+        self._grants_read += len(permissions.grants)
+        if parent is not None and read.changed is not None:
+            self._compiled.derived(permissions, parent.permissions, read.changed)
         if permissions.version != version:
             raise DocumentError(
                 f"document says version {permissions.version!r} but is stored as {version!r}",
@@ -110,8 +129,16 @@ class SnapshotBuilder:
             )
         chunk_keys = [self.layout.chunk(version, head.sha256, i) for i in range(head.chunks)]
         raw = {head_key: kv[head_key], **dict(zip(chunk_keys, parts, strict=True))}
-        self._sets[(version, head.sha256)] = (permissions, tuple(parts), raw)
+        self._sets[(version, head.sha256)] = (read, tuple(parts), raw)
         return permissions
+
+    def _parent(self, version: str) -> BigSet | None:
+        """The set a new version is read against: the active set's, else the largest held."""
+        held = [entry[0] for (v, _digest), entry in self._sets.items() if v != version and entry[0].pieces]
+        active = [entry[0] for (v, _digest), entry in self._sets.items() if v == self._active_version]
+        if active and active[0].pieces and self._active_version != version:
+            return active[0]
+        return max(held, key=lambda b: len(b.pieces), default=None)
 
     def _set(self, kv: Mapping[str, bytes], version: str, kind: str, pointer: str) -> Read[PermissionSet]:
         """The set a pointer names; a missing version is the pointer's fault, anything wrong with
@@ -141,8 +168,31 @@ class SnapshotBuilder:
 
     def build(self, kv: Mapping[str, bytes], revision: int, last: LastGood) -> tuple[Assembly, dict[str, bytes]]:
         """The assembly, and the keys that store what it serves (what the disk copy keeps)."""
+        switch = sys.getswitchinterval()
+        # While a build runs beside the threads answering Checks, Python hands the GIL over to a
+        # waiting thread after 0.5 ms instead of 5: a Check that needs the GIL several times
+        # would otherwise wait up to 5 ms at each, behind the build's loops.
+        sys.setswitchinterval(min(switch, BUILD_SWITCH_INTERVAL))
+        try:
+            return self._frozen_build(kv, revision, last)
+        finally:
+            sys.setswitchinterval(switch)
+
+    def _frozen_build(
+        self, kv: Mapping[str, bytes], revision: int, last: LastGood
+    ) -> tuple[Assembly, dict[str, bytes]]:
         with paused_gc():
-            return self._build(kv, revision, last)
+            self._grants_read = 0
+            built = self._build(kv, revision, last)
+            if self._grants_read >= FREEZE_AFTER:
+                # Everything alive is moved out of the cyclic collector's sight (gc.freeze takes no
+                # time). Otherwise the first collection after the build walks every container it
+                # made, holding the GIL ~0.2 s per million grants while Checks wait, and each later
+                # full collection walks them again. Frozen objects are still freed by reference
+                # counting when their snapshot goes; only a cycle alive right now would never be
+                # collected, and a build makes none.
+                gc.freeze()
+            return built
 
     def _build(self, kv: Mapping[str, bytes], revision: int, last: LastGood) -> tuple[Assembly, dict[str, bytes]]:
         lay = self.layout
@@ -156,6 +206,7 @@ class SnapshotBuilder:
                 active = Read(lay.active, Refusal.of("pointer", exc, lay.active))
             else:
                 active = self._set(kv, version, "active", lay.active)
+                self._active_version = version
         elif last.active is not None:
             found.append(Refusal("pointer", lay.active, "is gone; the last good active set stays"))
         shadows: list[Read[ShadowSet]] = []
@@ -196,7 +247,7 @@ class SnapshotBuilder:
         live += [
             g.active.value for g in (good, last) if g.active is not None and isinstance(g.active.value, PermissionSet)
         ]
-        self._sets = {k: v for k, v in self._sets.items() if any(v[0] is p for p in live)}
+        self._sets = {k: v for k, v in self._sets.items() if any(v[0].permissions is p for p in live)}
         catalogs_kept = [*good.catalogs.values(), *last.catalogs.values()]
         self._catalogs = {b: c for b, c in self._catalogs.items() if any(c is k for k in catalogs_kept)}
         self._compiled.retain(live)
@@ -209,7 +260,7 @@ class SnapshotBuilder:
         good = assembly.last_good
         if good.active is None or not isinstance(good.active.value, PermissionSet):
             return {}
-        raw = {id(entry[0]): entry[2] for entry in self._sets.values()}
+        raw = {id(entry[0].permissions): entry[2] for entry in self._sets.values()}
         sets = [good.active.value, *(s.permissions for s in assembly.shadows.values())]
         if any(id(p) not in raw for p in sets):
             return {}

@@ -1,0 +1,227 @@
+"""Large permission sets read in pieces: bounded steps, and only what changed against a parent.
+
+A set of a million grants is ~56 MB of canonical JSON (what ``ctl`` writes to etcd). Reading it
+with one ``json.loads`` holds the GIL for a second or more, which every Check waiting for it feels;
+and a proposal that changes a few grants of it would be read, checked and compiled whole. Here the
+document's ``grants`` array is cut into pieces of about :data:`PIECE` bytes at grant boundaries and
+each piece is parsed and checked on its own (a few milliseconds each, the GIL free in between).
+
+Against a parent (the active set a proposal was made from), pieces whose bytes are the parent's,
+found by their digest, are not parsed again: their grants are the parent's. What is left is
+parsed, and the principals whose grants differ are returned, so that the compiled set can be
+derived from the parent's (:meth:`authz_sidecar.model.snapshot.CompileCache.derived`).
+
+Exactly as strict as :func:`authz_sidecar.documents.load_document` +
+:func:`~authz_sidecar.documents.parse_permission_set`: the parts around the grants go through
+them, each piece through the same strict JSON (duplicate keys refused) and the same grant checks,
+and a document this reader does not recognise, or finds anything wrong with, is read again whole
+the ordinary way, so that the refusal (or the value) is exactly that one's.
+tests/test_bigsets.py checks the equivalence on random documents.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from operator import itemgetter
+from typing import Any
+
+from authz_sidecar.documents.loading import json_object, load_document
+from authz_sidecar.documents.parsers import GrantReader, parse_permission_set
+from authz_sidecar.errors import DocumentError
+from authz_sidecar.model.values import Grant, PermissionSet
+
+# Bytes of grants per piece: ~550 grants, under a millisecond to parse and check.
+PIECE = 32 * 1024
+_GRANTS = b',"grants":['
+_BOUNDARY = b'},{"principal":"'
+_FIRST = b'{"principal":"'
+# Bytes of a piece's start looked for when finding it again after a change (it is then confirmed
+# by its digest).
+_FIRST_BYTES = 160
+# The declared changes after the grants are looked for in this many bytes at the end (more: the
+# document is read whole).
+_TAIL_BYTES = 1024 * 1024
+# How far past a change a piece of the parent is looked for, and how many pieces ahead.
+_LOOKAHEAD = 16
+
+_ROLES = itemgetter(1)
+_decoder = json.JSONDecoder(object_pairs_hook=json_object)
+
+
+@dataclass(frozen=True, slots=True)
+class Piece:
+    digest: bytes
+    size: int  # bytes
+    first: bytes  # its first bytes, to find it in another document
+    start: int  # index of its first grant in the set's grants
+    count: int
+    # The role combinations its grants use (a child that reuses it checks them against its roles).
+    combinations: frozenset[tuple[str, ...]]
+
+
+@dataclass(frozen=True, slots=True)
+class BigSet:
+    """A set read in pieces, and what a child read against it needs."""
+
+    permissions: PermissionSet
+    pieces: tuple[Piece, ...]
+    # Principals whose grants differ from the parent's it was read against (None: read whole, or
+    # sharing less than half of its grants with the parent).
+    changed: frozenset[str] | None = None
+
+
+def _digest(data: memoryview | bytes) -> bytes:
+    return hashlib.blake2b(data, digest_size=16).digest()
+
+
+def _cut(region: bytes, start: int, end: int) -> list[tuple[int, int]]:
+    """Pieces of about PIECE bytes over region[start:end] (whole grants), cut at grant boundaries."""
+    cuts = []
+    while start < end:
+        at = region.find(_BOUNDARY, start + PIECE, end)
+        if at < 0:
+            cuts.append((start, end))
+            break
+        cuts.append((start, at + 1))
+        start = at + 2
+    return cuts
+
+
+class _UnrecognisedError(Exception):
+    """Not a document this reader splits: read it whole."""
+
+
+def _split(document: bytes) -> tuple[dict[str, Any], int, int]:
+    """The members other than grants, and where the grants' elements are: document[start:end]."""
+    at = document.find(_GRANTS)
+    if at < 0 or not document.startswith(b"{"):
+        raise _UnrecognisedError
+    start = at + len(_GRANTS)
+    if document.startswith(b"]", start):
+        end = start
+    else:
+        # Canonical JSON puts the declared changes after the grants; anything else after them
+        # ends the document, and the grants end at the last '}]' (a wrong guess fails to parse).
+        # (Looked for near the end only: a search over tens of megabytes holds the GIL.)
+        near_end = max(start, len(document) - _TAIL_BYTES)
+        changes = document.rfind(b'],"changes":[', near_end)
+        end = changes if changes >= 0 else document.rfind(b"}]", near_end) + 1
+        if end <= start or not document.startswith(_FIRST, start):
+            raise _UnrecognisedError
+    tail = document[end + 1 :]
+    if tail != b"}" and not tail.startswith(b","):
+        raise _UnrecognisedError
+    try:
+        head = _decoder.decode(document[:at].decode() + "}")
+        rest = _decoder.decode("{" + tail[1:].decode()) if tail != b"}" else {}
+    except (ValueError, DocumentError):
+        raise _UnrecognisedError from None
+    if not isinstance(head, dict) or not isinstance(rest, dict) or "grants" in head or "grants" in rest:
+        raise _UnrecognisedError
+    if head.keys() & rest.keys():
+        raise _UnrecognisedError
+    return {**head, **rest}, start, end
+
+
+def read_set(
+    document: bytes,
+    name: str,
+    parent: BigSet | None = None,
+    *,
+    pause: Callable[[], None] = lambda: time.sleep(0),
+) -> BigSet:
+    """The set stored as `document` (named `name` in refusals), read piece by piece, against
+    `parent` when given; `pause` runs between pieces (by default it hands the GIL over)."""
+    try:
+        return _read(document, name, parent, pause)
+    except (_UnrecognisedError, DocumentError, ValueError, RecursionError):
+        pass
+    permissions = parse_permission_set(load_document(document, name), name)
+    return BigSet(permissions, ())
+
+
+def _read(document: bytes, name: str, parent: BigSet | None, pause: Callable[[], None]) -> BigSet:
+    members, start, end = _split(document)
+    members["grants"] = []
+    base = parse_permission_set(members, name)
+    reader = GrantReader(base.roles, name)
+    grants: list[Grant] = []
+    pieces: list[Piece] = []
+    view = memoryview(document)
+    removed: list[Grant] = []
+    added: list[Grant] = []
+    plan = _match(document, view, start, end, parent) if parent is not None else [(None, start, end)]
+    if not reader.valid({c for p, _a, _b in plan if p is not None for c in p.combinations}):
+        raise _UnrecognisedError  # a role the parent's grants use is gone: read whole, refused there
+    for same, a, b in plan:
+        if same is not None and parent is not None:
+            kept = parent.permissions.grants[same.start : same.start + same.count]
+            pieces.append(replace(same, start=len(grants)))
+            grants.extend(kept)
+            continue
+        for x, y in _cut(document, a, b):
+            chunk = view[x:y]
+            rows = _decoder.decode("[" + str(chunk, "utf-8") + "]")
+            parsed = reader.read(rows, len(grants))
+            first = bytes(view[x : min(y, x + _FIRST_BYTES)])
+            combinations = frozenset(map(_ROLES, parsed))
+            pieces.append(Piece(_digest(chunk), y - x, first, len(grants), len(parsed), combinations))
+            grants.extend(parsed)
+            if parent is not None:
+                added.extend(parsed)
+            pause()
+    changed: frozenset[str] | None = None
+    reused = sum(p.count for p, _a, _b in plan if p is not None)
+    if parent is not None and reused * 2 >= len(parent.permissions.grants):
+        # Mostly the parent's: what differs is worth naming (a set sharing little with it is
+        # compiled whole, and its impact found by comparing the compiled sets).
+        used = {id(p) for p, _a, _b in plan if p is not None}
+        for piece in parent.pieces:
+            if id(piece) not in used:
+                removed.extend(parent.permissions.grants[piece.start : piece.start + piece.count])
+        before, after = Counter(removed), Counter(added)
+        changed = frozenset(g[0] for g in (before - after)) | frozenset(g[0] for g in (after - before))
+    return BigSet(replace(base, grants=tuple(grants)), tuple(pieces), changed)
+
+
+def _match(
+    document: bytes, view: memoryview, start: int, end: int, parent: BigSet
+) -> list[tuple[Piece | None, int, int]]:
+    """The grants region as a plan: the parent's pieces found in it, in order, and the regions
+    between them to parse (None)."""
+    plan: list[tuple[Piece | None, int, int]] = []
+    pieces = parent.pieces
+    i, at = 0, start
+
+    def same(piece: Piece, x: int) -> bool:
+        y = x + piece.size
+        return y <= end and (y == end or document[y] == 0x2C) and _digest(view[x:y]) == piece.digest
+
+    while at < end:
+        if i < len(pieces) and same(pieces[i], at):
+            plan.append((pieces[i], at, at + pieces[i].size))
+            at += pieces[i].size + 1
+            i += 1
+            continue
+        found = None
+        reach = end if i >= len(pieces) else min(end, at + 4 * pieces[i].size + 4 * PIECE)
+        for j in range(i + 1, min(len(pieces), i + _LOOKAHEAD)):
+            x = document.find(pieces[j].first, at, reach)
+            while x >= 0 and not ((x == at or document[x - 1] == 0x2C) and same(pieces[j], x)):
+                x = document.find(pieces[j].first, x + 1, reach)
+            if x >= 0:
+                found = (j, x)
+                break
+        if found is None:
+            plan.append((None, at, end))
+            break
+        j, x = found
+        if x > at:
+            plan.append((None, at, x - 1))
+        i, at = j, x
+    return plan

@@ -1,0 +1,178 @@
+"""Sets read in pieces (documents/bigsets.py) give what reading them whole gives, or the same refusal."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from authz_sidecar.documents import bigsets, load_document, parse_permission_set
+from authz_sidecar.documents.parsers import dump_permission_set
+from authz_sidecar.errors import DocumentError
+from authz_sidecar.model.values import DeclaredChange, Grant, PermissionSet
+
+HANDLES = ["a:view", "a:edit", "b:view", "c:run"]
+ROLES = ["r0", "r1", "r2"]
+PRINCIPALS = ["p0", "p1", "p2", "p3", "p4", "o'neil", "é", "a}]b", 'q"x', "back\\slash"]
+SCOPES = [None, "account:x", "account:y"]
+
+
+@pytest.fixture(autouse=True)
+def small_pieces(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Pieces of a few grants, so that small documents are cut into many."""
+    monkeypatch.setattr(bigsets, "PIECE", 40)
+    yield
+
+
+def whole(document: bytes) -> PermissionSet | str:
+    try:
+        return parse_permission_set(load_document(document, "doc"), "doc")
+    except DocumentError as exc:
+        return str(exc)
+
+
+def pieces(document: bytes, parent: bigsets.BigSet | None = None) -> PermissionSet | str:
+    try:
+        return bigsets.read_set(document, "doc", parent, pause=lambda: None).permissions
+    except DocumentError as exc:
+        return str(exc)
+
+
+grant_st = st.builds(
+    Grant,
+    principal=st.sampled_from(PRINCIPALS),
+    roles=st.lists(st.sampled_from(ROLES), min_size=1, max_size=2).map(tuple),
+    scope=st.sampled_from(SCOPES),
+)
+roles_st = st.fixed_dictionaries(
+    {r: st.lists(st.sampled_from(HANDLES), min_size=1, max_size=3).map(tuple) for r in ROLES}
+)
+
+
+def document(roles: Mapping[str, tuple[str, ...]], grants: list[Grant], changes: bool = False) -> bytes:
+    declared = (DeclaredChange(principal="p0", grant=("r1",)),) if changes else ()
+    return dump_permission_set(PermissionSet(roles=roles, grants=tuple(grants), changes=declared))
+
+
+@settings(max_examples=200)
+@given(roles_st, st.lists(grant_st, max_size=30), st.booleans())
+def test_a_canonical_document_reads_the_same_in_pieces(
+    roles: dict[str, tuple[str, ...]], grants: list[Grant], changes: bool
+) -> None:
+    text = document(roles, grants, changes)
+    read = bigsets.read_set(text, "doc", pause=lambda: None)
+    assert read.permissions == whole(text)
+    assert len(grants) < 3 or len(read.pieces) > 1  # it was cut, not read whole
+
+
+@settings(max_examples=300)
+@given(
+    roles_st,
+    st.lists(grant_st, min_size=1, max_size=20),
+    st.integers(min_value=0),
+    st.sampled_from(
+        [
+            b'"principal":"dup",',
+            b'"roles":["r0"],',
+            b"  ",
+            b"\\",
+            b"\xff",
+            b'"',
+            b"}",
+            b"{",
+            b",",
+            b"]",
+            b'"scope":null,',
+            b'"scope":"account:z",',
+            b'"grants":[],',
+            b'"other":1,',
+            b"\x00",
+        ]
+    ),
+)
+def test_any_damage_is_refused_or_read_exactly_as_whole(
+    roles: dict[str, tuple[str, ...]], grants: list[Grant], at: int, insert: bytes
+) -> None:
+    text = document(roles, grants)
+    cut = at % (len(text) + 1)
+    damaged = text[:cut] + insert + text[cut:]
+    assert pieces(damaged) == whole(damaged)
+
+
+def test_a_duplicate_key_in_a_grant_is_refused_as_whole() -> None:
+    text = document({"r0": ("a:view",)}, [Grant("p0", ("r0",))] * 10)
+    damaged = text.replace(b'{"principal":"p0"', b'{"principal":"p9","principal":"p0"', 1)
+    assert pieces(damaged) == whole(damaged) == "doc: duplicate key 'principal'"
+    damaged = text.replace(b'"roles":["r0"]}', b'"roles":["r0"],"roles":["r0"]}', 1)
+    assert pieces(damaged) == whole(damaged) == "doc: duplicate key 'roles'"
+
+
+def test_a_document_in_another_form_is_read_whole() -> None:
+    data: dict[str, Any] = {"grants": [{"roles": ["r0"], "principal": "p0"}], "roles": {"r0": ["a:view"]}}
+    text = json.dumps(data, indent=2).encode()
+    read = bigsets.read_set(text, "doc", pause=lambda: None)
+    assert read.pieces == ()
+    assert read.permissions == whole(text)
+
+
+edit_st = st.lists(
+    st.tuples(st.sampled_from(["insert", "delete", "replace"]), st.integers(min_value=0), grant_st), max_size=4
+)
+
+
+@settings(max_examples=300)
+@given(roles_st, st.lists(grant_st, max_size=40), edit_st, st.one_of(st.none(), roles_st), st.booleans())
+def test_a_child_read_against_its_parent_is_the_child_and_names_who_changed(
+    roles: dict[str, tuple[str, ...]],
+    grants: list[Grant],
+    edits: list[tuple[str, int, Grant]],
+    new_roles: dict[str, tuple[str, ...]] | None,
+    drop_role: bool,
+) -> None:
+    parent = bigsets.read_set(document(roles, grants), "doc", pause=lambda: None)
+    changed = list(grants)
+    for kind, at, grant in edits:
+        where = at % (len(changed) + 1)
+        if kind == "insert":
+            changed.insert(where, grant)
+        elif changed and where < len(changed):
+            if kind == "delete":
+                del changed[where]
+            else:
+                changed[where] = grant
+    child_roles = dict(new_roles or roles)
+    if drop_role:
+        child_roles.pop("r2")
+    text = document(child_roles, changed)
+    read = pieces(text, parent)
+    assert read == whole(text)
+    if isinstance(read, PermissionSet):
+        child = bigsets.read_set(text, "doc", parent, pause=lambda: None)
+        if child.changed is None:  # it shares less than half its grants with the parent
+            return
+        differs = {g.principal for g in set(grants) ^ set(changed)}
+        assert differs <= child.changed
+        before = {p: Counter(g for g in grants if g.principal == p) for p in PRINCIPALS}
+        after = {p: Counter(g for g in changed if g.principal == p) for p in PRINCIPALS}
+        assert {p for p in PRINCIPALS if before[p] != after[p]} == child.changed
+
+
+def test_a_small_change_to_a_large_set_reuses_the_parents_pieces(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(bigsets, "PIECE", 1024)
+    grants = [Grant(f"user-{i}", ("r0",) if i % 2 else ("r1",), None) for i in range(5000)]
+    roles = {"r0": ("a:view",), "r1": ("a:edit",)}
+    parent = bigsets.read_set(document(roles, grants), "doc", pause=lambda: None)
+    grants[2500] = Grant("user-2500", ("r0", "r1"), None)
+    del grants[4000]
+    grants.insert(100, Grant("newbie", ("r0",), "account:x"))
+    child = bigsets.read_set(document(roles, grants), "doc", parent, pause=lambda: None)
+    assert child.changed == frozenset({"user-2500", "user-4000", "newbie"})
+    reused = sum(1 for p in child.pieces if any(p.digest == q.digest for q in parent.pieces))
+    assert reused >= len(parent.pieces) - 4
+    other = [Grant(f"other-{i}", ("r0",), None) for i in range(5000)]
+    assert bigsets.read_set(document(roles, other), "doc", parent, pause=lambda: None).changed is None
