@@ -28,7 +28,6 @@ from authz_sidecar.control import cohorts, deadletters, rollouts
 from authz_sidecar.control.explaining import add_explain_command
 from authz_sidecar.control.replay import add_replay_command
 from authz_sidecar.control.rolecombos import add_roles_commands
-from authz_sidecar.control.rollouts import who
 from authz_sidecar.control.testing import add_test_commands
 from authz_sidecar.documents import (
     check_handle,
@@ -175,7 +174,7 @@ async def cmd_propose(store: PolicyStore, ns: argparse.Namespace) -> dict[str, A
         request_id,
         subject=subject,
         fields={
-            "who": meta.author or who(),
+            "who": meta.author or rollouts.who(),
             "reason": reason,
             "version": permissions.version,
             "parent": meta.parent,
@@ -228,7 +227,7 @@ def _lifecycle_change(ns: argparse.Namespace, action: str, version: str) -> Chan
         action,
         ns.request_id,
         subject=version,
-        fields={"who": ns.author or who(), "reason": ns.reason, "version": version},
+        fields={"who": ns.author or rollouts.who(), "reason": ns.reason, "version": version},
     )
 
 
@@ -379,7 +378,7 @@ async def cmd_dlq_drop(store: PolicyStore, ns: argparse.Namespace) -> dict[str, 
     dead = local.get(ns.request_id) or remote.get(ns.request_id)
     if dead is None:
         raise StoreError(f"no dead letter for request {ns.request_id!r}")
-    fields = {"who": ns.author or who(), "reason": ns.reason, "dropped": dead}
+    fields = {"who": ns.author or rollouts.who(), "reason": ns.reason, "dropped": dead}
     ops = [store.etcd.kv.txn_op_delete(store.layout.dead_letter(ns.request_id))] if ns.request_id in remote else []
     entry = await store.record(Change("dlq_drop", subject=ns.request_id, fields=fields), ops)
     queue.remove(ns.request_id)
@@ -459,7 +458,7 @@ async def cmd_canary(store: PolicyStore, ns: argparse.Namespace) -> dict[str, An
     # With a request id, a rerun of the same canary step does nothing twice.
     subject = f"{ns.version}:" + ",".join(f"{r}={w}" for r, w in sorted(weights.items()))
     subject += f";cohorts={cohorts.subject(groups)}" if groups else ""
-    change = Change("canary", ns.request_id, subject=subject, fields={"who": who(), "version": ns.version})
+    change = Change("canary", ns.request_id, subject=subject, fields={"who": rollouts.who(), "version": ns.version})
     done = await store.done_before(change)
     if done is not None:
         return {"version": ns.version, "repeated": True, "audit_seq": done.get("seq")}
