@@ -16,9 +16,12 @@ from google.protobuf.struct_pb2 import Struct
 from authz_sidecar.decision.decider import Decider
 from authz_sidecar.decision.identity import (
     JWT_AUTHN_NAMESPACE,
+    Identifier,
     RequestIdentityInputs,
     build_identifier,
     check_sources,
+    jwt_authn_source,
+    mtls_source,
 )
 from authz_sidecar.decision.state import SnapshotStore
 from authz_sidecar.decision.tokens import KeySet, TokenVerifier
@@ -94,6 +97,35 @@ def test_sources_and_their_prerequisites_are_checked_once() -> None:
     with pytest.raises(ConfigError, match="--identity header needs"):
         build_identifier(["header"])
     check_sources(["jwt_authn", "mtls"], has_keys=False, dev_header=None)
+
+
+def test_jwt_authn_metadata_as_bytes_is_read_once_per_distinct_payload(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The gRPC front hands the jwt_authn namespace over as the Struct's bytes: the principal is
+    the one the Struct names, read from each distinct value once; bytes that are not a Struct, or a
+    payload without the claim, deny every time (nothing invalid is kept)."""
+
+    parsed: list[bytes] = []
+    real = Struct.FromString
+
+    def counted(raw: bytes) -> Struct:
+        parsed.append(raw)
+        return real(raw)
+
+    monkeypatch.setattr(Struct, "FromString", counted)
+    identify = build_identifier(["jwt_authn"], jwt_authn_payload_key="jwt_payload").identify
+
+    def raw_inputs(raw: bytes) -> RequestIdentityInputs:
+        return RequestIdentityInputs({}, {JWT_AUTHN_NAMESPACE: raw}, "")
+
+    alice = inputs(payload={"sub": "alice"}).filter_metadata[JWT_AUTHN_NAMESPACE].SerializeToString()
+    assert [identify(raw_inputs(bytes(alice))) for _ in range(3)] == ["alice"] * 3
+    assert parsed == [alice]
+    no_claim = inputs(payload={"iss": "demo"}).filter_metadata[JWT_AUTHN_NAMESPACE].SerializeToString()
+    for raw in (no_claim, no_claim, b"\xff\xff"):
+        with pytest.raises(IdentityError):
+            identify(raw_inputs(raw))
+    assert parsed == [alice, no_claim, no_claim, b"\xff\xff"]
+    assert identify(raw_inputs(Struct().SerializeToString())) is None  # no payload at all: not this source
 
 
 # --- tokens ------------------------------------------------------------------------------------
@@ -173,6 +205,81 @@ def test_nothing_is_memoised_when_the_answer_depends_on_the_request_id() -> None
         assert outcome.evaluation is not None
         versions.add(outcome.evaluation.enforced.meta.version)
     assert versions == {"v1", "v2"} and live.memo == {}
+
+
+def test_a_reused_evaluation_is_counted_without_working_out_its_labels_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Counting a decision is one increment under the labels worked out once per distinct
+    evaluation; the families scraped are the sums."""
+    from authz_sidecar.telemetry import metrics as metrics_module
+
+    worked_out: list[object] = []
+    real = metrics_module.tally_of
+
+    def counted(evaluation: Any) -> Any:
+        worked_out.append(evaluation)
+        return real(evaluation)
+
+    monkeypatch.setattr(metrics_module, "tally_of", counted)
+    store = SnapshotStore()
+    store.install(snapshot(shadow("v2")))
+    metrics = Metrics(store)
+    decide = Decider(store, build_identifier(["header"], dev_header="x-user"), metrics).decide
+    for _ in range(5):
+        decide("PUT", "/things/1", {"x-user": "alice"})
+    decide("GET", "/things/1", {"x-user": "alice"})
+    decide("GET", "/things/1", {})  # a refusal: counted by its reason
+    assert len(worked_out) == 2
+    decisions, observations, per_set, _mismatches = metrics.counts()
+    allowed = sum(n for (by, answer, _sel, _reason), n in decisions.items() if by == "active" and answer == "allow")
+    assert allowed == 6 and decisions[("none", "deny", "none", "no_identity")] == 1
+    assert observations == {"v2": 6}
+    assert sum(n for (kind, version, _a, enforced), n in per_set.items() if version == "v1" and enforced == "true") == 6
+
+
+def test_a_check_asked_again_on_a_snapshot_is_answered_from_its_memo_and_still_counted() -> None:
+    """With identity from jwt_authn's metadata as bytes (the gRPC front's view), a Check asked again
+    on the same snapshot is neither identified, routed nor decided again, but is counted each time;
+    what the answer depends on is all in the key, and a new snapshot starts afresh."""
+    store = SnapshotStore()
+    first = snapshot(shadow("v2"))
+    store.install(first)
+    metrics = Metrics(store)
+    identified: list[object] = []
+    jwt_authn = jwt_authn_source("jwt_payload", "sub")
+
+    def counted(inputs: RequestIdentityInputs) -> str | None:
+        identified.append(inputs)
+        return jwt_authn(inputs)
+
+    decide = Decider(store, Identifier([("jwt_authn", counted), ("mtls", mtls_source)]), metrics).decide
+
+    def meta(sub: str) -> dict[str, Any]:
+        struct = inputs(payload={"sub": sub}).filter_metadata[JWT_AUTHN_NAMESPACE]
+        return {JWT_AUTHN_NAMESPACE: struct.SerializeToString()}
+
+    alice = meta("alice")
+    answers = [decide("PUT", "/things/1", {}, filter_metadata=alice) for _ in range(4)]
+    assert all(a is answers[0] for a in answers) and answers[0].allowed
+    assert len(identified) == 1
+    decisions = metrics.counts()[0]
+    assert sum(n for labels, n in decisions.items() if labels[0] == "active") == 4
+    # Everything the answer depends on is in the key: each of these is decided anew.
+    assert not decide("PUT", "/things/1", {}, filter_metadata=meta("bob")).allowed
+    assert decide("GET", "/things/1", {}, filter_metadata=alice).allowed
+    assert decide("PUT", "/things/1", {"x-authz-shadow-version": "v2"}, filter_metadata=alice).allowed
+    assert decide("PUT", "/things/1", {}, filter_metadata=alice, extensions={"permission": "things:view"}).allowed
+    assert len(identified) == 5
+    assert sum(1 for key in first.memo if key[0] == "check") == 5
+    second = snapshot(shadow("v2"))
+    store.install(second)
+    decide("PUT", "/things/1", {}, filter_metadata=alice)
+    assert len(identified) == 6
+    # Identity sources that read headers (a token verified here expires) never take this path.
+    by_header = Decider(store, build_identifier(["header"], dev_header="x-user"), metrics).decide
+    by_header("PUT", "/things/1", {"x-user": "bob"})
+    assert sum(1 for key in second.memo if key[0] == "check") == 1
 
 
 # --- staleness ---------------------------------------------------------------------------------

@@ -29,7 +29,19 @@ SIDECAR_GRPC = "Envoy + ext_authz gRPC -> authz-sidecar (default: threads)"
 TRACED_100 = "Envoy + ext_authz gRPC -> authz-sidecar, tracing 100%"
 TRACED_1 = "Envoy + ext_authz gRPC -> authz-sidecar, tracing 1%"
 # The same sidecar writing every decision to --decision-log, against it without (the goal: within 10%).
+# With the bench policy (10,000 principals, three live shadows with cohorts) this is every feature on.
 DECISION_LOG_100 = "Envoy + ext_authz gRPC -> authz-sidecar, decision log 100%"
+# The floor of Python gRPC: a sync grpc.server returning a prebuilt allow (bench/baselines.py).
+FLOOR = "Envoy + ext_authz gRPC -> bare grpc.server threads"
+# The same two called directly: h2load's gRPC calls at the server, no Envoy.
+DIRECT_FLOOR = "Check direct (h2load gRPC) -> bare grpc.server threads"
+DIRECT_SIDECAR = "Check direct (h2load gRPC) -> authz-sidecar, every feature"
+# Size: the same Check through Envoy with an active set and a shadow of 100 grants, and of a million.
+SMALL_GRANTS = 100
+
+
+def sized(grants: int) -> str:
+    return f"Envoy + ext_authz gRPC -> authz-sidecar, {grants:,} grants x 2"
 
 
 def _fmt_point(p: Point | None) -> str:
@@ -53,10 +65,20 @@ def baseline_rps(rows: list[Row], row: Row, streams: int) -> float | None:
     return max(values) if values else None
 
 
+def cpu_ratio(rows: list[Row], row: Row, streams: int = 16) -> float | None:
+    """The server's CPU per request in `row` over that of its cpu_baseline row (16 streams)."""
+    base = next((r for r in rows if r.name == row.cpu_baseline), None)
+    mine, theirs = _point(row, streams), _point(base, streams) if base else None
+    if mine is None or theirs is None:
+        return None
+    a, b = mine.cpu_us_per_request.get("server"), theirs.cpu_us_per_request.get("server")
+    return a / b if a and b else None
+
+
 def table(bench: Bench) -> str:
     lines = [
         f"{'configuration':<58} {'1 stream: rps':>14} {'p50us':>6} {'p99us':>6}   {'16 streams: rps':>15}"
-        f" {'p50us':>6} {'p99us':>6}   ratio@1 ratio@16  cpu us/req (16)",
+        f" {'p50us':>6} {'p99us':>6}   ratio@1 ratio@16  cpu@16  cpu us/req (16)",
     ]
     for row in bench.rows:
         one, sixteen = _point(row, 1), _point(row, 16)
@@ -64,12 +86,53 @@ def table(bench: Bench) -> str:
         for streams, point in ((1, one), (16, sixteen)):
             base = baseline_rps(bench.rows, row, streams)
             ratios.append(f"{point.rps / base:>6.2f}x" if point and base else f"{'':>7}")
+        cpu_x = cpu_ratio(bench.rows, row)
+        ratios.append(f"{cpu_x:>5.2f}x" if cpu_x else f"{'':>6}")
         cpu = ", ".join(f"{k} {v:.0f}" for k, v in (sixteen.cpu_us_per_request if sixteen else {}).items())
-        lines.append(f"{row.name:<58} {_fmt_point(one)}   {_fmt_point(sixteen):>31}   {ratios[0]}  {ratios[1]}  {cpu}")
-    lines.append("ratios: each sidecar row against its baseline row in this same run (rps / baseline rps)")
+        lines.append(f"{row.name:<58} {_fmt_point(one)}   {_fmt_point(sixteen):>31}   {'  '.join(ratios)}  {cpu}")
+    lines.append("ratios: each sidecar row against its baseline row in this same run (rps / baseline rps);")
+    lines.append(
+        "cpu@16: the server's CPU per request at 16 streams over its cpu baseline's (the floor of Python gRPC)"
+    )
     for row in bench.rows:
         if row.baseline:
             lines.append(f"  {row.name}  vs  {row.baseline}")
+        if row.cpu_baseline and row.cpu_baseline != row.baseline:
+            lines.append(f"  {row.name}  cpu vs  {row.cpu_baseline}")
+    return "\n".join(lines)
+
+
+def goals(bench: Bench, large: int) -> str:
+    """Issue 20's goals as this run measured them: CPU per Check and throughput against the floor,
+    through Envoy and direct, and the Check at `large` grants against the same at 100."""
+    rows = {r.name: r for r in bench.rows}
+    lines = []
+    for label, name in (("through Envoy", DECISION_LOG_100), ("called directly", DIRECT_SIDECAR)):
+        row = rows.get(name)
+        if row is None or row.cpu_baseline not in rows:
+            continue
+        cpu_x = cpu_ratio(bench.rows, row)
+        mine, floor = _point(row, 16), _point(rows[row.cpu_baseline], 16)
+        rps_x = mine.rps / floor.rps if mine and floor else None
+        lines.append(
+            f"every feature vs the floor, {label}, 16 streams: CPU per Check "
+            + (f"{cpu_x:.2f}x" if cpu_x else "-")
+            + " (goal <= 1.11x), throughput "
+            + (f"{rps_x:.2f}x" if rps_x else "-")
+            + " (goal >= 0.9x)"
+        )
+    small, big = rows.get(sized(SMALL_GRANTS)), rows.get(sized(large))
+    if small and big:
+        parts = []
+        for streams in (1, 16):
+            a, b = _point(big, streams), _point(small, streams)
+            if a and b:
+                cpu_a, cpu_b = a.cpu_us_per_request.get("server"), b.cpu_us_per_request.get("server")
+                cpu = f", CPU per Check {cpu_a / cpu_b:.2f}x" if cpu_a and cpu_b else ""
+                parts.append(f"{streams} stream{'s' if streams > 1 else ''}: throughput {a.rps / b.rps:.2f}x{cpu}")
+        lines.append(
+            f"{large:,} grants vs {SMALL_GRANTS} (x 2 sets), through Envoy: " + "; ".join(parts) + " (goal: within 5%)"
+        )
     return "\n".join(lines)
 
 
@@ -82,6 +145,8 @@ def _only(plan: list[tuple[Row, Callable[[Row], None]]], texts: list[str]) -> li
                 wanted |= {r.name for r, _ in plan if r.name.startswith("Envoy + ext_authz gRPC -> bare")}
             else:
                 wanted.add(row.baseline)
+        if row.name in wanted and row.cpu_baseline:
+            wanted.add(row.cpu_baseline)
     return [(row, body) for row, body in plan if row.name in wanted]
 
 
@@ -147,18 +212,24 @@ def main() -> int:
         bench = Bench(Path(tmp), seconds)
         print(f"benchmark: {rounds} x {seconds:g}s per point (median kept), h2load on loopback, Envoy --concurrency 1")
         http_bare = "Envoy + ext_authz HTTP -> bare asyncio HTTP allow-all"
+        # The large size of the size pair: a million grants (100,000 in quick mode, which checks only).
+        large = 100_000 if args.quick else 1_000_000
         plan: list[tuple[Row, Callable[[Row], None]]] = [
             (Row("Envoy, no authorization (floor)", None), bench.row_envoy("floor")),
             (Row("Envoy + RBAC filter (jwt_authn, rules + shadow rules)", None), bench.row_envoy("rbac")),
             (Row("Envoy + ext_authz gRPC -> bare grpc.aio allow-all", None), bench.row_bare("grpc-aio", "grpc")),
-            (Row("Envoy + ext_authz gRPC -> bare grpc.server threads", None), bench.row_bare("grpc-threads", "grpc")),
+            (Row(FLOOR, None), bench.row_bare("grpc-threads", "grpc")),
             (
-                Row(SIDECAR_GRPC, FASTEST_GRPC),
+                Row(SIDECAR_GRPC, FASTEST_GRPC, FLOOR),
                 bench.row_sidecar("grpc"),
             ),
             (Row(TRACED_100, SIDECAR_GRPC), bench.row_sidecar_traced(1.0)),
             (Row(TRACED_1, SIDECAR_GRPC), bench.row_sidecar_traced(0.01)),
-            (Row(DECISION_LOG_100, SIDECAR_GRPC), bench.row_sidecar_decision_log()),
+            (Row(DECISION_LOG_100, SIDECAR_GRPC, FLOOR), bench.row_sidecar_decision_log()),
+            (Row(DIRECT_FLOOR, None), bench.row_bare_direct),
+            (Row(DIRECT_SIDECAR, DIRECT_FLOOR, DIRECT_FLOOR), bench.row_sidecar_direct),
+            (Row(sized(SMALL_GRANTS), None), bench.row_sidecar_sized(SMALL_GRANTS)),
+            (Row(sized(large), sized(SMALL_GRANTS)), bench.row_sidecar_sized(large)),
             (
                 Row("Envoy + ext_authz gRPC -> authz-sidecar (grpc.aio + uvloop)", FASTEST_GRPC),
                 bench.row_sidecar("grpc", "--server-model", "aio"),
@@ -175,6 +246,8 @@ def main() -> int:
     at_scale: dict[str, Any] = {} if args.only else _at_scale(args.quick)
     print()
     print(table(bench))
+    print()
+    print(goals(bench, large))
     if at_scale:
         print()
         print(scale.table(at_scale["scale"]))
@@ -188,7 +261,7 @@ def main() -> int:
         print(rebuild_bench.line(at_scale["rebuild"]))
     args.out.mkdir(parents=True, exist_ok=True)
     out = args.out / f"bench-{time.strftime('%Y%m%dT%H%M%S')}{'-quick' if args.quick else ''}.json"
-    out.write_text(json.dumps({**to_json(bench, facts), **at_scale}, indent=2))
+    out.write_text(json.dumps({**to_json(bench, facts), "goals": goals(bench, large), **at_scale}, indent=2))
     print(f"\nwritten: {out.relative_to(REPO_ROOT) if out.is_relative_to(REPO_ROOT) else out}")
     if bench.errors:
         print("\nbenchmark FAILED: answers other than the expected ones were measured:", file=sys.stderr)

@@ -39,9 +39,18 @@ def _percentile(sorted_values: list[float], q: float) -> float:
     return sorted_values[min(len(sorted_values) - 1, int(q * len(sorted_values)))]
 
 
-def run(url: str, *, streams: int, seconds: float, headers: dict[str, str], warmup: float = 0.3) -> LoadResult:
+def run(
+    url: str,
+    *,
+    streams: int,
+    seconds: float,
+    headers: dict[str, str],
+    warmup: float = 0.3,
+    data: Path | None = None,
+) -> LoadResult:
     """Open-ended load for `seconds`: 1 stream = one connection, one request at a time; 16 streams =
-    4 connections x 4 concurrent streams."""
+    4 connections x 4 concurrent streams. With `data`, every request is a POST of that file's bytes
+    (a gRPC call when it holds one framed message and the headers say application/grpc)."""
     connections = 1 if streams == 1 else 4
     per_connection = streams // connections
     with tempfile.TemporaryDirectory() as tmp:
@@ -64,6 +73,8 @@ def run(url: str, *, streams: int, seconds: float, headers: dict[str, str], warm
         ]
         for name, value in headers.items():
             argv += ["-H", f"{name}: {value}"]
+        if data is not None:
+            argv += ["-d", str(data)]
         out = subprocess.run(  # noqa: S603 - argv built here from fixed parts
             argv, capture_output=True, text=True, timeout=seconds + warmup + 60, check=False
         )

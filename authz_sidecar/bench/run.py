@@ -8,8 +8,10 @@ absolute numbers move with the machine. Nothing here asserts a time.
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import platform
+import struct
 import subprocess
 import sys
 import time
@@ -31,27 +33,67 @@ SHADOWS = ("v2", "v3", "v4")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
-def bench_policy(directory: Path) -> Path:
-    """An active set and three live shadows, so every Check decides once and observes three times."""
+PRINCIPALS = 10_000
+COHORT = [f"user-{i}" for i in range(10)]
+
+
+def bench_policy(directory: Path, principals: int = PRINCIPALS) -> Path:
+    """The product as it ships: an active set of `principals` principals and three live shadows,
+    each with a cohort in this region, so every Check decides once and observes three times."""
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "shadows").mkdir(exist_ok=True)
-    catalog = {
-        "service": "things",
-        "permissions": [{"handle": "things:view"}, {"handle": "things:edit"}],
-        "routes": [
-            {"method": "GET", "path": "/things/{id}", "permission": "things:view"},
-            {"method": "PUT", "path": "/things/{id}", "permission": "things:edit"},
-        ],
-    }
-    roles = {"viewer": ["things:view"], "editor": ["things:view", "things:edit"]}
-    grants = [{"principal": ALLOWED, "roles": ["editor"]}, {"principal": DENIED, "roles": ["viewer"]}]
-    grants += [{"principal": f"user-{i}", "roles": ["viewer"]} for i in range(1000)]
-    (directory / "catalog.yaml").write_text(yaml.safe_dump(catalog))
-    (directory / "active.yaml").write_text(yaml.safe_dump({"version": "v1", "roles": roles, "grants": grants}))
+    (directory / "catalog.yaml").write_text(yaml.safe_dump(CATALOG))
+    grants = _grants(principals)
+    # JSON (load_document reads text starting with '{' with the C parser): PyYAML would take seconds.
+    (directory / "active.yaml").write_text(json.dumps({"version": "v1", "roles": ROLES, "grants": grants}))
+    cohorts = {"bench": {"principals": COHORT, "role_sets": [["viewer", "editor"]]}}
     for version in SHADOWS:
-        doc = {"version": version, "parent": "v1", "roles": roles, "grants": grants, "weights": {"bench": 0}}
-        (directory / "shadows" / f"{version}.yaml").write_text(yaml.safe_dump(doc))
+        doc = {"version": version, "parent": "v1", "roles": ROLES, "grants": grants, "weights": {"bench": 0}}
+        (directory / "shadows" / f"{version}.yaml").write_text(json.dumps({**doc, "cohorts": cohorts}))
     return directory
+
+
+def sized_policy(directory: Path, grants: int) -> Path:
+    """An active set of `grants` grants and one live shadow of as many, observed beside it: the
+    pair of rows that says whether the size of the sets shows in a Check."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "shadows").mkdir(exist_ok=True)
+    (directory / "catalog.yaml").write_text(yaml.safe_dump(CATALOG))
+    rows = _grants(grants)
+    (directory / "active.yaml").write_text(json.dumps({"version": "v1", "roles": ROLES, "grants": rows}))
+    doc = {"version": "v2", "parent": "v1", "roles": ROLES, "grants": rows, "weights": {"bench": 0}}
+    (directory / "shadows" / "v2.yaml").write_text(json.dumps(doc))
+    return directory
+
+
+CATALOG = {
+    "service": "things",
+    "permissions": [{"handle": "things:view"}, {"handle": "things:edit"}],
+    "routes": [
+        {"method": "GET", "path": "/things/{id}", "permission": "things:view"},
+        {"method": "PUT", "path": "/things/{id}", "permission": "things:edit"},
+    ],
+}
+ROLES = {"viewer": ["things:view"], "editor": ["things:view", "things:edit"]}
+
+
+def _grants(principals: int) -> list[dict[str, Any]]:
+    grants: list[dict[str, Any]] = [
+        {"principal": ALLOWED, "roles": ["editor"]},
+        {"principal": DENIED, "roles": ["viewer"]},
+    ]
+    grants += [{"principal": f"user-{i}", "roles": ["viewer"]} for i in range(max(principals - 2, 0))]
+    return grants
+
+
+def grpc_check_body(path: Path, principal: str = ALLOWED) -> Path:
+    """One CheckRequest as Envoy sends it (jwt_authn's payload in the metadata, a route-table
+    path), framed as one gRPC message: h2load's body for the rows that call Check directly."""
+    from authz_sidecar.bench.direct import sample_request
+
+    message = sample_request(principal).SerializeToString()
+    path.write_bytes(b"\x00" + struct.pack(">I", len(message)) + message)
+    return path
 
 
 def cpu_seconds(pid: int) -> float:
@@ -77,6 +119,8 @@ class Point:
 class Row:
     name: str
     baseline: str | None
+    # The row whose server CPU per request this row's is compared with (the floor of Python gRPC).
+    cpu_baseline: str | None = None
     points: list[Point] = field(default_factory=list)
     rounds: list[Point] = field(default_factory=list)
 
@@ -89,6 +133,9 @@ class Bench:
         self.issuer = DemoIssuer()
         self.jwks = self.issuer.write_jwks(workdir / "jwks.json")
         self.policy = bench_policy(workdir / "policy")
+        self.check_body = grpc_check_body(workdir / "check.grpc")
+        self._sized: dict[int, Path] = {}
+        self._logs = itertools.count(1)
         self.rows: list[Row] = []
         self.errors: list[str] = []
 
@@ -118,19 +165,26 @@ class Bench:
 
     @contextmanager
     def server(
-        self, name: str, argv: list[str], port: int, ready_url: str | None = None, env: dict[str, str] | None = None
+        self,
+        name: str,
+        argv: list[str],
+        port: int,
+        ready_url: str | None = None,
+        env: dict[str, str] | None = None,
+        *,
+        timeout: float | None = None,
     ) -> Iterator[Process]:
         proc = Process(name, argv, self.workdir, env={"PYTHONUNBUFFERED": "1", **(env or {})})
         try:
             if ready_url:
-                wait_for_http(ready_url, proc)
+                wait_for_http(ready_url, proc, timeout=timeout or 20.0)
             else:
-                wait_for_port(port, proc)
+                wait_for_port(port, proc, timeout=timeout or 20.0)
             yield proc
         finally:
             proc.stop()
 
-    def sidecar_argv(self, grpc_port: int, http_port: int, *extra: str) -> list[str]:
+    def sidecar_argv(self, grpc_port: int, http_port: int, *extra: str, policy: Path | None = None) -> list[str]:
         return [
             sys.executable,
             "-m",
@@ -141,7 +195,7 @@ class Bench:
             "--http",
             f"{LOOPBACK}:{http_port}",
             "--policy-dir",
-            str(self.policy),
+            str(policy or self.policy),
             "--service",
             "things",
             "--region",
@@ -156,12 +210,23 @@ class Bench:
     # --- measuring ---------------------------------------------------------------------------
 
     def measure(
-        self, row: Row, url: str, processes: dict[str, Process], expect: int = 200, principal: str = ALLOWED
+        self,
+        row: Row,
+        url: str,
+        processes: dict[str, Process],
+        expect: int = 200,
+        principal: str = ALLOWED,
+        *,
+        data: Path | None = None,
     ) -> None:
+        """With `data`, a gRPC call straight to the server (no Envoy): h2load POSTs the framed
+        CheckRequest in that file."""
         headers = {"authorization": f"Bearer {self.issuer.token(principal)}"}
+        if data is not None:
+            headers = {"content-type": "application/grpc", "te": "trailers"}
         for streams in self.streams:
             before = {name: cpu_seconds(p.pid) for name, p in processes.items()}
-            result = h2load.run(url, streams=streams, seconds=self.seconds, headers=headers)
+            result = h2load.run(url, streams=streams, seconds=self.seconds, headers=headers, data=data)
             after = {name: cpu_seconds(p.pid) for name, p in processes.items()}
             cpu = {name: (after[name] - before[name]) / max(result.requests, 1) * 1e6 for name in processes}
             point = Point(streams, result.rps, result.p50_us, result.p99_us, result.requests, result.statuses, cpu)
@@ -291,25 +356,75 @@ class Bench:
 
         return body
 
+    def row_bare_direct(self, row: Row) -> None:
+        """The floor called directly: h2load's gRPC calls straight at the bare threaded server."""
+        port = free_port()
+        argv = [sys.executable, "-m", "authz_sidecar.bench.baselines", "grpc-threads", "--port", str(port)]
+        with self.server("grpc-threads-direct", argv, port) as server:
+            self.check_direct(row, port)
+            self.measure(row, direct_url(port), {"server": server}, data=self.check_body)
+
+    def row_sidecar_direct(self, row: Row) -> None:
+        """The sidecar with every feature (the bench policy, the decision log) called directly: the
+        same CheckRequest Envoy would send, from h2load, with no Envoy between."""
+        grpc_port, http_port = free_port(), free_port()
+        argv = self.sidecar_argv(grpc_port, http_port, "--decision-log", str(self.decision_log_path()))
+        with self.server("sidecar-direct", argv, grpc_port, f"http://{LOOPBACK}:{http_port}/readyz") as server:
+            self.check_direct(row, grpc_port)
+            self.measure(row, direct_url(grpc_port), {"server": server}, data=self.check_body)
+
+    def row_sidecar_sized(self, grants: int) -> Callable[[Row], None]:
+        """The sidecar through Envoy deciding with an active set and a shadow of `grants` grants each
+        (sized_policy), the decision log on: the pair of rows that shows whether size is seen."""
+
+        def body(row: Row) -> None:
+            policy = self._sized.get(grants)
+            if policy is None:
+                policy = self._sized[grants] = sized_policy(self.workdir / f"policy-{grants}", grants)
+            extra = ("--decision-log", str(self.decision_log_path()))
+            self.row_sidecar("grpc", *extra, policy=policy, ready_timeout=300.0)(row)
+
+        return body
+
+    def decision_log_path(self) -> Path:
+        """A new directory for one row's decision log (the files are removed with the workdir)."""
+        directory = self.workdir / f"log-{next(self._logs)}"
+        directory.mkdir()
+        return directory / "decisions.jsonl"
+
+    def check_direct(self, row: Row, port: int) -> None:
+        """Before loading a row called directly: the framed request must be answered with an allow."""
+        import grpc
+
+        from authz_sidecar._proto.envoy.service.auth.v3 import external_auth_pb2 as pb
+
+        with grpc.insecure_channel(f"{LOOPBACK}:{port}") as channel:
+            call = channel.unary_unary("/envoy.service.auth.v3.Authorization/Check", None, None)
+            answer = pb.CheckResponse.FromString(call(self.check_body.read_bytes()[5:], timeout=10))
+        if answer.status.code != 0:
+            self.errors.append(f"{row.name}: the direct Check did not allow ({answer.status})")
+
     def row_sidecar(
         self,
         envoy_kind: str,
         *extra: str,
         env: dict[str, str] | None = None,
         after: Callable[[int], None] | None = None,
+        policy: Path | None = None,
+        ready_timeout: float | None = None,
     ) -> Callable[[Row], None]:
         """`after(http_port)` runs once the row is measured, before the sidecar stops."""
 
         def body(row: Row) -> None:
             grpc_port, http_port, authz_http = free_port(), free_port(), free_port()
-            argv = self.sidecar_argv(grpc_port, http_port, *extra)
+            argv = self.sidecar_argv(grpc_port, http_port, *extra, policy=policy)
             port = grpc_port
             if envoy_kind == "http":
                 argv += ["--http-authz", f"{LOOPBACK}:{authz_http}", "--identity", "jwt_authn,payload_header"]
                 port = authz_http
             ready = f"http://{LOOPBACK}:{http_port}/readyz"
             with (
-                self.server("sidecar", argv, port, ready, env) as server,
+                self.server("sidecar", argv, port, ready, env, timeout=ready_timeout) as server,
                 self.envoy(envoy_kind, port) as (listen, proxy),
             ):
                 url = f"http://{LOOPBACK}:{listen}/things/1"
@@ -326,6 +441,10 @@ class Bench:
 
         rps, p50, p99, n = direct_check_rate(self.policy, self.seconds, ALLOWED)
         row.points.append(Point(1, rps, p50, p99, n, {200: n}))
+
+
+def direct_url(port: int) -> str:
+    return f"http://{LOOPBACK}:{port}/envoy.service.auth.v3.Authorization/Check"
 
 
 def logged_decisions(http_port: int) -> tuple[float, float]:

@@ -10,6 +10,11 @@ between is here, once. Rules:
 - A credential that is present but invalid denies; it never falls through to a weaker source.
 - evaluate() is a pure function of the snapshot and (principal, permission, scope, shadow header)
   when the canary key is the principal, so its results are kept in the snapshot's own memo.
+- When the principal can only come from jwt_authn's metadata (as bytes: the gRPC front's view) or
+  the mTLS peer, a whole Check is a pure function of the snapshot and (that metadata, the peer,
+  method, path, shadow header, the route's permission and scope): its outcome is kept in the same
+  memo under those, and a Check asked again is counted, reported and logged without identifying,
+  routing or deciding again.
 - No I/O, no awaits, no locks.
 """
 
@@ -22,7 +27,7 @@ from typing import Any
 import structlog
 
 from authz_sidecar.caches import remember
-from authz_sidecar.decision.identity import Identifier, RequestIdentityInputs
+from authz_sidecar.decision.identity import JWT_AUTHN_NAMESPACE, Identifier, RequestIdentityInputs
 from authz_sidecar.decision.state import SnapshotStore
 from authz_sidecar.documents import HANDLE_RE, MAX_PRINCIPAL_LEN, SCOPE_RE
 from authz_sidecar.errors import IdentityError
@@ -43,6 +48,10 @@ log = structlog.get_logger("authz_sidecar.check")
 
 
 _REFUSALS = {reason: Outcome(reason) for reason in Reason}
+# Identity sources whose principal depends on nothing but jwt_authn's metadata and the mTLS peer.
+_KEYED_SOURCES = frozenset({"jwt_authn", "mtls"})
+# The first item of a whole Check's key in the memo (whose answers are keyed by 4-tuples).
+_CHECK = "check"
 
 
 class Decider:
@@ -66,6 +75,7 @@ class Decider:
         self._identifier = identifier
         self._metrics = metrics
         self._by_request_id = stickiness == "request_id"
+        self._whole_checks = set(identifier.names) <= _KEYED_SOURCES
 
     def refuse(self, reason: Reason) -> Outcome:
         self._metrics.refusal(reason)
@@ -85,6 +95,25 @@ class Decider:
         snapshot = self._store.snapshot
         if snapshot is None:
             return self.refuse(Reason.NO_SNAPSHOT)
+        check_key: tuple[Any, ...] | None = None
+        if self._whole_checks and not (self._by_request_id and snapshot.canaries):
+            meta = filter_metadata.get(JWT_AUTHN_NAMESPACE)
+            if meta is None or isinstance(meta, bytes):
+                check_key = (
+                    _CHECK,
+                    meta,
+                    peer_principal,
+                    method,
+                    path,
+                    headers.get(SHADOW_HEADER),
+                    extensions.get("permission"),
+                    extensions.get("scope"),
+                )
+                seen: tuple[str, str | None, Outcome] | None = snapshot.memo.get(check_key)
+                if seen is not None:
+                    known, known_scope, outcome = seen
+                    self._record(snapshot, outcome, known, known_scope, request_id)
+                    return outcome
         # identify
         try:
             principal = self._identifier.identify(RequestIdentityInputs(headers, filter_metadata, peer_principal))
@@ -106,7 +135,7 @@ class Decider:
             handle = match.permission
             scope = scope or match.scope
         key = (request_id or principal) if self._by_request_id else principal
-        return self._decided(
+        outcome = self._decided(
             snapshot,
             principal,
             handle,
@@ -115,6 +144,9 @@ class Decider:
             stickiness_key=key,
             request_id=request_id,
         )
+        if check_key is not None:
+            remember(snapshot.memo, check_key, (principal, scope, outcome), MEMO_LIMIT)
+        return outcome
 
     def decide_for(
         self,

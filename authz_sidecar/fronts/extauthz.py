@@ -6,6 +6,9 @@ Rules:
 - A deny is an answer, not an error: every outcome, faults included, is an OK RPC whose
   CheckResponse denies with a reason, so Envoy never falls back to ``failure_mode_allow``.
 - Bytes that do not parse, or a request without HTTP attributes, are a malformed request (400).
+- The server path parses the request into a view (``_proto/view/check_view.proto``) holding only the
+  fields a decision reads: the rest is skipped undecoded, and the dynamic metadata stays bytes until
+  an identity source reads it (docs/performance.md, "The Check path at the floor").
 - An unexpected fault denies (500) and is logged; it never escapes as an RPC error or an allow.
 """
 
@@ -14,12 +17,15 @@ from __future__ import annotations
 from google.protobuf.message import DecodeError
 
 from authz_sidecar._proto.envoy.service.auth.v3 import external_auth_pb2 as pb
+from authz_sidecar._proto.view import check_view_pb2 as view
 from authz_sidecar.decision.answering import Answering
 from authz_sidecar.fronts.responses import Rendered, ResponseCache
 from authz_sidecar.model.evaluation import Outcome
 from authz_sidecar.model.reasons import Reason
 
-_parse = pb.CheckRequest.FromString
+_parse = view.CheckRequestView.FromString
+# What _outcome reads has the same names in both.
+_Request = pb.CheckRequest | view.CheckRequestView
 
 
 class CheckHandler:
@@ -46,13 +52,13 @@ class CheckHandler:
             return self._render(self._decider.refuse(Reason.MALFORMED_REQUEST)).wire
         return self._guarded(request).wire
 
-    def _guarded(self, request: pb.CheckRequest) -> Rendered:
+    def _guarded(self, request: _Request) -> Rendered:
         headers = None
         if self._answering.traced and request.attributes.request.HasField("http"):
             headers = request.attributes.request.http.headers
         return self._render(self._answering.answer(headers, self._outcome, request))
 
-    def _outcome(self, request: pb.CheckRequest) -> Outcome:
+    def _outcome(self, request: _Request) -> Outcome:
         attrs = request.attributes
         if not attrs.request.HasField("http"):
             return self._decider.refuse(Reason.MALFORMED_REQUEST)

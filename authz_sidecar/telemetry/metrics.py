@@ -3,7 +3,10 @@
 A Check counts into plain dicts keyed by label tuples and a fixed-bucket histogram; a collector turns
 them into Prometheus families only when /metrics is scraped. prometheus_client's own Counter takes a
 lock per increment, and a decision with three observed shadows would take five of them; here it is
-a few dict operations. Under the GIL each dict operation is atomic; in the threaded server model
+a few dict operations. A decision is one: the labels of every family it counts in (the deciding set,
+each observed set, each mismatch) are worked out once per distinct evaluation, which the decider
+reuses from its memo, and the decision is counted under that one key (a tally); the families are
+summed from the tallies at scrape time. Under the GIL each dict operation is atomic; in the threaded server model
 two threads can race on one read-modify-write and lose an increment, which a counter of decisions
 can afford and an answer never depends on.
 """
@@ -19,6 +22,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from authz_sidecar.caches import remember
 from authz_sidecar.model.assembly import KINDS
 from authz_sidecar.model.evaluation import Evaluation
 from authz_sidecar.model.events import EventRefusal
@@ -55,6 +59,41 @@ MANIFEST_REASONS = (
     Reason.UNKNOWN_PRINCIPAL.value,
     Reason.MALFORMED_BLOCK.value,
 )
+# Distinct evaluations whose tally key is kept (emptied whole when full, caches.remember).
+TALLY_LIMIT = 4096
+# The label tuples one decision counts in: authz_decisions, the enforced set's authz_set_decisions,
+# and per observed set its version, its authz_set_decisions labels and its mismatch labels (or None).
+SetLabels = tuple[str, str, str, str]
+Tally = tuple[SetLabels, SetLabels, tuple[tuple[str, SetLabels, tuple[str, str, str] | None], ...]]
+
+
+def tally_of(evaluation: Evaluation) -> Tally:
+    allowed = evaluation.allowed
+    decision = "allow" if allowed else "deny"
+    key = (evaluation.decided_by, decision, evaluation.selection.value, evaluation.reason.value)
+    set_key = (
+        "shadow" if evaluation.decided_by == "shadow" else "active",
+        evaluation.enforced.meta.version,
+        decision,
+        "true",
+    )
+    observed = tuple(
+        (
+            obs.version,
+            ("shadow" if obs.shadow else "active", obs.version, "allow" if obs.allowed else "deny", "false"),
+            (
+                obs.version,
+                "expected" if obs.expected else "unexpected",
+                "allow_to_deny" if allowed else "deny_to_allow",
+            )
+            if obs.mismatch
+            else None,
+        )
+        for obs in evaluation.observed
+    )
+    return key, set_key, observed
+
+
 LATENCY_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1)
 
 
@@ -88,18 +127,19 @@ class _HotPathCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         m = self._m
+        counted, observations, set_decisions, mismatched = m.counts()
         decisions = CounterMetricFamily(
             "authz_decisions",
             "Check decisions by the set that decided, the answer, how the set was selected and the reason.",
             labels=["decided_by", "decision", "selection", "reason"],
         )
-        for labels, n in dict(m.decisions).items():
+        for labels, n in counted.items():
             decisions.add_metric(list(labels), n)
         yield decisions
         observed = CounterMetricFamily(
             "authz_shadow_evaluations", "Evaluations of each observed set beside the enforced one.", labels=["version"]
         )
-        for version, n in dict(m.observations).items():
+        for version, n in observations.items():
             observed.add_metric([version], n)
         yield observed
         per_set = CounterMetricFamily(
@@ -108,7 +148,7 @@ class _HotPathCollector(Collector):
             "answer was enforced (the deciding set) or only observed.",
             labels=["kind", "version", "decision", "enforced"],
         )
-        for set_labels, n in dict(m.set_decisions).items():
+        for set_labels, n in set_decisions.items():
             per_set.add_metric(list(set_labels), n)
         yield per_set
         mismatches = CounterMetricFamily(
@@ -117,7 +157,7 @@ class _HotPathCollector(Collector):
             "predicted it, and direction (enforced -> observed).",
             labels=["version", "kind", "direction"],
         )
-        for mismatch_labels, n in dict(m.mismatches).items():
+        for mismatch_labels, n in mismatched.items():
             mismatches.add_metric(list(mismatch_labels), n)
         yield mismatches
         latency = HistogramMetricFamily(
@@ -163,10 +203,11 @@ class Metrics:
     def __init__(self, store: SnapshotStore) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.decisions: dict[tuple[str, str, str, str], int] = {}
-        self.observations: dict[str, int] = {}
-        self.mismatches: dict[tuple[str, str, str], int] = {}
-        self.set_decisions: dict[tuple[str, str, str, str], int] = {}
+        # Decisions made with a set, one count per tally (see tally_of); refusals by their labels.
+        self.tallies: dict[Tally, int] = {}
+        self.refusals: dict[tuple[str, str, str, str], int] = {}
+        # id(evaluation) -> (the evaluation, its tally): the evaluation is held so its id stays its own.
+        self._tally_of: dict[int, tuple[Evaluation, Tally]] = {}
         self.latency = LatencyHistogram()
         # The tracer counts into it (tracing.DROP_REASONS); zeros while tracing is off.
         self.spans_dropped: dict[str, int] = {"queue_full": 0, "export_failed": 0}
@@ -249,40 +290,41 @@ class Metrics:
         self._info.labels(snapshot.active_version).set(1)
 
     def decision(self, evaluation: Evaluation) -> None:
-        allowed = evaluation.allowed
-        key = (
-            evaluation.decided_by,
-            "allow" if allowed else "deny",
-            evaluation.selection.value,
-            evaluation.reason.value,
-        )
-        decisions = self.decisions
-        decisions[key] = decisions.get(key, 0) + 1
-        per_set = self.set_decisions
-        set_key = (
-            "shadow" if evaluation.decided_by == "shadow" else "active",
-            evaluation.enforced.meta.version,
-            key[1],
-            "true",
-        )
-        per_set[set_key] = per_set.get(set_key, 0) + 1
-        observations = self.observations
-        for obs in evaluation.observed:
-            observations[obs.version] = observations.get(obs.version, 0) + 1
-            obs_key = ("shadow" if obs.shadow else "active", obs.version, "allow" if obs.allowed else "deny", "false")
-            per_set[obs_key] = per_set.get(obs_key, 0) + 1
-            if obs.mismatch:
-                mkey = (
-                    obs.version,
-                    "expected" if obs.expected else "unexpected",
-                    "allow_to_deny" if allowed else "deny_to_allow",
-                )
-                self.mismatches[mkey] = self.mismatches.get(mkey, 0) + 1
+        found = self._tally_of.get(id(evaluation))
+        if found is None or found[0] is not evaluation:
+            found = remember(self._tally_of, id(evaluation), (evaluation, tally_of(evaluation)), TALLY_LIMIT)
+        tallies = self.tallies
+        tally = found[1]
+        tallies[tally] = tallies.get(tally, 0) + 1
+
+    def counts(
+        self,
+    ) -> tuple[
+        dict[tuple[str, str, str, str], int],
+        dict[str, int],
+        dict[tuple[str, str, str, str], int],
+        dict[tuple[str, str, str], int],
+    ]:
+        """The counter families summed from the tallies: authz_decisions, authz_shadow_evaluations,
+        authz_set_decisions and authz_mismatches, each as {labels: count}."""
+        decisions = dict(self.refusals)
+        observations: dict[str, int] = {}
+        set_decisions: dict[tuple[str, str, str, str], int] = {}
+        mismatches: dict[tuple[str, str, str], int] = {}
+        for (key, set_key, observed), n in list(self.tallies.items()):
+            decisions[key] = decisions.get(key, 0) + n
+            set_decisions[set_key] = set_decisions.get(set_key, 0) + n
+            for version, obs_key, mismatch in observed:
+                observations[version] = observations.get(version, 0) + n
+                set_decisions[obs_key] = set_decisions.get(obs_key, 0) + n
+                if mismatch is not None:
+                    mismatches[mismatch] = mismatches.get(mismatch, 0) + n
+        return decisions, observations, set_decisions, mismatches
 
     def refusal(self, reason: Reason) -> None:
         """A deny decided before any set was consulted (no identity, unmapped, malformed...)."""
         key = ("none", "deny", "none", reason.value)
-        self.decisions[key] = self.decisions.get(key, 0) + 1
+        self.refusals[key] = self.refusals.get(key, 0) + 1
 
     def manifest(self, result: str, blocks: Iterable[tuple[str, int]]) -> None:
         """A FilterManifest request ended with `result`, having answered `blocks` (reason, count)."""
