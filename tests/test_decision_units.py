@@ -238,6 +238,29 @@ def test_a_reused_evaluation_is_counted_without_working_out_its_labels_again(
     assert sum(n for (kind, version, _a, enforced), n in per_set.items() if version == "v1" and enforced == "true") == 6
 
 
+def test_counting_holds_no_set_of_a_replaced_snapshot() -> None:
+    """The labels worked out per evaluation are kept for reuse, but an evaluation holds its compiled
+    set: once a new snapshot is installed, nothing the metrics keep may hold the old one's sets (a
+    replaced million-grant set is hundreds of MB)."""
+    store = SnapshotStore()
+    old = snapshot(shadow("v2"))
+    store.install(old)
+    metrics = Metrics(store)
+    decide = Decider(store, build_identifier(["header"], dev_header="x-user"), metrics).decide
+    outcome = decide("PUT", "/things/1", {"x-user": "alice"})
+    assert outcome.evaluation is not None
+    old_set = outcome.evaluation.enforced
+    store.install(snapshot(shadow("v3")))
+    kept = [
+        entry
+        for value in vars(metrics).values()
+        if isinstance(value, dict)
+        for entry in value.values()
+        if isinstance(entry, tuple) and any(getattr(e, "enforced", None) is old_set for e in entry)
+    ]
+    assert kept == []
+
+
 def test_a_check_asked_again_on_a_snapshot_is_answered_from_its_memo_and_still_counted() -> None:
     """With identity from jwt_authn's metadata as bytes (the gRPC front's view), a Check asked again
     on the same snapshot is neither identified, routed nor decided again, but is counted each time;

@@ -284,6 +284,8 @@ class Metrics:
         store.on_reject(lambda refusal: self.invalid_documents.labels(refusal.kind).inc())
 
     def snapshot_installed(self, snapshot: Snapshot) -> None:
+        # The evaluations kept for their labels hold their compiled sets: let the replaced ones go.
+        self._tally_of.clear()
         self._revision.set(snapshot.revision)
         self._built.set(snapshot.built_at)
         self._info.clear()
