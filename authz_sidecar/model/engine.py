@@ -255,24 +255,28 @@ def impact_of(
     """:func:`impact` when only `principals` can answer differently (what :func:`recompile` was
     told): their entries are compared and nobody else's."""
     moved = principals if isinstance(principals, set | frozenset) else set(principals)
+    return _changes(active, proposed, moved, set())
+
+
+def _changes(
+    active: CompiledSet, proposed: CompiledSet, principals: Collection[str], keys: set[tuple[str, str]]
+) -> frozenset[tuple[str, str, str | None]]:
+    """The answers that differ between the two sets for `principals` (unscoped, and in every scope
+    either set gives them) and for the scoped grants `keys` (the caller's set, extended here rather
+    than copied: it may hold a million keys)."""
     changed: set[tuple[str, str, str | None]] = set()
-    add = changed.update
-    was, now = active.unscoped, proposed.unscoped
-    for principal in moved:
-        at = hash(principal) & _MASK
-        before = was[at].get(principal, _EMPTY)
-        after = now[at].get(principal, _EMPTY)
+    for principal in principals:
+        before, after = active.held(principal), proposed.held(principal)
         if before is not after:
-            add(zip(repeat(principal), before ^ after, repeat(None)))
-    keys = set(_keys_of(active.scoped, moved))
-    keys.update(_keys_of(proposed.scoped, moved))
-    was_scoped, now_scoped = active.scoped, proposed.scoped
-    for key in keys:
-        principal = key[0]
-        at = hash(principal) & _MASK
-        old = was_scoped[at].get(key, _EMPTY) | was[at].get(principal, _EMPTY)
-        new = now_scoped[at].get(key, _EMPTY) | now[at].get(principal, _EMPTY)
-        add(zip(repeat(principal), old ^ new, repeat(key[1])))
+            changed.update(zip(repeat(principal), before ^ after, repeat(None)))
+    # A scoped answer is the scope's grants plus the unscoped ones: it moves when either does.
+    if principals:
+        keys.update(_keys_of(active.scoped, principals))
+        keys.update(_keys_of(proposed.scoped, principals))
+    for principal, scope in keys:
+        old = active.held(principal, scope) | active.held(principal)
+        new = proposed.held(principal, scope) | proposed.held(principal)
+        changed.update(zip(repeat(principal), old ^ new, repeat(scope)))
     return frozenset(changed)
 
 
@@ -310,19 +314,7 @@ def impact(active: CompiledSet, proposed: CompiledSet) -> frozenset[tuple[str, s
         moved.update(principal for principal, _ in before.items() ^ after.items())
     for scoped_before, scoped_after in zip(active.scoped, proposed.scoped, strict=True):
         moved_scoped.update(key for key, _ in scoped_before.items() ^ scoped_after.items())
-    changed: set[tuple[str, str, str | None]] = set()
-    for principal in moved:
-        changed.update(zip(repeat(principal), active.held(principal) ^ proposed.held(principal), repeat(None)))
-    # A scoped answer is the scope's grants plus the unscoped ones: it moves when either does.
-    keys = moved_scoped
-    if moved:
-        keys.update(_keys_of(active.scoped, moved))
-        keys.update(_keys_of(proposed.scoped, moved))
-    for principal, scope in keys:
-        old = active.held(principal, scope) | active.held(principal)
-        new = proposed.held(principal, scope) | proposed.held(principal)
-        changed.update(zip(repeat(principal), old ^ new, repeat(scope)))
-    return frozenset(changed)
+    return _changes(active, proposed, moved, moved_scoped)
 
 
 def _moved(grants: list[Grant], change: DeclaredChange) -> list[Grant]:
