@@ -10,6 +10,8 @@ from pathlib import Path
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from authz_sidecar.local.etcd import EtcdCluster
 from authz_sidecar.v1 import authz_pb2, authz_pb2_grpc, registry_pb2, registry_pb2_grpc
@@ -84,6 +86,26 @@ def test_every_method_refuses_a_message_over_the_configured_limit(policy_dir: Pa
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     finally:
         side.close()
+
+
+def test_every_service_is_served_through_the_bounds(default_side: RunningSidecar) -> None:
+    """Health (Check and the Watch stream), reflection and the application API are found by the same
+    lookup as Check; a method nobody serves is UNIMPLEMENTED and counted as no refusal."""
+    health = health_pb2_grpc.HealthStub(default_side.channel)
+    assert health.Check(health_pb2.HealthCheckRequest(), timeout=5).status == health_pb2.HealthCheckResponse.SERVING
+    watch = health.Watch(health_pb2.HealthCheckRequest(service="authz_sidecar.v1.Authz"), timeout=5)
+    assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+    watch.cancel()
+    refl = reflection_pb2_grpc.ServerReflectionStub(default_side.channel)
+    listed = next(refl.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
+    assert "authz_sidecar.v1.Registry" in {s.name for s in listed.list_services_response.service}
+    app = authz_pb2_grpc.AuthzStub(default_side.channel)
+    assert app.Check(authz_pb2.CheckRequest(principal="alice", permission="things:view"), timeout=5).allowed
+    with pytest.raises(grpc.RpcError) as err:
+        default_side.channel.unary_unary("/authz_sidecar.v1.Authz/Nothing", None, None)(b"", timeout=5)
+    assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    assert status_of(check(default_side, request(sub="alice"))) == 200
+    assert rejected(default_side, "concurrency") == 0
 
 
 @pytest.mark.parametrize("model", MODELS)

@@ -60,9 +60,10 @@ class CheckHandler:
 
     def _outcome(self, request: _Request) -> Outcome:
         attrs = request.attributes
-        if not attrs.request.HasField("http"):
+        asked = attrs.request
+        if not asked.HasField("http"):
             return self._decider.refuse(Reason.MALFORMED_REQUEST)
-        http = attrs.request.http
+        http = asked.http
         return self._decider.decide(
             http.method,
             http.path,
