@@ -134,7 +134,27 @@ def goals(bench: Bench, large: int, at_scale: dict[str, Any] | None = None) -> s
         lines.append(
             f"{large:,} grants vs {SMALL_GRANTS} (x 2 sets), through Envoy: " + "; ".join(parts) + " (goal: within 5%)"
         )
+        lines += _size_share(big, (at_scale or {}).get("scale"))
     return "\n".join(lines + _scale_goals(at_scale or {}))
+
+
+def _size_share(big: Row, scaled: list[dict[str, float]] | None) -> list[str]:
+    """What size can add to a Check, at most: the evaluation (select, decide, observe the other
+    set) of a principal the memo has not seen, at the largest size against the smallest (the
+    scale rows: random principals, so the large dict's cache misses are in it), as a share of the
+    CPU a whole Check costs at the large size through Envoy."""
+    point = _point(big, 16)
+    cpu_us = point.cpu_us_per_request.get("server") if point else None
+    if not scaled or not cpu_us:
+        return []
+    least, most = min(scaled, key=lambda r: r["grants"]), max(scaled, key=lambda r: r["grants"])
+    extra_us = (most["evaluate_ns"] - least["evaluate_ns"]) / 1000
+    return [
+        f"  of which size: evaluating an unseen principal at {int(most['grants']):,} grants takes "
+        f"{most['evaluate_ns'] / 1000:.2f} us against {least['evaluate_ns'] / 1000:.2f} us "
+        f"at {int(least['grants']):,}: {extra_us / cpu_us:.1%} of a Check's {cpu_us:.0f} us of CPU, "
+        "when every Check is a new principal"
+    ]
 
 
 def _scale_goals(at_scale: dict[str, Any]) -> list[str]:
