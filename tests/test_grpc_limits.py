@@ -13,6 +13,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from authz_sidecar.fronts.grpcfront import RpcLimits, _Bounds, _PoolRoutes
 from authz_sidecar.local.etcd import EtcdCluster
 from authz_sidecar.v1 import authz_pb2, authz_pb2_grpc, registry_pb2, registry_pb2_grpc
 
@@ -181,3 +182,24 @@ def test_the_limits_are_flags_and_variables_checked_before_serving(
         monkeypatch.setenv(name, value)
     assert cli.main(["serve", "--policy-dir", str(tmp_path), *args]) == 2  # a settings error is a usage error
     assert capsys.readouterr().err.strip() == f"authz-sidecar: {needle}"
+
+
+def test_a_service_registered_only_generically_is_found_and_bounded() -> None:
+    """Generated servicers register both ways; one that registered only a generic handler would
+    still be served by the thread-pool server, through the same size bound."""
+    refused: list[str] = []
+    routes = _PoolRoutes(_Bounds(RpcLimits(max_message_bytes=8), refused.append, aio=False), refused.append)
+    echo = grpc.unary_unary_rpc_method_handler(lambda raw, _context: raw)
+    routes.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("x.Echo", {"Say": echo}),))
+
+    class Details:
+        def __init__(self, method: str) -> None:
+            self.method = method
+            self.invocation_metadata = ()
+
+    found = routes.service(Details("/x.Echo/Say"))
+    assert found is not None and found is not echo  # wrapped in the bound
+    assert found.unary_unary(b"short", None) == b"short"
+    routes.submitted()  # as the pool does when the call reaches it
+    assert routes.service(Details("/x.Echo/Other")) is None
+    assert refused == []

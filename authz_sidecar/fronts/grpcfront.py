@@ -159,21 +159,34 @@ class _PoolRoutes(grpc.GenericRpcHandler):  # type: ignore[type-arg]
         self._bounds = bounds
         self._rejected = rejected
         self._handlers: dict[str, Any] = {}
+        self._generic: list[Any] = []
         self._awaiting = False
 
     def add_registered_method_handlers(self, service: str, handlers: dict[str, Any]) -> None:
         for method, handler in handlers.items():
             self._handlers[f"/{service}/{method}"] = self._bounds.wrap(handler)
 
-    def add_generic_rpc_handlers(self, _handlers: Any) -> None:
-        """Generated servicer code registers each service both ways; the registered methods are kept."""
+    def add_generic_rpc_handlers(self, handlers: Any) -> None:
+        """Generated servicer code registers each service both ways: the registered methods are
+        found first, these only for a method none of them is (a servicer that registers no other
+        way would still be served)."""
+        self._generic.extend(handlers)
 
     def service(self, handler_call_details: Any) -> Any:
         if self._awaiting:
             self._rejected("concurrency")
         handler = self._handlers.get(handler_call_details.method)
+        if handler is None:
+            handler = self._bounds.wrap(self._generic_lookup(handler_call_details))
         self._awaiting = handler is not None
         return handler
+
+    def _generic_lookup(self, handler_call_details: Any) -> Any:
+        for generic in self._generic:
+            handler = generic.service(handler_call_details)
+            if handler is not None:
+                return handler
+        return None
 
     def submitted(self) -> None:
         self._awaiting = False
