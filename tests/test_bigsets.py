@@ -112,6 +112,16 @@ def test_a_duplicate_key_in_a_grant_is_refused_as_whole() -> None:
     assert pieces(damaged) == whole(damaged) == "doc: duplicate key 'roles'"
 
 
+@pytest.mark.parametrize("tail", [b",}", b", }", b",\n}"])
+def test_a_comma_after_the_grants_with_nothing_after_it_is_refused_as_whole(tail: bytes) -> None:
+    # Found by the test above: the members after the grants were read as "{" + what follows the
+    # comma, an empty object, so the pieces took a document that is not JSON.
+    text = document({"r0": ("a:view",)}, [Grant("p0", ("r0",))] * 3)
+    damaged = text[:-1] + tail
+    assert isinstance(whole(damaged), str)
+    assert pieces(damaged) == whole(damaged)
+
+
 def test_a_document_in_another_form_is_read_whole() -> None:
     data: dict[str, Any] = {"grants": [{"roles": ["r0"], "principal": "p0"}], "roles": {"r0": ["a:view"]}}
     text = json.dumps(data, indent=2).encode()

@@ -123,6 +123,8 @@ def _split(document: bytes) -> tuple[dict[str, Any], int, int]:
         raise _UnrecognisedError from None
     if not isinstance(head, dict) or not isinstance(rest, dict) or "grants" in head or "grants" in rest:
         raise _UnrecognisedError
+    if tail != b"}" and not rest:
+        raise _UnrecognisedError  # a comma with no member after it: not JSON, refused whole
     if head.keys() & rest.keys():
         raise _UnrecognisedError
     return {**head, **rest}, start, end
