@@ -33,7 +33,7 @@ from typing import Any
 from authz_sidecar.documents.loading import json_object, load_document
 from authz_sidecar.documents.parsers import GrantReader, parse_permission_set
 from authz_sidecar.errors import DocumentError
-from authz_sidecar.model.values import Grant, PermissionSet
+from authz_sidecar.model.values import Grant, Grants, PermissionSet
 
 # Bytes of grants per piece: ~550 grants, under a millisecond to parse and check.
 PIECE = 32 * 1024
@@ -152,7 +152,8 @@ def _read(document: bytes, name: str, parent: BigSet | None, pause: Callable[[],
     members["grants"] = []
     base = parse_permission_set(members, name)
     reader = GrantReader(base.roles, name)
-    grants: list[Grant] = []
+    grants: list[tuple[Grant, ...]] = []  # per piece
+    count = 0
     pieces: list[Piece] = []
     view = memoryview(document)
     removed: list[Grant] = []
@@ -162,18 +163,19 @@ def _read(document: bytes, name: str, parent: BigSet | None, pause: Callable[[],
         raise _UnrecognisedError  # a role the parent's grants use is gone: read whole, refused there
     for same, a, b in plan:
         if same is not None and parent is not None:
-            kept = parent.permissions.grants[same.start : same.start + same.count]
-            pieces.append(replace(same, start=len(grants)))
-            grants.extend(kept)
+            grants.append(tuple(parent.permissions.grants[same.start : same.start + same.count]))
+            pieces.append(replace(same, start=count))
+            count += same.count
             continue
         for x, y in _cut(document, a, b):
             chunk = view[x:y]
             rows = _decoder.decode("[" + str(chunk, "utf-8") + "]")
-            parsed = reader.read(rows, len(grants))
+            parsed = reader.read(rows, count)
             first = bytes(view[x : min(y, x + _FIRST_BYTES)])
             combinations = frozenset(map(_ROLES, parsed))
-            pieces.append(Piece(_digest(chunk), y - x, first, len(grants), len(parsed), combinations))
-            grants.extend(parsed)
+            pieces.append(Piece(_digest(chunk), y - x, first, count, len(parsed), combinations))
+            grants.append(tuple(parsed))
+            count += len(parsed)
             if parent is not None:
                 added.extend(parsed)
             pause()
@@ -188,7 +190,7 @@ def _read(document: bytes, name: str, parent: BigSet | None, pause: Callable[[],
                 removed.extend(parent.permissions.grants[piece.start : piece.start + piece.count])
         before, after = Counter(removed), Counter(added)
         changed = frozenset(g[0] for g in (before - after)) | frozenset(g[0] for g in (after - before))
-    return BigSet(replace(base, grants=tuple(grants)), tuple(pieces), changed)
+    return BigSet(replace(base, grants=Grants(grants)), tuple(pieces), changed)
 
 
 def _match(

@@ -52,11 +52,12 @@ from authz_sidecar.documents.bigsets import BigSet, read_set
 from authz_sidecar.errors import DocumentError
 from authz_sidecar.model.assembly import Assembly, LastGood, Read, Refusal, assemble
 from authz_sidecar.model.snapshot import CompileCache, paused_gc
-from authz_sidecar.model.values import Catalog, PermissionSet, ShadowSet
+from authz_sidecar.model.values import Catalog, Grants, PermissionSet, ShadowSet
 from authz_sidecar.store import layout
 from authz_sidecar.store.etcd import Change, CompactedError, Etcd, EtcdOptions, WatchBatch, WatchLostError
 from authz_sidecar.store.layout import Layout
 from authz_sidecar.store.sources.diskcopy import DiskCopy
+from authz_sidecar.store.sources.release import Releaser
 
 log = structlog.get_logger("authz_sidecar.store.sources.etcd")
 
@@ -87,6 +88,8 @@ class SnapshotBuilder:
         self._grants_read = 0
         self._catalogs: dict[bytes, Catalog] = {}
         self._compiled = CompileCache()
+        # Frees a large build's values in pieces once they are dropped.
+        self.releaser = Releaser()
 
     def referenced(self, kv: Mapping[str, bytes]) -> set[str]:
         """The versions the pointers name (what a change must touch to need a rebuild)."""
@@ -185,6 +188,7 @@ class SnapshotBuilder:
             self._grants_read = 0
             built = self._build(kv, revision, last)
             if self._grants_read >= FREEZE_AFTER:
+                self._release_later(built[0])
                 # Everything alive is moved out of the cyclic collector's sight (gc.freeze takes no
                 # time). Otherwise the first collection after the build walks every container it
                 # made, holding the GIL ~0.2 s per million grants while Checks wait, and each later
@@ -193,6 +197,22 @@ class SnapshotBuilder:
                 # collected, and a build makes none.
                 gc.freeze()
             return built
+
+    def _release_later(self, assembly: Assembly) -> None:
+        """Hand the large values of what was just built to the releaser, so that whichever
+        statement drops their last owner later does not free a million grants at once."""
+        for read, _parts, _raw in self._sets.values():
+            if isinstance(read.permissions.grants, Grants) and len(read.permissions.grants) >= FREEZE_AFTER:
+                self.releaser.keep(read.permissions.grants)
+        snapshot = assembly.snapshot
+        if snapshot is None:
+            return
+        for compiled in (snapshot.active, *(view.compiled for view in snapshot.shadows)):
+            if sum(map(len, compiled.unscoped)) + sum(map(len, compiled.scoped)) >= FREEZE_AFTER:
+                self.releaser.keep(compiled)
+        for view in snapshot.shadows:
+            if len(view.impact) >= FREEZE_AFTER:
+                self.releaser.keep(view.impact)
 
     def _build(self, kv: Mapping[str, bytes], revision: int, last: LastGood) -> tuple[Assembly, dict[str, bytes]]:
         lay = self.layout
