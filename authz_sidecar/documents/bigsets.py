@@ -51,6 +51,7 @@ _LOOKAHEAD = 16
 
 _ROLES = itemgetter(1)
 _decoder = json.JSONDecoder(object_pairs_hook=json_object)
+_plain = json.JSONDecoder()
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,7 +170,7 @@ def _read(document: bytes, name: str, parent: BigSet | None, pause: Callable[[],
             continue
         for x, y in _cut(document, a, b):
             chunk = view[x:y]
-            rows = _decoder.decode("[" + str(chunk, "utf-8") + "]")
+            rows = _rows(str(chunk, "utf-8"))
             parsed = reader.read(rows, count)
             first = bytes(view[x : min(y, x + _FIRST_BYTES)])
             combinations = frozenset(map(_ROLES, parsed))
@@ -191,6 +192,32 @@ def _read(document: bytes, name: str, parent: BigSet | None, pause: Callable[[],
         before, after = Counter(removed), Counter(added)
         changed = frozenset(g[0] for g in (before - after)) | frozenset(g[0] for g in (after - before))
     return BigSet(replace(base, grants=Grants(grants)), tuple(pieces), changed)
+
+
+# JSON's whitespace: after a quote it could put a key out of _rows' count (looked for alone first,
+# which is a memchr; a quote is in every few bytes).
+_WHITESPACE = (" ", "\n", "\t", "\r")
+
+
+def _rows(text: str) -> list[Any]:
+    """A piece's grants as parsed JSON, duplicate keys refused.
+
+    Parsed without the strict hook (which builds each object from a list of pairs in Python:
+    twice the time of the plain parse, 0.35 of 0.7 ms per piece), then proven free of duplicate
+    keys by counting. With no backslash in the text, no string holds a quote, so every quote
+    delimits a string; with no whitespace after a quote, every key is followed directly by ':'.
+    Then each key written is one '":' (and a string opening with ':' one more), so if the parsed
+    objects hold as many keys as there are '":', no key was written twice. Otherwise, or with
+    anything the count cannot see, the piece is parsed strictly, which refuses a duplicate as the
+    whole read does. (Nested objects and keys other than a grant's fields are refused by the grant
+    checks, and any refusal reads the document again whole.)
+    """
+    document = "[" + text + "]"
+    if "\\" not in text and not any(c in text and '"' + c in text for c in _WHITESPACE):
+        rows = _plain.decode(document)
+        if type(rows) is list and set(map(type, rows)) <= {dict} and sum(map(len, rows)) == text.count('":'):
+            return rows
+    return _decoder.decode(document)  # type: ignore[no-any-return]
 
 
 def _match(
