@@ -359,14 +359,16 @@ def impact_of(active: CompiledSet, proposed: CompiledSet, principals: Collection
 def _changes(
     active: CompiledSet,
     proposed: CompiledSet,
-    principals: Sequence[Collection[str]],
+    principals: Sequence[set[str]],
     keys: Sequence[set[tuple[str, str]]],
 ) -> Predicted:
     """The answers that differ between the two sets for `principals` (unscoped, and in every scope
-    either set gives them) and for the scoped grants `keys` (the callers' sets, extended here), both
-    given per shard: one shard is compared at a time, and what differs is kept per principal (and
-    per scoped grant) as one interned frozenset of handles, shared by everyone whose answers moved
-    alike, so the work is a dict lookup per principal rather than a tuple per changed answer."""
+    either set gives them) and for the scoped grants `keys`, both given per shard: one shard is
+    compared at a time, and what differs is kept per principal (and per scoped grant) as one
+    interned frozenset of handles, shared by everyone whose answers moved alike, so the work is a
+    dict lookup per principal rather than a tuple per changed answer. The callers' sets are
+    extended and emptied here, a shard at a time: freed together on return, two million entries
+    held the GIL 40 ms (seen in the sidecar)."""
     xors: dict[tuple[frozenset[str], frozenset[str]], frozenset[str]] = {}
     unions: dict[tuple[frozenset[str], frozenset[str]], frozenset[str]] = {}
 
@@ -401,6 +403,8 @@ def _changes(
                 handles = differ(old, new)
                 if handles:
                     scoped_into[key] = handles
+        moved.clear()
+        moved_keys.clear()
     return Predicted(unscoped, scoped)
 
 
