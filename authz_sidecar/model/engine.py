@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
-from itertools import chain, compress
+from itertools import chain, compress, islice
 from operator import is_not, itemgetter
 from typing import Any, TypeVar
 
@@ -457,12 +457,21 @@ def predict(active: CompiledSet, proposed: CompiledSet) -> Predicted:
 
 
 _K = TypeVar("_K")
+# Keys of a shard looked up in the other set to guess whether the two share most of them.
+_SAMPLE = 16
 
 
 def _differing(before: Mapping[_K, frozenset[str]], after: Mapping[_K, frozenset[str]]) -> set[_K]:
-    """The keys of one shard whose values are not the same object in both (a few C-level passes
-    over its keys: comparing the items instead builds a tuple per entry, 13-37 ms for a shard of
-    sets sharing nothing, one C call)."""
+    """The keys of one shard whose values are not the same object in both, in a few C-level
+    passes. For shards of as many keys, most of a sample of them common (a guess: a wrong one
+    costs time, never an answer), their items are compared (a tuple per entry but
+    only the differing ones kept: 0.47 s for two million-grant sets one grant apart); for shards
+    mostly of different keys, those keys are taken as they are and only the common ones' values
+    compared (comparing items there kept a tuple per entry: 13-37 ms per 64th of two sets sharing
+    nothing, one C call)."""
+    sample = list(islice(before, _SAMPLE))
+    if len(before) == len(after) and sum(map(after.__contains__, sample)) * 2 > len(sample):
+        return {key for key, _ in before.items() ^ after.items()}
     found = set(before.keys() ^ after.keys())
     common = before.keys() & after.keys()
     found.update(compress(common, map(is_not, map(before.__getitem__, common), map(after.__getitem__, common))))
