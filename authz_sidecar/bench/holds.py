@@ -36,31 +36,17 @@ CATALOG = {"service": "things", "permissions": [{"handle": "things:view"}, {"han
 STEPS = (("cold", ()), ("change", ("v2",)), ("drop change", ()), ("disjoint", ("v3",)), ("drop disjoint", ()))
 
 
-class Holds:
-    """Wake-up lateness of a thread sleeping 0.5 ms, with the watched thread's frames."""
-
-    def __init__(self, watched: int, limit: float) -> None:
-        self.watched, self.limit = watched, limit
-        self.step = ""
-        self.found: list[tuple[float, str, str]] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            started = time.perf_counter()
-            time.sleep(0.0005)
-            late = time.perf_counter() - started - 0.0005
-            if late > self.limit:
-                self.found.append((late * 1000, self.step, _where(sys._current_frames().get(self.watched))))
-
-    def __enter__(self) -> Holds:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
+def _watch(
+    watched: int, limit: float, step: list[str], found: list[tuple[float, str, str]], stop: threading.Event
+) -> None:
+    """Sleep 0.5 ms in a loop; each wake-up more than `limit` late is a hold, recorded with the
+    current step and the watched thread's frames."""
+    while not stop.is_set():
+        started = time.perf_counter()
+        time.sleep(0.0005)
+        late = time.perf_counter() - started - 0.0005
+        if late > limit:
+            found.append((late * 1000, step[0], _where(sys._current_frames().get(watched))))
 
 
 def _where(frame: FrameType | None) -> str:
@@ -91,9 +77,14 @@ def run(grants: int, *, limit_ms: float = 3.0, settle: float = 1.5) -> dict[str,
     builder = SnapshotBuilder(LAYOUT, service="things", region="here", source="bench")
     last = LastGood()
     took: dict[str, float] = {}
-    with Holds(threading.get_ident(), limit_ms / 1000) as holds:
+    step, found, stop = [""], list[tuple[float, str, str]](), threading.Event()
+    watcher = threading.Thread(
+        target=_watch, args=(threading.get_ident(), limit_ms / 1000, step, found, stop), daemon=True
+    )
+    watcher.start()
+    try:
         for name, kv in steps:
-            holds.step = name
+            step[0] = name
             started = time.perf_counter()
             assembly, _ = builder.build(kv, 1, last)
             took[name] = time.perf_counter() - started
@@ -102,12 +93,15 @@ def run(grants: int, *, limit_ms: float = 3.0, settle: float = 1.5) -> dict[str,
             last = assembly.last_good
             del assembly
             time.sleep(settle)
+    finally:
+        stop.set()
+        watcher.join()
     report: dict[str, dict[str, float]] = {}
     for name, _shadows in STEPS:
-        mine = sorted((ms for ms, step, _w in holds.found if step == name), reverse=True)
+        mine = sorted((ms for ms, at, _w in found if at == name), reverse=True)
         report[name] = {"build_s": took[name], "longest_ms": mine[0] if mine else 0.0, "holds_over_limit": len(mine)}
-    for ms, step, where in sorted(holds.found, reverse=True)[:12]:
-        print(f"{ms:7.1f} ms  {step:13}  {where}", file=sys.stderr)
+    for ms, at, where in sorted(found, reverse=True)[:12]:
+        print(f"{ms:7.1f} ms  {at:13}  {where}", file=sys.stderr)
     return report
 
 
