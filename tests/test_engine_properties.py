@@ -113,6 +113,7 @@ def test_impact_is_exactly_the_changed_decisions(roles: dict[str, list[str]], a:
     held: AbstractSet[tuple[str, str, str | None]] = predict(compile_set(before, shared), compile_set(after, shared))
     assert held == predicted and predicted == held and len(held) == len(predicted)
     assert set(held) == predicted and held - predicted == frozenset()
+    assert hash(held) == hash(predicted)
     assert isinstance(held, Predicted)
     for p, h, s in da:
         assert held.predicts(p, h, s) == ((p, h, None) in predicted or (s is not None and (p, h, s) in predicted))

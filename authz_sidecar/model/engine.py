@@ -211,7 +211,8 @@ class Predicted(AbstractSet[tuple[str, str, str | None]]):
         return _drain(self.unscoped, self.scoped)
 
     def __hash__(self) -> int:
-        return self._hash()
+        # The frozenset's, as it compares equal to one (walks every triple: nothing hashes it now).
+        return hash(frozenset(self))
 
     @classmethod
     def _from_iterable(cls, it: Iterable[tuple[str, str, str | None]]) -> frozenset[tuple[str, str, str | None]]:  # type: ignore[override]
