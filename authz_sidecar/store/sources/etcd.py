@@ -62,7 +62,12 @@ from authz_sidecar.store.sources.release import Releaser
 log = structlog.get_logger("authz_sidecar.store.sources.etcd")
 
 # Seconds a thread may hold the GIL while another waits, during a build (Python's default: 0.005).
-BUILD_SWITCH_INTERVAL = 0.0005
+# 0.1 ms rather than 0.5: a Check waits up to this at each of its GIL acquisitions while a build
+# runs; through Envoy, with a million-grant shadow arriving, the Checks' p99 during the build was
+# 1.35-1.91x of steady at 0.1 ms against 1.72-2.60x at 0.5 for a 3-principal change, and
+# 2.07-2.51x against 2.59-3.35x for a set sharing nothing (bench/rebuild.py, two runs each,
+# alternating; docs/performance.md).
+BUILD_SWITCH_INTERVAL = 0.0001
 # A build that read at least this many grants freezes what is alive when it ends (see build()).
 FREEZE_AFTER = 100_000
 
@@ -173,7 +178,7 @@ class SnapshotBuilder:
         """The assembly, and the keys that store what it serves (what the disk copy keeps)."""
         switch = sys.getswitchinterval()
         # While a build runs beside the threads answering Checks, Python hands the GIL over to a
-        # waiting thread after 0.5 ms instead of 5: a Check that needs the GIL several times
+        # waiting thread after 0.1 ms instead of 5: a Check that needs the GIL several times
         # would otherwise wait up to 5 ms at each, behind the build's loops.
         sys.setswitchinterval(min(switch, BUILD_SWITCH_INTERVAL))
         try:
