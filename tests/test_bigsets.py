@@ -112,6 +112,49 @@ def test_a_duplicate_key_in_a_grant_is_refused_as_whole() -> None:
     assert pieces(damaged) == whole(damaged) == "doc: duplicate key 'roles'"
 
 
+@pytest.mark.parametrize(
+    ("find", "replace"),
+    [
+        # A duplicate spelled with an escape, or with whitespace before its colon: the count of
+        # keys written cannot see it, so the piece is parsed strictly.
+        (b'{"principal":"p1"', b'{"princip\\u0061l":"p9","principal":"p1"'),
+        (b'{"principal":"p1"', b'{"principal" :"p9","principal":"p1"'),
+        (b'"roles":["r0"]}', b'"roles" : ["r0"],"roles":["r0"]}'),
+        # A duplicate balanced by an unknown key in another grant: refused for one or the other.
+        (b'{"principal":"p1"', b'{"principal":"p9","principal":"p1"'),
+        (b'{"principal":"p2","roles":["r0"]', b'{"principal":"p2","roles":["r0"],"x":1'),
+        # Duplicates inside a value, and grants that are not objects.
+        (b'"roles":["r0"]}', b'"roles":[{"a":1,"a":2}]}'),
+        (b'{"principal":"p1","roles":["r0"]}', b"1"),
+        (b'{"principal":"p1","roles":["r0"]}', b"[]"),
+        (b'{"principal":"p1","roles":["r0"]}', b"null"),
+    ],
+)
+def test_keys_the_count_cannot_see_are_read_strictly(find: bytes, replace: bytes) -> None:
+    text = document({"r0": ("a:view",)}, [Grant(f"p{i}", ("r0",)) for i in range(4)])
+    damaged = text.replace(find, replace, 1)
+    assert damaged != text
+    assert pieces(damaged) == whole(damaged)
+    assert isinstance(whole(damaged), str)
+
+
+def test_a_duplicate_balanced_by_an_unknown_key_is_refused_as_whole() -> None:
+    text = document({"r0": ("a:view",)}, [Grant(f"p{i}", ("r0",)) for i in range(4)])
+    damaged = text.replace(b'{"principal":"p1"', b'{"principal":"p9","principal":"p1"', 1)
+    damaged = damaged.replace(b'{"principal":"p2","roles":["r0"]', b'{"principal":"p2","roles":["r0"],"x":1', 1)
+    assert pieces(damaged) == whole(damaged) == "doc: duplicate key 'principal'"
+
+
+@pytest.mark.parametrize("tail", [b",}", b", }", b",\n}"])
+def test_a_comma_after_the_grants_with_nothing_after_it_is_refused_as_whole(tail: bytes) -> None:
+    # Found by the test above: the members after the grants were read as "{" + what follows the
+    # comma, an empty object, so the pieces took a document that is not JSON.
+    text = document({"r0": ("a:view",)}, [Grant("p0", ("r0",))] * 3)
+    damaged = text[:-1] + tail
+    assert isinstance(whole(damaged), str)
+    assert pieces(damaged) == whole(damaged)
+
+
 def test_a_document_in_another_form_is_read_whole() -> None:
     data: dict[str, Any] = {"grants": [{"roles": ["r0"], "principal": "p0"}], "roles": {"r0": ["a:view"]}}
     text = json.dumps(data, indent=2).encode()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Set as AbstractSet
 
 import pytest
 from hypothesis import given, settings
@@ -13,6 +14,7 @@ from authz_sidecar.errors import DocumentError
 from authz_sidecar.model.engine import (
     CompiledSet,
     Interner,
+    Predicted,
     changed_roles,
     compile_set,
     declared,
@@ -20,6 +22,7 @@ from authz_sidecar.model.engine import (
     grants_of,
     impact,
     impact_of,
+    predict,
     principals_holding,
     recompile,
 )
@@ -105,6 +108,16 @@ def test_impact_is_exactly_the_changed_decisions(roles: dict[str, list[str]], a:
     for p, h, s in predicted:
         was = compiled_before.decide(p, h, s) is Reason.ALLOWED
         assert was != (compiled_after.decide(p, h, s) is Reason.ALLOWED)
+    # Held per principal, it is the same set of triples, and answers what the sidecar asks of it
+    # as membership in that set would.
+    held: AbstractSet[tuple[str, str, str | None]] = predict(compile_set(before, shared), compile_set(after, shared))
+    assert held == predicted and predicted == held and len(held) == len(predicted)
+    assert set(held) == predicted and held - predicted == frozenset()
+    assert hash(held) == hash(predicted)
+    assert isinstance(held, Predicted)
+    for p, h, s in da:
+        assert held.predicts(p, h, s) == ((p, h, None) in predicted or (s is not None and (p, h, s) in predicted))
+        assert ((p, h, s) in held) == ((p, h, s) in predicted)
 
 
 def test_unknown_principal_and_missing_permission_are_distinct_reasons() -> None:
@@ -198,7 +211,7 @@ def test_recompile_from_the_parent_equals_compiling_whole(
     compiled_parent = compile_set(parent, interner)
     again = recompile(compiled_parent, child, moved, grants_of(child.grants, moved), interner)
     _same(again, compile_set(child))
-    assert impact_of(compiled_parent, again, moved) == impact(compiled_parent, compile_set(child))
+    assert frozenset(impact_of(compiled_parent, again, moved)) == impact(compiled_parent, compile_set(child))
 
 
 @given(roles_st, st.lists(grant_st, max_size=10), st.lists(change_st, min_size=1, max_size=4))
@@ -212,4 +225,4 @@ def test_declared_compiled_equals_compiling_declared_whole(
     meant, moved = declared_compiled(active, compiled, proposal)
     whole = compile_set(declared(active, proposal))
     _same(meant, whole)
-    assert impact_of(compiled, meant, moved) == impact(compiled, whole)
+    assert frozenset(impact_of(compiled, meant, moved)) == impact(compiled, whole)

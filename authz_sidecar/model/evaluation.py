@@ -46,7 +46,7 @@ class Evaluation:
 def _predicted(view: ShadowView | None, principal: str, handle: str, scope: str | None) -> bool:
     if view is None:
         return False
-    return (principal, handle, None) in view.impact or (scope is not None and (principal, handle, scope) in view.impact)
+    return view.impact.predicts(principal, handle, scope)
 
 
 def evaluate(

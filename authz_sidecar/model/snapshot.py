@@ -24,12 +24,13 @@ from authz_sidecar.model.cohorts import describe_missing, members, missing_roles
 from authz_sidecar.model.engine import (
     CompiledSet,
     Interner,
+    Predicted,
     changed_roles,
     compile_set,
     declared_compiled,
     grants_of,
-    impact,
     impact_of,
+    predict,
     principals_holding,
     recompile,
 )
@@ -46,7 +47,7 @@ class ShadowView:
     # This region's canary weight in basis points (percent * 100), 0 when not canaried here.
     weight_bp: int
     # (principal, handle, scope) triples the change is predicted to alter; scope None = unscoped.
-    impact: frozenset[tuple[str, str, str | None]]
+    impact: Predicted
     # Its parent is no longer the active set (or it was marked stale on a promotion): never enforced.
     stale: bool = False
     # The principals it decides for in our region by cohort (resolved against the active set when
@@ -143,7 +144,7 @@ class CompileCache:
 
     def __init__(self) -> None:
         self._sets: dict[int, tuple[PermissionSet, CompiledSet]] = {}
-        self._impacts: dict[tuple[int, int], frozenset[tuple[str, str, str | None]]] = {}
+        self._impacts: dict[tuple[int, int], Predicted] = {}
         self._interner = Interner()
         # id(child) -> (child, parent, principals whose grants differ): see derived().
         self._derived: dict[int, tuple[PermissionSet, PermissionSet, frozenset[str]]] = {}
@@ -174,7 +175,7 @@ class CompileCache:
             entry = self._sets[id(permissions)] = (permissions, compiled)
         return entry[1]
 
-    def impact(self, active: PermissionSet, shadow: PermissionSet) -> frozenset[tuple[str, str, str | None]]:
+    def impact(self, active: PermissionSet, shadow: PermissionSet) -> Predicted:
         key = (id(active), id(shadow))
         found = self._impacts.get(key)
         if found is None:
@@ -188,7 +189,7 @@ class CompileCache:
             elif hint is not None and hint[1] is active:
                 found = impact_of(compiled_active, self.compiled(shadow), hint[2])
             else:
-                found = impact(compiled_active, self.compiled(shadow))
+                found = predict(compiled_active, self.compiled(shadow))
             self._impacts[key] = found
         return found
 

@@ -1,0 +1,123 @@
+"""Where a big build holds the GIL: the longest holds per step, with the builder's frames.
+
+The etcd source's builder (:class:`~authz_sidecar.store.sources.etcd.SnapshotBuilder`) takes, in
+turn, the bench's active set of N grants cold, a proposal changing three principals, the
+proposal dropped, a set sharing no principal with the active one, and that set dropped (what
+``bench/rebuild.py`` sends a sidecar). A thread sleeps 0.5 ms in a loop; when it wakes more than
+``--limit`` ms late, another thread held the GIL that long, and the builder's frames at that moment
+say where the hold ended. Each step waits ``--settle`` seconds after it, so that what it dropped is
+freed within the step (the releaser frees in the background).
+
+Run as ``python -m authz_sidecar.bench.holds [--grants N]``; to measure another checkout's builder,
+``PYTHONPATH=DIR python -P authz_sidecar/bench/holds.py`` (run by path: DIR need not have this file).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import sys
+import threading
+import time
+import traceback
+from types import FrameType
+
+from authz_sidecar.bench.rebuild import policy
+from authz_sidecar.documents import dump_permission_set
+from authz_sidecar.model.assembly import LastGood
+from authz_sidecar.model.values import Rollout
+from authz_sidecar.store import layout
+from authz_sidecar.store.layout import Layout
+from authz_sidecar.store.sources.etcd import SnapshotBuilder
+
+LAYOUT = Layout("/authz")
+CATALOG = {"service": "things", "permissions": [{"handle": "things:view"}, {"handle": "things:edit"}]}
+STEPS = (("cold", ()), ("change", ("v2",)), ("drop change", ()), ("disjoint", ("v3",)), ("drop disjoint", ()))
+
+
+def _watch(
+    watched: int, limit: float, step: list[str], found: list[tuple[float, str, str]], stop: threading.Event
+) -> None:
+    """Sleep 0.5 ms in a loop; each wake-up more than `limit` late is a hold, recorded with the
+    current step and the watched thread's frames."""
+    while not stop.is_set():
+        started = time.perf_counter()
+        time.sleep(0.0005)
+        late = time.perf_counter() - started - 0.0005
+        if late > limit:
+            found.append((late * 1000, step[0], _where(sys._current_frames().get(watched))))
+
+
+def _where(frame: FrameType | None) -> str:
+    if frame is None:
+        return "?"
+    return " < ".join(f"{f.name}:{f.lineno}" for f in reversed(traceback.extract_stack(frame)[-4:]))
+
+
+def _keys(documents: dict[str, bytes], shadows: tuple[str, ...]) -> dict[str, bytes]:
+    kv = {LAYOUT.catalog("things"): json.dumps(CATALOG).encode()}
+    for version in ("v1", *shadows):
+        head, chunks = layout.split(version, documents[version])
+        kv[LAYOUT.head(version)] = head.encode()
+        kv.update({LAYOUT.chunk(version, head.sha256, i): c for i, c in enumerate(chunks)})
+    kv[LAYOUT.active] = layout.encode_active("v1")
+    kv[LAYOUT.shadows] = layout.encode_shadows({v: Rollout() for v in shadows})
+    return kv
+
+
+def run(grants: int, *, limit_ms: float = 3.0, settle: float = 1.5) -> dict[str, dict[str, float]]:
+    documents = {
+        "v1": dump_permission_set(policy(grants, "v1")),
+        "v2": dump_permission_set(policy(grants, "v2", changed=3)),
+        "v3": dump_permission_set(policy(grants, "v3", prefix="other")),
+    }
+    steps = [(name, _keys(documents, shadows)) for name, shadows in STEPS]
+    gc.collect()
+    builder = SnapshotBuilder(LAYOUT, service="things", region="here", source="bench")
+    last = LastGood()
+    took: dict[str, float] = {}
+    step, found, stop = [""], list[tuple[float, str, str]](), threading.Event()
+    watcher = threading.Thread(
+        target=_watch, args=(threading.get_ident(), limit_ms / 1000, step, found, stop), daemon=True
+    )
+    watcher.start()
+    try:
+        for name, kv in steps:
+            step[0] = name
+            started = time.perf_counter()
+            assembly, _ = builder.build(kv, 1, last)
+            took[name] = time.perf_counter() - started
+            if assembly.snapshot is None or assembly.refusals:
+                raise RuntimeError(f"bench: the build failed: {assembly.waiting} {assembly.refusals}")
+            last = assembly.last_good
+            del assembly
+            time.sleep(settle)
+    finally:
+        stop.set()
+        watcher.join()
+    report: dict[str, dict[str, float]] = {}
+    for name, _shadows in STEPS:
+        mine = sorted((ms for ms, at, _w in found if at == name), reverse=True)
+        report[name] = {"build_s": took[name], "longest_ms": mine[0] if mine else 0.0, "holds_over_limit": len(mine)}
+    for ms, at, where in sorted(found, reverse=True)[:12]:
+        print(f"{ms:7.1f} ms  {at:13}  {where}", file=sys.stderr)
+    return report
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--grants", type=int, default=1_000_000)
+    parser.add_argument("--limit", type=float, default=3.0, help="ms of lateness counted as a hold")
+    parser.add_argument("--settle", type=float, default=1.5)
+    args = parser.parse_args()
+    report = run(args.grants, limit_ms=args.limit, settle=args.settle)
+    for name, row in report.items():
+        print(
+            f"{name:13}  build {row['build_s']:6.2f} s  longest hold {row['longest_ms']:6.1f} ms"
+            f"  holds over {args.limit:g} ms: {row['holds_over_limit']:.0f}"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,30 @@
+"""Grants held per piece behave as the tuple of the same grants, for every reader of a set's grants."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from authz_sidecar.model.values import Grant, Grants
+
+grant_st = st.builds(Grant, st.sampled_from(["a", "b", "c"]), st.just(("r",)), st.sampled_from([None, "s"]))
+pieces_st = st.lists(st.lists(grant_st, max_size=5).map(tuple), max_size=6)
+
+
+@given(pieces_st, st.integers(-40, 40), st.integers(-40, 40), st.sampled_from([None, 1, 2, -1]))
+def test_grants_in_pieces_are_the_tuple_of_them(
+    pieces: list[tuple[Grant, ...]], start: int, stop: int, step: int | None
+) -> None:
+    whole = tuple(g for piece in pieces for g in piece)
+    grants = Grants(pieces)
+    assert len(grants) == len(whole)
+    assert list(grants) == list(whole)
+    assert grants == whole and whole == grants and grants == Grants([whole])
+    assert grants != (*whole, Grant("z", ("r",)))
+    assert grants[start:stop:step] == whole[start:stop:step]
+    for i in range(-len(whole), len(whole)):
+        assert grants[i] == whole[i]
+    for i in (len(whole), -len(whole) - 1):
+        with pytest.raises(IndexError):
+            grants[i]
