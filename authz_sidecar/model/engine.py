@@ -112,12 +112,14 @@ class CompiledSet:
         return chain.from_iterable(d.items() for d in self.scoped)
 
 
+def _every_shard(unscoped: Unscoped, scoped: Scoped) -> tuple[dict[Any, frozenset[str]], ...]:
+    """The unscoped shards, then the scoped ones."""
+    return (*unscoped, *scoped)
+
+
 def _drain(unscoped: Unscoped, scoped: Scoped) -> Iterator[None]:
-    for part in unscoped:
+    for part in _every_shard(unscoped, scoped):
         part.clear()
-        yield
-    for scoped_part in scoped:
-        scoped_part.clear()
         yield
 
 
@@ -140,11 +142,8 @@ class Interner:
         accumulate."""
         used: dict[frozenset[str], frozenset[str]] = {}
         for compiled in sets:
-            for part in compiled.unscoped:
+            for part in _every_shard(compiled.unscoped, compiled.scoped):
                 for held in part.values():
-                    used.setdefault(held, held)
-            for scoped_part in compiled.scoped:
-                for held in scoped_part.values():
                     used.setdefault(held, held)
         self._sets = used
 
@@ -167,12 +166,7 @@ class Predicted(AbstractSet[tuple[str, str, str | None]]):
     def __init__(self, unscoped: Unscoped, scoped: Scoped) -> None:
         self.unscoped = unscoped
         self.scoped = scoped
-        count = 0
-        for part in unscoped:
-            count += sum(map(len, part.values()))
-        for scoped_part in scoped:
-            count += sum(map(len, scoped_part.values()))
-        self._len = count
+        self._len = sum(sum(map(len, part.values())) for part in _every_shard(unscoped, scoped))
 
     def predicts(self, principal: str, handle: str, scope: str | None) -> bool:
         """Whether the answer for `handle` moves for `principal` unscoped, or (given a scope)
