@@ -28,3 +28,12 @@ def test_grants_in_pieces_are_the_tuple_of_them(
     for i in (len(whole), -len(whole) - 1):
         with pytest.raises(IndexError):
             grants[i]
+
+
+def test_a_slice_of_exactly_one_piece_is_that_piece() -> None:
+    """What a set read against its parent takes for each piece it shares: the parent's own tuple."""
+    pieces = [(Grant("a", ("r",)),), (Grant("b", ("r",)), Grant("c", ("r",))), (Grant("d", ("r",)),)]
+    grants = Grants(pieces)
+    assert grants[1:3] is pieces[1]
+    assert grants[0:1] is pieces[0] and grants[3:4] is pieces[2]
+    assert grants[1:2] == (Grant("b", ("r",)),) and grants[1:4] == (*pieces[1], *pieces[2])

@@ -66,8 +66,11 @@ class Grants(Sequence[Grant]):
             start, stop, step = index.indices(size)
             if step != 1:
                 return tuple(self)[index]
-            found: list[Grant] = []
             at = bisect_right(self._ends, start)
+            if at < len(self.pieces) and self._ends[at] - len(self.pieces[at]) == start and self._ends[at] == stop:
+                # Exactly one piece (a child set reusing its parent's): that tuple, not a copy.
+                return self.pieces[at]
+            found: list[Grant] = []
             while start < stop and at < len(self.pieces):
                 piece = self.pieces[at]
                 first = self._ends[at] - len(piece)
