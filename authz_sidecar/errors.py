@@ -30,6 +30,7 @@ documents and settings, where the right reaction is to refuse the input and keep
 
 from __future__ import annotations
 
+import errno
 from typing import Any
 
 
@@ -58,3 +59,10 @@ class IdentityError(AuthzError):
 
 class BindError(AuthzError):
     """An address cannot be listened on (in use by another process, not permitted, not local)."""
+
+    @classmethod
+    def of(cls, flag: str, value: str, exc: OSError, owner: str) -> BindError:
+        """One line naming the flag and why: in use (by another `owner`, likely), or the OS's reason."""
+        why = f"address already in use (another {owner}?)" if exc.errno == errno.EADDRINUSE else exc.strerror
+        why = why or str(exc)
+        return cls(f"{flag} {value}: {why[:1].lower()}{why[1:]}")

@@ -423,9 +423,7 @@ def check_free(flag: str, value: str) -> None:
 
 
 def _bind_error(flag: str, value: str, exc: OSError) -> BindError:
-    why = "address already in use (another sidecar?)" if exc.errno == errno.EADDRINUSE else exc.strerror
-    why = why or str(exc)
-    return BindError(f"{flag} {value}: {why[:1].lower()}{why[1:]}")
+    return BindError.of(flag, value, exc, "sidecar")
 
 
 @contextlib.contextmanager

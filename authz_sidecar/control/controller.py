@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import os
 import signal
 import socket
@@ -517,8 +516,7 @@ async def serve_controller(
         try:
             start_http_server(port, host, registry=metrics.registry)
         except OSError as exc:
-            why = "address already in use (another controller?)" if exc.errno == errno.EADDRINUSE else exc.strerror
-            raise BindError(f"--metrics {host}:{port}: {why}") from None
+            raise BindError.of("--metrics", f"{host}:{port}", exc, "controller") from None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
