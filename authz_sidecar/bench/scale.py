@@ -106,7 +106,6 @@ def _variant(active: bytes, version: str, edit: str) -> bytes:
     """A proposal against v1: `grants` changes three principals' grants, `role` edits a role held
     by a fifth of the principals (role3, which gains a handle)."""
     data = json.loads(active)
-    data["version"], data["parent"] = version, "v1"
     data = {"version": version, "parent": "v1", **{k: v for k, v in data.items() if k not in ("version", "parent")}}
     grants = data["grants"]
     if edit == "grants":
