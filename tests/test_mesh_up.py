@@ -30,6 +30,7 @@ import pytest
 
 from authz_sidecar.local.mesh import run_ctl, send
 from authz_sidecar.local.meshstate import read_state
+from authz_sidecar.local.meshstate import running as alive
 from authz_sidecar.local.otlpprobe import Traces
 from authz_sidecar.local.portplan import PortPlan
 from authz_sidecar.local.processes import LOOPBACK
@@ -107,16 +108,6 @@ def start(tmp: Path, *args: str) -> tuple[subprocess.Popen[str], Output]:
         start_new_session=True,
     )
     return process, Output(process)
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    with contextlib.suppress(OSError, IndexError):
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    return True
 
 
 def cleanup(process: subprocess.Popen[str], output: Output, pids: list[int]) -> None:

@@ -21,6 +21,7 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from types import FrameType
 
 from authz_sidecar.bench.rebuild import policy
@@ -36,17 +37,34 @@ CATALOG = {"service": "things", "permissions": [{"handle": "things:view"}, {"han
 STEPS = (("cold", ()), ("change", ("v2",)), ("drop change", ()), ("disjoint", ("v3",)), ("drop disjoint", ()))
 
 
-def _watch(
-    watched: int, limit: float, step: list[str], found: list[tuple[float, str, str]], stop: threading.Event
-) -> None:
-    """Sleep 0.5 ms in a loop; each wake-up more than `limit` late is a hold, recorded with the
-    current step and the watched thread's frames."""
-    while not stop.is_set():
-        started = time.perf_counter()
-        time.sleep(0.0005)
-        late = time.perf_counter() - started - 0.0005
-        if late > limit:
-            found.append((late * 1000, step[0], _where(sys._current_frames().get(watched))))
+class GilWatch:
+    """A thread that sleeps `period` seconds in a loop and keeps its longest wake-up delay: how
+    long another thread held the GIL at a time (the pause a Check waiting for it would feel).
+    `on_late(seconds)`, if given, is called on the watching thread with every delay."""
+
+    def __init__(self, period: float = 0.001, on_late: Callable[[float], None] | None = None) -> None:
+        self.longest = 0.0
+        self._period, self._on_late = period, on_late
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            started = time.perf_counter()
+            time.sleep(self._period)
+            late = time.perf_counter() - started - self._period
+            self.longest = max(self.longest, late)
+            if self._on_late is not None:
+                self._on_late(late)
+
+    def __enter__(self) -> GilWatch:
+        self._thread.start()
+        time.sleep(0.01)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 def _where(frame: FrameType | None) -> str:
@@ -77,14 +95,16 @@ def run(grants: int, *, limit_ms: float = 3.0, settle: float = 1.5) -> dict[str,
     builder = SnapshotBuilder(LAYOUT, service="things", region="here", source="bench")
     last = LastGood()
     took: dict[str, float] = {}
-    step, found, stop = [""], list[tuple[float, str, str]](), threading.Event()
-    watcher = threading.Thread(
-        target=_watch, args=(threading.get_ident(), limit_ms / 1000, step, found, stop), daemon=True
-    )
-    watcher.start()
-    try:
+    step, found, watched = "", list[tuple[float, str, str]](), threading.get_ident()
+
+    def hold(late: float) -> None:
+        # The builder's frames at the moment the hold ended, with the step it ended in.
+        if late > limit_ms / 1000:
+            found.append((late * 1000, step, _where(sys._current_frames().get(watched))))
+
+    with GilWatch(0.0005, hold):
         for name, kv in steps:
-            step[0] = name
+            step = name
             started = time.perf_counter()
             assembly, _ = builder.build(kv, 1, last)
             took[name] = time.perf_counter() - started
@@ -93,9 +113,6 @@ def run(grants: int, *, limit_ms: float = 3.0, settle: float = 1.5) -> dict[str,
             last = assembly.last_good
             del assembly
             time.sleep(settle)
-    finally:
-        stop.set()
-        watcher.join()
     report: dict[str, dict[str, float]] = {}
     for name, _shadows in STEPS:
         mine = sorted((ms for ms, at, _w in found if at == name), reverse=True)

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from authz_sidecar.bench import h2load
-from authz_sidecar.bench.run import ALLOWED, DENIED, Bench
+from authz_sidecar.bench.run import ALLOWED, CATALOG, DENIED, Bench
 from authz_sidecar.documents import dump_permission_set, parse_catalog
 from authz_sidecar.local.etcd import EtcdCluster
 from authz_sidecar.local.processes import LOOPBACK, Process, free_port, wait_for_http
@@ -43,14 +43,6 @@ from authz_sidecar.store import layout
 from authz_sidecar.store.etcd import Etcd, EtcdOptions
 from authz_sidecar.store.policy import PolicyStore
 
-CATALOG = {
-    "service": "things",
-    "permissions": [{"handle": "things:view"}, {"handle": "things:edit"}],
-    "routes": [
-        {"method": "GET", "path": "/things/{id}", "permission": "things:view"},
-        {"method": "PUT", "path": "/things/{id}", "permission": "things:edit"},
-    ],
-}
 ROLES = {"viewer": ("things:view",), "editor": ("things:view", "things:edit")}
 
 

@@ -40,29 +40,28 @@ COHORT = [f"user-{i}" for i in range(10)]
 def bench_policy(directory: Path, principals: int = PRINCIPALS) -> Path:
     """The product as it ships: an active set of `principals` principals and three live shadows,
     each with a cohort in this region, so every Check decides once and observes three times."""
+    cohorts = {"bench": {"principals": COHORT, "role_sets": [["viewer", "editor"]]}}
+    return _write_policy(directory, principals, SHADOWS, {"cohorts": cohorts})
+
+
+def sized_policy(directory: Path, grants: int) -> Path:
+    """An active set of `grants` grants and one live shadow of as many, observed beside it: the
+    pair of rows that says whether the size of the sets shows in a Check."""
+    return _write_policy(directory, grants, ("v2",), {})
+
+
+def _write_policy(directory: Path, principals: int, shadows: tuple[str, ...], rollout: dict[str, Any]) -> Path:
+    """A policy directory: the catalog, an active set v1 of `principals` grants and `shadows` of the
+    same grants, each live with weight 0 here and `rollout`'s fields."""
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "shadows").mkdir(exist_ok=True)
     (directory / "catalog.yaml").write_text(yaml.safe_dump(CATALOG))
     grants = _grants(principals)
     # JSON (load_document reads text starting with '{' with the C parser): PyYAML would take seconds.
     (directory / "active.yaml").write_text(json.dumps({"version": "v1", "roles": ROLES, "grants": grants}))
-    cohorts = {"bench": {"principals": COHORT, "role_sets": [["viewer", "editor"]]}}
-    for version in SHADOWS:
+    for version in shadows:
         doc = {"version": version, "parent": "v1", "roles": ROLES, "grants": grants, "weights": {"bench": 0}}
-        (directory / "shadows" / f"{version}.yaml").write_text(json.dumps({**doc, "cohorts": cohorts}))
-    return directory
-
-
-def sized_policy(directory: Path, grants: int) -> Path:
-    """An active set of `grants` grants and one live shadow of as many, observed beside it: the
-    pair of rows that says whether the size of the sets shows in a Check."""
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "shadows").mkdir(exist_ok=True)
-    (directory / "catalog.yaml").write_text(yaml.safe_dump(CATALOG))
-    rows = _grants(grants)
-    (directory / "active.yaml").write_text(json.dumps({"version": "v1", "roles": ROLES, "grants": rows}))
-    doc = {"version": "v2", "parent": "v1", "roles": ROLES, "grants": rows, "weights": {"bench": 0}}
-    (directory / "shadows" / "v2.yaml").write_text(json.dumps(doc))
+        (directory / "shadows" / f"{version}.yaml").write_text(json.dumps({**doc, **rollout}))
     return directory
 
 

@@ -18,11 +18,11 @@ import random
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import tracemalloc
 from typing import Any
 
+from authz_sidecar.bench.holds import GilWatch
 from authz_sidecar.documents import load_document, parse_catalog, parse_permission_set, parse_shadow
 from authz_sidecar.model.assembly import LastGood
 from authz_sidecar.model.evaluation import evaluate
@@ -56,31 +56,6 @@ def build(active_text: str, shadow_text: str, catalog: dict[str, Any]) -> Snapsh
         return build_snapshot(active, [shadow], [parse_catalog(catalog, "catalog")], region="here")
 
 
-class GilWatch:
-    """A thread that sleeps 1 ms in a loop and keeps its longest wake-up delay: how long another
-    thread held the GIL at a time (the pause a Check waiting for it would feel)."""
-
-    def __init__(self) -> None:
-        self.longest = 0.0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            started = time.perf_counter()
-            time.sleep(0.001)
-            self.longest = max(self.longest, time.perf_counter() - started - 0.001)
-
-    def __enter__(self) -> GilWatch:
-        self._thread.start()
-        time.sleep(0.01)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-
 LAYOUT = Layout("/authz")
 
 
@@ -106,7 +81,6 @@ def _variant(active: bytes, version: str, edit: str) -> bytes:
     """A proposal against v1: `grants` changes three principals' grants, `role` edits a role held
     by a fifth of the principals (role3, which gains a handle)."""
     data = json.loads(active)
-    data["version"], data["parent"] = version, "v1"
     data = {"version": version, "parent": "v1", **{k: v for k, v in data.items() if k not in ("version", "parent")}}
     grants = data["grants"]
     if edit == "grants":
