@@ -61,11 +61,11 @@ from authz_sidecar.local.processes import (
     wait_for_http,
     wait_for_port,
 )
-from authz_sidecar.local.tokens import DemoIssuer, token_variable
+from authz_sidecar.local.tokens import DEMO_PRINCIPALS, DemoIssuer, token_variable
 from authz_sidecar.telemetry import logs
 
 # Principals with a token in tokens.env: the example policy's, and one nobody granted anything.
-TOKEN_PRINCIPALS = ("alice", "bob", "carol", "dave", "qa-bot", "mallory")
+TOKEN_PRINCIPALS = (*DEMO_PRINCIPALS, "mallory")
 TOKEN_TTL = 12 * 3600
 
 
