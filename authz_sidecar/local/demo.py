@@ -498,10 +498,7 @@ def run(options: DemoOptions) -> int:
         failed = False
         print("demo: stopped before its end", file=sys.stderr)
         return 130
-    except DemoError as exc:
-        print(f"demo: {exc}", file=sys.stderr)
-        return 1
-    except (OSError, RuntimeError, TimeoutError) as exc:
+    except (DemoError, OSError, RuntimeError, TimeoutError) as exc:
         print(f"demo: {exc}", file=sys.stderr)
         return 1
     finally:
