@@ -27,11 +27,11 @@ from typing import Any
 
 import yaml
 
+from authz_sidecar.local.tokens import DEMO_ISSUER
+
 ROOT = Path(__file__).resolve().parent.parent
 CATALOG = "examples/policy/catalog.yaml"
 REGIONS = ("us-east", "eu-west")
-# The demo issuer (authz_sidecar/local/tokens.py): its tokens are what Envoy's jwt_authn verifies.
-ISSUER = "https://issuer.authz-sidecar.local"
 # Where the pod's Envoy and sidecar meet (an emptyDir shared by the two containers).
 SOCKET = "unix:///var/run/authz/authz.sock"
 
@@ -51,7 +51,7 @@ def compose_envoy_argv(region: str) -> list[str]:
         "--authz",
         f"sidecar-{region}:9191",
         "--jwt-issuer",
-        ISSUER,
+        DEMO_ISSUER,
         "--jwks-file",
         "/var/lib/authz-demo/jwks.json",
         "--otlp",
@@ -75,7 +75,7 @@ def k8s_envoy_argv(region: str) -> list[str]:
         "--authz",
         SOCKET,
         "--jwt-issuer",
-        ISSUER,
+        DEMO_ISSUER,
         "--jwks-file",
         "/var/run/jwks/jwks.json",
         "--otlp",

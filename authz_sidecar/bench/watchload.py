@@ -60,7 +60,6 @@ from authz_sidecar.store.etcd import CompactedError, Etcd, EtcdError, EtcdOption
 from authz_sidecar.store.layout import Layout
 from authz_sidecar.store.policy import PolicyStore
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 WATCHERS = "etcd_debugging_mvcc_watcher_total"
 STREAMS = "etcd_debugging_mvcc_watch_stream_total"
 # The sidecar's own default (--etcd-liveness), so the light watchers ask for progress as often.

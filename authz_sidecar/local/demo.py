@@ -57,7 +57,7 @@ from authz_sidecar.local.processes import (
     stop_unrecorded_children,
 )
 from authz_sidecar.local.regions import RegionalMesh
-from authz_sidecar.local.tokens import DemoIssuer
+from authz_sidecar.local.tokens import DEMO_PRINCIPALS, DemoIssuer
 from authz_sidecar.store.etcd import Etcd, EtcdOptions
 from authz_sidecar.store.policy import PolicyStore
 from authz_sidecar.telemetry import logs
@@ -66,7 +66,6 @@ CANARY_REGION = "eu-west"
 STEADY_REGION = "us-east"
 # The new hire is the first of these the active set does not know yet (the demo runs again).
 NEW_HIRES = ("erin", "frank", "grace", "heidi", "ivan", "judy", "mallory-2", "niaj", "olivia", "peggy")
-PEOPLE = ("alice", "bob", "carol", "dave", "qa-bot")
 
 
 @dataclass(frozen=True)
@@ -228,7 +227,7 @@ class Story:
         self.narrator.step(1, "Where things stand")
         before = self.ctl.show("status", keys=("active", "shadows", "locks", "controller"))
         self.live = {str(v) for v, s in (before.get("shadows") or {}).items() if s.get("state") != "stale"}
-        who = [*PEOPLE, hire]
+        who = [*DEMO_PRINCIPALS, hire]
         note(
             f"Traffic starts through both Envoys: {', '.join(who)} ({hire} is not in {active}), each sending "
             f"{', '.join(f'{m} {p}' for m, p in REQUESTS)}, {pace.rate:g} requests/s per region."
@@ -499,10 +498,7 @@ def run(options: DemoOptions) -> int:
         failed = False
         print("demo: stopped before its end", file=sys.stderr)
         return 130
-    except DemoError as exc:
-        print(f"demo: {exc}", file=sys.stderr)
-        return 1
-    except (OSError, RuntimeError, TimeoutError) as exc:
+    except (DemoError, OSError, RuntimeError, TimeoutError) as exc:
         print(f"demo: {exc}", file=sys.stderr)
         return 1
     finally:

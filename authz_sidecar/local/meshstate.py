@@ -44,11 +44,8 @@ def stop_leftovers(path: Path, timeout: float = 10.0) -> int:
     """Stop what a ``mesh up`` killed without its cleanup (SIGKILL) left running, as its state file
     recorded it: each process only if it is still the one recorded (same pid, same start time).
     Returns how many were stopped; the leftover state file is removed."""
-    try:
-        state = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return 0
-    if not isinstance(state, dict) or not isinstance(state.get("pid"), int) or running(state["pid"]):
+    state = _recorded(path)
+    if state is None or running(state["pid"]):
         return 0
     started = state.get("started") or {}
     ours = [
@@ -74,11 +71,20 @@ def stop_leftovers(path: Path, timeout: float = 10.0) -> int:
 def read_state(path: Path) -> dict[str, Any] | None:
     """The state of the mesh running from `path`, or None: no file, not one of ours, or its
     ``mesh up`` is gone (killed without its cleanup; the file is then a leftover)."""
+    state = _recorded(path)
+    if state is None or not running(state["pid"]):
+        return None
+    return state
+
+
+def _recorded(path: Path) -> dict[str, Any] | None:
+    """The state file at `path` if it is one of ours (a mapping with the writer's pid), whether or
+    not its writer still runs; None when missing or unreadable."""
     try:
         state = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    if not isinstance(state, dict) or not isinstance(state.get("pid"), int) or not running(state["pid"]):
+    if not isinstance(state, dict) or not isinstance(state.get("pid"), int):
         return None
     return state
 

@@ -30,7 +30,8 @@ class Traces:
     @staticmethod
     def probe(environ: Mapping[str, str], timeout: float = 0.3) -> Traces:
         raw = environ.get("OTEL_EXPORTER_OTLP_ENDPOINT", "").strip() or DEFAULT_OTLP
-        parts = urlsplit(raw if "://" in raw else f"http://{raw}")
+        endpoint = raw if "://" in raw else f"http://{raw}"
+        parts = urlsplit(endpoint)
         try:
             host, port = parts.hostname, parts.port
         except ValueError:
@@ -49,7 +50,6 @@ class Traces:
         protocol = (
             environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or environ.get("OTEL_EXPORTER_OTLP_PROTOCOL") or "grpc"
         ).strip()
-        endpoint = raw if "://" in raw else f"http://{raw}"
         if protocol != "grpc":
             note = f"traces: on, to {endpoint} ({protocol}) from the sidecars; Envoy's need OTLP/gRPC, so none"
             return Traces(endpoint, None, note)

@@ -61,11 +61,11 @@ from authz_sidecar.local.processes import (
     wait_for_http,
     wait_for_port,
 )
-from authz_sidecar.local.tokens import DemoIssuer, token_variable
+from authz_sidecar.local.tokens import DEMO_PRINCIPALS, DemoIssuer, token_variable
 from authz_sidecar.telemetry import logs
 
 # Principals with a token in tokens.env: the example policy's, and one nobody granted anything.
-TOKEN_PRINCIPALS = ("alice", "bob", "carol", "dave", "qa-bot", "mallory")
+TOKEN_PRINCIPALS = (*DEMO_PRINCIPALS, "mallory")
 TOKEN_TTL = 12 * 3600
 
 
@@ -207,6 +207,7 @@ class RegionalMesh:
 
     def state(self, tokens: Path) -> dict[str, Any]:
         """What ``make demo`` and the tests need to find and drive this mesh, and stop-check it."""
+        pids = self.pids()
         return {
             "pid": os.getpid(),
             "started_at": time.time(),
@@ -226,9 +227,9 @@ class RegionalMesh:
                 }
                 for region, ports in self.ports.regions.items()
             },
-            "processes": self.pids(),
+            "processes": pids,
             # With each pid, its start time: a later mesh up stops leftovers only if still these.
-            "started": {name: process_start(pid) for name, pid in self.pids().items()},
+            "started": {name: process_start(pid) for name, pid in pids.items()},
         }
 
 

@@ -13,10 +13,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -24,6 +22,8 @@ from typing import Any
 import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
+
+from authz_sidecar.store.sources.files import write_atomically
 
 DEMO_ISSUER = "https://issuer.authz-sidecar.local"
 DEMO_AUDIENCE = "things"
@@ -84,19 +84,6 @@ def token_variable(principal: str) -> str:
     return "TOKEN_" + re.sub(r"[^A-Za-z0-9]", "_", principal).upper()
 
 
-def _write(path: Path, text: str, mode: int) -> None:
-    """Replace `path` whole (a reader such as Envoy never sees half a file), with `mode`."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def _issuer(key: Path | None, issuer: str) -> DemoIssuer:
     """The issuer whose key is in `key`, created there the first time (kept across runs, it keeps
     the JWKS, and the tokens, valid); without `key`, a new one."""
@@ -131,12 +118,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"tokens: --key {args.key}: {getattr(exc, 'strerror', None) or exc}", file=sys.stderr)
         return 1
     if args.jwks:
-        _write(args.jwks, json.dumps(issuer.jwks()) + "\n", 0o644)
+        write_atomically(args.jwks, json.dumps(issuer.jwks()) + "\n", mode=0o644)
     lines = "".join(
         f"{token_variable(p)}={issuer.token(p, ttl=args.ttl, audience=args.audience)}\n" for p in principals
     )
     if args.tokens:
-        _write(args.tokens, lines, 0o600)
+        write_atomically(args.tokens, lines, mode=0o600)
     else:
         sys.stdout.write(lines)
     return 0

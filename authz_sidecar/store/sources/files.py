@@ -190,13 +190,14 @@ def _versioned_set(data: Any, document: str) -> PermissionSet:
     return permissions
 
 
-def write_atomically(path: Path, text: str, *, durable: bool = False) -> None:
+def write_atomically(path: Path, text: str, *, durable: bool = False, mode: int | None = None) -> None:
     """Replace a file in one rename, so a reader never sees a half-written document.
 
     The temporary file has a name of its own (in the same directory, so the rename stays on one
     filesystem): writers in several threads or processes never write into each other's file.
     `durable` flushes the bytes to disk before the rename, so a crash leaves the old file or the
-    new one, never an empty one."""
+    new one, never an empty one. `mode` is set before the rename (mkstemp's is 0o600), so the file
+    never appears with another."""
     fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     tmp = Path(name)
     try:
@@ -205,6 +206,8 @@ def write_atomically(path: Path, text: str, *, durable: bool = False) -> None:
             if durable:
                 out.flush()
                 os.fsync(out.fileno())
+        if mode is not None:
+            os.chmod(tmp, mode)
         tmp.replace(path)
     except BaseException:
         tmp.unlink(missing_ok=True)
