@@ -38,7 +38,7 @@ def whole(document: bytes) -> PermissionSet | str:
 
 def pieces(document: bytes, parent: bigsets.BigSet | None = None) -> PermissionSet | str:
     try:
-        return bigsets.read_set(document, "doc", parent, pause=lambda: None).permissions
+        return bigsets.read_set(document, "doc", parent).permissions
     except DocumentError as exc:
         return str(exc)
 
@@ -65,7 +65,7 @@ def test_a_canonical_document_reads_the_same_in_pieces(
     roles: dict[str, tuple[str, ...]], grants: list[Grant], changes: bool
 ) -> None:
     text = document(roles, grants, changes)
-    read = bigsets.read_set(text, "doc", pause=lambda: None)
+    read = bigsets.read_set(text, "doc")
     assert read.permissions == whole(text)
     assert len(grants) < 3 or len(read.pieces) > 1  # it was cut, not read whole
 
@@ -158,7 +158,7 @@ def test_a_comma_after_the_grants_with_nothing_after_it_is_refused_as_whole(tail
 def test_a_document_in_another_form_is_read_whole() -> None:
     data: dict[str, Any] = {"grants": [{"roles": ["r0"], "principal": "p0"}], "roles": {"r0": ["a:view"]}}
     text = json.dumps(data, indent=2).encode()
-    read = bigsets.read_set(text, "doc", pause=lambda: None)
+    read = bigsets.read_set(text, "doc")
     assert read.pieces == ()
     assert read.permissions == whole(text)
 
@@ -177,7 +177,7 @@ def test_a_child_read_against_its_parent_is_the_child_and_names_who_changed(
     new_roles: dict[str, tuple[str, ...]] | None,
     drop_role: bool,
 ) -> None:
-    parent = bigsets.read_set(document(roles, grants), "doc", pause=lambda: None)
+    parent = bigsets.read_set(document(roles, grants), "doc")
     changed = list(grants)
     for kind, at, grant in edits:
         where = at % (len(changed) + 1)
@@ -195,7 +195,7 @@ def test_a_child_read_against_its_parent_is_the_child_and_names_who_changed(
     read = pieces(text, parent)
     assert read == whole(text)
     if isinstance(read, PermissionSet):
-        child = bigsets.read_set(text, "doc", parent, pause=lambda: None)
+        child = bigsets.read_set(text, "doc", parent)
         if child.changed is None:  # it shares less than half its grants with the parent
             return
         differs = {g.principal for g in set(grants) ^ set(changed)}
@@ -209,13 +209,13 @@ def test_a_small_change_to_a_large_set_reuses_the_parents_pieces(monkeypatch: py
     monkeypatch.setattr(bigsets, "PIECE", 1024)
     grants = [Grant(f"user-{i}", ("r0",) if i % 2 else ("r1",), None) for i in range(5000)]
     roles = {"r0": ("a:view",), "r1": ("a:edit",)}
-    parent = bigsets.read_set(document(roles, grants), "doc", pause=lambda: None)
+    parent = bigsets.read_set(document(roles, grants), "doc")
     grants[2500] = Grant("user-2500", ("r0", "r1"), None)
     del grants[4000]
     grants.insert(100, Grant("newbie", ("r0",), "account:x"))
-    child = bigsets.read_set(document(roles, grants), "doc", parent, pause=lambda: None)
+    child = bigsets.read_set(document(roles, grants), "doc", parent)
     assert child.changed == frozenset({"user-2500", "user-4000", "newbie"})
     reused = sum(1 for p in child.pieces if any(p.digest == q.digest for q in parent.pieces))
     assert reused >= len(parent.pieces) - 4
     other = [Grant(f"other-{i}", ("r0",), None) for i in range(5000)]
-    assert bigsets.read_set(document(roles, other), "doc", parent, pause=lambda: None).changed is None
+    assert bigsets.read_set(document(roles, other), "doc", parent).changed is None

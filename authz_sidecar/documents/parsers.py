@@ -55,6 +55,8 @@ _CHANGE_FIELDS = frozenset({"role", "add", "remove", "principal", "grant", "revo
 # A shadow file may also carry its rollout plan (read by ctl; see documents.rolloutplans).
 _ROLLOUT_FIELDS = frozenset({"weights", "testers", "state", "cohorts", "plan"})
 _GRANT_FIELDS = frozenset({"principal", "roles", "scope"})
+# A Grant from a (principal, roles, scope) tuple, skipping the named tuple's Python-level __new__.
+_new_grant = partial(tuple.__new__, Grant)
 
 
 def _metadata(data: Mapping[Any, Any], document: str) -> Metadata:
@@ -200,15 +202,15 @@ class GrantReader:
         role_lists = self.role_lists
         scopes = self.scopes
         principals: list[Any] = []
-        grants: list[Grant] = []
+        combinations: list[tuple[str, ...]] = []
+        in_scopes: list[str | None] = []
         add_principal = principals.append
-        add = grants.append
-        new_grant = partial(tuple.__new__, Grant)  # skips the named tuple's Python-level __new__
+        add_roles = combinations.append
+        add_scope = in_scopes.append
         for i, raw in enumerate(rows, offset):
             if type(raw) is not dict or not raw.keys() <= _GRANT_FIELDS:
                 only_fields(mapping_of(raw, document, f"grants[{i}]"), _GRANT_FIELDS, document, f"grants[{i}]")
-            principal = raw.get("principal")
-            add_principal(principal)
+            add_principal(raw.get("principal"))
             names = raw.get("roles")
             try:
                 role_names = role_lists.get(tuple(names)) if type(names) is list else None
@@ -217,15 +219,17 @@ class GrantReader:
             if role_names is None:
                 _check_grant_roles(names, known_roles, document, f"grants[{i}].roles")
                 role_names = role_lists[tuple(names)] = tuple(names)
+            add_roles(role_names)
             scope = raw.get("scope")
             if scope is not None:
                 checked = scopes.get(scope) if type(scope) is str else None
                 if checked is None:
                     checked = scopes[scope] = check_scope(scope, document, f"grants[{i}].scope")
                 scope = checked
-            add(new_grant((principal, role_names, scope)))
+            add_scope(scope)
         _check_principals(principals, document, offset)
-        return grants
+        # Built a column at a time in C (a grant per row in the loop cost ~50 ns more each).
+        return list(map(_new_grant, zip(principals, combinations, in_scopes, strict=True)))
 
 
 def _check_principals(principals: list[Any], document: str, offset: int = 0) -> None:
