@@ -15,6 +15,7 @@ from authz_sidecar.model.engine import (
     CompiledSet,
     Interner,
     Predicted,
+    _differing,
     changed_roles,
     compile_set,
     declared,
@@ -226,3 +227,21 @@ def test_declared_compiled_equals_compiling_declared_whole(
     whole = compile_set(declared(active, proposal))
     _same(meant, whole)
     assert frozenset(impact_of(compiled, meant, moved)) == impact(compiled, whole)
+
+
+@settings(max_examples=30)
+@given(st.integers(0, 1500), st.integers(0, 1500), st.integers(0, 1500), st.randoms(use_true_random=False))
+def test_shards_compared_in_chunks_find_exactly_the_keys_that_differ(
+    only_before: int, only_after: int, common: int, rnd: random.Random
+) -> None:
+    """Two shards sharing few keys are compared a chunk of keys at a time (so no C call walks a
+    whole shard while Checks wait): the keys found are exactly those on one side only, or whose
+    values are not the same object, across chunk boundaries."""
+    same, other = frozenset({"a"}), frozenset({"b"})
+    before = {f"b{i}": same for i in range(only_before)} | {f"c{i}": same for i in range(common)}
+    after = {f"a{i}": same for i in range(only_after)}
+    moved = {f"c{i}" for i in range(common) if rnd.random() < 0.3}
+    after |= {f"c{i}": other if f"c{i}" in moved else same for i in range(common)}
+    expected = (before.keys() ^ after.keys()) | moved
+    assert _differing(before, after) == expected
+    assert _differing(after, before) == expected

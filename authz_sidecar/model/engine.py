@@ -18,8 +18,8 @@ from __future__ import annotations
 from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
-from itertools import chain, compress, islice
-from operator import is_not, itemgetter
+from itertools import chain, compress, filterfalse, islice
+from operator import is_not, itemgetter, not_
 from typing import Any, TypeVar
 
 from authz_sidecar.model.reasons import Reason
@@ -32,13 +32,16 @@ _ROLES = itemgetter(1)
 
 
 # A compiled set's dicts are split by the principal's hash into this many shards (a power of two),
-# so that no step of building, copying, comparing or dropping one touches more than ~1/256 of a
+# so that no step of building, copying, comparing or dropping one touches more than ~1/1024 of a
 # large set while holding the GIL: a dict of a million entries resizes, copies or frees in one C
 # call of 20-60 ms, which every Check waiting for the GIL would feel. (At 64 shards, comparing the
 # keys of one shard of two million-grant sets sharing nothing took 8-20 ms in one C call, the
-# principals' strings scattered over the heap; at 256, 2.6 ms median, 11 ms the longest.) A
-# lookup costs one hash() more.
-SHARDS = 256
+# principals' strings scattered over the heap; at 256, 2.6 ms median, 11 ms the longest. At 1024,
+# with those comparisons a chunk of keys at a time, a thread waiting for the GIL during such a
+# build waited 0.53-0.57 ms at the 99th percentile, against 0.71-0.73 at 256: bench/holds.py's
+# sampler, docs/performance.md.) A lookup costs one hash() more; building, memory and the time to
+# take a change are the same at 256 and 1024 (bench/scale.py).
+SHARDS = 1024
 _MASK = SHARDS - 1
 
 Unscoped = tuple[dict[str, frozenset[str]], ...]
@@ -454,6 +457,8 @@ def predict(active: CompiledSet, proposed: CompiledSet) -> Predicted:
 _K = TypeVar("_K")
 # Keys of a shard looked up in the other set to guess whether the two share most of them.
 _SAMPLE = 16
+# Keys taken at a time by one C call when comparing shards that share few (~0.1 ms).
+_CHUNK = 512
 
 
 def _differing(before: Mapping[_K, frozenset[str]], after: Mapping[_K, frozenset[str]]) -> set[_K]:
@@ -467,9 +472,21 @@ def _differing(before: Mapping[_K, frozenset[str]], after: Mapping[_K, frozenset
     sample = list(islice(before, _SAMPLE))
     if len(before) == len(after) and sum(map(after.__contains__, sample)) * 2 > len(sample):
         return {key for key, _ in before.items() ^ after.items()}
-    found = set(before.keys() ^ after.keys())
-    common = before.keys() & after.keys()
-    found.update(compress(common, map(is_not, map(before.__getitem__, common), map(after.__getitem__, common))))
+    # A chunk of keys at a time: over a whole shard of two sets sharing nothing, each set
+    # operation was one C call of ~1.7 ms at 256 shards (~0.7 at 1024), a wait for any Check.
+    found: set[_K] = set()
+    common: list[_K] = []
+    keys = iter(before)
+    while chunk := list(islice(keys, _CHUNK)):
+        there = list(map(after.__contains__, chunk))
+        found.update(compress(chunk, map(not_, there)))
+        common.extend(compress(chunk, there))
+    keys = iter(after)
+    while chunk := list(islice(keys, _CHUNK)):
+        found.update(filterfalse(before.__contains__, chunk))
+    for at in range(0, len(common), _CHUNK):
+        chunk = common[at : at + _CHUNK]
+        found.update(compress(chunk, map(is_not, map(before.__getitem__, chunk), map(after.__getitem__, chunk))))
     return found
 
 
