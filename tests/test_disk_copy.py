@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import random
 import threading
 from pathlib import Path
+from typing import IO
 
+import pytest
+
+from authz_sidecar.store.sources import files
 from authz_sidecar.store.sources.diskcopy import DiskCopy
 
 
@@ -47,3 +52,39 @@ def test_an_older_revision_never_replaces_a_newer_one(tmp_path: Path) -> None:
     disk.save({"/authz/a": b"new"}, 10)
     disk.save({"/authz/a": b"old"}, 9)
     assert disk.load() == ({"/authz/a": b"new"}, 10)
+
+
+def test_a_large_copy_is_written_a_value_at_a_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The copy of a million-grant set is ~150 MB of JSON. Encoded and written as one string it
+    was one C call holding the GIL for 0.2-0.5 s after every install, while Checks waited; so no
+    write (and no string built for one) may be much more than one value, and the file still loads
+    as the keys saved."""
+    writes: list[int] = []
+    real_fdopen = os.fdopen
+
+    class Recording:
+        def __init__(self, out: IO[str]) -> None:
+            self.out = out
+
+        def write(self, text: str) -> int:
+            writes.append(len(text))
+            return self.out.write(text)
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(self.out, name)
+
+        def __enter__(self) -> Recording:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            self.out.close()
+
+    def fdopen(fd: int, *args: object, **kwargs: object) -> object:
+        return Recording(real_fdopen(fd, *args, **kwargs))  # type: ignore[arg-type]
+
+    monkeypatch.setattr(files.os, "fdopen", fdopen)
+    kv = {f"/authz/sets/v1/abc/{i:05d}": bytes([i]) * 300_000 for i in range(20)} | {"/authz/pointers/active": b"v1"}
+    disk = DiskCopy(tmp_path / "copy.json", "/authz")
+    assert disk.save(kv, 7)
+    assert writes and max(writes) <= 500_000  # one value's base64 (400,000 characters) and its key
+    assert disk.load() == (kv, 7)

@@ -37,6 +37,18 @@ def _exclusive(path: Path) -> Iterator[None]:
         os.close(fd)  # closing the descriptor releases the lock
 
 
+def _json_parts(head: Mapping[str, object], kv: Mapping[str, bytes]) -> Iterator[str]:
+    """The copy's JSON, ``head`` with the keys under "kvs" (base64), a value at a time: the copy
+    of a million-grant set is ~150 MB, and ``json.dumps`` of it whole held the GIL 0.2-0.5 s
+    after every install while Checks waited. Base64 needs no escaping in JSON."""
+    yield json.dumps(head)[:-1] + ', "kvs": {'
+    for i, (key, value) in enumerate(kv.items()):
+        yield f'{", " if i else ""}{json.dumps(key)}: "'
+        yield base64.b64encode(value).decode("ascii")
+        yield '"'
+    yield "}}"
+
+
 class DiskCopy:
     """The keys of the last good snapshot, in one JSON file replaced atomically.
 
@@ -61,15 +73,9 @@ class DiskCopy:
             if self._newest is not None and order < self._newest:
                 return False
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            data = {
-                "format": CACHE_FORMAT,
-                "prefix": self.prefix,
-                "revision": revision,
-                "saved_at": time.time(),
-                "kvs": {k: base64.b64encode(v).decode() for k, v in kv.items()},
-            }
+            head = {"format": CACHE_FORMAT, "prefix": self.prefix, "revision": revision, "saved_at": time.time()}
             with _exclusive(self.path.with_name(f".{self.path.name}.lock")):
-                write_atomically(self.path, json.dumps(data), durable=True)
+                write_atomically(self.path, _json_parts(head, kv), durable=True)
             self._newest = order
             return True
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -190,8 +190,11 @@ def _versioned_set(data: Any, document: str) -> PermissionSet:
     return permissions
 
 
-def write_atomically(path: Path, text: str, *, durable: bool = False, mode: int | None = None) -> None:
+def write_atomically(path: Path, text: str | Iterable[str], *, durable: bool = False, mode: int | None = None) -> None:
     """Replace a file in one rename, so a reader never sees a half-written document.
+
+    `text` may come in parts, written one at a time: encoding and writing one string of a hundred
+    megabytes is a C call that holds the GIL for as long (the disk copy of a large set).
 
     The temporary file has a name of its own (in the same directory, so the rename stays on one
     filesystem): writers in several threads or processes never write into each other's file.
@@ -202,7 +205,8 @@ def write_atomically(path: Path, text: str, *, durable: bool = False, mode: int 
     tmp = Path(name)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as out:
-            out.write(text)
+            for part in (text,) if isinstance(text, str) else text:
+                out.write(part)
             if durable:
                 out.flush()
                 os.fsync(out.fileno())
