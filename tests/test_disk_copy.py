@@ -10,7 +10,6 @@ from typing import IO
 
 import pytest
 
-from authz_sidecar.store.sources import files
 from authz_sidecar.store.sources.diskcopy import DiskCopy
 
 
@@ -79,10 +78,10 @@ def test_a_large_copy_is_written_a_value_at_a_time(tmp_path: Path, monkeypatch: 
         def __exit__(self, *exc: object) -> None:
             self.out.close()
 
-    def fdopen(fd: int, *args: object, **kwargs: object) -> object:
-        return Recording(real_fdopen(fd, *args, **kwargs))  # type: ignore[arg-type]
+    def fdopen(fd: int, mode: str = "r", encoding: str | None = None) -> Recording:
+        return Recording(real_fdopen(fd, mode, encoding=encoding))
 
-    monkeypatch.setattr(files.os, "fdopen", fdopen)
+    monkeypatch.setattr(os, "fdopen", fdopen)
     kv = {f"/authz/sets/v1/abc/{i:05d}": bytes([i]) * 300_000 for i in range(20)} | {"/authz/pointers/active": b"v1"}
     disk = DiskCopy(tmp_path / "copy.json", "/authz")
     assert disk.save(kv, 7)

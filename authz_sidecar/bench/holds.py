@@ -3,9 +3,12 @@
 The etcd source's builder (:class:`~authz_sidecar.store.sources.etcd.SnapshotBuilder`) takes, in
 turn, the bench's active set of N grants cold, a proposal changing three principals, the
 proposal dropped, a set sharing no principal with the active one, and that set dropped (what
-``bench/rebuild.py`` sends a sidecar). A thread sleeps 0.5 ms in a loop; when it wakes more than
-``--limit`` ms late, another thread held the GIL that long, and the builder's frames at that moment
-say where the hold ended. Each step waits ``--settle`` seconds after it, so that what it dropped is
+``bench/rebuild.py`` sends a sidecar); after each, the keys that serve are saved to a disk copy,
+as the etcd source does after every install. A thread sleeps 0.5 ms in a loop; when it wakes more
+than ``--limit`` ms late, another thread held the GIL that long, and the builder's frames at that
+moment say where the hold ended. Every wake-up's lateness is kept too: its percentiles are what a
+Check waiting for the GIL at any moment of the step would wait (idle, with nothing else running,
+~0.08 ms at the median). Each step waits ``--settle`` seconds after it, so that what it dropped is
 freed within the step (the releaser frees in the background).
 
 Run as ``python -m authz_sidecar.bench.holds [--grants N]``; to measure another checkout's builder,
@@ -17,11 +20,14 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import statistics
 import sys
+import tempfile
 import threading
 import time
 import traceback
 from collections.abc import Callable
+from pathlib import Path
 from types import FrameType
 
 from authz_sidecar.bench.rebuild import policy
@@ -30,6 +36,7 @@ from authz_sidecar.model.assembly import LastGood
 from authz_sidecar.model.values import Rollout
 from authz_sidecar.store import layout
 from authz_sidecar.store.layout import Layout
+from authz_sidecar.store.sources.diskcopy import DiskCopy
 from authz_sidecar.store.sources.etcd import SnapshotBuilder
 
 LAYOUT = Layout("/authz")
@@ -96,27 +103,41 @@ def run(grants: int, *, limit_ms: float = 3.0, settle: float = 1.5) -> dict[str,
     last = LastGood()
     took: dict[str, float] = {}
     step, found, watched = "", list[tuple[float, str, str]](), threading.get_ident()
+    lateness: dict[str, list[float]] = {}
 
     def hold(late: float) -> None:
+        lateness.setdefault(step, []).append(late * 1000)
         # The builder's frames at the moment the hold ended, with the step it ended in.
         if late > limit_ms / 1000:
             found.append((late * 1000, step, _where(sys._current_frames().get(watched))))
 
-    with GilWatch(0.0005, hold):
-        for name, kv in steps:
+    with tempfile.TemporaryDirectory(prefix="authz-holds-") as tmp, GilWatch(0.0005, hold):
+        disk = DiskCopy(Path(tmp) / "copy.json", LAYOUT.prefix)
+        for revision, (name, kv) in enumerate(steps, 1):
             step = name
             started = time.perf_counter()
-            assembly, _ = builder.build(kv, 1, last)
+            assembly, keys = builder.build(kv, revision, last)
             took[name] = time.perf_counter() - started
             if assembly.snapshot is None or assembly.refusals:
                 raise RuntimeError(f"bench: the build failed: {assembly.waiting} {assembly.refusals}")
             last = assembly.last_good
             del assembly
+            step = f"{name}: save"
+            started = time.perf_counter()
+            disk.save(keys, revision)
+            took[step] = time.perf_counter() - started
             time.sleep(settle)
     report: dict[str, dict[str, float]] = {}
-    for name, _shadows in STEPS:
+    for name, seconds in took.items():
         mine = sorted((ms for ms, at, _w in found if at == name), reverse=True)
-        report[name] = {"build_s": took[name], "longest_ms": mine[0] if mine else 0.0, "holds_over_limit": len(mine)}
+        waits = statistics.quantiles(lateness.get(name, [0.0, 0.0]), n=100)
+        report[name] = {
+            "build_s": seconds,
+            "longest_ms": mine[0] if mine else 0.0,
+            "holds_over_limit": len(mine),
+            "wait_p50_ms": waits[49],
+            "wait_p99_ms": waits[98],
+        }
     for ms, at, where in sorted(found, reverse=True)[:12]:
         print(f"{ms:7.1f} ms  {at:13}  {where}", file=sys.stderr)
     return report
@@ -131,8 +152,9 @@ def main() -> None:
     report = run(args.grants, limit_ms=args.limit, settle=args.settle)
     for name, row in report.items():
         print(
-            f"{name:13}  build {row['build_s']:6.2f} s  longest hold {row['longest_ms']:6.1f} ms"
-            f"  holds over {args.limit:g} ms: {row['holds_over_limit']:.0f}"
+            f"{name:19}  took {row['build_s']:6.2f} s  longest hold {row['longest_ms']:6.1f} ms"
+            f"  holds over {args.limit:g} ms: {row['holds_over_limit']:3.0f}"
+            f"  waits p50 {row['wait_p50_ms']:.2f} ms, p99 {row['wait_p99_ms']:.2f} ms"
         )
 
 
