@@ -3,8 +3,8 @@
 When a million-grant version is dropped (a shadow removed, a proposal replaced, a set promoted
 past), its last reference goes in one statement, wherever that is (the event loop installing the
 next snapshot, the builder forgetting a set), and CPython frees everything it holds in that one
-call: measured at 20-250 ms holding the GIL (a million grants and their principals, 512 dict
-shards, the predicted impact of two million principals) while every Check waits.
+call: measured at 20-250 ms holding the GIL (a million grants and their principals, the compiled
+set's dict shards, the predicted impact of two million principals) while every Check waits.
 
 So the builder hands its large values here as well (:meth:`Releaser.keep`). A thread looks at them
 every :data:`POLL` seconds; once the only reference left to one is this list's, no other thread can
