@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from authz_sidecar.documents import bigsets, load_document, parse_permission_set
 from authz_sidecar.documents.parsers import dump_permission_set
 from authz_sidecar.errors import DocumentError
-from authz_sidecar.model.values import DeclaredChange, Grant, PermissionSet
+from authz_sidecar.model.values import DeclaredChange, Grant, GrantColumns, PermissionSet
 
 HANDLES = ["a:view", "a:edit", "b:view", "c:run"]
 ROLES = ["r0", "r1", "r2"]
@@ -92,6 +92,13 @@ def test_a_canonical_document_reads_the_same_in_pieces(
             b'"grants":[],',
             b'"other":1,',
             b"\x00",
+            # Aimed at the canonical text's fast path (bigsets._piece).
+            b'"scope":"",',
+            b'"roles":[],',
+            b"\x01",
+            b"\x7f",
+            b"}{",
+            b"},",
         ]
     ),
 )
@@ -101,6 +108,52 @@ def test_any_damage_is_refused_or_read_exactly_as_whole(
     text = document(roles, grants)
     cut = at % (len(text) + 1)
     damaged = text[:cut] + insert + text[cut:]
+    assert pieces(damaged) == whole(damaged)
+
+
+def test_canonical_text_is_taken_apart_without_parsing_json(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fast path is the one taken for what ctl writes; its grants are held as columns."""
+    grants = [Grant(f"p{i}", ("r0", "r1"), None if i % 3 else f"account:{i}") for i in range(30)]
+    text = document({"r0": ("a:view",), "r1": ("b:view",)}, grants)
+    expected = whole(text)
+
+    def refuse(_text: str) -> list[Any]:
+        raise AssertionError("parsed as JSON")
+
+    monkeypatch.setattr(bigsets, "_rows", refuse)
+    read = bigsets.read_set(text, "doc")
+    assert len(read.pieces) > 1 and read.permissions == expected
+    assert all(isinstance(piece, GrantColumns) for piece in read.permissions.grants.pieces)  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    ("find", "replace"),
+    [
+        (b"},{", b"}{"),  # two grants with no comma between them
+        (b"},{", b"},,{"),
+        (b'"roles":["r0"]}', b'"roles":["r0"],"scope":""}'),  # an empty scope is not "no scope"
+        (b'"roles":["r0"]}', b'"roles":["r0"],"scope":null}'),
+        (b'"roles":["r0"]}', b'"roles":[]}'),
+        (b'"roles":["r0"]}', b'"roles":["r0","nope"]}'),
+        (b'{"principal":"p1"', b'{"principal":"p\\u0031"'),  # an escape: read as JSON
+        (b'{"principal":"p1"', b'{"principal":"p\x011"'),  # a raw control character
+        (b'{"principal":"p1"', b'{"principal":" p1"'),
+        (b'{"principal":"p1","roles":["r0"]}', b'{"roles":["r0"],"principal":"p1"}'),  # another order
+    ],
+)
+def test_text_the_fast_path_cannot_vouch_for_is_read_as_json(find: bytes, replace: bytes) -> None:
+    text = document({"r0": ("a:view",)}, [Grant(f"p{i}", ("r0",)) for i in range(6)])
+    damaged = text.replace(find, replace, 1)
+    assert damaged != text
+    assert pieces(damaged) == whole(damaged)
+
+
+def test_a_missing_comma_is_not_made_up_for_by_a_character_elsewhere() -> None:
+    """The lengths alone would add up here: one comma too few, one stray character too many."""
+    text = document({"r0": ("a:view",)}, [Grant(f"p{i}", ("r0",)) for i in range(6)])
+    damaged = text.replace(b'},{"principal":"p2"', b'}{"principal":"p2"', 1)
+    damaged = damaged.replace(b'},{"principal":"p3"', b'},x{"principal":"p3"', 1)
+    assert isinstance(whole(damaged), str)
     assert pieces(damaged) == whole(damaged)
 
 
@@ -219,3 +272,27 @@ def test_a_small_change_to_a_large_set_reuses_the_parents_pieces(monkeypatch: py
     assert reused >= len(parent.pieces) - 4
     other = [Grant(f"other-{i}", ("r0",), None) for i in range(5000)]
     assert bigsets.read_set(document(roles, other), "doc", parent).changed is None
+
+
+def test_reading_makes_no_grant_per_grant(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A large set's grants stay in columns through the read, cold or against a parent, whether
+    the child shares most of it or nothing: a Grant made per grant read would be a million fresh
+    tuples to free (one C call of ~70 ms, holding the GIL, for a set sharing nothing)."""
+    monkeypatch.setattr(bigsets, "PIECE", 1024)
+    roles = {"r0": ("a:view",), "r1": ("a:edit",)}
+    grants = [Grant(f"user-{i}", ("r0",) if i % 2 else ("r1",), None if i % 5 else "account:x") for i in range(3000)]
+    other = [Grant(f"other-{i}", ("r0",), None) for i in range(3000)]
+    changed = [*grants[:1000], Grant("newbie", ("r1",), None), *grants[1001:]]
+    expected = {name: whole(document(roles, g)) for name, g in (("other", other), ("changed", changed))}
+
+    def made(*_args: object) -> None:
+        raise AssertionError("a Grant was made")
+
+    monkeypatch.setattr(GrantColumns, "__iter__", made)
+    monkeypatch.setattr(GrantColumns, "__getitem__", made)
+    parent = bigsets.read_set(document(roles, grants), "doc")
+    disjoint = bigsets.read_set(document(roles, other), "doc", parent)
+    child = bigsets.read_set(document(roles, changed), "doc", parent)
+    assert disjoint.changed is None and child.changed == frozenset({"user-1000", "newbie"})
+    monkeypatch.undo()
+    assert disjoint.permissions == expected["other"] and child.permissions == expected["changed"]

@@ -12,7 +12,6 @@ import json
 import re
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import asdict
-from functools import partial
 from typing import Any
 
 from authz_sidecar.documents.checks import (
@@ -40,7 +39,7 @@ from authz_sidecar.errors import DocumentError
 from authz_sidecar.model.values import (
     Catalog,
     DeclaredChange,
-    Grant,
+    GrantColumns,
     Metadata,
     Permission,
     PermissionSet,
@@ -55,8 +54,6 @@ _CHANGE_FIELDS = frozenset({"role", "add", "remove", "principal", "grant", "revo
 # A shadow file may also carry its rollout plan (read by ctl; see documents.rolloutplans).
 _ROLLOUT_FIELDS = frozenset({"weights", "testers", "state", "cohorts", "plan"})
 _GRANT_FIELDS = frozenset({"principal", "roles", "scope"})
-# A Grant from a (principal, roles, scope) tuple, skipping the named tuple's Python-level __new__.
-_new_grant = partial(tuple.__new__, Grant)
 
 
 def _metadata(data: Mapping[Any, Any], document: str) -> Metadata:
@@ -175,8 +172,8 @@ def dump_permission_set(permissions: PermissionSet) -> bytes:
     return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
 
 
-def _grants(grants_raw: Any, roles: Mapping[str, tuple[str, ...]], document: str) -> tuple[Grant, ...]:
-    return tuple(GrantReader(roles, document).read(sequence_of(grants_raw, document, "grants"), 0))
+def _grants(grants_raw: Any, roles: Mapping[str, tuple[str, ...]], document: str) -> GrantColumns:
+    return GrantReader(roles, document).read(sequence_of(grants_raw, document, "grants"), 0)
 
 
 class GrantReader:
@@ -190,12 +187,16 @@ class GrantReader:
         self.known_roles = roles.keys()
         self.role_lists: dict[tuple[str, ...], tuple[str, ...]] = {}  # checked combinations, one tuple each
         self.scopes: dict[str, str] = {}  # checked scopes, one string each
+        # For take(): a grant's roles as written (the JSON between its brackets) -> the checked
+        # combination; a scope as written ('' when there is none) -> the checked scope.
+        self.role_texts: dict[str, tuple[str, ...]] = {}
+        self.scope_texts: dict[str, str | None] = {"": None}
 
     def valid(self, combinations: Collection[tuple[str, ...]]) -> bool:
         """Whether every role of `combinations` is defined."""
         return all(role in self.known_roles for names in combinations for role in names)
 
-    def read(self, rows: Sequence[Any], offset: int) -> list[Grant]:
+    def read(self, rows: Sequence[Any], offset: int) -> GrantColumns:
         """The grants of `rows`, the grants of the set from index `offset` on (for field paths)."""
         document = self.document
         known_roles = self.known_roles
@@ -228,11 +229,43 @@ class GrantReader:
                 scope = checked
             add_scope(scope)
         _check_principals(principals, document, offset)
-        # Built a column at a time in C (a grant per row in the loop cost ~50 ns more each).
-        return list(map(_new_grant, zip(principals, combinations, in_scopes, strict=True)))
+        return GrantColumns(principals, combinations, in_scopes)
+
+    def take(
+        self, principals: Sequence[str], role_texts: Sequence[str], scope_texts: Sequence[str], offset: int
+    ) -> GrantColumns:
+        """Grants already taken apart from a set's canonical text, as three columns of strings:
+        each grant's principal, its roles as written between the brackets (`"a","b"`), and its
+        scope ('' for none). The texts are checked once each (most grants share a few), the
+        principals in bulk; a problem raises as :meth:`read` would."""
+        role_lists = self.role_texts
+        try:
+            combinations = list(map(role_lists.__getitem__, role_texts))
+        except KeyError:
+            for text in dict.fromkeys(role_texts).keys() - role_lists.keys():
+                where = f"grants[{offset + role_texts.index(text)}].roles"
+                try:
+                    names = json.loads("[" + text + "]")
+                except ValueError:
+                    raise DocumentError(
+                        "the roles are not a list of names", document=self.document, field=where
+                    ) from None
+                _check_grant_roles(names, self.known_roles, self.document, where)
+                role_lists[text] = self.role_lists.setdefault(tuple(names), tuple(names))
+            combinations = list(map(role_lists.__getitem__, role_texts))
+        scopes = self.scope_texts
+        try:
+            in_scopes = list(map(scopes.__getitem__, scope_texts))
+        except KeyError:
+            for text in dict.fromkeys(scope_texts).keys() - scopes.keys():
+                where = f"grants[{offset + scope_texts.index(text)}].scope"
+                scopes[text] = self.scopes.setdefault(text, check_scope(text, self.document, where))
+            in_scopes = list(map(scopes.__getitem__, scope_texts))
+        _check_principals(principals, self.document, offset)
+        return GrantColumns(principals, combinations, in_scopes)
 
 
-def _check_principals(principals: list[Any], document: str, offset: int = 0) -> None:
+def _check_principals(principals: Sequence[Any], document: str, offset: int = 0) -> None:
     """Check every grant's principal with a few passes in C; name the first bad one if any is.
 
     A principal is printable, so the only whitespace it can hold is the ASCII space, and it may not

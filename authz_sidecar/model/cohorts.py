@@ -13,14 +13,14 @@ from __future__ import annotations
 
 from collections.abc import Collection, Iterable, Mapping
 
-from authz_sidecar.model.values import Cohort, PermissionSet
+from authz_sidecar.model.values import Cohort, PermissionSet, grant_rows
 
 
 def unscoped_combinations(permissions: PermissionSet) -> dict[frozenset[str], list[str]]:
     """The principals holding each unscoped role combination, one frozenset per distinct one."""
     canon: dict[tuple[str, ...], frozenset[str]] = {}
     held: dict[str, frozenset[str]] = {}
-    for principal, roles, scope in permissions.grants:
+    for principal, roles, scope in grant_rows(permissions.grants):
         if scope is not None:
             continue
         combination = canon.get(roles)

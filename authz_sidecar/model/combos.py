@@ -18,7 +18,7 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from authz_sidecar.model.values import PermissionSet
+from authz_sidecar.model.values import PermissionSet, grant_rows
 
 # Principals listed per combination (the count is always exact).
 SAMPLE = 5
@@ -88,7 +88,7 @@ def combos(permissions: PermissionSet, active: Collection[str] = frozenset()) ->
     held = _Held()
     unscoped: dict[str, frozenset[str]] = {}
     scoped: dict[tuple[str, str], frozenset[str]] = {}
-    for principal, granted, scope in permissions.grants:
+    for principal, granted, scope in grant_rows(permissions.grants):
         roles = held.canon(granted)
         table: dict[Any, frozenset[str]] = unscoped if scope is None else scoped
         key = principal if scope is None else (principal, scope)

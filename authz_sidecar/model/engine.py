@@ -23,12 +23,10 @@ from operator import is_not, itemgetter, not_
 from typing import Any, TypeVar
 
 from authz_sidecar.model.reasons import Reason
-from authz_sidecar.model.values import DeclaredChange, Grant, Metadata, PermissionSet
+from authz_sidecar.model.values import DeclaredChange, Grant, Metadata, PermissionSet, grant_columns
 
 _EMPTY: frozenset[str] = frozenset()
-_T = TypeVar("_T")
 _PRINCIPAL = itemgetter(0)
-_ROLES = itemgetter(1)
 
 
 # A compiled set's dicts are split by the principal's hash into this many shards (a power of two),
@@ -226,30 +224,34 @@ def compile_set(permissions: PermissionSet, interner: Interner | None = None) ->
 
 
 def _fold(grants: Iterable[Grant], roles: Mapping[str, tuple[str, ...]], intern: Interner) -> tuple[Unscoped, Scoped]:
-    """Grants folded into the unscoped and scoped shards (the body of :func:`compile_set`)."""
+    """Grants folded into the unscoped and scoped shards (the body of :func:`compile_set`).
+
+    A piece's role combinations are turned into handle sets with one map in C; the loop is left
+    with the one thing that needs a principal at a time (its shard). `setdefault` returns the
+    handles just stored unless the principal already held some (a second grant)."""
     by_roles: dict[tuple[str, ...], frozenset[str]] = {}
     unscoped: Unscoped = _shards()
     scoped: Scoped = _shards()
-    for principal, names, scope in grants:
-        handles = by_roles.get(names)
-        if handles is None:
-            handles = by_roles[names] = intern(frozenset(h for role in names for h in roles[role]))
-        at = hash(principal) & _MASK
-        if scope is None:
-            part = unscoped[at]
-            held = part.get(principal)
-            part[principal] = handles if held is None else intern(held | handles)
-        else:
-            key = (principal, scope)
-            scoped_part = scoped[at]
-            held = scoped_part.get(key)
-            scoped_part[key] = handles if held is None else intern(held | handles)
+    for piece in grant_columns(grants):
+        try:
+            handle_sets = list(map(by_roles.__getitem__, piece.roles))
+        except KeyError:
+            for names in set(piece.roles) - by_roles.keys():
+                by_roles[names] = intern(frozenset(h for role in names for h in roles[role]))
+            handle_sets = list(map(by_roles.__getitem__, piece.roles))
+        for principal, handles, scope in zip(piece.principals, handle_sets, piece.scopes, strict=True):
+            if scope is None:
+                part = unscoped[hash(principal) & _MASK]
+                held = part.setdefault(principal, handles)
+                if held is not handles:
+                    part[principal] = intern(held | handles)
+            else:
+                key = (principal, scope)
+                scoped_part = scoped[hash(principal) & _MASK]
+                held = scoped_part.setdefault(key, handles)
+                if held is not handles:
+                    scoped_part[key] = intern(held | handles)
     return unscoped, scoped
-
-
-# Grants looked at per step when a large set is scanned: each step is a few milliseconds, and the
-# loop in between lets another thread (the one answering Checks) take the GIL.
-SLICE = 10_000
 
 
 def changed_roles(before: Mapping[str, tuple[str, ...]], after: Mapping[str, tuple[str, ...]]) -> frozenset[str]:
@@ -259,32 +261,28 @@ def changed_roles(before: Mapping[str, tuple[str, ...]], after: Mapping[str, tup
     )
 
 
-def _slices(items: Sequence[_T]) -> Iterator[Sequence[_T]]:
-    for i in range(0, len(items), SLICE):
-        yield items[i : i + SLICE]
-
-
 def principals_holding(grants: Sequence[Grant], roles: frozenset[str]) -> set[str]:
-    """The principals with a grant that names one of `roles` (C-level passes, a slice at a time)."""
+    """The principals with a grant that names one of `roles` (C-level passes, a piece at a time)."""
     found: set[str] = set()
     if not roles:
         return found
     names: set[tuple[str, ...]] = set()
-    for part in _slices(grants):
-        names.update(map(_ROLES, part))
+    for piece in grant_columns(grants):
+        names.update(piece.roles)
     holding = {n for n in names if not roles.isdisjoint(n)}
-    for part in _slices(grants):
-        found.update(compress(map(_PRINCIPAL, part), map(holding.__contains__, map(_ROLES, part))))
+    for piece in grant_columns(grants):
+        found.update(compress(piece.principals, map(holding.__contains__, piece.roles)))
     return found
 
 
 def grants_of(grants: Sequence[Grant], principals: Collection[str]) -> list[Grant]:
-    """Every grant of `principals`, in order (C-level passes, a slice at a time)."""
+    """Every grant of `principals`, in order (C-level passes, a piece at a time)."""
     found: list[Grant] = []
     if principals:
         wanted = principals if isinstance(principals, set | frozenset) else set(principals)
-        for part in _slices(grants):
-            found.extend(compress(part, map(wanted.__contains__, map(_PRINCIPAL, part))))
+        for piece in grant_columns(grants):
+            for at in compress(range(len(piece)), map(wanted.__contains__, piece.principals)):
+                found.append(piece[at])
     return found
 
 
