@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import re
 from collections import Counter
 from collections.abc import Sequence
@@ -33,6 +34,7 @@ from typing import Any
 from authz_sidecar.documents.loading import json_object, load_document
 from authz_sidecar.documents.parsers import GrantReader, parse_permission_set
 from authz_sidecar.errors import DocumentError
+from authz_sidecar.model.pacing import pause
 from authz_sidecar.model.values import Grant, GrantColumns, Grants, PermissionSet, grant_rows
 
 # Bytes of grants per piece: ~550 grants, under a millisecond to parse and check.
@@ -50,6 +52,8 @@ _TAIL_BYTES = 1024 * 1024
 _LOOKAHEAD = 16
 
 _decoder = json.JSONDecoder(object_pairs_hook=json_object)
+# A stored set's text: bytes, or the mapping the etcd source gathers its chunks into.
+Text = bytes | mmap.mmap
 _plain = json.JSONDecoder()
 
 
@@ -81,7 +85,7 @@ def _digest(data: memoryview | bytes) -> bytes:
     return hashlib.sha256(data).digest()[:16]
 
 
-def _cut(region: bytes, start: int, end: int) -> list[tuple[int, int]]:
+def _cut(region: Text, start: int, end: int) -> list[tuple[int, int]]:
     """Pieces of about PIECE bytes over region[start:end] (whole grants), cut at grant boundaries."""
     cuts = []
     while start < end:
@@ -98,13 +102,13 @@ class _UnrecognisedError(Exception):
     """Not a document this reader splits: read it whole."""
 
 
-def _split(document: bytes) -> tuple[dict[str, Any], int, int]:
+def _split(document: Text) -> tuple[dict[str, Any], int, int]:
     """The members other than grants, and where the grants' elements are: document[start:end]."""
     at = document.find(_GRANTS)
-    if at < 0 or not document.startswith(b"{"):
+    if at < 0 or document[:1] != b"{":
         raise _UnrecognisedError
     start = at + len(_GRANTS)
-    if document.startswith(b"]", start):
+    if document[start : start + 1] == b"]":
         end = start
     else:
         # Canonical JSON puts the declared changes after the grants; anything else after them
@@ -113,7 +117,7 @@ def _split(document: bytes) -> tuple[dict[str, Any], int, int]:
         near_end = max(start, len(document) - _TAIL_BYTES)
         changes = document.rfind(b'],"changes":[', near_end)
         end = changes if changes >= 0 else document.rfind(b"}]", near_end) + 1
-        if end <= start or not document.startswith(_FIRST, start):
+        if end <= start or document[start : start + len(_FIRST)] != _FIRST:
             raise _UnrecognisedError
     tail = document[end + 1 :]
     if tail != b"}" and not tail.startswith(b","):
@@ -133,7 +137,7 @@ def _split(document: bytes) -> tuple[dict[str, Any], int, int]:
 
 
 def read_set(
-    document: bytes,
+    document: Text,
     name: str,
     parent: BigSet | None = None,
 ) -> BigSet:
@@ -143,11 +147,11 @@ def read_set(
         return _read(document, name, parent)
     except (_UnrecognisedError, DocumentError, ValueError, RecursionError):
         pass
-    permissions = parse_permission_set(load_document(document, name), name)
+    permissions = parse_permission_set(load_document(bytes(document), name), name)
     return BigSet(permissions, ())
 
 
-def _read(document: bytes, name: str, parent: BigSet | None) -> BigSet:
+def _read(document: Text, name: str, parent: BigSet | None) -> BigSet:
     members, start, end = _split(document)
     members["grants"] = []
     base = parse_permission_set(members, name)
@@ -161,12 +165,14 @@ def _read(document: bytes, name: str, parent: BigSet | None) -> BigSet:
     if not reader.valid({c for p, _a, _b in plan if p is not None for c in p.combinations}):
         raise _UnrecognisedError  # a role the parent's grants use is gone: read whole, refused there
     for same, a, b in plan:
+        pause()
         if same is not None and parent is not None:
             grants.append(parent.permissions.grants[same.start : same.start + same.count])
             pieces.append(replace(same, start=count))
             count += same.count
             continue
         for x, y in _cut(document, a, b):
+            pause()
             chunk = view[x:y]
             parsed = _piece(str(chunk, "utf-8"), reader, count)
             first = bytes(view[x : min(y, x + _FIRST_BYTES)])
@@ -258,7 +264,7 @@ def _rows(text: str) -> list[Any]:
 
 
 def _match(
-    document: bytes, view: memoryview, start: int, end: int, parent: BigSet
+    document: Text, view: memoryview, start: int, end: int, parent: BigSet
 ) -> list[tuple[Piece | None, int, int]]:
     """The grants region as a plan: the parent's pieces found in it, in order, and the regions
     between them to parse (None)."""
@@ -271,6 +277,7 @@ def _match(
         return y <= end and (y == end or document[y] == 0x2C) and _digest(view[x:y]) == piece.digest
 
     while at < end:
+        pause()
         if i < len(pieces) and same(pieces[i], at):
             plan.append((pieces[i], at, at + pieces[i].size))
             at += pieces[i].size + 1

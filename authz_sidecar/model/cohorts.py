@@ -13,21 +13,24 @@ from __future__ import annotations
 
 from collections.abc import Collection, Iterable, Mapping
 
-from authz_sidecar.model.values import Cohort, PermissionSet, grant_rows
+from authz_sidecar.model.pacing import pause
+from authz_sidecar.model.values import Cohort, PermissionSet, grant_columns
 
 
 def unscoped_combinations(permissions: PermissionSet) -> dict[frozenset[str], list[str]]:
     """The principals holding each unscoped role combination, one frozenset per distinct one."""
     canon: dict[tuple[str, ...], frozenset[str]] = {}
     held: dict[str, frozenset[str]] = {}
-    for principal, roles, scope in grant_rows(permissions.grants):
-        if scope is not None:
-            continue
-        combination = canon.get(roles)
-        if combination is None:
-            combination = canon[roles] = frozenset(roles)
-        before = held.get(principal)
-        held[principal] = combination if before is None else before | combination
+    for piece in grant_columns(permissions.grants):
+        pause()
+        for principal, roles, scope in zip(piece.principals, piece.roles, piece.scopes, strict=True):
+            if scope is not None:
+                continue
+            combination = canon.get(roles)
+            if combination is None:
+                combination = canon[roles] = frozenset(roles)
+            before = held.get(principal)
+            held[principal] = combination if before is None else before | combination
     holders: dict[frozenset[str], list[str]] = {}
     for principal, combination in held.items():
         holders.setdefault(combination, []).append(principal)

@@ -22,10 +22,12 @@ from itertools import chain, compress, filterfalse, islice
 from operator import is_not, itemgetter, not_
 from typing import Any, TypeVar
 
+from authz_sidecar.model.pacing import pause
 from authz_sidecar.model.reasons import Reason
 from authz_sidecar.model.values import DeclaredChange, Grant, Metadata, PermissionSet, grant_columns
 
 _EMPTY: frozenset[str] = frozenset()
+_K = TypeVar("_K")
 _PRINCIPAL = itemgetter(0)
 
 
@@ -141,12 +143,12 @@ class Interner:
     def keep(self, sets: Iterable[CompiledSet]) -> None:
         """Forget handle sets that none of `sets` uses, so versions that came and went do not
         accumulate."""
-        used: dict[frozenset[str], frozenset[str]] = {}
+        used: set[frozenset[str]] = set()
         for compiled in sets:
             for part in _every_shard(compiled.unscoped, compiled.scoped):
-                for held in part.values():
-                    used.setdefault(held, held)
-        self._sets = used
+                pause()
+                used.update(part.values())  # in C: each is an interned set, its hash cached
+        self._sets = {held: held for held in used}
 
 
 class Predicted(AbstractSet[tuple[str, str, str | None]]):
@@ -167,7 +169,10 @@ class Predicted(AbstractSet[tuple[str, str, str | None]]):
     def __init__(self, unscoped: Unscoped, scoped: Scoped) -> None:
         self.unscoped = unscoped
         self.scoped = scoped
-        self._len = sum(sum(map(len, part.values())) for part in _every_shard(unscoped, scoped))
+        self._len = 0
+        for part in _every_shard(unscoped, scoped):
+            pause()
+            self._len += sum(map(len, part.values()))
 
     def predicts(self, principal: str, handle: str, scope: str | None) -> bool:
         """Whether the answer for `handle` moves for `principal` unscoped, or (given a scope)
@@ -219,8 +224,11 @@ def compile_set(permissions: PermissionSet, interner: Interner | None = None) ->
     """Fold grants into per-principal frozensets; the order of roles and grants cannot matter."""
     intern = interner if interner is not None else Interner()
     unscoped, scoped = _fold(permissions.grants, permissions.roles, intern)
-    scoped_only = frozenset(p for part in scoped for p, _ in part if p not in unscoped[hash(p) & _MASK])
-    return CompiledSet(meta=permissions.meta, unscoped=unscoped, scoped=scoped, scoped_only=scoped_only)
+    scoped_only: set[str] = set()
+    for held, part in zip(unscoped, scoped, strict=True):  # a principal's entries share a shard
+        pause()
+        scoped_only.update(p for p, _ in part if p not in held)
+    return CompiledSet(meta=permissions.meta, unscoped=unscoped, scoped=scoped, scoped_only=frozenset(scoped_only))
 
 
 def _fold(grants: Iterable[Grant], roles: Mapping[str, tuple[str, ...]], intern: Interner) -> tuple[Unscoped, Scoped]:
@@ -233,6 +241,7 @@ def _fold(grants: Iterable[Grant], roles: Mapping[str, tuple[str, ...]], intern:
     unscoped: Unscoped = _shards()
     scoped: Scoped = _shards()
     for piece in grant_columns(grants):
+        pause()
         try:
             handle_sets = list(map(by_roles.__getitem__, piece.roles))
         except KeyError:
@@ -268,9 +277,11 @@ def principals_holding(grants: Sequence[Grant], roles: frozenset[str]) -> set[st
         return found
     names: set[tuple[str, ...]] = set()
     for piece in grant_columns(grants):
+        pause()
         names.update(piece.roles)
     holding = {n for n in names if not roles.isdisjoint(n)}
     for piece in grant_columns(grants):
+        pause()
         found.update(compress(piece.principals, map(holding.__contains__, piece.roles)))
     return found
 
@@ -281,6 +292,7 @@ def grants_of(grants: Sequence[Grant], principals: Collection[str]) -> list[Gran
     if principals:
         wanted = principals if isinstance(principals, set | frozenset) else set(principals)
         for piece in grant_columns(grants):
+            pause()
             for at in compress(range(len(piece)), map(wanted.__contains__, piece.principals)):
                 found.append(piece[at])
     return found
@@ -319,8 +331,8 @@ def recompile(
     intern = interner if interner is not None else Interner()
     moved = principals if isinstance(principals, set | frozenset) else set(principals)
     unscoped_part, scoped_part = _fold(grants, permissions.roles, intern)
-    unscoped = tuple(d.copy() for d in parent.unscoped)
-    scoped = tuple(d.copy() for d in parent.scoped)
+    unscoped = tuple(_copies(parent.unscoped))
+    scoped = tuple(_copies(parent.scoped))
     for principal in moved:
         at = hash(principal) & _MASK
         if principal not in unscoped_part[at]:
@@ -341,6 +353,12 @@ def recompile(
         # when what it holds changes.
         scoped_only = (scoped_only - gone) | added
     return CompiledSet(meta=permissions.meta, unscoped=unscoped, scoped=scoped, scoped_only=scoped_only)
+
+
+def _copies(shards: Iterable[dict[_K, frozenset[str]]]) -> Iterator[dict[_K, frozenset[str]]]:
+    for part in shards:
+        pause()
+        yield part.copy()
 
 
 def impact_of(active: CompiledSet, proposed: CompiledSet, principals: Collection[str]) -> Predicted:
@@ -377,6 +395,7 @@ def _changes(
     unscoped: Unscoped = _shards()
     scoped: Scoped = _shards()
     for at in range(SHARDS):
+        pause()
         moved, moved_keys = principals[at], keys[at]
         before, after = active.unscoped[at], proposed.unscoped[at]
         into = unscoped[at]
@@ -452,7 +471,6 @@ def predict(active: CompiledSet, proposed: CompiledSet) -> Predicted:
     return _changes(active, proposed, moved, moved_scoped)
 
 
-_K = TypeVar("_K")
 # Keys of a shard looked up in the other set to guess whether the two share most of them.
 _SAMPLE = 16
 # Keys taken at a time by one C call when comparing shards that share few (~0.1 ms).
@@ -467,6 +485,7 @@ def _differing(before: Mapping[_K, frozenset[str]], after: Mapping[_K, frozenset
     mostly of different keys, those keys are taken as they are and only the common ones' values
     compared (comparing items there kept a tuple per entry: 13-37 ms per 64th of two sets sharing
     nothing, one C call)."""
+    pause()
     sample = list(islice(before, _SAMPLE))
     if len(before) == len(after) and sum(map(after.__contains__, sample)) * 2 > len(sample):
         return {key for key, _ in before.items() ^ after.items()}

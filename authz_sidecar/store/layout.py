@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -26,6 +27,7 @@ from typing import Any
 from authz_sidecar.documents import check_version, parse_rollout
 from authz_sidecar.documents.cohorts import cohorts_document
 from authz_sidecar.errors import DocumentError
+from authz_sidecar.model.pacing import pause
 from authz_sidecar.model.values import Rollout
 
 # Under etcd's default 1.5 MiB request limit with room for the key and the request's framing.
@@ -215,9 +217,33 @@ def chunks_of(kv: Mapping[str, bytes], layout: Layout, version: str) -> tuple[He
 
 def joined(head: Head, parts: list[bytes], layout: Layout) -> bytes:
     """The chunks as one document, checked against the head's size and digest."""
-    document = b"".join(parts)
-    if len(document) != head.size or hashlib.sha256(document).hexdigest() != head.sha256:
-        raise DocumentError("chunks do not match the head's size and SHA-256", document=layout.head(head.version))
+    return bytes(gathered(head, parts, layout))
+
+
+def gathered(head: Head, parts: list[bytes], layout: Layout) -> bytes | mmap.mmap:
+    """:func:`joined`, a chunk at a time (a :func:`~authz_sidecar.model.pacing.pause` between
+    them): one join of a million-grant set's 56 MB held the GIL ~33 ms, in fresh pages, while
+    Checks waited. Into an anonymous mapping of the set's size, whose pages the kernel hands out
+    zeroed as they are first written: a bytearray grown a chunk at a time was copied whole once
+    (~9 ms, when it outgrew the heap), and one made at its size is zeroed in one call (~25 ms).
+    The digest is taken a chunk at a time too, with the GIL released."""
+    invalid = DocumentError("chunks do not match the head's size and SHA-256", document=layout.head(head.version))
+    if sum(map(len, parts)) != head.size:
+        raise invalid
+    if not head.size:  # (no mapping is empty)
+        if hashlib.sha256(b"").hexdigest() != head.sha256:
+            raise invalid
+        return b""
+    document = mmap.mmap(-1, head.size)
+    digest = hashlib.sha256()
+    at = 0
+    for part in parts:
+        pause()
+        document[at : at + len(part)] = part
+        at += len(part)
+        digest.update(part)
+    if digest.hexdigest() != head.sha256:
+        raise invalid
     return document
 
 

@@ -1,0 +1,123 @@
+"""A long build rests while other threads want to run, and runs at full speed when none do."""
+
+from __future__ import annotations
+
+import threading
+
+from authz_sidecar.bench import scale
+from authz_sidecar.model.assembly import LastGood
+from authz_sidecar.model.pacing import Pacer, pacing, pause
+from authz_sidecar.store.sources.etcd import SnapshotBuilder
+
+
+class Clocks:
+    """A wall clock and a thread CPU clock the test moves by hand, and the sleeps asked for."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.used = 0.0
+        self.slept: list[float] = []
+
+    def work(self, seconds: float, *, others: float = 0.0) -> None:
+        """This thread worked `seconds`, and waited `others` more while other threads ran."""
+        self.now += seconds + others
+        self.used += seconds
+
+    def sleep(self, seconds: float) -> None:
+        self.slept.append(seconds)
+        self.now += seconds
+
+    def pacer(self) -> Pacer:
+        return Pacer(0.001, 0.002, 0.1, wall=lambda: self.now, cpu=lambda: self.used, sleep=self.sleep)
+
+
+def test_pause_does_nothing_without_a_pacer_and_calls_the_innermost_one() -> None:
+    calls: list[str] = []
+    pause()
+    with pacing(lambda: calls.append("outer")):
+        pause()
+        with pacing(lambda: calls.append("inner")):
+            pause()
+        pause()
+    pause()
+    assert calls == ["outer", "inner", "outer"]
+
+
+def test_a_pacer_on_another_thread_is_not_this_ones() -> None:
+    calls: list[str] = []
+    with pacing(lambda: calls.append("here")):
+        elsewhere = threading.Thread(target=pause)
+        elsewhere.start()
+        elsewhere.join()
+    assert calls == []
+
+
+def test_alone_it_never_rests() -> None:
+    clocks = Clocks()
+    pacer = clocks.pacer()
+    for _ in range(1000):
+        clocks.work(0.0004)
+        pacer()
+    assert clocks.slept == [] and pacer.rests == 0
+
+
+def test_it_rests_after_each_slice_once_others_waited_and_for_a_while_after() -> None:
+    clocks = Clocks()
+    pacer = clocks.pacer()
+    clocks.work(0.0005)
+    pacer()  # half a slice: not looked at yet
+    clocks.work(0.0005, others=0.0002)
+    pacer()  # a slice in which others ran a fifth of the time: rest
+    assert clocks.slept == [0.002]
+    for _ in range(20):  # others no longer seen, but within `memory` of the last time
+        clocks.work(0.0011)
+        pacer()
+    assert len(clocks.slept) == 21
+    for _ in range(200):  # past it: full speed again
+        clocks.work(0.0011)
+        pacer()
+    assert 21 < len(clocks.slept) < 21 + 100
+    resting = len(clocks.slept)
+    for _ in range(50):
+        clocks.work(0.0011)
+        pacer()
+    assert len(clocks.slept) == resting
+    assert pacer.rests == resting
+
+
+def test_a_little_time_lost_to_others_is_not_a_reason_to_rest() -> None:
+    clocks = Clocks()
+    pacer = clocks.pacer()
+    for _ in range(100):
+        clocks.work(0.0011, others=0.00005)  # a twentieth of a millisecond
+        pacer()
+    assert clocks.slept == []
+
+
+def test_a_build_beside_a_busy_thread_rests_and_builds_the_same() -> None:
+    active_text, _shadow, catalog = scale.documents(20_000)
+    kv = scale._kv(catalog, scale._canonical(active_text), {})
+    alone = SnapshotBuilder(scale.LAYOUT, service="svc0", region="here", source="test")
+    expected, _keys = alone.build(kv, 1, LastGood())
+    stop = threading.Event()
+
+    def spin() -> None:  # a thread that always wants the GIL, as a stream of Checks does
+        while not stop.is_set():
+            sum(range(100))
+
+    busy = threading.Thread(target=spin)
+    busy.start()
+    try:
+        beside = SnapshotBuilder(scale.LAYOUT, service="svc0", region="here", source="test")
+        built, _keys = beside.build(kv, 1, LastGood())
+    finally:
+        stop.set()
+        busy.join()
+    assert beside.rests > 0
+    assert built.snapshot is not None and expected.snapshot is not None
+    for principal in ("user-0", "user-1", "user-19999", "nobody"):
+        for handle in ("svc0:view", "svc3:edit"):
+            for scope in (None, "account:a0"):
+                assert built.snapshot.active.decide(principal, handle, scope) is expected.snapshot.active.decide(
+                    principal, handle, scope
+                )
