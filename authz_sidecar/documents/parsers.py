@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import asdict
-from typing import Any
+from typing import Any, TypeVar
 
 from authz_sidecar.documents.checks import (
     HTTP_METHODS,
@@ -54,6 +54,7 @@ _CHANGE_FIELDS = frozenset({"role", "add", "remove", "principal", "grant", "revo
 # A shadow file may also carry its rollout plan (read by ctl; see documents.rolloutplans).
 _ROLLOUT_FIELDS = frozenset({"weights", "testers", "state", "cohorts", "plan"})
 _GRANT_FIELDS = frozenset({"principal", "roles", "scope"})
+_V = TypeVar("_V")
 
 
 def _metadata(data: Mapping[Any, Any], document: str) -> Metadata:
@@ -238,31 +239,34 @@ class GrantReader:
         each grant's principal, its roles as written between the brackets (`"a","b"`), and its
         scope ('' for none). The texts are checked once each (most grants share a few), the
         principals in bulk; a problem raises as :meth:`read` would."""
-        role_lists = self.role_texts
-        try:
-            combinations = list(map(role_lists.__getitem__, role_texts))
-        except KeyError:
-            for text in dict.fromkeys(role_texts).keys() - role_lists.keys():
-                where = f"grants[{offset + role_texts.index(text)}].roles"
-                try:
-                    names = json.loads("[" + text + "]")
-                except ValueError:
-                    raise DocumentError(
-                        "the roles are not a list of names", document=self.document, field=where
-                    ) from None
-                _check_grant_roles(names, self.known_roles, self.document, where)
-                role_lists[text] = self.role_lists.setdefault(tuple(names), tuple(names))
-            combinations = list(map(role_lists.__getitem__, role_texts))
-        scopes = self.scope_texts
-        try:
-            in_scopes = list(map(scopes.__getitem__, scope_texts))
-        except KeyError:
-            for text in dict.fromkeys(scope_texts).keys() - scopes.keys():
-                where = f"grants[{offset + scope_texts.index(text)}].scope"
-                scopes[text] = self.scopes.setdefault(text, check_scope(text, self.document, where))
-            in_scopes = list(map(scopes.__getitem__, scope_texts))
+
+        def roles(text: str, at: int) -> tuple[str, ...]:
+            where = f"grants[{offset + at}].roles"
+            try:
+                names = json.loads("[" + text + "]")
+            except ValueError:
+                raise DocumentError("the roles are not a list of names", document=self.document, field=where) from None
+            _check_grant_roles(names, self.known_roles, self.document, where)
+            return self.role_lists.setdefault(tuple(names), tuple(names))
+
+        def scope(text: str, at: int) -> str | None:
+            return self.scopes.setdefault(text, check_scope(text, self.document, f"grants[{offset + at}].scope"))
+
+        combinations = _looked_up(role_texts, self.role_texts, roles)
+        in_scopes = _looked_up(scope_texts, self.scope_texts, scope)
         _check_principals(principals, self.document, offset)
         return GrantColumns(principals, combinations, in_scopes)
+
+
+def _looked_up(texts: Sequence[str], known: dict[str, _V], learn: Callable[[str, int], _V]) -> list[_V]:
+    """`known[text]` for each of `texts` (one C pass when all are known), learning those that are
+    not with `learn(text, index of its first occurrence)`, in the order they first occur."""
+    try:
+        return list(map(known.__getitem__, texts))
+    except KeyError:
+        for text in [t for t in dict.fromkeys(texts) if t not in known]:
+            known[text] = learn(text, texts.index(text))
+        return list(map(known.__getitem__, texts))
 
 
 def _check_principals(principals: Sequence[Any], document: str, offset: int = 0) -> None:
