@@ -51,9 +51,9 @@ _TAIL_BYTES = 1024 * 1024
 # How far past a change a piece of the parent is looked for, and how many pieces ahead.
 _LOOKAHEAD = 16
 
-_decoder = json.JSONDecoder(object_pairs_hook=json_object)
 # A stored set's text: bytes, or the mapping the etcd source gathers its chunks into.
 Text = bytes | mmap.mmap
+_decoder = json.JSONDecoder(object_pairs_hook=json_object)
 _plain = json.JSONDecoder()
 
 

@@ -74,6 +74,10 @@ class GrantColumns(_LikeTuple):
         principals, roles, scopes = zip(*rows, strict=True)
         return cls(principals, roles, scopes)
 
+    def between(self, start: int, stop: int) -> GrantColumns:
+        """The grants from `start` to `stop`, as columns."""
+        return GrantColumns(self.principals[start:stop], self.roles[start:stop], self.scopes[start:stop])
+
     def __len__(self) -> int:
         return len(self.principals)
 
@@ -170,17 +174,17 @@ def grant_rows(grants: Iterable[Grant]) -> Iterator[tuple[str, tuple[str, ...], 
 
 
 def grant_columns(grants: Iterable[Grant]) -> Iterator[GrantColumns]:
-    """`grants` a piece at a time, as columns: a large set's own pieces, anything else in pieces
-    of a few thousand (whoever scans a set a piece at a time lets the GIL pass between pieces)."""
-    if isinstance(grants, GrantColumns):
-        yield grants
-    elif isinstance(grants, Grants):
-        for piece in grants.pieces:
-            yield piece if isinstance(piece, GrantColumns) else GrantColumns.of(piece)
-    else:
-        rows = iter(grants)
-        while piece := GrantColumns.of(islice(rows, _STEP)):
-            yield piece
+    """`grants` a piece at a time, as columns: a large set's own pieces, anything else (a set read
+    whole, a list) in pieces of at most 10,000, so that whoever scans a set a piece at a
+    time never takes on a million grants in one step."""
+    for part in grants.pieces if isinstance(grants, Grants) else (grants,):
+        if isinstance(part, GrantColumns):
+            for at in range(0, len(part), _STEP):
+                yield part if len(part) <= _STEP else part.between(at, at + _STEP)
+        else:
+            rows = iter(part)
+            while piece := GrantColumns.of(islice(rows, _STEP)):
+                yield piece
 
 
 @dataclass(frozen=True, slots=True)
