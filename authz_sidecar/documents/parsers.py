@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import asdict
-from typing import Any, TypeVar
+from typing import Any
 
 from authz_sidecar.documents.checks import (
     HTTP_METHODS,
@@ -46,6 +46,7 @@ from authz_sidecar.model.values import (
     Rollout,
     RouteSpec,
     ShadowSet,
+    looked_up,
 )
 
 _META_FIELDS = frozenset({"version", "request_id", "parent", "author", "reason", "created_at"})
@@ -54,7 +55,6 @@ _CHANGE_FIELDS = frozenset({"role", "add", "remove", "principal", "grant", "revo
 # A shadow file may also carry its rollout plan (read by ctl; see documents.rolloutplans).
 _ROLLOUT_FIELDS = frozenset({"weights", "testers", "state", "cohorts", "plan"})
 _GRANT_FIELDS = frozenset({"principal", "roles", "scope"})
-_V = TypeVar("_V")
 
 
 def _metadata(data: Mapping[Any, Any], document: str) -> Metadata:
@@ -252,21 +252,10 @@ class GrantReader:
         def scope(text: str, at: int) -> str | None:
             return self.scopes.setdefault(text, check_scope(text, self.document, f"grants[{offset + at}].scope"))
 
-        combinations = _looked_up(role_texts, self.role_texts, roles)
-        in_scopes = _looked_up(scope_texts, self.scope_texts, scope)
+        combinations = looked_up(role_texts, self.role_texts, roles)
+        in_scopes = looked_up(scope_texts, self.scope_texts, scope)
         _check_principals(principals, self.document, offset)
         return GrantColumns(principals, combinations, in_scopes)
-
-
-def _looked_up(texts: Sequence[str], known: dict[str, _V], learn: Callable[[str, int], _V]) -> list[_V]:
-    """`known[text]` for each of `texts` (one C pass when all are known), learning those that are
-    not with `learn(text, index of its first occurrence)`, in the order they first occur."""
-    try:
-        return list(map(known.__getitem__, texts))
-    except KeyError:
-        for text in [t for t in dict.fromkeys(texts) if t not in known]:
-            known[text] = learn(text, texts.index(text))
-        return list(map(known.__getitem__, texts))
 
 
 def _check_principals(principals: Sequence[Any], document: str, offset: int = 0) -> None:

@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 
 from authz_sidecar.model.pacing import pause
 from authz_sidecar.model.reasons import Reason
-from authz_sidecar.model.values import DeclaredChange, Grant, Metadata, PermissionSet, grant_columns
+from authz_sidecar.model.values import DeclaredChange, Grant, Metadata, PermissionSet, grant_columns, looked_up
 
 _EMPTY: frozenset[str] = frozenset()
 _K = TypeVar("_K")
@@ -234,20 +234,19 @@ def compile_set(permissions: PermissionSet, interner: Interner | None = None) ->
 def _fold(grants: Iterable[Grant], roles: Mapping[str, tuple[str, ...]], intern: Interner) -> tuple[Unscoped, Scoped]:
     """Grants folded into the unscoped and scoped shards (the body of :func:`compile_set`).
 
-    A piece's role combinations are turned into handle sets with one map in C; the loop is left
-    with the one thing that needs a principal at a time (its shard). `setdefault` returns the
-    handles just stored unless the principal already held some (a second grant)."""
+    A piece's role combinations are turned into handle sets with one map in C (`looked_up`); the
+    loop is left with the one thing that needs a principal at a time (its shard). `setdefault`
+    returns the handles just stored unless the principal already held some (a second grant)."""
     by_roles: dict[tuple[str, ...], frozenset[str]] = {}
     unscoped: Unscoped = _shards()
     scoped: Scoped = _shards()
+
+    def handles_of(names: tuple[str, ...], _at: int) -> frozenset[str]:
+        return intern(frozenset(h for role in names for h in roles[role]))
+
     for piece in grant_columns(grants):
         pause()
-        try:
-            handle_sets = list(map(by_roles.__getitem__, piece.roles))
-        except KeyError:
-            for names in set(piece.roles) - by_roles.keys():
-                by_roles[names] = intern(frozenset(h for role in names for h in roles[role]))
-            handle_sets = list(map(by_roles.__getitem__, piece.roles))
+        handle_sets = looked_up(piece.roles, by_roles, handles_of)
         for principal, handles, scope in zip(piece.principals, handle_sets, piece.scopes, strict=True):
             if scope is None:
                 part = unscoped[hash(principal) & _MASK]

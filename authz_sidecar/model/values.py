@@ -8,11 +8,11 @@ only ever made from input that :mod:`authz_sidecar.documents` has already refuse
 from __future__ import annotations
 
 from bisect import bisect_right
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from itertools import accumulate, chain, islice
-from typing import NamedTuple, overload
+from typing import NamedTuple, TypeVar, overload
 
 
 class Grant(NamedTuple):
@@ -27,6 +27,9 @@ class Grant(NamedTuple):
 
 # A Grant from a (principal, roles, scope) tuple, skipping the named tuple's Python-level __new__.
 _new_grant = partial(tuple.__new__, Grant)
+
+_K = TypeVar("_K")
+_V = TypeVar("_V")
 
 # Grants per piece when a sequence that is not already in pieces is looked at a piece at a time.
 _STEP = 10_000
@@ -163,6 +166,18 @@ class Grants(_LikeTuple):
 
     def __repr__(self) -> str:
         return f"Grants({len(self)} in {len(self.pieces)} pieces)"
+
+
+def looked_up(keys: Sequence[_K], known: dict[_K, _V], learn: Callable[[_K, int], _V]) -> list[_V]:
+    """`known[key]` for each of `keys`, a column of a piece (one C pass when all are known), learning
+    those that are not with `learn(key, index of its first occurrence)`, in the order they first
+    occur: most of a large set's grants share a few role lists and scopes."""
+    try:
+        return list(map(known.__getitem__, keys))
+    except KeyError:
+        for key in [k for k in dict.fromkeys(keys) if k not in known]:
+            known[key] = learn(key, keys.index(key))
+        return list(map(known.__getitem__, keys))
 
 
 def grant_rows(grants: Iterable[Grant]) -> Iterator[tuple[str, tuple[str, ...], str | None]]:
