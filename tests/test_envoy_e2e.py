@@ -17,6 +17,8 @@ import grpc
 import pytest
 
 from authz_sidecar._proto.envoy.service.auth.v3 import external_auth_pb2 as pb
+from authz_sidecar._proto.view import check_view_pb2 as view
+from authz_sidecar.fronts import _checklane
 from authz_sidecar.fronts.responses import ResponseCache
 from authz_sidecar.local import envoy
 from authz_sidecar.local.mesh import Mesh
@@ -324,6 +326,19 @@ def test_check_request_from_real_envoy_round_trips(tmp_path: Path) -> None:
         again = parsed.SerializeToString()
         assert len(again) == len(raw)  # nothing dropped, unknown fields included
         assert pb.CheckRequest.FromString(again) == parsed
+        # The Check lane reads these bytes (a Check asked again is answered from them), and reads
+        # them as upb does.
+        read = _checklane.fields(raw)
+        seen = view.CheckRequestView.FromString(raw).attributes
+        assert read == (
+            seen.metadata_context.filter_metadata["envoy.filters.http.jwt_authn"],
+            seen.source.principal.encode(),
+            b"PUT",
+            b"/things/9?x=1",
+            b"v2",
+            b"things:edit",
+            None,
+        )
     finally:
         proxy.stop()
         upstream.stop()

@@ -26,7 +26,7 @@ _Request = TypeVar("_Request")
 class Answering:
     def __init__(self, decider: Decider, metrics: Metrics, tracer: CheckTracer | None = None) -> None:
         self.decider = decider
-        self._latency = metrics.latency
+        self.latency = self._latency = metrics.latency
         self._tracer = tracer
         # Whether answer() uses its headers: a front skips gathering them when nothing is traced.
         self.traced = tracer is not None

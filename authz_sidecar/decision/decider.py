@@ -21,7 +21,7 @@ between is here, once. Rules:
 from __future__ import annotations
 
 import random
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import structlog
@@ -31,7 +31,7 @@ from authz_sidecar.decision.identity import JWT_AUTHN_NAMESPACE, Identifier, Req
 from authz_sidecar.decision.state import SnapshotStore
 from authz_sidecar.documents import HANDLE_RE, MAX_PRINCIPAL_LEN, SCOPE_RE
 from authz_sidecar.errors import IdentityError
-from authz_sidecar.model.evaluation import Outcome, evaluate
+from authz_sidecar.model.evaluation import Evaluation, Outcome, evaluate
 from authz_sidecar.model.reasons import Reason
 from authz_sidecar.model.routes import PathError
 from authz_sidecar.model.snapshot import Snapshot
@@ -52,6 +52,11 @@ _REFUSALS = {reason: Outcome(reason) for reason in Reason}
 _KEYED_SOURCES = frozenset({"jwt_authn", "mtls"})
 # The first item of a whole Check's key in the memo (whose answers are keyed by 4-tuples).
 _CHECK = "check"
+# What decide() hands a front that asked for it: the snapshot it decided with, the principal, the
+# scope and the outcome of a whole Check (a pure function of those fields of the request).
+Settled = tuple[Snapshot, str, str | None, Outcome]
+# A decision as counted and logged: principal, handle, scope and the evaluation.
+Counted = tuple[str, str, str | None, Evaluation]
 
 
 class Decider:
@@ -77,6 +82,42 @@ class Decider:
         self._by_request_id = stickiness == "request_id"
         self._whole_checks = set(identifier.names) <= _KEYED_SOURCES
 
+    @property
+    def store(self) -> SnapshotStore:
+        return self._store
+
+    @property
+    def settles(self) -> bool:
+        """Whether a front may keep whole Checks' answers and count them later (:meth:`tally`):
+        identity from jwt_authn's metadata or the mTLS peer only."""
+        return self._whole_checks
+
+    @property
+    def log_rate(self) -> float:
+        """The share of decisions logged as "decision" events (:meth:`log_sampled`)."""
+        return self._log_rate
+
+    @property
+    def decision_log(self) -> DecisionLog | None:
+        """Where a front that answers a kept Check itself queues its line (--decision-log)."""
+        return self._decision_log
+
+    def add_pending(self, settle: Callable[[], None]) -> None:
+        """`settle` hands over counts a front is holding (see :meth:`tally`): called before the
+        metrics or the shadow reports are read."""
+        self._metrics.add_pending(settle)
+        if self._reports is not None:
+            self._reports.add_pending(settle)
+
+    def tally(self, snapshot: Snapshot, counted: Counted, times: int) -> None:
+        """Count `times` Checks answered with a kept whole-Check answer (no mismatch: those are
+        never kept) in the metrics and the shadow reports. Their decision log lines were written
+        per Check."""
+        principal, handle, scope, evaluation = counted
+        self._metrics.decision(evaluation, times)
+        if self._reports is not None and snapshot.shadows:
+            self._reports.observe(snapshot, evaluation, principal, handle, scope, times=times)
+
     def refuse(self, reason: Reason) -> Outcome:
         self._metrics.refusal(reason)
         return _REFUSALS[reason]
@@ -91,7 +132,9 @@ class Decider:
         peer_principal: str = "",
         extensions: Mapping[str, str] = _NO_EXTENSIONS,
         request_id: str = "",
+        settled: list[Settled] | None = None,
     ) -> Outcome:
+        """`settled`: a whole Check's answer is appended to it (see :data:`Settled`)."""
         snapshot = self._store.snapshot
         if snapshot is None:
             return self.refuse(Reason.NO_SNAPSHOT)
@@ -113,6 +156,8 @@ class Decider:
                 if seen is not None:
                     known, known_scope, outcome = seen
                     self._record(snapshot, outcome, known, known_scope, request_id)
+                    if settled is not None:
+                        settled.append((snapshot, known, known_scope, outcome))
                     return outcome
         # identify
         try:
@@ -146,6 +191,8 @@ class Decider:
         )
         if check_key is not None:
             remember(snapshot.memo, check_key, (principal, scope, outcome), MEMO_LIMIT)
+            if settled is not None:
+                settled.append((snapshot, principal, scope, outcome))
         return outcome
 
     def decide_for(
@@ -219,6 +266,15 @@ class Decider:
             remember(memo, key, found, MEMO_LIMIT)
         return found
 
+    def log_sampled(
+        self, principal: str, handle: str, scope: str | None, evaluation: Evaluation, request_id: str
+    ) -> None:
+        """The "decision" event of a Check drawn for the log (--log-decisions); a front that answers
+        kept Checks itself draws them at :attr:`log_rate` and calls this."""
+        log.info(
+            "decision", reason=evaluation.reason.value, **_fields(principal, handle, scope, evaluation, request_id)
+        )
+
     def record(self, snapshot: Snapshot, outcome: Outcome, principal: str, scope: str | None, request_id: str) -> None:
         """The telemetry of a decision made outside :meth:`decide` and :meth:`decide_for` (an account
         of a manifest, judged once per request): the same counters, shadow reports, decision log and
@@ -235,21 +291,10 @@ class Decider:
         if self._decision_log is not None:
             self._decision_log.record(principal, outcome.permission or "", scope, evaluation)
         sampled = self._log_rate and random.random() < self._log_rate  # noqa: S311 - sampling, not a secret
-        if not sampled and not evaluation.mismatch:
-            return
-        fields = {
-            "principal": principal,
-            "permission": outcome.permission,
-            "scope": scope,
-            "request_id": request_id,
-            "decision": "allow" if evaluation.allowed else "deny",
-            "decided_by": evaluation.decided_by,
-            "enforced_version": evaluation.enforced.meta.version,
-            "selection": evaluation.selection.value,
-        }
         if sampled:
-            log.info("decision", reason=evaluation.reason.value, **fields)
+            self.log_sampled(principal, outcome.permission or "", scope, evaluation, request_id)
         if evaluation.mismatch:
+            fields = _fields(principal, outcome.permission, scope, evaluation, request_id)
             log.warning(
                 "mismatch",
                 **fields,
@@ -259,3 +304,18 @@ class Decider:
                     if o.mismatch
                 },
             )
+
+
+def _fields(
+    principal: str, permission: str | None, scope: str | None, evaluation: Evaluation, request_id: str
+) -> dict[str, Any]:
+    return {
+        "principal": principal,
+        "permission": permission,
+        "scope": scope,
+        "request_id": request_id,
+        "decision": "allow" if evaluation.allowed else "deny",
+        "decided_by": evaluation.decided_by,
+        "enforced_version": evaluation.enforced.meta.version,
+        "selection": evaluation.selection.value,
+    }

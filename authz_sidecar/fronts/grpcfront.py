@@ -112,6 +112,16 @@ class _Bounds:
                 return await behavior(request, context)
 
             bounded: Any = bounded_aio
+        elif parse is None:
+            # Bytes in (ext_authz Check): one call between gRPC and the handler, the size compared inline.
+            limit = self._limit
+
+            def bounded_bytes(raw: bytes, context: Any) -> Any:
+                if len(raw) > limit:
+                    context.abort(_EXHAUSTED, refusal(raw))
+                return behavior(raw, context)
+
+            bounded = bounded_bytes
         else:
 
             def bounded_sync(raw: bytes, context: Any) -> Any:
@@ -119,7 +129,7 @@ class _Bounds:
                 if reason is not None:
                     context.abort(_EXHAUSTED, reason)
                 try:
-                    request = parse(raw) if parse is not None else raw
+                    request = parse(raw)
                 except Exception:
                     context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the request message does not parse")
                 return behavior(request, context)
@@ -442,7 +452,7 @@ class GrpcFront:
             routes = _PoolRoutes(_Bounds(self.limits, self._rejected, aio=False), self._rejected)
             manifest_sync = self._manifest.serve_sync if self._manifest is not None else None
             services = (
-                *_check_methods(lambda raw, _c: check_wire(raw), self._app_check_sync, manifest_sync),
+                *_check_methods(self._handler.check_wire, self._app_check_sync, manifest_sync),
                 _registry_methods(self._registry, aio=False),
             )
             if self._events is not None:

@@ -62,6 +62,7 @@ class ReportPublisher:
         return self.layout.reports(version) + self.ident
 
     async def publish(self) -> None:
+        self.reports.settle()
         if not self.reports.tallies:
             return
         lease = await self.etcd.call(self.etcd.lease.grant, self.ttl)

@@ -34,6 +34,7 @@ import json
 import os
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO, Final
 
@@ -108,6 +109,11 @@ class DecisionLog:
                 self._wake.set()
         else:
             self.drops["queue_full"] += 1
+
+    def queue_parts(self) -> tuple[collections.deque[Queued], int, int, Callable[[], None], dict[str, int]]:
+        """The queue, its bound, the batch, the writer's wake-up and the drop counts: what the Check
+        lane (fronts/_checklane.c) appends to, in C, exactly as :meth:`record` does."""
+        return self._queue, self._max_queue, self._batch, self._wake.set, self.drops
 
     # --- start and stop --------------------------------------------------------------------------
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 from bisect import bisect_left
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
@@ -113,6 +113,13 @@ class LatencyHistogram:
         self.total += seconds
         self.count += 1
 
+    def add(self, counts: list[int], total: float, count: int) -> None:
+        """Observations counted elsewhere in the same buckets (the Check lane's)."""
+        for i, n in enumerate(counts):
+            self.counts[i] += n
+        self.total += total
+        self.count += count
+
     def buckets(self) -> list[tuple[str, float]]:
         out, running = [], 0
         for bound, n in zip((*self.bounds, float("inf")), list(self.counts), strict=True):
@@ -127,6 +134,7 @@ class _HotPathCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         m = self._m
+        # counts() settles first: the latency histogram read below includes what was held.
         counted, observations, set_decisions, mismatched = m.counts()
         decisions = CounterMetricFamily(
             "authz_decisions",
@@ -209,6 +217,8 @@ class Metrics:
         # id(evaluation) -> (the evaluation, its tally): the evaluation is held so its id stays its own.
         self._tally_of: dict[int, tuple[Evaluation, Tally]] = {}
         self.latency = LatencyHistogram()
+        # Counts a front holds until they are read (the Check lane's): see add_pending.
+        self._pending: list[Callable[[], None]] = []
         # The tracer counts into it (tracing.DROP_REASONS); zeros while tracing is off.
         self.spans_dropped: dict[str, int] = {"queue_full": 0, "export_failed": 0}
         # The decision log counts into it (decisionlog.DROP_REASONS); zeros while it is off.
@@ -291,13 +301,21 @@ class Metrics:
         self._info.clear()
         self._info.labels(snapshot.active_version).set(1)
 
-    def decision(self, evaluation: Evaluation) -> None:
+    def add_pending(self, settle: Callable[[], None]) -> None:
+        """`settle` adds counts held elsewhere into these; it runs before they are read."""
+        self._pending.append(settle)
+
+    def settle(self) -> None:
+        for settle in self._pending:
+            settle()
+
+    def decision(self, evaluation: Evaluation, times: int = 1) -> None:
         found = self._tally_of.get(id(evaluation))
         if found is None or found[0] is not evaluation:
             found = remember(self._tally_of, id(evaluation), (evaluation, tally_of(evaluation)), TALLY_LIMIT)
         tallies = self.tallies
         tally = found[1]
-        tallies[tally] = tallies.get(tally, 0) + 1
+        tallies[tally] = tallies.get(tally, 0) + times
 
     def counts(
         self,
@@ -309,6 +327,7 @@ class Metrics:
     ]:
         """The counter families summed from the tallies: authz_decisions, authz_shadow_evaluations,
         authz_set_decisions and authz_mismatches, each as {labels: count}."""
+        self.settle()
         decisions = dict(self.refusals)
         observations: dict[str, int] = {}
         set_decisions: dict[tuple[str, str, str, str], int] = {}

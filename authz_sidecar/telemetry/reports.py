@@ -18,6 +18,7 @@ under the threaded server is acceptable for a report; an answer never depends on
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,22 +53,22 @@ class Tally:
     denied: dict[str, float] = field(default_factory=dict)
     denied_unlisted: int = 0  # allow_to_deny mismatches of principals past MAX_DENIED_PRINCIPALS
 
-    def count_unexpected(self, principal: str, handle: str) -> None:
+    def count_unexpected(self, principal: str, handle: str, times: int = 1) -> None:
         pair = (principal, handle)
         n = self.unexpected.get(pair)
         if n is not None:
-            self.unexpected[pair] = n + 1
+            self.unexpected[pair] = n + times
         elif len(self.unexpected) < MAX_UNEXPECTED_PAIRS:
-            self.unexpected[pair] = 1
+            self.unexpected[pair] = times
         else:
-            self.unexpected_unlisted += 1
+            self.unexpected_unlisted += times
 
-    def count_denied(self, principal: str) -> None:
+    def count_denied(self, principal: str, times: int = 1) -> None:
         denied = self.denied
         if principal in denied or len(denied) < MAX_DENIED_PRINCIPALS:
             denied[principal] = time.time()
         else:
-            self.denied_unlisted += 1
+            self.denied_unlisted += times
 
     def document(self) -> dict[str, Any]:
         pairs = sorted(self.unexpected.items(), key=lambda item: (-item[1], item[0]))
@@ -87,11 +88,29 @@ class Tally:
 class ShadowReports:
     def __init__(self) -> None:
         self.tallies: dict[str, Tally] = {}
+        # Counts a front holds until they are read (the Check lane's): see add_pending.
+        self._pending: list[Callable[[], None]] = []
+
+    def add_pending(self, settle: Callable[[], None]) -> None:
+        """`settle` adds counts held elsewhere into the tallies; it runs before they are read."""
+        self._pending.append(settle)
+
+    def settle(self) -> None:
+        """Take in the counts held elsewhere: call before reading :attr:`tallies`."""
+        for settle in self._pending:
+            settle()
 
     def observe(
-        self, snapshot: Snapshot, evaluation: Evaluation, principal: str, handle: str, scope: str | None
+        self,
+        snapshot: Snapshot,
+        evaluation: Evaluation,
+        principal: str,
+        handle: str,
+        scope: str | None,
+        *,
+        times: int = 1,
     ) -> None:
-        """Count one Check against every live shadow it evaluated."""
+        """Count `times` Checks with this answer against every live shadow they evaluated."""
         tallies = self.tallies
         versions = [o for o in evaluation.observed if o.shadow]
         by_shadow = evaluation.decided_by == "shadow"
@@ -108,7 +127,7 @@ class ShadowReports:
             tally = tallies.get(version)
             if tally is None:
                 tally = tallies[version] = Tally()
-            tally.evaluations += 1
+            tally.evaluations += times
             tally.handles.add(handle)
             if allowed != active_allowed:
                 tally.exercised.add((principal, handle, scope))
@@ -125,12 +144,13 @@ class ShadowReports:
         for version, expected, before in mismatched:
             key = ("expected/" if expected else "unexpected/") + ("allow_to_deny" if before else "deny_to_allow")
             tally = tallies[version]
-            tally.mismatches[key] = tally.mismatches.get(key, 0) + 1
+            tally.mismatches[key] = tally.mismatches.get(key, 0) + times
             if not expected:
-                tally.count_unexpected(principal, handle)
+                tally.count_unexpected(principal, handle, times)
             if before:
-                tally.count_denied(principal)
+                tally.count_denied(principal, times)
 
     def retain(self, live: set[str]) -> None:
-        """Forget shadows that are no longer live."""
+        """Forget shadows that are no longer live (after taking in what is held of them)."""
+        self.settle()
         self.tallies = {v: t for v, t in self.tallies.items() if v in live}
