@@ -30,6 +30,7 @@ from authz_sidecar.decision.state import SnapshotStore
 from authz_sidecar.decision.tokens import TokenVerifier
 from authz_sidecar.documents import load_document, parse_catalog
 from authz_sidecar.errors import BindError, ConfigError
+from authz_sidecar.fronts import checklane
 from authz_sidecar.fronts.appapi import AppAuthzServicer
 from authz_sidecar.fronts.appidentity import AppIdentity, TrustedPeers
 from authz_sidecar.fronts.events import EventsService
@@ -39,6 +40,7 @@ from authz_sidecar.fronts.httpauthz import HttpAuthz
 from authz_sidecar.fronts.manifest import ManifestServicer
 from authz_sidecar.fronts.opshttp import OpsHttp
 from authz_sidecar.fronts.registry import RegistryService
+from authz_sidecar.model.pacing import Demand
 from authz_sidecar.model.snapshot import Snapshot
 from authz_sidecar.model.values import Catalog
 from authz_sidecar.store.etcd import Etcd
@@ -57,7 +59,8 @@ from authz_sidecar.telemetry.reports import ShadowReports
 log = structlog.get_logger("authz_sidecar.server")
 
 
-def build_source(settings: Settings) -> PolicySource:
+def build_source(settings: Settings, demand: Demand | None = None) -> PolicySource:
+    """`demand`: the requests this process has answered, counted; large builds rest while it moves."""
     if settings.etcd:
         from authz_sidecar.store.sources.etcd import EtcdPolicySource
 
@@ -68,6 +71,7 @@ def build_source(settings: Settings) -> PolicySource:
             region=settings.region,
             cache_file=settings.cache_path(),
             liveness=settings.etcd_liveness,
+            demand=demand,
         )
     if settings.policy_dir is None:
         raise ConfigError("no policy source: give --etcd HOST:PORT or --policy-dir DIR")
@@ -161,7 +165,7 @@ class Sidecar:
             else None
         )
         self.http_authz_port = 0
-        self.source = source if source is not None else build_source(settings)
+        self.source = source if source is not None else build_source(settings, self.demand)
         # The registry's own etcd client (the policy source keeps its own), made on start.
         self.etcd: Etcd | None = None
         self.registry = RegistryService(None, settings.service)
@@ -212,6 +216,11 @@ class Sidecar:
         self._tasks: set[asyncio.Task[Any]] = set()
         self.store.on_install(self._snapshot_installed)
         self.store.on_serving(self._serving_changed)
+
+    def demand(self) -> int:
+        """The Checks answered so far (what large builds rest for): every one put to a lane (counted
+        in C), and every one the latency histogram saw."""
+        return checklane.calls() + self.metrics.latency.count
 
     def _snapshot_installed(self, _snapshot: Snapshot) -> None:
         self._serving_changed(True)

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 
 from authz_sidecar.bench import scale
 from authz_sidecar.model.assembly import LastGood
 from authz_sidecar.model.pacing import Pacer, pacing, pause
 from authz_sidecar.store.sources.etcd import SnapshotBuilder
+
+from .helpers import RunningSidecar, check, request, sidecar_settings, status_of, write_policy
 
 
 class Clocks:
@@ -121,3 +124,56 @@ def test_a_build_beside_a_busy_thread_rests_and_builds_the_same() -> None:
                 assert built.snapshot.active.decide(principal, handle, scope) is expected.snapshot.active.decide(
                     principal, handle, scope
                 )
+
+
+def test_requests_answered_meanwhile_are_a_reason_to_rest_though_they_took_no_time() -> None:
+    """A Check answered by the lane holds the GIL for microseconds, too little to show in the
+    clocks; the count of requests answered shows it."""
+    clocks = Clocks()
+    answered = [0]
+    pacer = Pacer(
+        0.001,
+        0.002,
+        0.1,
+        wall=lambda: clocks.now,
+        cpu=lambda: clocks.used,
+        sleep=clocks.sleep,
+        demand=lambda: answered[0],
+    )
+    for _ in range(100):
+        clocks.work(0.0011)
+        pacer()
+    assert clocks.slept == []  # nothing answered: full speed
+    answered[0] += 1
+    clocks.work(0.0011)
+    pacer()
+    assert clocks.slept == [0.002]
+    for _ in range(20):  # nothing more answered, but within `memory` of the last
+        clocks.work(0.0011)
+        pacer()
+    assert len(clocks.slept) == 21
+    for _ in range(200):
+        clocks.work(0.0011)
+        pacer()
+    settled = len(clocks.slept)
+    for _ in range(50):
+        clocks.work(0.0011)
+        pacer()
+    assert len(clocks.slept) == settled  # past `memory`: full speed again
+
+
+def test_the_sidecar_counts_what_its_lanes_and_its_python_path_answer(tmp_path: Path) -> None:
+    """What the etcd source's builds are told of demand: every Check, whichever path answered it
+    (the first by the Python path, the ones after by the lane)."""
+    side = RunningSidecar(sidecar_settings(write_policy(tmp_path / "p"), identity=("jwt_authn",)))
+    try:
+        side.wait_ready()
+        lanes = side.sidecar.handler.lanes
+        assert lanes is not None
+        before = side.sidecar.demand()
+        for _ in range(5):
+            assert status_of(check(side, request(sub="alice"))) == 200
+        assert side.sidecar.demand() - before >= 5
+        assert len(lanes.held[1] or ()) == 1
+    finally:
+        side.close()

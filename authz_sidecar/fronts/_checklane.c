@@ -403,6 +403,10 @@ key_of(const Fields *f)
 
 #define MAX_BOUNDS 32
 
+/* Every answer() call in the process, answered or not: what a build's pacer reads to know that
+ * Checks are arriving (model/pacing.py). Only ever written with the GIL held. */
+static unsigned long long calls;
+
 typedef struct {
     PyObject *response; /* the answer's bytes */
     PyObject *args;     /* (principal, handle, scope, evaluation): record()'s and drain()'s */
@@ -648,6 +652,7 @@ static PyObject *
 Lane_answer(Lane *self, PyObject *raw)
 {
     double started = now();
+    calls++;
     const uint8_t *data;
     Py_ssize_t n;
     Fields f;
@@ -824,6 +829,13 @@ span_value(const Span *s, int optional)
     return PyBytes_FromStringAndSize((const char *)s->p, s->n);
 }
 
+/* calls() -> int: how many Checks were put to any lane in this process. */
+static PyObject *
+calls_made(PyObject *Py_UNUSED(module), PyObject *Py_UNUSED(ignored))
+{
+    return PyLong_FromUnsignedLongLong(calls);
+}
+
 /* fields(raw) -> tuple | None: what the lane reads, for tests that hold it to upb's parse. */
 static PyObject *
 fields(PyObject *Py_UNUSED(module), PyObject *raw)
@@ -877,6 +889,7 @@ static PyTypeObject LaneType = {
 
 static PyMethodDef module_methods[] = {
     {"fields", (PyCFunction)fields, METH_O, "The fields the lane reads from a CheckRequest's bytes, or None."},
+    {"calls", (PyCFunction)calls_made, METH_NOARGS, "How many Checks were put to any lane in this process."},
     {NULL, NULL, 0, NULL},
 };
 

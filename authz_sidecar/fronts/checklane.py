@@ -55,6 +55,11 @@ def available() -> bool:
     return _built is not None
 
 
+def calls() -> int:
+    """How many Checks were put to any lane in this process (0 where none is built)."""
+    return _built.calls() if _built is not None else 0
+
+
 class CheckLanes:
     """The lane of the serving snapshot, replaced when the snapshot is; read by the gRPC front."""
 

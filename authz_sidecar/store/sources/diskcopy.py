@@ -18,7 +18,7 @@ from pathlib import Path
 
 import structlog
 
-from authz_sidecar.model.pacing import Pacer, pacing, pause
+from authz_sidecar.model.pacing import Demand, Pacer, pacing, pause
 from authz_sidecar.store.sources.files import write_atomically
 
 log = structlog.get_logger("authz_sidecar.store.sources.diskcopy")
@@ -69,9 +69,10 @@ class DiskCopy:
     a new generation when it finds etcd replaced or restored, whose revisions start again lower.
     """
 
-    def __init__(self, path: Path, prefix: str) -> None:
+    def __init__(self, path: Path, prefix: str, *, demand: Demand | None = None) -> None:
         self.path = path
         self.prefix = prefix
+        self.demand = demand
         self._lock = threading.Lock()
         self._newest: tuple[int, int] | None = None
 
@@ -84,7 +85,7 @@ class DiskCopy:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             head = {"format": CACHE_FORMAT, "prefix": self.prefix, "revision": revision, "saved_at": time.time()}
             # Paced: a save follows every install, beside the threads answering Checks.
-            with _exclusive(self.path.with_name(f".{self.path.name}.lock")), pacing(Pacer()):
+            with _exclusive(self.path.with_name(f".{self.path.name}.lock")), pacing(Pacer(demand=self.demand)):
                 write_atomically(self.path, _json_parts(head, kv), durable=True)
             self._newest = order
             return True

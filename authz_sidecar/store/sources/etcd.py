@@ -51,7 +51,7 @@ from authz_sidecar.documents import load_document, parse_catalog
 from authz_sidecar.documents.bigsets import BigSet, read_set
 from authz_sidecar.errors import DocumentError
 from authz_sidecar.model.assembly import Assembly, LastGood, Read, Refusal, assemble
-from authz_sidecar.model.pacing import Pacer, pacing
+from authz_sidecar.model.pacing import Demand, Pacer, pacing
 from authz_sidecar.model.snapshot import CompileCache, paused_gc
 from authz_sidecar.model.values import Catalog, Grants, PermissionSet, ShadowSet
 from authz_sidecar.store import layout
@@ -80,11 +80,13 @@ class SnapshotBuilder:
     a worker thread; keeps the parsed documents and compiled sets of what serves for the next
     build, and the bytes they were read from for the disk copy."""
 
-    def __init__(self, layout: Layout, *, service: str, region: str, source: str) -> None:
+    def __init__(self, layout: Layout, *, service: str, region: str, source: str, demand: Demand | None = None) -> None:
         self.layout = layout
         self.service = service
         self.region = region
         self.source = source
+        # Requests the process has answered, counted (see Pacer): builds rest while it moves.
+        self.demand = demand
         # (version, digest) -> the parsed set (with what reading a child against it needs), the
         # chunk values it was parsed from, and every key and value it was read from (head and chunks).
         self._sets: dict[tuple[str, str], tuple[BigSet, tuple[bytes, ...], dict[str, bytes]]] = {}
@@ -183,7 +185,7 @@ class SnapshotBuilder:
         # It rests between its pieces of work while other threads (those answering Checks) wait
         # to run (authz_sidecar.model.pacing): even at 0.1 ms, below, a Check waits at each of
         # its GIL acquisitions behind a busy build.
-        pacer = Pacer()
+        pacer = Pacer(demand=self.demand)
         # While a build runs beside the threads answering Checks, Python hands the GIL over to a
         # waiting thread after 0.1 ms instead of 5: a Check that needs the GIL several times
         # would otherwise wait up to 5 ms at each, behind the build's loops.
@@ -327,13 +329,18 @@ class EtcdPolicySource:
         cache_file: Path | None = None,
         liveness: float = 5.0,
         max_backoff: float = 5.0,
+        demand: Demand | None = None,
     ) -> None:
+        """`demand`: a count of the requests the process has answered; builds and disk copies rest
+        while it moves (authz_sidecar.model.pacing)."""
         self.options = options
         self.layout = Layout(layout.normalise_prefix(prefix))
         self.liveness = liveness
         self.max_backoff = max_backoff
-        self.builder = SnapshotBuilder(self.layout, service=service, region=region, source=self.describe())
-        self.disk = DiskCopy(cache_file, self.layout.prefix) if cache_file is not None else None
+        self.builder = SnapshotBuilder(
+            self.layout, service=service, region=region, source=self.describe(), demand=demand
+        )
+        self.disk = DiskCopy(cache_file, self.layout.prefix, demand=demand) if cache_file is not None else None
         self.kv: dict[str, bytes] = {}
         # The revision everything in self.kv is current to: a listing's, or the last event applied.
         self.revision = 0
