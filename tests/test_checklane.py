@@ -20,7 +20,6 @@ from typing import Any
 import pytest
 import structlog
 from google.protobuf.message import DecodeError
-from google.protobuf.struct_pb2 import Struct
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -38,6 +37,7 @@ from authz_sidecar.telemetry.decisionlog import DecisionLog
 from authz_sidecar.telemetry.metrics import LATENCY_BUCKETS, Metrics
 from authz_sidecar.telemetry.reports import ShadowReports
 
+from . import helpers
 from .helpers import ACTIVE, CATALOG, shadow
 
 SHADOW = "x-authz-shadow-version"
@@ -63,16 +63,11 @@ def request(
     peer: str = "",
     request_id: str = "req-1",
 ) -> bytes:
-    req = pb.CheckRequest()
+    """helpers.request's CheckRequest, with what Envoy adds that no decision reads: the request id
+    (also as a header), the host, the time and the peer's address."""
+    req = helpers.request(path, method, {"x-request-id": request_id, **(headers or {})}, sub, extensions, peer)
     http = req.attributes.request.http
-    http.method, http.path, http.id, http.host = method, path, request_id, "things"
-    http.headers.update({":authority": "things", "x-request-id": request_id, **(headers or {})})
-    if sub is not None:
-        payload = Struct()
-        payload.update({"jwt_payload": {"sub": sub, "iss": "demo"}})
-        req.attributes.metadata_context.filter_metadata[JWT_AUTHN_NAMESPACE].CopyFrom(payload)
-    req.attributes.context_extensions.update(extensions or {})
-    req.attributes.source.principal = peer
+    http.id, http.host = request_id, "things"
     req.attributes.source.address.socket_address.address = "127.0.0.1"
     req.attributes.request.time.seconds = 1_700_000_000
     return req.SerializeToString()

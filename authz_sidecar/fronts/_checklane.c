@@ -188,188 +188,154 @@ message_field(const uint8_t **pp, const uint8_t *end, int wire, Span *out)
     return delimited(pp, end, out);
 }
 
-/* One map entry (key = 1, value = 2, either missing meaning "", nothing else): if its key is `name`, the
- * value is stored in `out` (a later entry with the same key wins, as in upb). `value_is_text`:
- * map<string, string> checks the value as UTF-8; map<string, bytes> does not. */
+/* What a message's reader does with one of its fields: reads it (READ), declines the request
+ * (NOT_READ), or leaves it to walk() to skip (OTHER, a field the view does not declare). */
+#define OTHER 2
+typedef int (*OnField)(void *into, uint32_t field, int wire, const uint8_t **pp, const uint8_t *end);
+
+/* Every field of a message, in order, through `on`. */
 static int
-map_entry(const uint8_t **pp, const uint8_t *end, int wire, int value_is_text, const char *name,
-          size_t name_len, Span *out, const char *name2, size_t name2_len, Span *out2)
+walk(Span msg, OnField on, void *into)
 {
-    Span entry = {0}, key = {(const uint8_t *)"", 0, 1}, value = {(const uint8_t *)"", 0, 1};
-    if (wire != 2 || !delimited(pp, end, &entry))
-        return NOT_READ;
-    const uint8_t *p = entry.p, *stop = entry.p + entry.n;
-    while (p < stop) {
+    const uint8_t *p = msg.p, *end = msg.p + msg.n;
+    while (p < end) {
         uint32_t field;
-        int w;
-        if (!tag(&p, stop, &field, &w))
+        int wire;
+        if (!tag(&p, end, &field, &wire))
             return NOT_READ;
-        if (field == 1) {
-            if (!string_field(&p, stop, w, &key))
-                return NOT_READ;
-        }
-        else if (field == 2) {
-            if (w != 2 || !delimited(&p, stop, &value) || (value_is_text && !utf8(&value)))
-                return NOT_READ;
-        }
-        else
-            return NOT_READ; /* upb moves such an entry to the unknown fields: it is not in the map */
+        int done = on(into, field, wire, &p, end);
+        if (done == OTHER)
+            done = skip(&p, end, wire);
+        if (done != READ)
+            return NOT_READ;
     }
-    if (named(&key, name, name_len))
-        *out = value;
-    else if (name2 != NULL && named(&key, name2, name2_len))
-        *out2 = value;
+    return READ;
+}
+
+/* One map entry: key = 1, value = 2, either missing meaning "", and nothing else (upb moves an
+ * entry with any other field to the unknown fields: it is not in the map). `text`: the value is a
+ * string (checked as UTF-8), not bytes. */
+typedef struct {
+    Span key, value;
+    int text;
+} MapEntry;
+
+static int
+on_map_entry(void *into, uint32_t field, int wire, const uint8_t **pp, const uint8_t *end)
+{
+    MapEntry *entry = into;
+    if (field == 1)
+        return string_field(pp, end, wire, &entry->key);
+    if (field == 2)
+        return wire == 2 && delimited(pp, end, &entry->value) && (!entry->text || utf8(&entry->value));
+    return NOT_READ;
+}
+
+/* A map field's entry: if its key is `name` (or `name2`), its value goes to `out` (or `out2`); a
+ * later entry with the same key wins, as in upb. */
+static int
+map_entry(const uint8_t **pp, const uint8_t *end, int wire, int text, const char *name, size_t name_len, Span *out,
+          const char *name2, size_t name2_len, Span *out2)
+{
+    Span whole = {0};
+    MapEntry entry = {{(const uint8_t *)"", 0, 1}, {(const uint8_t *)"", 0, 1}, text};
+    if (wire != 2 || !delimited(pp, end, &whole) || !walk(whole, on_map_entry, &entry))
+        return NOT_READ;
+    if (named(&entry.key, name, name_len))
+        *out = entry.value;
+    else if (name2 != NULL && named(&entry.key, name2, name2_len))
+        *out2 = entry.value;
     return READ;
 }
 
 #define NAME(s) s, sizeof(s) - 1
 
+/* Peer: principal = 4. */
 static int
-read_peer(Span msg, Fields *f)
+on_peer(void *into, uint32_t field, int wire, const uint8_t **pp, const uint8_t *end)
 {
-    const uint8_t *p = msg.p, *end = msg.p + msg.n;
-    while (p < end) {
-        uint32_t field;
-        int w;
-        if (!tag(&p, end, &field, &w))
-            return NOT_READ;
-        if (field == 4) {
-            if (!string_field(&p, end, w, &f->f[F_PEER]))
-                return NOT_READ;
-        }
-        else if (!skip(&p, end, w))
-            return NOT_READ;
-    }
-    return READ;
+    Fields *f = into;
+    return field == 4 ? string_field(pp, end, wire, &f->f[F_PEER]) : OTHER;
 }
 
+/* HttpRequest: id = 1, method = 2, headers = 3, path = 4. */
 static int
-read_http(Span msg, Fields *f)
+on_http(void *into, uint32_t field, int wire, const uint8_t **pp, const uint8_t *end)
 {
-    const uint8_t *p = msg.p, *end = msg.p + msg.n;
-    while (p < end) {
-        uint32_t field;
-        int w, ok;
-        if (!tag(&p, end, &field, &w))
-            return NOT_READ;
-        switch (field) {
-        case 1:
-            ok = string_field(&p, end, w, &f->request_id);
-            break;
-        case 2:
-            ok = string_field(&p, end, w, &f->f[F_METHOD]);
-            break;
-        case 3:
-            ok = map_entry(&p, end, w, 1, NAME(SHADOW_HEADER), &f->f[F_SHADOW], NULL, 0, NULL);
-            break;
-        case 4:
-            ok = string_field(&p, end, w, &f->f[F_PATH]);
-            break;
-        default:
-            ok = skip(&p, end, w);
-        }
-        if (!ok)
-            return NOT_READ;
+    Fields *f = into;
+    switch (field) {
+    case 1:
+        return string_field(pp, end, wire, &f->request_id);
+    case 2:
+        return string_field(pp, end, wire, &f->f[F_METHOD]);
+    case 3:
+        return map_entry(pp, end, wire, 1, NAME(SHADOW_HEADER), &f->f[F_SHADOW], NULL, 0, NULL);
+    case 4:
+        return string_field(pp, end, wire, &f->f[F_PATH]);
+    default:
+        return OTHER;
     }
-    return READ;
 }
 
+/* Metadata: filter_metadata = 1, a map of namespace to the bytes of a Struct. */
 static int
-read_request(Span msg, Fields *f)
+on_metadata(void *into, uint32_t field, int wire, const uint8_t **pp, const uint8_t *end)
 {
-    const uint8_t *p = msg.p, *end = msg.p + msg.n;
-    Span http = {0};
-    while (p < end) {
-        uint32_t field;
-        int w;
-        if (!tag(&p, end, &field, &w))
-            return NOT_READ;
-        if (field == 2) {
-            if (!message_field(&p, end, w, &http))
-                return NOT_READ;
-        }
-        else if (!skip(&p, end, w))
-            return NOT_READ;
-    }
-    /* Without http the Python path refuses the request as malformed. */
-    return http.present && read_http(http, f);
+    Fields *f = into;
+    return field == 1 ? map_entry(pp, end, wire, 0, NAME(JWT_AUTHN), &f->f[F_META], NULL, 0, NULL) : OTHER;
 }
 
-static int
-read_metadata(Span msg, Fields *f)
-{
-    const uint8_t *p = msg.p, *end = msg.p + msg.n;
-    while (p < end) {
-        uint32_t field;
-        int w;
-        if (!tag(&p, end, &field, &w))
-            return NOT_READ;
-        if (field == 1) {
-            if (!map_entry(&p, end, w, 0, NAME(JWT_AUTHN), &f->f[F_META], NULL, 0, NULL))
-                return NOT_READ;
-        }
-        else if (!skip(&p, end, w))
-            return NOT_READ;
-    }
-    return READ;
-}
+/* A message whose one field the view reads is a message: CheckRequest.attributes = 1,
+ * AttributeContext.Request.http = 2. */
+typedef struct {
+    uint32_t field;
+    Span found;
+} One;
 
 static int
-read_attributes(Span msg, Fields *f)
+on_one(void *into, uint32_t field, int wire, const uint8_t **pp, const uint8_t *end)
 {
-    const uint8_t *p = msg.p, *end = msg.p + msg.n;
-    Span source = {0}, request = {0}, metadata = {0};
-    while (p < end) {
-        uint32_t field;
-        int w, ok;
-        if (!tag(&p, end, &field, &w))
-            return NOT_READ;
-        switch (field) {
-        case 1:
-            ok = message_field(&p, end, w, &source);
-            break;
-        case 4:
-            ok = message_field(&p, end, w, &request);
-            break;
-        case 10:
-            ok = map_entry(&p, end, w, 1, NAME(PERMISSION), &f->f[F_PERMISSION], NAME(SCOPE), &f->f[F_SCOPE]);
-            break;
-        case 11:
-            ok = message_field(&p, end, w, &metadata);
-            break;
-        default:
-            ok = skip(&p, end, w);
-        }
-        if (!ok)
-            return NOT_READ;
-    }
-    if (source.present && !read_peer(source, f))
-        return NOT_READ;
-    if (metadata.present && !read_metadata(metadata, f))
-        return NOT_READ;
-    return request.present && read_request(request, f);
+    One *one = into;
+    return field == one->field ? message_field(pp, end, wire, &one->found) : OTHER;
 }
 
-/* The fields of a CheckRequest's bytes, or NOT_READ when the lane must leave it to Python. */
+/* AttributeContext: source = 1, request = 4, context_extensions = 10, metadata_context = 11. */
+typedef struct {
+    Fields *f;
+    Span source, request, metadata;
+} Attributes;
+
+static int
+on_attributes(void *into, uint32_t field, int wire, const uint8_t **pp, const uint8_t *end)
+{
+    Attributes *a = into;
+    switch (field) {
+    case 1:
+        return message_field(pp, end, wire, &a->source);
+    case 4:
+        return message_field(pp, end, wire, &a->request);
+    case 10:
+        return map_entry(pp, end, wire, 1, NAME(PERMISSION), &a->f->f[F_PERMISSION], NAME(SCOPE), &a->f->f[F_SCOPE]);
+    case 11:
+        return message_field(pp, end, wire, &a->metadata);
+    default:
+        return OTHER;
+    }
+}
+
+/* The fields of a CheckRequest's bytes, or NOT_READ when the lane must leave it to Python
+ * (without attributes.request.http the Python path refuses it as malformed). */
 static int
 read_check(const uint8_t *data, Py_ssize_t n, Fields *f)
 {
-    const uint8_t *p = data, *end = data + n;
-    Span attributes = {0};
     memset(f, 0, sizeof(*f));
-    while (p < end) {
-        uint32_t field;
-        int w;
-        if (!tag(&p, end, &field, &w))
-            return NOT_READ;
-        if (field == 1) {
-            if (!message_field(&p, end, w, &attributes))
-                return NOT_READ;
-        }
-        else if (!skip(&p, end, w))
-            return NOT_READ;
-    }
-    return attributes.present && read_attributes(attributes, f);
+    One check = {1, {0}}, http = {2, {0}};
+    Attributes a = {f, {0}, {0}, {0}};
+    Span whole = {data, n, 1};
+    return walk(whole, on_one, &check) && check.found.present && walk(check.found, on_attributes, &a) &&
+           (!a.source.present || walk(a.source, on_peer, f)) &&
+           (!a.metadata.present || walk(a.metadata, on_metadata, f)) && a.request.present &&
+           walk(a.request, on_one, &http) && http.found.present && walk(http.found, on_http, f);
 }
 
 /* The fields as one bytes key: a byte of which optional fields are present, then each field as
