@@ -189,12 +189,16 @@ def _read(document: Text, name: str, parent: BigSet | None) -> BigSet:
         used = {id(p) for p, _a, _b in plan if p is not None}
         removed: list[tuple[str, tuple[str, ...], str | None]] = []
         for piece in parent.pieces:
+            pause()
             if id(piece) not in used:
                 removed.extend(grant_rows(parent.permissions.grants[piece.start : piece.start + piece.count]))
         # (Counted as rows only here: a Grant made per grant parsed would be a million fresh tuples
         # for a set sharing nothing, freed in one C call of ~70 ms as this returns.)
+        pause()
         before, after = Counter(removed), Counter(grant_rows(Grants(added)))
+        pause()
         changed = frozenset(g[0] for g in (before - after)) | frozenset(g[0] for g in (after - before))
+        pause()
     return BigSet(replace(base, grants=Grants(grants)), tuple(pieces), changed)
 
 

@@ -34,6 +34,7 @@ from authz_sidecar.model.engine import (
     principals_holding,
     recompile,
 )
+from authz_sidecar.model.pacing import pause
 from authz_sidecar.model.routes import RouteTable
 from authz_sidecar.model.values import Catalog, Cohort, PermissionSet, Rollout, ShadowSet
 
@@ -246,8 +247,10 @@ def build_snapshot(
     here = [
         s.rollout.cohorts[region] for s in ordered if region in s.rollout.cohorts and not is_stale(s, active.version)
     ]
+    pause()
     cohorts = cache.cohorts(active, here) if here else {}
     for shadow in ordered:
+        pause()
         document = f"shadow set {shadow.version}"
         if shadow.version in seen:
             raise DocumentError(
