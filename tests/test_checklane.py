@@ -371,6 +371,23 @@ def test_a_fault_in_the_lane_is_answered_by_the_python_path(
     assert any(e["event"] == "check_lane_failed" for e in events)
 
 
+def test_a_fault_while_learning_still_answers(
+    store: SnapshotStore, monkeypatch: pytest.MonkeyPatch, events: list[MutableMapping[str, Any]]
+) -> None:
+    """Keeping an answer is after the answer: a fault there is logged, and the Check is answered."""
+    side = Side(store, lane=True)
+    lanes = side.handler.lanes
+    assert lanes is not None
+
+    def broken(*_args: object) -> None:
+        raise MemoryError("no room for the entry")
+
+    monkeypatch.setattr(lanes, "learn", broken)
+    raw = request("nobody")
+    assert side.check(raw) == Side(store, lane=False).check(raw)
+    assert any(e["event"] == "check_lane_failed" for e in events)
+
+
 def test_lane_arguments_are_checked() -> None:
     with pytest.raises(ValueError, match="limit"):
         _checklane.Lane(0, ())
