@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -467,6 +468,16 @@ def test_private_keys_never_reach_logs_etcd_status_or_help(etcd: EtcdCluster, tm
                 return str(r.read().decode())
 
         wait_for(lambda: kid_of(newer) in (json.loads(status_text())["events"]["verifying"] or []), what="publication")
+
+        def ready() -> bool:
+            # The keys are published apart from the first snapshot: signing decides with it.
+            try:
+                with urllib.request.urlopen(f"{http}/readyz", timeout=5) as r:
+                    return bool(r.status == 200)
+            except urllib.error.HTTPError:
+                return False
+
+        wait_for(ready, what="the first snapshot")
         with grpc.insecure_channel(f"127.0.0.1:{started['grpc_port']}") as channel:
             app = authz_pb2_grpc.AuthzStub(channel)
             request = authz_pb2.SignEventRequest(principal="alice", permission="things:edit", payload=b"p")
