@@ -295,8 +295,7 @@ def test_every_answer_the_lane_gives_is_in_the_decision_log(store: SnapshotStore
 
 def test_a_full_decision_log_queue_counts_the_lanes_drops(store: SnapshotStore, tmp_path: Path) -> None:
     """The writer is not started: the queue of 5 fills, and the lane counts the rest as dropped."""
-    side = Side(store, lane=True, log=None)
-    log = DecisionLog(tmp_path / "d.log", max_queue=5, dropped=side.metrics.decision_log_dropped)
+    log = DecisionLog(tmp_path / "d.log", max_queue=5)
     side = Side(store, lane=True, log=log)
     for _ in range(30):
         side.check(request("nobody"))
@@ -365,7 +364,9 @@ def test_a_fault_in_the_lane_is_answered_by_the_python_path(
     lanes.held = (snap, _checklane.Lane(4, LATENCY_BUCKETS, (Broken(), 10, 5, lambda: None, {})))
     lane = lanes.held[1]
     assert lane is not None
-    assert lane.learn(raw, b"kept", ("nobody", "things:view", None, object()))
+    evaluation = side.decider.decide_for("nobody", "things:view").evaluation
+    assert evaluation is not None
+    assert lane.learn(raw, b"kept", ("nobody", "things:view", None, evaluation))
     answer = side.check(raw)
     assert answer != b"kept"
     assert any(e["event"] == "check_lane_failed" for e in events)

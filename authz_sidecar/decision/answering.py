@@ -26,7 +26,7 @@ _Request = TypeVar("_Request")
 class Answering:
     def __init__(self, decider: Decider, metrics: Metrics, tracer: CheckTracer | None = None) -> None:
         self.decider = decider
-        self.latency = self._latency = metrics.latency
+        self.latency = metrics.latency
         self._tracer = tracer
         # Whether answer() uses its headers: a front skips gathering them when nothing is traced.
         self.traced = tracer is not None
@@ -44,7 +44,7 @@ class Answering:
             # Fail closed on any fault, and say so loudly: this is a bug, not a policy outcome.
             log.exception("check_failed")
             outcome = self.decider.refuse(Reason.INTERNAL_ERROR)
-        self._latency.observe(time.perf_counter() - started)
+        self.latency.observe(time.perf_counter() - started)
         if self._tracer is not None:
             trace(self._tracer, headers, outcome, start_ns)
         return outcome

@@ -545,16 +545,13 @@ args_and(PyObject *args, PyObject *last)
     return out;
 }
 
+/* A call's result, which is not needed: -1 if the call failed. */
 static int
-call_dropping(PyObject *fn, PyObject *arg)
+discard(PyObject *result)
 {
-    if (arg == NULL)
+    if (result == NULL)
         return -1;
-    PyObject *done = arg == Py_None ? PyObject_CallNoArgs(fn) : PyObject_CallOneArg(fn, arg);
-    Py_DECREF(arg);
-    if (done == NULL)
-        return -1;
-    Py_DECREF(done);
+    Py_DECREF(result);
     return 0;
 }
 
@@ -578,10 +575,15 @@ enqueue(Lane *self, PyObject *args)
     }
     struct timespec ts;
     clock_gettime(CLOCK_REALTIME, &ts);
-    if (call_dropping(self->append, args_and(args, PyFloat_FromDouble((double)ts.tv_sec + (double)ts.tv_nsec * 1e-9))) < 0)
+    PyObject *item = args_and(args, PyFloat_FromDouble((double)ts.tv_sec + (double)ts.tv_nsec * 1e-9));
+    if (item == NULL)
+        return -1;
+    int failed = discard(PyObject_CallOneArg(self->append, item));
+    Py_DECREF(item);
+    if (failed)
         return -1;
     if (queued + 1 == self->batch) /* once per batch, not per request: Event.set takes a lock */
-        return call_dropping(self->wake, Py_NewRef(Py_None));
+        return discard(PyObject_CallNoArgs(self->wake));
     return 0;
 }
 
@@ -589,16 +591,12 @@ enqueue(Lane *self, PyObject *args)
 static int
 sampled(Lane *self, PyObject *args, const Span *request_id)
 {
-    PyObject *id = PyUnicode_DecodeUTF8((const char *)request_id->p, request_id->n, "strict");
-    PyObject *argv = args_and(args, id);
+    PyObject *argv = args_and(args, PyUnicode_DecodeUTF8((const char *)request_id->p, request_id->n, "strict"));
     if (argv == NULL)
         return -1;
-    PyObject *done = PyObject_Call(self->sample, argv, NULL);
+    int failed = discard(PyObject_Call(self->sample, argv, NULL));
     Py_DECREF(argv);
-    if (done == NULL)
-        return -1;
-    Py_DECREF(done);
-    return 0;
+    return failed;
 }
 
 static int

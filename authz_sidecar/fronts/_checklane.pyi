@@ -4,8 +4,8 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
-# A kept answer's decision as the decision log records it: principal, handle, scope, evaluation.
-Counted = tuple[str, str, str | None, Any]
+from authz_sidecar.decision.decider import Counted
+from authz_sidecar.model.evaluation import Evaluation
 
 class Lane:
     def __init__(
@@ -13,7 +13,7 @@ class Lane:
         limit: int,
         bounds: Sequence[float],
         log: tuple[deque[Any], int, int, Callable[[], None], dict[str, int]] | None = None,
-        sample: Callable[[str, str, str | None, Any, str], None] | None = None,
+        sample: Callable[[str, str, str | None, Evaluation, str], None] | None = None,
         rate: float = 0.0,
     ) -> None: ...
     def answer(self, raw: bytes, /) -> bytes | None: ...
