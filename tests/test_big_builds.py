@@ -14,6 +14,7 @@ import pytest
 
 from authz_sidecar.documents import bigsets
 from authz_sidecar.documents.parsers import dump_permission_set
+from authz_sidecar.model import pacing
 from authz_sidecar.model.assembly import LastGood
 from authz_sidecar.model.engine import compile_set, impact
 from authz_sidecar.model.values import Grant, Metadata, PermissionSet, Rollout
@@ -118,5 +119,5 @@ def test_a_build_hands_the_gil_over_more_often_while_it_runs(monkeypatch: pytest
     before = sys.getswitchinterval()
     builder = SnapshotBuilder(LAYOUT, service="things", region="here", source="test")
     builder.build(keys(permissions("v1", grants(10))), 1, LastGood())
-    assert seen == [pytest.approx(etcd_source.BUILD_SWITCH_INTERVAL)]  # kept in whole microseconds
+    assert seen == [pytest.approx(pacing.QUICK_SWITCH_INTERVAL)]  # kept in whole microseconds
     assert sys.getswitchinterval() == before

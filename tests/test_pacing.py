@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
+import sys
 import threading
 from pathlib import Path
 
+import pytest
+
 from authz_sidecar.bench import scale
+from authz_sidecar.local.etcd import EtcdCluster
 from authz_sidecar.model.assembly import LastGood
-from authz_sidecar.model.pacing import Pacer, pacing, pause
+from authz_sidecar.model.pacing import QUICK_SWITCH_INTERVAL, Handover, Pacer, pacing, pause
+from authz_sidecar.store.etcd import QUICK_RESPONSE_BYTES, Etcd, EtcdOptions
 from authz_sidecar.store.sources.etcd import SnapshotBuilder
 
-from .helpers import RunningSidecar, check, request, sidecar_settings, status_of, write_policy
+from .helpers import RunningSidecar, check, request, sidecar_settings, status_of, unique_prefix, write_policy
 
 
 class Clocks:
@@ -177,3 +183,57 @@ def test_the_sidecar_counts_what_its_lanes_and_its_python_path_answer(tmp_path: 
         assert len(lanes.held[1] or ()) == 1
     finally:
         side.close()
+
+
+def test_the_ingest_bench_follows_a_written_set_to_its_head() -> None:
+    """``bench/ingest.py`` measures the watch while a set's chunks arrive: it must see them all,
+    from another process through a real etcd, and stop at the head (not time out)."""
+    from authz_sidecar.bench import ingest
+    from authz_sidecar.bench.rebuild import policy
+    from authz_sidecar.documents import dump_permission_set
+
+    (row,) = ingest.run(20_000, 1)
+    assert row["bytes"] == len(dump_permission_set(policy(20_000, "v2", changed=3)))
+    assert row["longest_ms"] >= 0 and row["over_1ms"] >= row["over_2ms"]
+
+
+def test_a_watch_hands_the_gil_over_quickly_while_big_values_arrive(etcd: EtcdCluster) -> None:
+    """While etcd's responses carry a big set's chunks, the event loop decodes them one after
+    another; the watch holds HANDOVER for that run of big responses, gives it back at the first
+    small one (the set's head), and when it ends while holding it."""
+    root = f"{unique_prefix()}/"
+    before = sys.getswitchinterval()
+    seen: list[tuple[str, float]] = []
+
+    async def follow() -> None:
+        async with Etcd(EtcdOptions(endpoints=(etcd.endpoints,))) as client:
+            revision, _cluster = await client.current(root)
+            # One at a time, each once the one before was seen: each comes in a response of its own.
+            writes = [("chunk-0", QUICK_RESPONSE_BYTES), ("chunk-1", QUICK_RESPONSE_BYTES), ("head", 10)]
+            writes.append(("chunk-2", QUICK_RESPONSE_BYTES))
+            key, size = writes.pop(0)
+            await client.call(client.kv.put, root + key, b"x" * size)
+            async with asyncio.timeout(10):
+                async for batch in client.watch(root, revision + 1, 30.0):
+                    seen.extend((c.key.removeprefix(root), sys.getswitchinterval()) for c in batch.changes)
+                    if not writes:
+                        break  # ends holding it: the last response was big
+                    key, size = writes.pop(0)
+                    await client.call(client.kv.put, root + key, b"x" * size)
+
+    asyncio.run(follow())
+    quick = pytest.approx(QUICK_SWITCH_INTERVAL)
+    assert seen == [("chunk-0", quick), ("chunk-1", quick), ("head", before), ("chunk-2", quick)]
+    assert sys.getswitchinterval() == before
+
+
+def test_a_build_and_a_watch_share_the_handover() -> None:
+    """Whichever ends first, the interval comes back only when both are done, and to what it was."""
+    before = sys.getswitchinterval()
+    handover = Handover(0.0002)
+    handover.enter()
+    with handover.held():
+        assert sys.getswitchinterval() == pytest.approx(0.0002)
+        handover.leave()
+        assert sys.getswitchinterval() == pytest.approx(0.0002)
+    assert sys.getswitchinterval() == before

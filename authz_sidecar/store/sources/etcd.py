@@ -38,7 +38,6 @@ import asyncio
 import contextlib
 import gc
 import random
-import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -51,7 +50,7 @@ from authz_sidecar.documents import load_document, parse_catalog
 from authz_sidecar.documents.bigsets import BigSet, read_set
 from authz_sidecar.errors import DocumentError
 from authz_sidecar.model.assembly import Assembly, LastGood, Read, Refusal, assemble
-from authz_sidecar.model.pacing import Demand, Pacer, pacing
+from authz_sidecar.model.pacing import HANDOVER, Demand, Pacer, pacing
 from authz_sidecar.model.snapshot import CompileCache, paused_gc
 from authz_sidecar.model.values import Catalog, Grants, PermissionSet, ShadowSet
 from authz_sidecar.store import layout
@@ -62,13 +61,6 @@ from authz_sidecar.store.sources.release import Releaser
 
 log = structlog.get_logger("authz_sidecar.store.sources.etcd")
 
-# Seconds a thread may hold the GIL while another waits, during a build (Python's default: 0.005).
-# 0.1 ms rather than 0.5: a Check waits up to this at each of its GIL acquisitions while a build
-# runs; through Envoy, with a million-grant shadow arriving, the Checks' p99 during the build was
-# 1.35-1.91x of steady at 0.1 ms against 1.72-2.60x at 0.5 for a 3-principal change, and
-# 2.07-2.51x against 2.59-3.35x for a set sharing nothing (bench/rebuild.py, two runs each,
-# alternating; docs/performance.md).
-BUILD_SWITCH_INTERVAL = 0.0001
 # A build that read at least this many grants freezes what is alive when it ends (see build()).
 FREEZE_AFTER = 100_000
 
@@ -181,20 +173,14 @@ class SnapshotBuilder:
 
     def build(self, kv: Mapping[str, bytes], revision: int, last: LastGood) -> tuple[Assembly, dict[str, bytes]]:
         """The assembly, and the keys that store what it serves (what the disk copy keeps)."""
-        switch = sys.getswitchinterval()
         # It rests between its pieces of work while other threads (those answering Checks) wait
-        # to run (authz_sidecar.model.pacing): even at 0.1 ms, below, a Check waits at each of
-        # its GIL acquisitions behind a busy build.
+        # to run (authz_sidecar.model.pacing): even with the GIL handed over after 0.1 ms
+        # (HANDOVER), a Check waits at each of its GIL acquisitions behind a busy build.
         pacer = Pacer(demand=self.demand)
-        # While a build runs beside the threads answering Checks, Python hands the GIL over to a
-        # waiting thread after 0.1 ms instead of 5: a Check that needs the GIL several times
-        # would otherwise wait up to 5 ms at each, behind the build's loops.
-        sys.setswitchinterval(min(switch, BUILD_SWITCH_INTERVAL))
         try:
-            with pacing(pacer):
+            with HANDOVER.held(), pacing(pacer):
                 return self._frozen_build(kv, revision, last)
         finally:
-            sys.setswitchinterval(switch)
             self.rests += pacer.rests
 
     def _frozen_build(
