@@ -19,6 +19,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -140,6 +141,10 @@ def verify(side: RunningSidecar, envelope: authz_pb2.Envelope, consume: bool = F
 
 def answer(response: authz_pb2.VerifyEventResponse) -> tuple[bool, bool, str]:
     return response.valid, response.allowed, response.reason
+
+
+def revoked(side: RunningSidecar, envelope: authz_pb2.Envelope) -> bool:
+    return verify(side, envelope).reason == "missing_permission"
 
 
 def refused(call: Any) -> tuple[grpc.StatusCode, str]:
@@ -338,7 +343,9 @@ def test_any_sidecar_verifies_an_event_is_consumed_once_and_a_revoked_permission
             # and not consumed (it may be acted on if the permission comes back before it expires).
             pending = sign(signer, "alice", "things:edit", payload=b"job-late")
             version = revoke_alice_edit(etcd.endpoints, prefix, tmp_path)
-            wait_for(lambda: verify(verifier, pending).reason == "missing_permission", what="the revocation")
+            # Both sides, each on its own watch: the signer is asked to sign below.
+            for side in (verifier, signer):
+                wait_for(partial(revoked, side, pending), what="the revocation")
             late = verify(verifier, pending, consume=True)
             assert answer(late) == (True, False, "missing_permission") and late.version == version
             assert late.revision >= pending.revision
