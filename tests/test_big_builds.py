@@ -42,9 +42,7 @@ def permissions(version: str, grants: list[Grant], **roles: tuple[str, ...]) -> 
 def keys(active: PermissionSet, *shadows: PermissionSet) -> dict[str, bytes]:
     kv: dict[str, bytes] = {LAYOUT.catalog("things"): json.dumps(CATALOG).encode()}
     for permission_set in (active, *shadows):
-        head, chunks = layout.split(permission_set.version, dump_permission_set(permission_set))
-        kv[LAYOUT.head(permission_set.version)] = head.encode()
-        kv.update({LAYOUT.chunk(head.version, head.sha256, i): c for i, c in enumerate(chunks)})
+        kv.update(LAYOUT.set_keys(permission_set.version, dump_permission_set(permission_set)))
     kv[LAYOUT.active] = layout.encode_active(active.version)
     kv[LAYOUT.shadows] = layout.encode_shadows({s.version: Rollout() for s in shadows})
     return kv

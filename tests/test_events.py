@@ -17,7 +17,6 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.error
 import urllib.request
 from functools import partial
 from pathlib import Path
@@ -34,6 +33,7 @@ from authz_sidecar import cli
 from authz_sidecar.decision.eventkeys import load_signing_keys
 from authz_sidecar.errors import ConfigError
 from authz_sidecar.local.etcd import EtcdCluster
+from authz_sidecar.local.processes import wait_for_http
 from authz_sidecar.store.etcd import Etcd, EtcdOptions
 from authz_sidecar.store.layout import Layout
 from authz_sidecar.v1 import authz_pb2, authz_pb2_grpc
@@ -475,16 +475,8 @@ def test_private_keys_never_reach_logs_etcd_status_or_help(etcd: EtcdCluster, tm
                 return str(r.read().decode())
 
         wait_for(lambda: kid_of(newer) in (json.loads(status_text())["events"]["verifying"] or []), what="publication")
-
-        def ready() -> bool:
-            # The keys are published apart from the first snapshot: signing decides with it.
-            try:
-                with urllib.request.urlopen(f"{http}/readyz", timeout=5) as r:
-                    return bool(r.status == 200)
-            except urllib.error.HTTPError:
-                return False
-
-        wait_for(ready, what="the first snapshot")
+        # The keys are published apart from the first snapshot: signing decides with it.
+        wait_for_http(f"{http}/readyz")
         with grpc.insecure_channel(f"127.0.0.1:{started['grpc_port']}") as channel:
             app = authz_pb2_grpc.AuthzStub(channel)
             request = authz_pb2.SignEventRequest(principal="alice", permission="things:edit", payload=b"p")

@@ -209,8 +209,12 @@ def test_a_watch_hands_the_gil_over_quickly_while_big_values_arrive(etcd: EtcdCl
         async with Etcd(EtcdOptions(endpoints=(etcd.endpoints,))) as client:
             revision, _cluster = await client.current(root)
             # One at a time, each once the one before was seen: each comes in a response of its own.
-            writes = [("chunk-0", QUICK_RESPONSE_BYTES), ("chunk-1", QUICK_RESPONSE_BYTES), ("head", 10)]
-            writes.append(("chunk-2", QUICK_RESPONSE_BYTES))
+            writes = [
+                ("chunk-0", QUICK_RESPONSE_BYTES),
+                ("chunk-1", QUICK_RESPONSE_BYTES),
+                ("head", 10),
+                ("chunk-2", QUICK_RESPONSE_BYTES),
+            ]
             key, size = writes.pop(0)
             await client.call(client.kv.put, root + key, b"x" * size)
             async with asyncio.timeout(10):

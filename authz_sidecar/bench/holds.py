@@ -84,12 +84,7 @@ def _stored(documents: dict[str, bytes]) -> dict[str, dict[str, bytes]]:
     """Each version's keys, split once: every step is given the same bytes objects for a set it
     keeps, as the etcd source's mirror keeps an unchanged value (the builder sees an unchanged set
     by identity; equal copies would be compared byte by byte, a hold a sidecar never has)."""
-    stored = {}
-    for version, document in documents.items():
-        head, chunks = layout.split(version, document)
-        stored[version] = {LAYOUT.head(version): head.encode()}
-        stored[version].update({LAYOUT.chunk(version, head.sha256, i): c for i, c in enumerate(chunks)})
-    return stored
+    return {version: LAYOUT.set_keys(version, document) for version, document in documents.items()}
 
 
 def _keys(stored: dict[str, dict[str, bytes]], shadows: tuple[str, ...]) -> dict[str, bytes]:

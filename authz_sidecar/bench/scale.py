@@ -67,9 +67,7 @@ def _kv(catalog: dict[str, Any], active: bytes, shadows: dict[str, bytes]) -> di
     """The keys etcd holds for an active set v1 and these shadows (version -> document)."""
     kv: dict[str, bytes] = {LAYOUT.catalog("svc0"): json.dumps(catalog).encode()}
     for version, document in {"v1": active, **shadows}.items():
-        head, chunks = layout.split(version, document)
-        kv[LAYOUT.head(version)] = head.encode()
-        kv.update({LAYOUT.chunk(version, head.sha256, i): c for i, c in enumerate(chunks)})
+        kv.update(LAYOUT.set_keys(version, document))
     kv[LAYOUT.active] = layout.encode_active("v1")
     if shadows:
         rollouts = {v: Rollout(weights={"here": 10} if v == "v2" else {}, state="canary") for v in shadows}

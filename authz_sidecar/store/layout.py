@@ -147,6 +147,14 @@ class Layout:
     def chunk(self, version: str, digest: str, index: int) -> str:
         return f"{self.prefix}/sets/{version}/{digest}/{index:05d}"
 
+    def set_keys(self, version: str, document: bytes) -> dict[str, bytes]:
+        """Every key that stores `document` under `version` (its head and its chunks), as etcd
+        holds them once the set is written: what a builder is given in benchmarks and tests."""
+        head, chunks = split(version, document)
+        return {self.head(version): head.encode()} | {
+            self.chunk(version, head.sha256, i): c for i, c in enumerate(chunks)
+        }
+
 
 @dataclass(frozen=True, slots=True)
 class Head:
