@@ -301,10 +301,11 @@ def raw_set(endpoints: str, prefix: str, document: dict[str, Any]) -> None:
     lay = layout.Layout(prefix)
     document = {k: v for k, v in document.items() if k not in ("weights", "testers", "state", "cohorts")}
     version = document["version"]
-    head, chunks = layout.split(version, json.dumps(document).encode())
-    for index, chunk in enumerate(chunks):
-        raw_put(endpoints, lay.chunk(version, head.sha256, index), chunk)
-    raw_put(endpoints, lay.head(version), head.encode())
+    keys = lay.set_keys(version, json.dumps(document).encode())
+    head = keys.pop(lay.head(version))
+    for key, chunk in keys.items():
+        raw_put(endpoints, key, chunk)
+    raw_put(endpoints, lay.head(version), head)
 
 
 def etcd_sidecar(endpoints: str, prefix: str, tmp: Path, **overrides: Any) -> RunningSidecar:

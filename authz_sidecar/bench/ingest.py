@@ -30,21 +30,22 @@ from authz_sidecar.store import layout
 from authz_sidecar.store.etcd import Etcd, EtcdOptions
 from authz_sidecar.store.policy import PolicyStore
 
-PREFIX = layout.DEFAULT_PREFIX
 
-
-async def _write(endpoint: str, version: str, grants: int) -> None:
-    permissions = policy(grants, version, changed=3)
+async def _write(endpoint: str, prefix: str, grants: int) -> None:
+    permissions = policy(grants, "v2", changed=3)
     document = dump_permission_set(permissions)
     async with Etcd(EtcdOptions(endpoints=(endpoint,))) as etcd:
         print("writing", flush=True)  # the parent starts counting here
-        await PolicyStore(etcd).write_set(permissions, document)
+        await PolicyStore(etcd, prefix).write_set(permissions, document)
 
 
-async def _follow(endpoint: str, version: str, grants: int, waits: list[float]) -> int:
-    """Start the writer, follow the watch until `version`'s head arrives; the bytes received."""
-    head = layout.Layout(PREFIX).head(version)
-    argv = [sys.executable, "-m", "authz_sidecar.bench.ingest", "--write", endpoint, version, "--grants", str(grants)]
+async def _follow(endpoint: str, prefix: str, grants: int, waits: list[float]) -> int:
+    """Start the writer, follow the watch until the set's head arrives; the bytes of its chunks
+    received. (A prefix of its own each time: sets share chunks, and a set written before would
+    leave nothing to send.)"""
+    lay = layout.Layout(prefix)
+    head = lay.head("v2")
+    argv = [sys.executable, "-m", "authz_sidecar.bench.ingest", "--write", endpoint, prefix, "--grants", str(grants)]
     async with Etcd(EtcdOptions(endpoints=(endpoint,))) as etcd:
         writer = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.PIPE)
         try:
@@ -52,8 +53,8 @@ async def _follow(endpoint: str, version: str, grants: int, waits: list[float]) 
                 await writer.stdout.readline()  # the document is built: its writes begin
             waits.clear()
             received = 0
-            async for batch in etcd.watch(PREFIX, 1, 60.0):
-                received += sum(len(c.value or b"") for c in batch.changes if c.key.startswith(f"{head}/"))
+            async for batch in etcd.watch(lay.root, 1, 60.0):
+                received += sum(len(c.value or b"") for c in batch.changes if c.key.startswith(lay.chunks))
                 if any(c.key == head for c in batch.changes):
                     return received
         finally:
@@ -69,7 +70,7 @@ def run(grants: int, runs: int) -> list[dict[str, float]]:
             for number in range(1, runs + 1):
                 waits: list[float] = []
                 with GilWatch(0.0005, waits.append):
-                    received = asyncio.run(_follow(cluster.endpoints, f"v{number + 1}", grants, waits))
+                    received = asyncio.run(_follow(cluster.endpoints, f"/ingest-{number}", grants, waits))
                 longest = sorted(waits, reverse=True)
                 rows.append(
                     {
@@ -89,7 +90,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--grants", type=int, default=1_000_000)
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--write", nargs=2, metavar=("ENDPOINT", "VERSION"), help=argparse.SUPPRESS)
+    parser.add_argument("--write", nargs=2, metavar=("ENDPOINT", "PREFIX"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.write:
         asyncio.run(_write(args.write[0], args.write[1], args.grants))

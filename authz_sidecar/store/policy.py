@@ -37,7 +37,7 @@ from authz_sidecar.model.selection import regions_over_100
 from authz_sidecar.model.values import Catalog, Cohort, Permission, PermissionSet, Rollout
 from authz_sidecar.store import audit, layout
 from authz_sidecar.store.audit import ChainHead
-from authz_sidecar.store.etcd import Etcd
+from authz_sidecar.store.etcd import Etcd, KeyValue
 from authz_sidecar.store.layout import Layout
 
 log = structlog.get_logger("authz_sidecar.store.policy")
@@ -81,6 +81,8 @@ class CatalogTooLargeError(StoreError):
 
 # A catalog is one etcd value: at most this, well under etcd's default 1.5 MiB request limit.
 MAX_CATALOG_BYTES = layout.CHUNK_BYTES
+# Chunks deleted per transaction of a sweep (etcd allows 128 operations; one more bumps the epoch).
+_SWEEP_BATCH = 100
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,8 +211,16 @@ class PolicyStore:
 
     async def document(self, version: str) -> bytes:
         """The bytes of a stored set version (chunks joined and checked)."""
-        _revision, kvs = await self.etcd.list_prefix(self.layout.head(version))
-        return layout.join({kv.key: kv.value for kv in kvs}, self.layout, version)
+        found = await self.etcd.get(self.layout.head(version))
+        if found is None:
+            return layout.join({}, self.layout, version)  # (the refusal that names it)
+        head = layout.decode_head(found.value, found.key, version)
+        kv = {found.key: found.value}
+        for key in self.layout.chunk_keys(head):
+            chunk = await self.etcd.get(key)
+            if chunk is not None:
+                kv[key] = chunk.value
+        return layout.join(kv, self.layout, version)
 
     async def permission_set(self, version: str) -> PermissionSet:
         """A stored set version, read and parsed (DocumentError or StoreError naming it if it cannot be)."""
@@ -222,29 +232,79 @@ class PolicyStore:
 
     # --- writing -------------------------------------------------------------------------------
 
-    async def write_set(self, permissions: PermissionSet, document: bytes) -> bool:
-        """Store `document` (the text `permissions` was parsed from) under its version, chunks then
-        head. Returns False if that version already holds exactly this document; a different
-        document under an existing version is refused: versions are immutable."""
+    async def write_set(self, permissions: PermissionSet, document: bytes, attempts: int = 5) -> bool:
+        """Store `document` (the text `permissions` was parsed from) under its version: the chunks
+        etcd does not hold yet, then the head. Returns False if that version already holds exactly
+        this document; a different document under an existing version is refused: versions are
+        immutable.
+
+        The head is written only if the chunks epoch is what it was before the chunks were looked
+        for: a sweep (:meth:`sweep_chunks`) that removed one of them meanwhile moved it, and the
+        write looks again."""
         version = permissions.version
         head, chunks = layout.split(version, document)
-        existing = await self.etcd.get(self.layout.head(version))
-        if existing is not None:
-            stored = layout.decode_head(existing.value, existing.key, version)
-            if stored.sha256 == head.sha256:
-                return False
-            raise StoreError(f"version {version!r} already exists with different content; versions are immutable")
-        kv = self.etcd.kv
-        for index, chunk in enumerate(chunks):
-            await self.etcd.call(kv.put, self.layout.chunk(version, head.sha256, index), chunk)
-        response = await self.etcd.call(
-            kv.txn,
-            [kv.txn_compare_create_revision(self.layout.head(version), 0)],
-            [kv.txn_op_put(self.layout.head(version), head.encode())],
-        )
-        if not response.succeeded:
-            raise ConflictError(f"version {version!r} was written by someone else at the same time")
-        return True
+        lay, kv = self.layout, self.etcd.kv
+        for _attempt in range(attempts):
+            existing = await self.etcd.get(lay.head(version))
+            if existing is not None:
+                stored = layout.decode_head(existing.value, existing.key, version)
+                if stored.sha256 == head.sha256:
+                    return False
+                raise StoreError(f"version {version!r} already exists with different content; versions are immutable")
+            epoch = await self.etcd.get(lay.chunks_epoch)
+            held = set(await self.etcd.keys(lay.chunks))
+            for key, chunk in zip(lay.chunk_keys(head), chunks, strict=True):
+                if key not in held:
+                    await self.etcd.call(kv.put, key, chunk)
+                    held.add(key)
+            response = await self.etcd.call(
+                kv.txn,
+                [kv.txn_compare_create_revision(lay.head(version), 0), mod_is(lay.chunks_epoch, _mod(epoch))],
+                [kv.txn_op_put(lay.head(version), head.encode()), kv.txn_op_put(lay.chunks_epoch, version.encode())],
+            )
+            if response.succeeded:
+                return True
+        raise ConflictError(f"version {version!r}: chunks kept being swept or written meanwhile; gave up")
+
+    async def sweep_chunks(self, attempts: int = 5) -> int:
+        """Delete the chunks no set's head names (a pruned set's, those of a write that never
+        wrote its head); returns how many. Each deletion compares the chunks epoch with what it
+        was when the heads were read, so a head written meanwhile (which moves it) is never left
+        naming a deleted chunk: the sweep reads again. Nothing is deleted while a head cannot be
+        read (what it names is unknown)."""
+        lay, kv = self.layout, self.etcd.kv
+        for _attempt in range(attempts):
+            epoch = await self.etcd.get(lay.chunks_epoch)
+            seen = _mod(epoch)
+            named: set[str] = set()
+            for key in await self.etcd.keys(lay.sets):
+                version = key[len(lay.sets) :]
+                if "/" in version:
+                    continue  # a chunk of a set written by an earlier release, under its version
+                found = await self.etcd.get(key)
+                if found is None:
+                    continue
+                try:
+                    named.update(lay.chunk_keys(layout.decode_head(found.value, key, version)))
+                except DocumentError as exc:
+                    log.warning("chunks_not_swept", head=key, error=str(exc))
+                    return 0
+            unnamed = [key for key in await self.etcd.keys(lay.chunks) if key not in named]
+            swept = 0
+            for start in range(0, len(unnamed), _SWEEP_BATCH):
+                batch = unnamed[start : start + _SWEEP_BATCH]
+                response = await self.etcd.call(
+                    kv.txn,
+                    [mod_is(lay.chunks_epoch, seen)],
+                    [*(kv.txn_op_delete(key) for key in batch), kv.txn_op_put(lay.chunks_epoch, b"sweep")],
+                )
+                if not response.succeeded:
+                    break
+                seen = response.header.revision
+                swept += len(batch)
+            else:
+                return swept
+        raise ConflictError(f"heads kept being written while sweeping chunks; gave up after {attempts} attempts")
 
     async def chain_head(self) -> tuple[ChainHead, int]:
         """The audit chain's head and its key's mod revision (0 before the first record)."""
@@ -589,6 +649,8 @@ class PolicyStore:
             await self.etcd.call(self.etcd.kv.delete, head)
             await self.etcd.call(self.etcd.kv.delete, f"{head}/", prefix_range_end(f"{head}/".encode()))
             pruned.append(version)
+        if pruned:
+            await self.sweep_chunks()
         return pruned
 
     async def discard(self, version: str, change: Change, attempts: int = 5) -> dict[str, Any]:
@@ -667,6 +729,10 @@ class PolicyStore:
                 self.last_revision = response.header.revision
                 return updated
         raise ConflictError(f"catalog of {service!r} kept changing; gave up after {attempts} attempts")
+
+
+def _mod(found: KeyValue | None) -> int:
+    return found.mod_revision if found is not None else 0
 
 
 def mod_is(key: str, revision: int) -> Compare:

@@ -89,6 +89,9 @@ class SnapshotBuilder:
         # How often builds rested for the threads answering Checks (authz_sidecar.model.pacing).
         self.rests = 0
         self._catalogs: dict[bytes, Catalog] = {}
+        # Chunks checked against their digests (id -> chunk), for the sets held in self._sets: a
+        # proposal shares most of its chunks with the active set, and they are not hashed again.
+        self._verified: dict[int, bytes] = {}
         self._compiled = CompileCache()
         # Frees a large build's values in pieces once they are dropped.
         self.releaser = Releaser()
@@ -116,7 +119,7 @@ class SnapshotBuilder:
         cached = self._sets.get((version, head.sha256))
         if cached is not None and cached[1] == tuple(parts):
             return cached[0].permissions
-        document = layout.gathered(head, parts, self.layout)
+        document = layout.gathered(head, parts, self.layout, self._verified)
         # Read in pieces (the GIL handed over between them), and against the active set when
         # there is one: a proposal made from it is parsed and compiled only where it differs.
         parent = self._parent(version)
@@ -132,8 +135,7 @@ class SnapshotBuilder:
                 field="version",
                 value=permissions.version,
             )
-        chunk_keys = [self.layout.chunk(version, head.sha256, i) for i in range(head.chunks)]
-        raw = {head_key: kv[head_key], **dict(zip(chunk_keys, parts, strict=True))}
+        raw = {head_key: kv[head_key], **dict(zip(self.layout.chunk_keys(head), parts, strict=True))}
         self._sets[(version, head.sha256)] = (read, tuple(parts), raw)
         return permissions
 
@@ -270,6 +272,8 @@ class SnapshotBuilder:
             g.active.value for g in (good, last) if g.active is not None and isinstance(g.active.value, PermissionSet)
         ]
         self._sets = {k: v for k, v in self._sets.items() if any(v[0].permissions is p for p in live)}
+        held = {id(part) for _read, parts, _raw in self._sets.values() for part in parts}
+        self._verified = {i: part for i, part in self._verified.items() if i in held}
         catalogs_kept = [*good.catalogs.values(), *last.catalogs.values()]
         self._catalogs = {b: c for b, c in self._catalogs.items() if any(c is k for k in catalogs_kept)}
         self._compiled.retain(live)
@@ -346,6 +350,8 @@ class EtcdPolicySource:
         self._saved = (-1, -1)
         self._saves: set[asyncio.Task[None]] = set()
         self._followers: list[tuple[str, Callable[[dict[str, bytes]], None]]] = []
+        # version -> (its head's value, the chunk keys it names), for _matters.
+        self._heads: dict[str, tuple[bytes, set[str]]] = {}
 
     def follow(self, prefix: str, listener: Callable[[dict[str, bytes]], None]) -> None:
         """Call `listener` with every mirrored key under `prefix` (key -> value, all of them) after
@@ -462,16 +468,37 @@ class EtcdPolicySource:
         store.advance(self.revision)
 
     def _matters(self, changes: list[Change], versions: set[str]) -> bool:
-        """Whether a change touches a pointer, a catalog or a version the pointers name (writes of
-        chunks for a version nobody points at yet do not need a rebuild)."""
+        """Whether a change touches a pointer, a catalog or a version the pointers name, or a chunk
+        one of them names (writes of chunks for a version nobody points at yet, or whose head is
+        not written yet, do not need a rebuild)."""
         lay = self.layout
+        chunks: set[str] = set()
         for change in changes:
             key = change.key
             if key in (lay.active, lay.shadows) or key.startswith(lay.catalogs):
                 return True
             if any(key == lay.head(v) or key.startswith(lay.head(v) + "/") for v in versions):
                 return True
-        return False
+            if key.startswith(lay.chunks):
+                chunks.add(key)
+        if not chunks:
+            return False
+        named = any(not chunks.isdisjoint(self._chunk_keys(v)) for v in versions)
+        self._heads = {v: known for v, known in self._heads.items() if v in versions}
+        return named
+
+    def _chunk_keys(self, version: str) -> set[str]:
+        """The chunk keys `version`'s head names (decoded once per head value)."""
+        value = self.kv.get(self.layout.head(version))
+        known = self._heads.get(version)
+        if known is not None and known[0] is value:
+            return known[1]
+        keys: set[str] = set()
+        if value is not None:
+            with contextlib.suppress(DocumentError):
+                keys = set(self.layout.chunk_keys(layout.decode_head(value, self.layout.head(version), version)))
+            self._heads[version] = (value, keys)
+        return keys
 
     async def _rebuild(self, store: SnapshotStore) -> None:
         assembly, keys = await asyncio.to_thread(self.builder.build, dict(self.kv), self.revision, self.last)
