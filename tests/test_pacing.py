@@ -105,7 +105,7 @@ def test_a_little_time_lost_to_others_is_not_a_reason_to_rest() -> None:
 
 def test_a_build_beside_a_busy_thread_rests_and_builds_the_same() -> None:
     active_text, _shadow, catalog = scale.documents(20_000)
-    kv = scale._kv(catalog, scale._canonical(active_text), {})
+    kv = scale._kv(catalog, scale._canonical(active_text), {}, {})
     alone = SnapshotBuilder(scale.LAYOUT, service="svc0", region="here", source="test")
     expected, _keys = alone.build(kv, 1, LastGood())
     stop = threading.Event()

@@ -84,7 +84,11 @@ def _stored(documents: dict[str, bytes]) -> dict[str, dict[str, bytes]]:
     """Each version's keys, split once: every step is given the same bytes objects for a set it
     keeps, as the etcd source's mirror keeps an unchanged value (the builder sees an unchanged set
     by identity; equal copies would be compared byte by byte, a hold a sidecar never has)."""
-    return {version: LAYOUT.set_keys(version, document) for version, document in documents.items()}
+    held: dict[str, bytes] = {}  # sets share chunks: one bytes object per key, as in the mirror
+    return {
+        version: {key: held.setdefault(key, value) for key, value in LAYOUT.set_keys(version, document).items()}
+        for version, document in documents.items()
+    }
 
 
 def _keys(stored: dict[str, dict[str, bytes]], shadows: tuple[str, ...]) -> dict[str, bytes]:
