@@ -1,6 +1,7 @@
-"""The one thing pyproject.toml cannot say stably: the Check lane's C extension
-(docs/decisions/0008-check-lane.md). Optional, so that a machine without a C compiler still installs
-the sidecar, which then answers every Check in Python; tests/test_checklane.py fails where it was
+"""The one thing pyproject.toml cannot say stably: the C extensions, the Check lane
+(docs/decisions/0008-check-lane.md) and the builder's fold (authz_sidecar/model/_fold.c). Optional,
+so that a machine without a C compiler still installs the sidecar, which then answers every Check
+and folds every grant in Python; tests/test_checklane.py and tests/test_fold.py fail where they were
 not built."""
 
 from setuptools import Extension, setup
@@ -8,5 +9,6 @@ from setuptools import Extension, setup
 setup(
     ext_modules=[
         Extension("authz_sidecar.fronts._checklane", ["authz_sidecar/fronts/_checklane.c"], optional=True),
+        Extension("authz_sidecar.model._fold", ["authz_sidecar/model/_fold.c"], optional=True),
     ]
 )
