@@ -235,6 +235,8 @@ def test_ctrl_c_stops_every_process_of_the_scenario_and_removes_its_workdir(tmp_
         if run.poll() is None:
             os.killpg(run.pid, signal.SIGKILL)
             run.wait(10)
+        if run.stdout is not None:  # (left open, a failure here became a ResourceWarning in a later test)
+            run.stdout.close()
         for pid in processes_of(workdir) if workdir is not None else []:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)

@@ -24,11 +24,53 @@ LOOPBACK = "127.0.0.1"
 T = TypeVar("T")
 
 
-def free_port() -> int:
-    """A port free on loopback right now (the kernel's choice, released for the caller to bind)."""
+# Ports free_port handed out in this process, and where it looks next.
+_handed: set[int] = set()
+_cursor: list[int] = []
+_ports_lock = threading.Lock()
+# The lowest port free_port hands out (below it: well-known and registered services' ports).
+LOWEST_PORT = 10000
+
+
+def _ephemeral_floor() -> int:
+    """The lowest port the kernel gives an outgoing connection (Linux: ip_local_port_range)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default; IANA's range starts at 49152
+
+
+def _bindable(port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((LOOPBACK, 0))
-        return int(s.getsockname()[1])
+        try:
+            s.bind((LOOPBACK, port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port() -> int:
+    """A port free on loopback right now, released for the caller to bind, and never the same
+    twice in one process.
+
+    Taken below the kernel's ephemeral range: a port from ``bind(0)`` is in that range, and between
+    its release and the caller's bind an outgoing connection (a sidecar's to etcd, say) could be
+    given it, and the caller's bind fails (an Envoy of ``make scenario`` once did not start for
+    that). Above :data:`LOWEST_PORT`, from a random place, then in order."""
+    with _ports_lock:
+        ports = range(LOWEST_PORT, _ephemeral_floor())
+        if len(ports) > 0:
+            if not _cursor:
+                _cursor.append(int.from_bytes(os.urandom(4), "big") % len(ports))
+            for _ in range(len(ports)):
+                port = ports[_cursor[0] % len(ports)]
+                _cursor[0] += 1
+                if port not in _handed and _bindable(port):
+                    _handed.add(port)
+                    return port
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:  # no such range here
+            s.bind((LOOPBACK, 0))
+            return int(s.getsockname()[1])
 
 
 def binary(name: str) -> str:
