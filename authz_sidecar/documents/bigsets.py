@@ -40,7 +40,8 @@ from authz_sidecar.model.values import Grant, GrantColumns, Grants, PermissionSe
 # Bytes of grants per piece: ~550 grants, under a millisecond to parse and check.
 PIECE = 32 * 1024
 _GRANTS = b',"grants":['
-_BOUNDARY = b'},{"principal":"'
+# Where a grant starts in canonical JSON, after the one before it (store.layout cuts chunks there).
+GRANT_BOUNDARY = b'},{"principal":"'
 _FIRST = b'{"principal":"'
 # Bytes of a piece's start looked for when finding it again after a change (it is then confirmed
 # by its digest).
@@ -89,7 +90,7 @@ def _cut(region: Text, start: int, end: int) -> list[tuple[int, int]]:
     """Pieces of about PIECE bytes over region[start:end] (whole grants), cut at grant boundaries."""
     cuts = []
     while start < end:
-        at = region.find(_BOUNDARY, start + PIECE, end)
+        at = region.find(GRANT_BOUNDARY, start + PIECE, end)
         if at < 0:
             cuts.append((start, end))
             break

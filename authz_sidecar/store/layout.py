@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from authz_sidecar.documents import check_version, parse_rollout
+from authz_sidecar.documents.bigsets import GRANT_BOUNDARY
 from authz_sidecar.documents.cohorts import cohorts_document
 from authz_sidecar.errors import DocumentError
 from authz_sidecar.model.pacing import pause
@@ -46,9 +47,6 @@ CHUNK_BYTES = 1024 * 1024
 # and no other, and a set made from another shares every chunk the change did not touch.
 MIN_CHUNK_BYTES = 192 * 1024
 CUT_BITS = 10
-# Where a grant starts in canonical JSON, after the one before it (documents.bigsets cuts pieces
-# at the same place).
-_BOUNDARY = b'},{"principal":"'
 _DIGEST = re.compile(r"[0-9a-f]{64}")
 DEFAULT_PREFIX = "/authz"
 
@@ -214,6 +212,11 @@ class Head:
         ).encode()
 
 
+def is_sha256(text: str) -> bool:
+    """Whether `text` is a SHA-256 as chunks are named: 64 lowercase hex digits."""
+    return _DIGEST.fullmatch(text) is not None
+
+
 def cuts(document: bytes) -> list[int]:
     """Where `document`'s chunks end (the last at its end): at grant boundaries its grants' text
     chooses (see :data:`MIN_CHUNK_BYTES`), so that two sets differing in a few grants are cut
@@ -225,11 +228,11 @@ def cuts(document: bytes) -> list[int]:
     view = memoryview(document)
     while size - start > MIN_CHUNK_BYTES:
         limit = min(start + CHUNK_BYTES, size)
-        at = document.find(_BOUNDARY, start + MIN_CHUNK_BYTES, limit)
+        at = document.find(GRANT_BOUNDARY, start + MIN_CHUNK_BYTES, limit)
         end = -1
         last = -1
         while at >= 0:
-            after = document.find(_BOUNDARY, at + 2, limit)
+            after = document.find(GRANT_BOUNDARY, at + 2, limit)
             if zlib.crc32(view[at + 2 : after if after >= 0 else limit]) & mask == 0:
                 end = at + 1
                 break
@@ -272,7 +275,7 @@ def decode_head(value: bytes, key: str, version: str) -> Head:
     try:
         chunks = data["chunks"]
         if isinstance(chunks, list):
-            if not chunks or not all(isinstance(c, str) and _DIGEST.fullmatch(c) for c in chunks):
+            if not chunks or not all(isinstance(c, str) and is_sha256(c) for c in chunks):
                 raise ValueError("chunks must be SHA-256 digests, at least one")
             digests, indexed = tuple(chunks), 0
         else:

@@ -28,7 +28,8 @@ from pathlib import Path
 import structlog
 
 from authz_sidecar.model.pacing import Demand, Pacer, pacing, pause
-from authz_sidecar.store.sources.files import write_atomically
+from authz_sidecar.store.layout import is_sha256
+from authz_sidecar.store.sources.files import fsync_directory, write_atomically
 
 log = structlog.get_logger("authz_sidecar.store.sources.diskcopy")
 
@@ -55,14 +56,6 @@ def _exclusive(path: Path) -> Iterator[None]:
         yield
     finally:
         os.close(fd)  # closing the descriptor releases the lock
-
-
-def _fsync_directory(path: Path) -> None:
-    directory = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
 
 
 class DiskCopy:
@@ -142,7 +135,7 @@ class DiskCopy:
             pause()
         self._digests = digests  # only what this copy names
         if written:
-            _fsync_directory(self.values)
+            fsync_directory(self.values)
         return inline, files
 
     @staticmethod
@@ -188,7 +181,7 @@ class DiskCopy:
             return None
 
     def _read_value(self, digest: str) -> bytes:
-        if len(digest) != 64 or not all(c in "0123456789abcdef" for c in digest):
+        if not is_sha256(digest):
             raise CopyError(f"the copy names a value {digest!r}, which is no SHA-256")
         try:
             value = (self.values / digest).read_bytes()

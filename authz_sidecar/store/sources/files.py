@@ -217,8 +217,13 @@ def write_atomically(path: Path, text: str | Iterable[str], *, durable: bool = F
         tmp.unlink(missing_ok=True)
         raise
     if durable:  # the rename itself is on disk once the directory is
-        directory = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
+        fsync_directory(path.parent)
+
+
+def fsync_directory(path: Path) -> None:
+    """Flush a directory's entries (files created or renamed in it) to disk."""
+    directory = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
