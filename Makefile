@@ -13,7 +13,7 @@ DEMO_ARGS ?=
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
 
-$(STAMP): pyproject.toml setup.py authz_sidecar/fronts/_checklane.c authz_sidecar/model/_fold.c
+$(STAMP): pyproject.toml setup.py authz_sidecar/fronts/_checklane.c authz_sidecar/model/_fold.c authz_sidecar/documents/_granttext.c
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[dev]'

@@ -22,10 +22,13 @@ PRINCIPALS = ["p0", "p1", "p2", "p3", "p4", "o'neil", "é", "a}]b", 'q"x', "back
 SCOPES = [None, "account:x", "account:y"]
 
 
-@pytest.fixture(autouse=True)
-def small_pieces(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """Pieces of a few grants, so that small documents are cut into many."""
+@pytest.fixture(autouse=True, params=["reader in C", "pattern alone"])
+def small_pieces(monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> Iterator[None]:
+    """Pieces of a few grants, so that small documents are cut into many; each test twice, with
+    canonical text taken apart by the reader in C and, as where it is not built, by the pattern."""
     monkeypatch.setattr(bigsets, "PIECE", 40)
+    if request.param == "pattern alone":
+        monkeypatch.setattr(bigsets, "split_in_c", None)
     yield
 
 

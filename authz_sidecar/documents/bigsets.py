@@ -27,10 +27,11 @@ import json
 import mmap
 import re
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
+from authz_sidecar.documents.checks import MAX_PRINCIPAL_LEN
 from authz_sidecar.documents.loading import json_object, load_document
 from authz_sidecar.documents.parsers import GrantReader, parse_permission_set
 from authz_sidecar.errors import DocumentError
@@ -56,6 +57,17 @@ _LOOKAHEAD = 16
 Text = bytes | mmap.mmap
 _decoder = json.JSONDecoder(object_pairs_hook=json_object)
 _plain = json.JSONDecoder()
+
+# A piece of canonical grant text taken apart: principals, roles as written, scopes, and whether
+# the principals are known to pass their checks (but for the magic words).
+Taken = tuple[Sequence[str], Sequence[str], Sequence[str], bool]
+split_in_c: Callable[[str, int], Taken | None] | None
+try:  # the reader in C (_granttext.c); without a C compiler, the pattern alone
+    from authz_sidecar.documents import _granttext
+
+    split_in_c = _granttext.split
+except ImportError:  # pragma: no cover - built wherever the tests run (tests/test_granttext.py)
+    split_in_c = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -216,30 +228,48 @@ _SCOPE_CHARS = len(',"scope":""')
 def _piece(text: str, reader: GrantReader, offset: int) -> GrantColumns:
     """A piece's grants (the set's from index `offset` on), checked.
 
-    Canonical text is taken apart by one regular expression into the strings a grant is made of,
-    without a dict and a list per grant as JSON parsing makes them (a third less time per piece).
-    It is taken that way only when the matches tile the text exactly: their lengths, worked out
-    from the strings found, add up to the text's (a scope written as "" is counted as absent and
-    fails that sum), and every grant but the last ends with its comma. Then the text is exactly
-    those grants, a valid JSON array's elements with every string free of escapes, so each string
-    found is its JSON value. Anything else is parsed as JSON (:func:`_rows`).
+    Canonical text is taken apart into the strings a grant is made of, without a dict and a list
+    per grant as JSON parsing makes them: by the reader in C (:mod:`._granttext`) where it was
+    built and the text is one byte per character, else by :func:`_by_pattern`, which accepts the
+    same text and more. Anything else is parsed as JSON (:func:`_rows`).
+    """
+    taken = split_in_c(text, MAX_PRINCIPAL_LEN) if split_in_c is not None else None
+    if taken is None:
+        taken = _by_pattern(text)
+    if taken is not None:
+        principals, roles, scopes, plain = taken
+        return reader.take(principals, roles, scopes, offset, plain=plain)
+    return reader.read(_rows(text), offset)
+
+
+def _by_pattern(text: str) -> Taken | None:
+    """Canonical grant text taken apart by one regular expression, as columns: each grant's
+    principal, its roles as written between the brackets, its scope ('' for none), and False (its
+    principals are still to be checked); None when the text is not exactly such grants.
+
+    It is taken only when the matches tile the text exactly: their lengths, worked out from the
+    strings found, add up to the text's (a scope written as "" is counted as absent and fails that
+    sum), and every grant but the last ends with its comma. Then the text is exactly those grants,
+    a valid JSON array's elements with every string free of escapes, so each string found is its
+    JSON value.
     """
     found = _GRANT.findall(text)
-    if found:
-        principals, roles, scopes, commas = zip(*found, strict=True)
-        count = len(found)
-        written = (
-            count * _GRANT_CHARS
-            + (count - scopes.count("")) * _SCOPE_CHARS
-            + count
-            - 1
-            + sum(map(len, principals))
-            + sum(map(len, roles))
-            + sum(map(len, scopes))
-        )
-        if written == len(text) and commas[-1] == "" and commas.count(",") == count - 1:
-            return reader.take(principals, roles, scopes, offset)
-    return reader.read(_rows(text), offset)
+    if not found:
+        return None
+    principals, roles, scopes, commas = zip(*found, strict=True)
+    count = len(found)
+    written = (
+        count * _GRANT_CHARS
+        + (count - scopes.count("")) * _SCOPE_CHARS
+        + count
+        - 1
+        + sum(map(len, principals))
+        + sum(map(len, roles))
+        + sum(map(len, scopes))
+    )
+    if written == len(text) and commas[-1] == "" and commas.count(",") == count - 1:
+        return principals, roles, scopes, False
+    return None
 
 
 # JSON's whitespace: after a quote it could put a key out of _rows' count (looked for alone first,

@@ -233,12 +233,19 @@ class GrantReader:
         return GrantColumns(principals, combinations, in_scopes)
 
     def take(
-        self, principals: Sequence[str], role_texts: Sequence[str], scope_texts: Sequence[str], offset: int
+        self,
+        principals: Sequence[str],
+        role_texts: Sequence[str],
+        scope_texts: Sequence[str],
+        offset: int,
+        *,
+        plain: bool = False,
     ) -> GrantColumns:
         """Grants already taken apart from a set's canonical text, as three columns of strings:
         each grant's principal, its roles as written between the brackets (`"a","b"`), and its
         scope ('' for none). The texts are checked once each (most grants share a few), the
-        principals in bulk; a problem raises as :meth:`read` would."""
+        principals in bulk (`plain`: the reader found each printable ASCII without a space at
+        either end, of an allowed length); a problem raises as :meth:`read` would."""
 
         def roles(text: str, at: int) -> tuple[str, ...]:
             where = f"grants[{offset + at}].roles"
@@ -254,15 +261,20 @@ class GrantReader:
 
         combinations = looked_up(role_texts, self.role_texts, roles)
         in_scopes = looked_up(scope_texts, self.scope_texts, scope)
-        _check_principals(principals, self.document, offset)
+        _check_principals(principals, self.document, offset, plain=plain)
         return GrantColumns(principals, combinations, in_scopes)
 
 
-def _check_principals(principals: Sequence[Any], document: str, offset: int = 0) -> None:
+def _check_principals(principals: Sequence[Any], document: str, offset: int = 0, *, plain: bool = False) -> None:
     """Check every grant's principal with a few passes in C; name the first bad one if any is.
 
     A principal is printable, so the only whitespace it can hold is the ASCII space, and it may not
-    start or end with one: joined with newlines, that is a space next to a newline or at an end."""
+    start or end with one: joined with newlines, that is a space next to a newline or at an end.
+    (`plain`: all of that is known of them already; only the magic words are left to look for.)"""
+    if plain:
+        valid = MAGIC_WORDS.isdisjoint(principals)
+        if valid:
+            return
     try:
         lines = "\n".join(principals)
     except TypeError:  # something that is not a string

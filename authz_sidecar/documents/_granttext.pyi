@@ -1,0 +1,3 @@
+"""Types of the C extension built from _granttext.c (bigsets' reader of canonical grant text)."""
+
+def split(text: str, max_len: int, /) -> tuple[list[str], list[str], list[str], bool] | None: ...
