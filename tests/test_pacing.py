@@ -5,14 +5,17 @@ from __future__ import annotations
 import asyncio
 import sys
 import threading
+from itertools import islice
 from pathlib import Path
 
 import pytest
 
 from authz_sidecar.bench import scale
 from authz_sidecar.local.etcd import EtcdCluster
+from authz_sidecar.model import engine
 from authz_sidecar.model.assembly import LastGood
 from authz_sidecar.model.pacing import QUICK_SWITCH_INTERVAL, Handover, Pacer, pacing, pause
+from authz_sidecar.model.values import Grant, PermissionSet
 from authz_sidecar.store.etcd import QUICK_RESPONSE_BYTES, Etcd, EtcdOptions
 from authz_sidecar.store.sources.etcd import SnapshotBuilder
 
@@ -50,6 +53,36 @@ def test_pause_does_nothing_without_a_pacer_and_calls_the_innermost_one() -> Non
         pause()
     pause()
     assert calls == ["outer", "inner", "outer"]
+
+
+def test_comparing_a_crowded_shard_pauses_every_thousand_principals_or_so() -> None:
+    """Comparing two sets sharing no principal visits every principal of both, a shard at a time.
+    At a million grants a shard holds ~2,000 of them, ~1 ms (up to 2.7) without a pause: a build
+    could not rest there, and a Check waited for the end (docs/performance.md, "Eighth round").
+    Here one shard holds 2 x 2,100 principals: comparing it must bring a pause per 1,024 of them
+    beyond the pauses per shard that comparing two empty sets makes."""
+
+    def crowded(prefix: str) -> engine.CompiledSet:
+        names = (f"{prefix}{i}" for i in range(10**7))
+        chosen = list(islice((n for n in names if hash(n) & engine._MASK == 0), 2_100))
+        grants = tuple(Grant(n, ("r",)) for n in chosen)
+        return engine.compile_set(PermissionSet(roles={"r": ("svc:view",)}, grants=grants))
+
+    def pauses_predicting(one: engine.CompiledSet, other: engine.CompiledSet) -> int:
+        pauses = 0
+
+        def count() -> None:
+            nonlocal pauses
+            pauses += 1
+
+        with pacing(count):
+            predicted = engine.predict(one, other)
+        assert sum(map(len, predicted.unscoped)) == sum(map(len, one.unscoped)) + sum(map(len, other.unscoped))
+        return pauses
+
+    empty = engine.compile_set(PermissionSet(roles={"r": ("svc:view",)}, grants=()))
+    per_shard = pauses_predicting(empty, empty)
+    assert pauses_predicting(crowded("a"), crowded("b")) - per_shard >= 2 * 2_100 // 1024
 
 
 def test_a_pacer_on_another_thread_is_not_this_ones() -> None:

@@ -427,7 +427,7 @@ def _changes(
         moved, moved_keys = principals[at], keys[at]
         before, after = active.unscoped[at], proposed.unscoped[at]
         into = unscoped[at]
-        for principal in moved:
+        for principal in _paced(moved):
             old, new = before.get(principal, _EMPTY), after.get(principal, _EMPTY)
             if old is not new:
                 handles = differ(old, new)
@@ -438,7 +438,7 @@ def _changes(
             moved_keys.update(_keys_in(active.scoped[at], moved))
             moved_keys.update(_keys_in(proposed.scoped[at], moved))
         scoped_before, scoped_after, scoped_into = active.scoped[at], proposed.scoped[at], scoped[at]
-        for key in moved_keys:
+        for key in _paced(moved_keys):
             principal = key[0]
             old = _union(scoped_before.get(key, _EMPTY), before.get(principal, _EMPTY), unions)
             new = _union(scoped_after.get(key, _EMPTY), after.get(principal, _EMPTY), unions)
@@ -449,6 +449,15 @@ def _changes(
         moved.clear()
         moved_keys.clear()
     return Predicted(unscoped, scoped)
+
+
+def _paced(items: Iterable[_K], step: int = 1024) -> Iterator[_K]:
+    """`items`, with a :func:`pause` after every `step` of them: a shard's loop over the principals
+    of two sets sharing nothing is ~30,000 turns (a few ms), too long a stretch between pauses."""
+    it = iter(items)
+    while batch := list(islice(it, step)):
+        pause()
+        yield from batch
 
 
 def _union(
@@ -521,15 +530,19 @@ def _differing(before: Mapping[_K, frozenset[str]], after: Mapping[_K, frozenset
     # operation was one C call of ~1.7 ms at 256 shards (~0.7 at 1024), a wait for any Check.
     found: set[_K] = set()
     common: list[_K] = []
+    # (A pause between chunks: a whole shard's pass is a few ms.)
     keys = iter(before)
     while chunk := list(islice(keys, _CHUNK)):
+        pause()
         there = list(map(after.__contains__, chunk))
         found.update(compress(chunk, map(not_, there)))
         common.extend(compress(chunk, there))
     keys = iter(after)
     while chunk := list(islice(keys, _CHUNK)):
+        pause()
         found.update(filterfalse(before.__contains__, chunk))
     for at in range(0, len(common), _CHUNK):
+        pause()
         chunk = common[at : at + _CHUNK]
         found.update(compress(chunk, map(is_not, map(before.__getitem__, chunk), map(after.__getitem__, chunk))))
     return found
