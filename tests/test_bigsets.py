@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections import Counter
 from collections.abc import Iterator, Mapping
@@ -299,3 +300,28 @@ def test_reading_makes_no_grant_per_grant(monkeypatch: pytest.MonkeyPatch) -> No
     assert disjoint.changed is None and child.changed == frozenset({"user-1000", "newbie"})
     monkeypatch.undo()
     assert disjoint.permissions == expected["other"] and child.permissions == expected["changed"]
+
+
+@pytest.mark.parametrize("size", [0, 1, 2046, 2047, 2048, 4095, 32 * 1024 + 5])
+def test_a_piece_is_hashed_in_slices_hashlib_keeps_the_gil_for(monkeypatch: pytest.MonkeyPatch, size: int) -> None:
+    """Given 2048 bytes or more, hashlib lets the GIL go for the hash and takes it back at once,
+    which starved a thread waiting for the GIL beside a cold build (docs/performance.md, "Eighth
+    round"): a piece's digest is the SHA-256 of all its bytes, fed in smaller slices."""
+    data = bytes(range(256)) * (size // 256) + bytes(size % 256)
+    fed: list[int] = []
+    real = hashlib.sha256
+
+    class Recording:
+        def __init__(self) -> None:
+            self._hash = real()
+
+        def update(self, chunk: bytes | memoryview) -> None:
+            fed.append(len(chunk))
+            self._hash.update(chunk)
+
+        def digest(self) -> bytes:
+            return self._hash.digest()
+
+    monkeypatch.setattr(hashlib, "sha256", Recording)
+    assert bigsets._digest(memoryview(data)) == real(data).digest()[:16]
+    assert sum(fed) == size and all(n < 2048 for n in fed)
